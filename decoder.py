@@ -1,0 +1,228 @@
+"""The DGLM decoder: a soft-prompt generator plus an auto-regressive GPT-2 (DGLM sec. 3.1).
+
+A semantic proposal x (standardised sentence embedding) becomes k soft-prompt vectors placed
+between the prefix and the continuation:
+
+    [bos][prefix tokens][k soft-prompt slots][continuation tokens][eos]
+
+and GPT-2 is trained with the usual next-token loss on prefix and continuation tokens (not on
+the slots). Noise augmentation makes the decoder robust to imperfect proposals:
+
+    t ~ U(0, 1),  a = sigmoid(logit(cos^2(pi t / 2)) + 2 ln 3)      (median a = 0.9)
+    z = sqrt(a) x + sqrt(1 - a) eps,   soft_prompt = G(z, a)
+
+At inference the proposal is re-noised at a fixed a = 0.95. a -> 1 follows the proposal,
+a -> 0 leaves a plain prefix language model.
+
+Tiny tier: a small GPT2Config trained from scratch with a byte-level BPE trained on the corpus.
+Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same code.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusion import Block, RMSNorm, logsnr_cosine, q_sample, timestep_embedding
+
+TINY_LM = "tiny"
+
+
+@dataclass
+class DecoderConfig:
+    lm: str = TINY_LM         # "tiny" (GPT-2 config from scratch) or a GPT-2 hub id / local folder
+    dim: int = 384            # sentence-embedding width d
+    n_soft: int = 8           # k soft-prompt slots
+    soft_token_dim: int = 64  # Linear d -> k * c  (paper: c = 384)
+    soft_width: int = 256     # soft-prompt transformer width (paper: 768)
+    soft_depth: int = 2       # (paper: 6)
+    soft_heads: int = 4       # (paper: 12)
+    noise_shift: float = 2 * math.log(3)  # a = sigmoid(logit(cos^2(pi t/2)) + shift)
+    infer_alpha: float = 0.95             # re-noising level of a proposal at inference
+    # tiny-tier GPT-2 size (ignored for pretrained models)
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 128
+    vocab_size: int = 4096
+
+
+class SoftPromptGenerator(nn.Module):
+    """G(z, a): Linear d -> k tokens, bidirectional transformer with adaLN on the noise level a,
+    then Linear to the decoder width."""
+
+    def __init__(self, cfg: DecoderConfig, lm_width):
+        super().__init__()
+        self.cfg = cfg
+        self.split = nn.Linear(cfg.dim, cfg.n_soft * cfg.soft_token_dim)
+        self.embed = nn.Linear(cfg.soft_token_dim, cfg.soft_width)
+        self.pos = nn.Parameter(torch.randn(cfg.n_soft, cfg.soft_width) * 0.02)
+        W = cfg.soft_width
+        self.noise_level = nn.Sequential(nn.Linear(W, 4 * W), nn.SiLU(), nn.Linear(4 * W, W))
+        self.blocks = nn.ModuleList(Block(W, cfg.soft_heads, 4) for _ in range(cfg.soft_depth))
+        self.norm = RMSNorm(W)
+        self.out = nn.Linear(W, lm_width)
+
+    def forward(self, z, a):
+        """z (B, d) noisy standardised embedding, a (B,) its signal level -> (B, k, lm_width)."""
+        B = z.shape[0]
+        h = self.embed(self.split(z).view(B, self.cfg.n_soft, -1)) + self.pos  # (B, k, W)
+        logsnr = torch.logit(a.float().clamp(1e-6, 1 - 1e-6))
+        cond = F.silu(self.noise_level(timestep_embedding(logsnr, self.cfg.soft_width).to(h.dtype)))
+        for block in self.blocks:
+            h = block(h, cond)
+        return self.out(self.norm(h))
+
+
+def augmentation_alpha(n, shift, device=None):
+    """a = sigmoid(logit(cos^2(pi t / 2)) + shift), t ~ U(0, 1); logit(cos^2(pi t/2)) = -2 log tan(pi t/2)."""
+    t = torch.rand(n, device=device)
+    return torch.sigmoid(logsnr_cosine(t) + shift)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, lm_config: dict, bos_id: int, eos_id: int, pretrained=False):
+        """lm_config: a GPT2Config as a dict, saved in the checkpoint so loading downloads nothing."""
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        self.cfg = cfg
+        self.bos_id, self.eos_id = bos_id, eos_id
+        if pretrained:
+            try:
+                self.lm = GPT2LMHeadModel.from_pretrained(cfg.lm)
+            except OSError:
+                raise SystemExit(f"error: could not load the language model {cfg.lm!r} from the hub or disk; "
+                                 "without internet pass a local GPT-2 folder with --lm, or use the tiny tier "
+                                 f"(--lm {TINY_LM})") from None
+        else:
+            self.lm = GPT2LMHeadModel(GPT2Config(**lm_config))
+        self.soft = SoftPromptGenerator(cfg, self.lm.config.n_embd)
+
+    @property
+    def max_len(self):
+        return self.lm.config.n_positions
+
+    def soft_prompt(self, x, a):
+        """Soft prompt from a standardised embedding x (B, d) noised to signal level a (B,)."""
+        z = q_sample(x, torch.randn_like(x), a)  # z = sqrt(a) x + sqrt(1-a) eps
+        return self.soft(z, a)
+
+    def _layout(self, prefixes, continuations, left_pad):
+        """Token ids (B, T) with the slots marked: [bos] prefix [slots] continuation; and masks."""
+        k = self.cfg.n_soft
+        rows = [[self.bos_id] + p + [-1] * k + c for p, c in zip(prefixes, continuations)]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.eos_id, dtype=torch.long)
+        attn = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(T - len(r), T) if left_pad else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r)
+            attn[i, sl] = 1
+        slots = ids == -1
+        ids[slots] = 0
+        return ids, slots, attn
+
+    def _embed(self, ids, slots, soft):
+        emb = self.lm.get_input_embeddings()(ids)            # (B, T, D)
+        emb = emb.masked_scatter(slots[..., None], soft.to(emb.dtype))  # k slots per row, in order
+        return emb
+
+    def forward(self, prefixes, continuations, x):
+        """Next-token loss for lists of token-id lists and clean embeddings x (B, d), with noise augmentation."""
+        device = x.device
+        continuations = [c + [self.eos_id] for c in continuations]
+        ids, slots, attn = self._layout(prefixes, continuations, left_pad=False)
+        ids, slots, attn = ids.to(device), slots.to(device), attn.to(device)
+        a = augmentation_alpha(len(x), self.cfg.noise_shift, device)
+        inputs = self._embed(ids, slots, self.soft_prompt(x, a))
+        labels = ids.masked_fill(slots | (attn == 0), -100)
+        labels[:, 0] = -100  # bos is given, not predicted
+        return self.lm(inputs_embeds=inputs, attention_mask=attn, labels=labels).loss
+
+    @torch.no_grad()
+    def generate(self, prefixes, x, alpha=None, max_new_tokens=32, top_p=0.9, temperature=1.0,
+                 repetition_penalty=1.2, generator=None):
+        """Sample continuations of token-id lists `prefixes` given proposals x (B, d).
+
+        The proposal is re-noised at `alpha` (default cfg.infer_alpha); top-p sampling with a
+        CTRL-style repetition penalty; temperature 0 decodes greedily. Returns token-id lists.
+        """
+        B, device = len(prefixes), x.device
+        a = torch.full((B,), self.cfg.infer_alpha if alpha is None else alpha, device=device)
+        room = self.max_len - self.cfg.n_soft - 1 - max_new_tokens
+        prefixes = [p[-room:] if room > 0 else [] for p in prefixes]  # keep the prompt's end
+        ids, slots, attn = (t.to(device) for t in self._layout(prefixes, [[] for _ in prefixes], left_pad=True))
+        inputs = self._embed(ids, slots, self.soft(q_sample(x, torch.randn(x.shape, generator=generator,
+                                                   device=device), a), a))
+        position = (attn.cumsum(-1) - 1).clamp_min(0)
+        seen = ids.masked_fill(slots | (attn == 0), self.eos_id)  # tokens the repetition penalty sees
+        out = self.lm(inputs_embeds=inputs, attention_mask=attn, position_ids=position, use_cache=True)
+        generated = torch.empty(B, 0, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if repetition_penalty != 1.0:
+                picked = logits.gather(1, seen)
+                logits.scatter_(1, seen, torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty))
+            token = sample_top_p(logits, top_p, temperature, generator)
+            token = torch.where(done, torch.full_like(token, self.eos_id), token)
+            generated = torch.cat([generated, token[:, None]], 1)
+            seen = torch.cat([seen, token[:, None]], 1)
+            done |= token == self.eos_id
+            if done.all():
+                break
+            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
+            position = position[:, -1:] + 1
+            out = self.lm(input_ids=token[:, None], attention_mask=attn, position_ids=position,
+                          past_key_values=out.past_key_values, use_cache=True)
+        result = []
+        for row in generated.tolist():
+            result.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
+        return result
+
+
+def sample_top_p(logits, top_p, temperature, generator=None):
+    """Nucleus sampling (Holtzman et al. 2020): sample from the smallest set with mass >= top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the token that crosses top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE trained on the corpus (tiny tier), wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def load_tokenizer(path_or_id):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path_or_id)
+    except OSError:
+        raise SystemExit(f"error: could not load the tokenizer {path_or_id!r}; without internet pass a local "
+                         f"GPT-2 folder with --lm, or use the tiny tier (--lm {TINY_LM})") from None
+
+
+def encode_continuation(tokenizer, text):
+    """Continuations follow the prefix (and the slots) after a space, as in running text."""
+    return tokenizer.encode(" " + text, add_special_tokens=False) if text else []
+
+
+def config_dict(cfg):
+    return asdict(cfg)

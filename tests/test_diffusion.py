@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+
+from diffusion import (Prior, PriorConfig, alpha, ddpm_step, eps_from_v, logsnr_cosine, posterior, q_sample,
+                       v_target, x0_from_eps, x0_from_v)
+
+SMALL = PriorConfig(dim=16, n_tokens=4, token_dim=8, width=32, depth=2, heads=2)
+
+
+def test_v_identities_round_trip():
+    torch.manual_seed(0)
+    x, eps = torch.randn(5, 16), torch.randn(5, 16)
+    a = torch.rand(5) * 0.98 + 0.01
+    z = q_sample(x, eps, a)
+    v = v_target(x, eps, a)
+    torch.testing.assert_close(x0_from_v(z, v, a), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_from_v(z, v, a), eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x0_from_eps(z, eps, a), x, atol=1e-4, rtol=1e-4)
+    # v is the rotation of (eps, x): ||v||^2 + ||z||^2 = ||eps||^2 + ||x||^2
+    torch.testing.assert_close(v.pow(2).sum(-1) + z.pow(2).sum(-1), eps.pow(2).sum(-1) + x.pow(2).sum(-1))
+
+
+def test_cosine_schedule_endpoints_and_median():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    lam = logsnr_cosine(t)
+    assert lam[0].item() == pytest.approx(15.0, abs=1e-3)
+    assert lam[1].item() == pytest.approx(0.0, abs=1e-4)  # cos^2 = sin^2 at t = 1/2
+    assert lam[2].item() == pytest.approx(-15.0, abs=1e-3)
+    assert torch.all(logsnr_cosine(torch.linspace(0, 1, 50)).diff() < 0)
+    assert alpha(torch.tensor(0.0)).item() == 0.5
+
+
+def test_posterior_is_consistent_with_the_forward_process():
+    # if z_s ~ q(z_s | x) and z_t ~ q(z_t | z_s), then E[z_s | z_t, x] is the posterior mean: check by regression
+    torch.manual_seed(0)
+    n, a_s, a_t = 200_000, torch.tensor(0.8), torch.tensor(0.5)
+    x = torch.full((n, 1), 1.5)
+    z_s = q_sample(x, torch.randn(n, 1), a_s.expand(n))
+    z_t = (a_t / a_s).sqrt() * z_s + (1 - a_t / a_s).sqrt() * torch.randn(n, 1)
+    mean, lower, upper = posterior(z_t, x, a_t.expand(n), a_s.expand(n))
+    resid = z_s - mean
+    assert resid.mean().abs().item() < 0.01
+    assert resid.var().item() == pytest.approx(lower[0].item(), rel=0.02)
+    assert upper[0].item() > lower[0].item()
+
+
+class PerfectDenoiser(torch.nn.Module):
+    """Knows the answer x: returns the v that makes x_hat = x exactly."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    def forward(self, z, logsnr, prefix, drop_prefix=None):
+        a = alpha(logsnr)[:, None]
+        return (a.sqrt() * z - self.x) / (1 - a).sqrt()  # from x = sqrt(a) z - sqrt(1-a) v
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_sampler_with_perfect_denoiser_returns_x(method):
+    torch.manual_seed(0)
+    prior = Prior(SMALL)
+    torch.set_default_dtype(torch.float64)  # lambda runs to +-15: float32 rounding would dominate
+    try:
+        x = torch.randn(6, 16)
+        prior.net = PerfectDenoiser(x)
+        out = prior.sample(torch.zeros(6, 16), steps=20, method=method, generator=torch.Generator().manual_seed(1))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(out, x, atol=1e-8, rtol=1e-8)
+
+
+def test_ddpm_step_with_zero_interp_uses_posterior_variance():
+    torch.manual_seed(0)
+    z, x = torch.zeros(50_000, 1), torch.zeros(50_000, 1)
+    a_t, a_s = torch.full((50_000,), 0.3), torch.full((50_000,), 0.6)
+    _, lower, upper = posterior(z, x, a_t, a_s)
+    assert ddpm_step(z, x, a_t, a_s, 0.0).var().item() == pytest.approx(lower[0].item(), rel=0.03)
+    assert ddpm_step(z, x, a_t, a_s, 1.0).var().item() == pytest.approx(upper[0].item(), rel=0.03)
+
+
+def test_denoiser_shapes_and_null_prefix():
+    torch.manual_seed(0)
+    prior = Prior(SMALL)
+    for p in prior.parameters():  # leave the zero-init so outputs depend on inputs
+        torch.nn.init.normal_(p, std=0.1)
+    z, lam, prefix = torch.randn(3, 16), torch.zeros(3), torch.randn(3, 16)
+    v = prior.net(z, lam, prefix)
+    assert v.shape == (3, 16)
+    dropped = prior.net(z, lam, prefix, torch.tensor([True, True, True]))
+    null = prior.net(z, lam, prior.net.null_prefix.expand(3, 16))
+    torch.testing.assert_close(dropped, null)
+    # classifier-free guidance at scale 1 is the conditional model
+    torch.testing.assert_close(prior.predict(z, lam, prefix, 1.0)[0], prior.predict(z, lam, prefix, 1.0 + 1e-9)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_prior_loss_falls():
+    torch.manual_seed(0)
+    prior = Prior(SMALL)
+    prefix = torch.randn(512, 16)
+    x = prefix.roll(1, dims=1) * 0.8 + 0.2 * torch.randn(512, 16)  # continuation depends on prefix
+    opt = torch.optim.AdamW(prior.parameters(), lr=2e-3)
+    losses = []
+    for step in range(150):
+        idx = torch.randint(0, 512, (128,))
+        loss = prior(x[idx], prefix[idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.75 * first, (first, last)

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from diffusion import Prior, PriorConfig
+from encoder import latent_stats, standardize, unstandardize
+from guide import Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
+
+
+def test_probe_beats_chance_on_held_out_sentences(sentiment_embeddings):
+    e, y = sentiment_embeddings
+    held = torch.arange(len(y)) % 4 == 0
+    w, b = train_probe(e[~held], y[~held])
+    assert accuracy(w, b, e[held], y[held]) >= 0.8  # chance is 0.5
+
+
+def test_balanced_weights_give_each_group_and_label_equal_mass():
+    y = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0, 0.0])
+    groups = ["a", "a", "a", "a", "b", "b", "b", "b", "b"]
+    w = balanced_weights(y, groups)
+    for g in "ab":
+        for label in (0, 1):
+            cell = [i for i in range(9) if groups[i] == g and y[i] == label]
+            assert w[cell].sum().item() == pytest.approx(0.25)
+
+
+def test_parse_guides():
+    available = {"positive": ("sentiment", 1), "news": ("news", 1)}
+    assert parse_guides("positive,news:0.5", available) == [("positive", 1.0), ("news", 0.5)]
+    assert parse_guides("none", available) == []
+    with pytest.raises(SystemExit, match="unknown guide 'happy'.*available: news, positive"):
+        parse_guides("happy", available)
+    with pytest.raises(SystemExit, match="not a number"):
+        parse_guides("news:lots", available)
+
+
+def _toy(dim=16):
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(dim=dim, n_tokens=4, token_dim=8, width=32, depth=2, heads=2)).eval()
+    for p in prior.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    mu, s = torch.full((dim,), 0.01), torch.full((dim,), 0.25)
+    w = torch.nn.functional.normalize(torch.randn(dim), dim=0) * 8
+    return prior, mu, s, w
+
+
+def _logits(prior, mu, s, w, guidance, seed=3):
+    x = prior.sample(torch.zeros(64, 16), steps=20, guidance=guidance, generator=torch.Generator().manual_seed(seed))
+    return unstandardize(x, mu, s) @ w, x
+
+
+def test_guidance_moves_the_probe_logit_in_the_requested_direction():
+    prior, mu, s, w = _toy()
+    base, _ = _logits(prior, mu, s, w, None)
+    up, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale=5.0))
+    down, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 0, 1.0)], mu, s, scale=5.0))
+    assert up.mean() > base.mean() + 1.0 and down.mean() < base.mean() - 1.0
+    assert (up > 0).float().mean() > 0.9 and (down < 0).float().mean() > 0.9
+
+
+def test_scale_zero_gives_exactly_the_unguided_sample():
+    prior, mu, s, w = _toy()
+    _, plain = _logits(prior, mu, s, w, None)
+    _, zero = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale=0.0))
+    assert torch.equal(plain, zero)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "lgd"])
+def test_weights_add_linearly_in_the_gradient(aggregate):
+    torch.manual_seed(0)
+    mu, s = torch.zeros(8), torch.ones(8)
+    w1, w2 = torch.randn(8), torch.randn(8)
+    x = torch.randn(4, 8, requires_grad=True)
+    a = torch.full((4,), 0.7)
+
+    def grad(terms):
+        g = Guidance(terms, mu, s, scale=1.0, n_samples=0, aggregate=aggregate)
+        return torch.autograd.grad(g.loss(x, a).sum(), x)[0]
+
+    b = torch.tensor(0.0)
+    combined = grad([(w1, b, 1, 2.0), (w2, b, 0, 0.5)])
+    torch.testing.assert_close(combined, 2.0 * grad([(w1, b, 1, 1.0)]) + 0.5 * grad([(w2, b, 0, 1.0)]))
+
+
+def test_build_guidance_from_names():
+    probes = {"sentiment": (torch.randn(8), torch.tensor(0.1))}
+    guides = {"positive": ("sentiment", 1), "negative": ("sentiment", 0)}
+    g = build_guidance("negative:2", probes, guides, torch.zeros(8), torch.ones(8), 10.0)
+    assert g.terms[0][2] == 0 and g.terms[0][3] == 2.0 and g.scale == 10.0
+    assert build_guidance("none", probes, guides, torch.zeros(8), torch.ones(8), 10.0) is None

@@ -1,0 +1,413 @@
+"""Train DGLM: one flat loop that alternates a prior step and a decoder step on the same batch.
+
+    python train.py                               # tiny tier: offline, CPU, minutes
+    python train.py --tier paper --data c4 --steps 100k --device cuda
+
+Per step (DGLM sec. 3, 4.1), on a batch of cached (prefix, continuation) embeddings:
+  1. prior:   v-MSE of the diffusion model p(x_c | x_p) on the standardised continuation embedding
+  2. decoder: next-token loss of GPT-2 on [prefix][soft prompt(noised x_c, a)][continuation]
+The checkpoint directory (--out) holds everything sample.py needs: checkpoint.safetensors
+(weights, EMA, latent statistics, optimiser state; config in its metadata), config.json (a copy
+for reading), tokenizer/, probes.safetensors (when the data has labels).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data as data_lib
+from decoder import TINY_LM, Decoder, DecoderConfig, encode_continuation, load_tokenizer, train_tokenizer
+from diffusion import Prior, PriorConfig, ema_update, make_ema
+from encoder import TINY_ENCODER, EmbeddingCache, latent_stats, standardize, unstandardize
+
+# Architecture presets. Model ids and sizes are configuration, never a second code path.
+TIERS = {
+    "tiny": dict(encoder=TINY_ENCODER, lm=TINY_LM, dim=384,
+                 prior=dict(n_tokens=8, token_dim=32, width=128, depth=4, heads=4),
+                 decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4,
+                              n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=4096)),
+    "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large", dim=768,
+                  prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
+                  decoder=dict(n_soft=8, soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12)),
+}
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def parse_count(text):
+    """'100k' -> 100000, '2.5M' -> 2500000, '300' -> 300."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (accepted: 300, 20k, 1.5M)")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU is visible (accepted: auto, cpu, cuda, mps)")
+    return name
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def atomic_save(tensors, path, metadata):
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)  # a kill during the save leaves the previous file whole
+
+
+def optimizer_tensors(opt, name):
+    state = opt.state_dict()
+    tensors = {f"{name}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def load_optimizer(opt, name, tensors, param_groups):
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(name + "."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(param_groups)})
+
+
+def save_checkpoint(out, config, models, optimizers, step, extra_tensors):
+    tensors = dict(extra_tensors)
+    for name, model in models.items():
+        seen = set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() not in seen:  # tied weights (GPT-2's lm_head = wte) are stored once
+                seen.add(v.data_ptr())
+                tensors[f"{name}.{k}"] = v
+    meta = {"config": json.dumps(config), "step": str(step)}
+    for name, opt in optimizers.items():
+        t, groups = optimizer_tensors(opt, name)
+        tensors.update(t)
+        meta[f"{name}.param_groups"] = groups
+    tensors["rng.torch"] = torch.get_rng_state()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tmp = Path(out) / "config.json.tmp"
+    tmp.write_text(json.dumps(dict(config, step=step), indent=2))
+    os.replace(tmp, Path(out) / "config.json")  # for reading; the copy inside the checkpoint is loaded
+    atomic_save(tensors, Path(out) / CHECKPOINT, meta)
+
+
+def read_checkpoint(out, prefixes=None):
+    """-> (config, step, metadata, {name: tensor}) for the keys starting with any of `prefixes`."""
+    from safetensors import safe_open
+    path = Path(out) / CHECKPOINT
+    if not path.exists():
+        raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py --out {out}`")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            keys = [k for k in f.keys() if prefixes is None or k.startswith(tuple(prefixes))]
+            tensors = {k: f.get_tensor(k) for k in keys}
+        config = json.loads(meta["config"])
+        step = int(meta["step"])
+    except Exception as err:  # truncated file, bad header, missing metadata
+        raise SystemExit(f"error: checkpoint {path} is unreadable or incomplete ({type(err).__name__}: {err}); "
+                         "retrain or restore it") from None
+    return config, step, meta, tensors
+
+
+def build_models(config, pretrained_lm=False):
+    prior = Prior(PriorConfig(**config["prior"]))
+    dec_cfg = DecoderConfig(**config["decoder"])
+    decoder = Decoder(dec_cfg, config["lm_config"], config["bos_id"], config["eos_id"], pretrained=pretrained_lm)
+    return prior, decoder
+
+
+def load_state(model, name, tensors, path):
+    state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1 if "\n" in str(err).strip() else 0].strip()
+        raise SystemExit(f"error: checkpoint {path} does not match its config ({name}: {first})") from None
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise SystemExit(f"error: checkpoint {path} does not match its config ({name}: "
+                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
+def load_for_inference(out, device="cpu"):
+    """Rebuild (config, EMA prior, decoder, tokenizer, mu, s) from a checkpoint directory alone."""
+    config, step, _, tensors = read_checkpoint(out, ["prior_ema.", "decoder.", "stats."])
+    prior, decoder = build_models(config)
+    load_state(prior, "prior_ema", tensors, out)
+    load_state(decoder, "decoder", tensors, out)
+    tokenizer = load_tokenizer(str(Path(out) / "tokenizer"))
+    mu, s = tensors["stats.mu"].to(device), tensors["stats.s"].to(device)
+    return config, prior.to(device).eval(), decoder.to(device).eval(), tokenizer, mu, s
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Batches:
+    """Deterministic, length-grouped batches: epoch e's order depends only on (seed, e).
+
+    Texts of similar length share a batch (sorted inside windows of 16 batches), which
+    removes most padding from the decoder step; the batch order is shuffled.
+    """
+
+    def __init__(self, lengths, batch_size, seed):
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.per_epoch = max(1, len(lengths) // batch_size)
+
+    def epoch(self, e):
+        rng = np.random.default_rng([self.seed, e])
+        order = rng.permutation(len(self.lengths))
+        window = 16 * self.batch_size
+        for i in range(0, len(order), window):
+            chunk = order[i:i + window]
+            order[i:i + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.per_epoch)]
+        return [rng.permutation(batches[i]) for i in rng.permutation(len(batches))]
+
+    def get(self, step):
+        return self.epoch(step // self.per_epoch)[step % self.per_epoch]
+
+
+def cosine_lr(step, total, warmup, floor=0.1):
+    """Linear warm-up, then cosine decay to floor * peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare(args, tokenizer=None):
+    """Texts -> examples with cached embeddings and token ids; trains the tokenizer when needed."""
+    rows = data_lib.load_corpus(args.data, args.cache_dir, args.max_texts)
+    train_ex, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
+    print(f"data: {len(train_ex)} training texts, {len(held_out)} held out")
+    if tokenizer is None:
+        if args.lm == TINY_LM:
+            tokenizer = train_tokenizer([ex["text"] for ex in train_ex], args.vocab_size)
+        else:
+            tokenizer = load_tokenizer(args.lm)
+    cache = EmbeddingCache(Path(args.cache_dir) / "embeddings" / re.sub(r"[^\w.-]+", "_", args.encoder),
+                           args.encoder, device=args.encode_device)
+    print(f"embedding cache: {len(cache)} texts already encoded")
+    cont_e = torch.from_numpy(cache.encode([ex["continuation"] for ex in train_ex]))
+    prefix_e = torch.from_numpy(cache.encode([ex["prefix"] for ex in train_ex]))
+    prefix_ids = tokenizer([ex["prefix"] for ex in train_ex], add_special_tokens=False)["input_ids"]
+    cont_ids = [encode_continuation(tokenizer, ex["continuation"]) for ex in train_ex]
+    return dict(train=train_ex, held_out=held_out, cont_e=cont_e, prefix_e=prefix_e,
+                prefix_ids=prefix_ids, cont_ids=cont_ids, tokenizer=tokenizer, cache=cache)
+
+
+def fit_length(prefix, continuation, room):
+    """Trim a (prefix, continuation) pair of token lists to at most `room` tokens (prefix first)."""
+    cut = max(0, len(prefix) + len(continuation) - room)
+    prefix = prefix[min(cut, len(prefix)):]
+    return prefix, continuation[:room - len(prefix)]
+
+
+# ----------------------------------------------------------------------------- evaluation signals
+
+
+@torch.no_grad()
+def reconstruction_cosine(decoder, tokenizer, cache, texts, mu, s, device, seed=0):
+    """Embed -> decode from the clean embedding (empty prefix) -> re-embed; mean cosine to the original."""
+    decoder.eval()
+    e = torch.from_numpy(cache.encode(texts, show_progress=False)).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = decoder.generate([[] for _ in texts], standardize(e, mu, s), max_new_tokens=48, generator=gen)
+    decoded = [tokenizer.decode(i).strip() or "." for i in ids]
+    e2 = torch.from_numpy(cache.embed(decoded)).to(device)
+    decoder.train()
+    return (e * e2).sum(-1).mean().item(), decoded
+
+
+def train_probes(prepared, out, encoder_name):
+    """Probes on continuation embeddings when the data has labels (tiny: ratings and domains)."""
+    from guide import TINY_GUIDES, save_probes, train_tiny_probes
+    train, held = prepared["train"], prepared["held_out"]
+    if not train or "rating" not in train[0] or not held:
+        return None
+    held_e = torch.from_numpy(prepared["cache"].encode([ex["continuation"] for ex in held], show_progress=False))
+    probes, report = train_tiny_probes(prepared["cont_e"], train, held_e, held)
+    save_probes(Path(out) / "probes.safetensors", probes, TINY_GUIDES, encoder_name)
+    return report
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl file")
+    p.add_argument("--tier", default="tiny", choices=TIERS, help="architecture preset and default encoder/LM")
+    p.add_argument("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder")
+    p.add_argument("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder, e.g. gpt2-large")
+    p.add_argument("--out", default="out", help="checkpoint directory")
+    p.add_argument("--cache-dir", default="cache", help="where corpus and embedding cache live")
+    p.add_argument("--steps", type=parse_count, default=parse_count("2400"), help="training steps, e.g. 3000 or 100k")
+    p.add_argument("--batch-size", type=parse_count, default=256, help="prior batch (the decoder uses the first --decoder-batch)")
+    p.add_argument("--decoder-batch", type=parse_count, default=32, help="decoder batch, a slice of the prior batch")
+    p.add_argument("--prior-lr", type=float, default=1e-3, help="peak AdamW learning rate of the prior")
+    p.add_argument("--decoder-lr", type=float, default=1.5e-3, help="peak AdamW learning rate of the decoder (paper, fine-tuning: 5e-6)")
+    p.add_argument("--warmup", type=parse_count, default=100, help="linear warm-up steps")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the prior used for sampling (paper: 0.9999)")
+    p.add_argument("--max-prefix-frac", type=float, default=0.5, help="prefix length ~ U{0..frac*words}; paper: 1.0")
+    p.add_argument("--vocab-size", type=parse_count, default=4096, help="BPE vocabulary of the tiny tier's tokenizer")
+    p.add_argument("--max-texts", type=parse_count, default=200_000, help="texts taken from --data c4")
+    p.add_argument("--save-every", type=parse_count, default=500, help="checkpoint every this many steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--stop-at", type=parse_count, default=None, help="save and stop after this step, as if interrupted")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    p.add_argument("--seed", type=int, default=0, help="seed for data split, batches and initialisation")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    started = time.time()
+    tier = TIERS[args.tier]
+    args.encoder = args.encoder or tier["encoder"]
+    args.lm = args.lm or tier["lm"]
+    device = pick_device(args.device)
+    args.encode_device = device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out)
+
+    resume = None
+    tokenizer = None
+    if args.resume:
+        resume = read_checkpoint(out)
+        tokenizer = load_tokenizer(str(out / "tokenizer"))
+    prepared = prepare(args, tokenizer)
+    tokenizer = prepared["tokenizer"]
+
+    if resume:
+        config, start_step = resume[0], resume[1]
+        mu, s = resume[3]["stats.mu"], resume[3]["stats.s"]
+    else:
+        start_step = 0
+        mu, s = latent_stats(prepared["cont_e"])
+        dec = dict(tier["decoder"], lm=args.lm, dim=prepared["cont_e"].shape[1])
+        if args.lm == TINY_LM:
+            dec["vocab_size"] = len(tokenizer)
+            lm_config = dict(vocab_size=len(tokenizer), n_layer=dec["n_layer"], n_embd=dec["n_embd"],
+                             n_head=dec["n_head"], n_positions=dec["n_positions"],
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # a few epochs: no overfitting
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        else:
+            from transformers import AutoConfig
+            lm_config = AutoConfig.from_pretrained(args.lm).to_dict()
+        config = dict(encoder=args.encoder, prior=dict(tier["prior"], dim=dec["dim"]), decoder=dec,
+                      lm_config=lm_config, bos_id=tokenizer.eos_token_id, eos_id=tokenizer.eos_token_id,
+                      train={k: v for k, v in vars(args).items() if k not in ("resume", "encode_device")})
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+
+    prior, decoder = build_models(config, pretrained_lm=not resume and args.lm != TINY_LM)
+    prior, decoder = prior.to(device), decoder.to(device)
+    ema = make_ema(prior)
+    mu, s = mu.to(device), s.to(device)
+    opt_prior = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt_decoder = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02)
+    if resume:
+        _, _, meta, tensors = resume
+        for name, model in (("prior", prior), ("prior_ema", ema), ("decoder", decoder)):
+            load_state(model, name, tensors, out)
+        load_optimizer(opt_prior, "opt_prior", tensors, meta["opt_prior.param_groups"])
+        load_optimizer(opt_decoder, "opt_decoder", tensors, meta["opt_decoder.param_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        print(f"resumed from {out} at step {start_step}")
+    if not (out / "probes.safetensors").exists():
+        report = train_probes(prepared, out, args.encoder)
+        if report:
+            print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"prior {n_params(prior):.2f}M params | decoder {n_params(decoder.lm):.2f}M + soft prompt "
+          f"{n_params(decoder.soft):.2f}M | device {device}")
+
+    x_all = standardize(prepared["cont_e"], mu.cpu(), s.cpu())       # (N, d) continuation latents
+    p_all = standardize(prepared["prefix_e"], mu.cpu(), s.cpu())     # (N, d) prefix latents
+    room = decoder.max_len - decoder.cfg.n_soft - 2                   # bos and eos
+    pairs = [fit_length(p, c, room) for p, c in zip(prepared["prefix_ids"], prepared["cont_ids"])]
+    batches = Batches([len(p) + len(c) for p, c in pairs], args.batch_size, args.seed)
+    held_texts = [ex["text"] for ex in prepared["held_out"][:64]]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def save(step):
+        save_checkpoint(out, config, {"prior": prior, "prior_ema": ema, "decoder": decoder},
+                        {"opt_prior": opt_prior, "opt_decoder": opt_decoder}, step,
+                        {"stats.mu": mu, "stats.s": s})
+
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, dynamic_ncols=True)
+    prior.train(), decoder.train()
+    for step in bar:
+        idx = batches.get(step)
+        for opt, peak in ((opt_prior, args.prior_lr), (opt_decoder, args.decoder_lr)):
+            for group in opt.param_groups:
+                group["lr"] = peak * cosine_lr(step, args.steps, args.warmup)
+
+        # 1. prior step: v-MSE on the whole batch
+        x, prefix = x_all[idx].to(device), p_all[idx].to(device)
+        with autocast:
+            prior_loss = prior(x, prefix).mean()
+        opt_prior.zero_grad(set_to_none=True)
+        prior_loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+        opt_prior.step()
+        ema_update(ema, prior, min(args.ema, (1 + step) / (10 + step)))
+
+        # 2. decoder step: next-token loss on a slice of the same batch
+        sub = idx[:args.decoder_batch]
+        with autocast:
+            decoder_loss = decoder([pairs[i][0] for i in sub], [pairs[i][1] for i in sub], x_all[sub].to(device))
+        opt_decoder.zero_grad(set_to_none=True)
+        decoder_loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        opt_decoder.step()
+
+        if not (math.isfinite(prior_loss.item()) and math.isfinite(decoder_loss.item())):
+            raise SystemExit(f"error: loss became {prior_loss.item()} / {decoder_loss.item()} at step {step}; "
+                             f"the last good checkpoint in {out} is kept")
+        bar.set_postfix_str(f"prior {prior_loss.item():.3f} | decoder {decoder_loss.item():.3f}")
+        if args.stop_at is not None and step + 1 == args.stop_at:
+            save(step + 1)
+            print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
+            return
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(step + 1)
+            cos, _ = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts[:32], mu, s, device)
+            tqdm.write(f"step {step + 1}: prior {prior_loss.item():.3f} | decoder {decoder_loss.item():.3f} | "
+                       f"reconstruction cosine {cos:.3f}")
+    save(args.steps)
+
+    cos, decoded = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts, mu, s, device)
+    print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
+    for original, text in list(zip(held_texts, decoded))[:3]:
+        print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
+    print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
+
+
+if __name__ == "__main__":
+    main(get_args())
