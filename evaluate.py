@@ -55,15 +55,27 @@ def domain_mix(model, texts):
     return {d: picks.count(i) / len(picks) for i, d in enumerate(domains)}
 
 
+def probe_agreement(model, proposals, text_embeddings):
+    """Share the sentiment probe calls positive, on the proposals and on the re-embedded text: a
+    diagnostic of where steering is lost (prior vs decoder); the judge above is VADER, not this."""
+    if "sentiment" not in model.probes:
+        return {}
+    w, b = model.probes["sentiment"]
+    return {"proposal_positive": (proposals @ w + b > 0).float().mean().item(),
+            "text_positive": (text_embeddings @ w + b > 0).float().mean().item()}
+
+
 def evaluate_setting(model, prompts, n, guide, scale, args):
     guidance = model.guidance(guide, scale, n_samples=args.mc_samples, seed=args.seed)
     prefixes = [p for p in prompts for _ in range(n)]
     started = time.time()
-    texts = []
+    texts, proposals = [], []
     for i in range(0, len(prefixes), args.batch_size):
         chunk = prefixes[i:i + args.batch_size]
-        texts += model.generate(chunk, guidance, args.steps, args.sampler, 1.0, args.seed + i,
-                                max_new_tokens=args.max_tokens)
+        e = model.sample_proposals(chunk, guidance, args.steps, args.sampler, 1.0, args.seed + i)
+        texts += model.decode(chunk, e, alpha=args.alpha, max_new_tokens=args.max_tokens, seed=args.seed + i,
+                              temperature=args.temperature)
+        proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
     cont = vader_labels(texts)
     full = vader_labels([f"{p} {t}" for p, t in zip(prefixes, texts)])
@@ -74,19 +86,22 @@ def evaluate_setting(model, prompts, n, guide, scale, args):
         "positive_with_prompt": full.count(1) / len(full), "negative_with_prompt": full.count(-1) / len(full),
         **{f"dist{k}": sum(distinct_n(g, k) for g in groups) / len(groups) for k in (1, 2, 3)},
         "domains": domain_mix(model, texts), "seconds_per_sample": seconds,
+        "sentiment_probe": probe_agreement(model, torch.cat(proposals), model.embed(texts)),
         "examples": [{"prefix": p, "text": t} for p, t in list(zip(prefixes, texts))[:6]],
     }
     return result
 
 
 def markdown(results):
-    lines = ["| guide | scale | positive | negative | positive (with prompt) | negative (with prompt) | Dist-1 | Dist-2 | Dist-3 | domain mix (movie/tweet/product/news) | s/sample |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| guide | scale | positive | negative | positive (with prompt) | negative (with prompt) | Dist-1 | Dist-2 | Dist-3 | domain mix (movie/tweet/product/news) | probe positive: proposal / text | s/sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        sp = r["sentiment_probe"]
+        probe = f"{100 * sp['proposal_positive']:.0f}% / {100 * sp['text_positive']:.0f}%" if sp else "-"
         mix = "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
         lines.append(f"| {r['guide']} | {r['scale']:g} | {100 * r['positive']:.1f}% | {100 * r['negative']:.1f}% | "
                      f"{100 * r['positive_with_prompt']:.1f}% | {100 * r['negative_with_prompt']:.1f}% | "
-                     f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {r['seconds_per_sample']:.3f} |")
+                     f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {probe} | {r['seconds_per_sample']:.3f} |")
     return "\n".join(lines)
 
 
@@ -100,8 +115,10 @@ def get_args(argv=None):
     p.add_argument("--scales", default="30", help="comma-separated guidance scales")
     p.add_argument("--steps", type=int, default=50, help="prior denoising steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
-    p.add_argument("--mc-samples", type=int, default=4, help="Monte Carlo samples of the guidance loss")
+    p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length")
+    p.add_argument("--temperature", type=float, default=1.0, help="decoding temperature (top-p 0.9, repetition penalty 1.2)")
+    p.add_argument("--alpha", type=float, default=None, help="re-noising level of proposals (default: checkpoint's)")
     p.add_argument("--batch-size", type=int, default=100, help="generation batch")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=int, default=0, help="random seed")

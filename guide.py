@@ -145,12 +145,15 @@ class Guidance:
     """callable(predict, z, logsnr) -> (x_hat, eps_hat), bent toward the requested attributes.
 
     terms: list of (w, b, target, weight) linear probes on unit embeddings.
-    n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself).
-    aggregate: "mean" averages the loss over the K samples (the reference code's form);
-               "lgd" is LGD-MC's -log mean_k exp(-loss_k), the likelihood averaged over samples.
+    n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
+    aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
+               "lgd": -log mean_k exp(-loss_k) = -log mean_k p(y | x_k), LGD-MC's likelihood average;
+               "mean": mean_k loss_k.
     """
 
-    def __init__(self, terms, mu, s, scale, n_samples=4, aggregate="mean", seed=0):
+    def __init__(self, terms, mu, s, scale, n_samples=32, aggregate="reference", seed=0):
+        if aggregate not in ("reference", "lgd", "mean"):
+            raise ValueError(f"unknown aggregate {aggregate!r} (accepted: reference, lgd, mean)")
         self.terms = terms
         self.mu, self.s = mu, s
         self.scale = scale
@@ -172,8 +175,11 @@ class Guidance:
             logit = e @ w + b                                                   # (K, B)
             total = total + weight * F.binary_cross_entropy_with_logits(
                 logit, torch.full_like(logit, float(target)), reduction="none")
+        K = total.shape[0]
+        if self.aggregate == "reference":
+            return torch.logsumexp(total, 0) - math.log(K)      # log mean_k exp(L_k)
         if self.aggregate == "lgd":
-            return -(torch.logsumexp(-total, 0) - math.log(total.shape[0]))
+            return -(torch.logsumexp(-total, 0) - math.log(K))  # -log mean_k p(y | x_k)
         return total.mean(0)
 
     def __call__(self, predict, z, logsnr):

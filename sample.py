@@ -114,7 +114,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the prior")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the prefix (1 = off)")
-    p.add_argument("--mc-samples", type=int, default=4, help="Monte Carlo samples around x_hat for the probe loss (0 = x_hat)")
+    p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples around x_hat for the probe loss (0 = x_hat)")
     p.add_argument("--alpha", type=float, default=None, help="re-noising level of the proposal (default: checkpoint's, 0.95)")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length in tokens")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")

@@ -34,7 +34,7 @@ TIERS = {
     "tiny": dict(encoder=TINY_ENCODER, lm=TINY_LM, dim=384,
                  prior=dict(n_tokens=8, token_dim=32, width=128, depth=4, heads=4),
                  decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4,
-                              n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=4096)),
+                              n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=4096)),
     "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large", dim=768,
                   prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
                   decoder=dict(n_soft=8, soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12)),
@@ -266,10 +266,12 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=parse_count, default=256, help="prior batch (the decoder uses the first --decoder-batch)")
     p.add_argument("--decoder-batch", type=parse_count, default=32, help="decoder batch, a slice of the prior batch")
     p.add_argument("--prior-lr", type=float, default=1e-3, help="peak AdamW learning rate of the prior")
-    p.add_argument("--decoder-lr", type=float, default=1.5e-3, help="peak AdamW learning rate of the decoder (paper, fine-tuning: 5e-6)")
+    p.add_argument("--decoder-lr", type=float, default=3e-3, help="peak AdamW learning rate of the decoder (paper, fine-tuning: 5e-6)")
+    p.add_argument("--soft-prompt-lr", type=float, default=None, help="peak learning rate of the soft-prompt generator (default: --decoder-lr)")
     p.add_argument("--warmup", type=parse_count, default=100, help="linear warm-up steps")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the prior used for sampling (paper: 0.9999)")
     p.add_argument("--max-prefix-frac", type=float, default=0.5, help="prefix length ~ U{0..frac*words}; paper: 1.0")
+    p.add_argument("--max-len", type=parse_count, default=48, help="prefix + continuation tokens per training text (longer ones are cut)")
     p.add_argument("--vocab-size", type=parse_count, default=4096, help="BPE vocabulary of the tiny tier's tokenizer")
     p.add_argument("--max-texts", type=parse_count, default=200_000, help="texts taken from --data c4")
     p.add_argument("--save-every", type=parse_count, default=500, help="checkpoint every this many steps")
@@ -328,8 +330,11 @@ def main(args):
     prior, decoder = prior.to(device), decoder.to(device)
     ema = make_ema(prior)
     mu, s = mu.to(device), s.to(device)
-    opt_prior = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    opt_decoder = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02)
+    opt_prior = torch.optim.AdamW([{"params": prior.parameters(), "peak_lr": args.prior_lr}],
+                                  lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt_decoder = torch.optim.AdamW([{"params": decoder.lm.parameters(), "peak_lr": args.decoder_lr},
+                                     {"params": decoder.soft.parameters(), "peak_lr": args.soft_prompt_lr or args.decoder_lr}],
+                                    lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02)
     if resume:
         _, _, meta, tensors = resume
         for name, model in (("prior", prior), ("prior_ema", ema), ("decoder", decoder)):
@@ -348,7 +353,7 @@ def main(args):
 
     x_all = standardize(prepared["cont_e"], mu.cpu(), s.cpu())       # (N, d) continuation latents
     p_all = standardize(prepared["prefix_e"], mu.cpu(), s.cpu())     # (N, d) prefix latents
-    room = decoder.max_len - decoder.cfg.n_soft - 2                   # bos and eos
+    room = min(args.max_len, decoder.max_len - decoder.cfg.n_soft - 2)  # bos and eos
     pairs = [fit_length(p, c, room) for p, c in zip(prepared["prefix_ids"], prepared["cont_ids"])]
     batches = Batches([len(p) + len(c) for p, c in pairs], args.batch_size, args.seed)
     held_texts = [ex["text"] for ex in prepared["held_out"][:64]]
@@ -364,9 +369,9 @@ def main(args):
     prior.train(), decoder.train()
     for step in bar:
         idx = batches.get(step)
-        for opt, peak in ((opt_prior, args.prior_lr), (opt_decoder, args.decoder_lr)):
+        for opt in (opt_prior, opt_decoder):
             for group in opt.param_groups:
-                group["lr"] = peak * cosine_lr(step, args.steps, args.warmup)
+                group["lr"] = group["peak_lr"] * cosine_lr(step, args.steps, args.warmup)
 
         # 1. prior step: v-MSE on the whole batch
         x, prefix = x_all[idx].to(device), p_all[idx].to(device)

@@ -64,7 +64,7 @@ def test_scale_zero_gives_exactly_the_unguided_sample():
     assert torch.equal(plain, zero)
 
 
-@pytest.mark.parametrize("aggregate", ["mean", "lgd"])
+@pytest.mark.parametrize("aggregate", ["reference", "lgd", "mean"])
 def test_weights_add_linearly_in_the_gradient(aggregate):
     torch.manual_seed(0)
     mu, s = torch.zeros(8), torch.ones(8)
