@@ -59,8 +59,8 @@ class SoftPromptGenerator(nn.Module):
         self.embed = nn.Linear(cfg.soft_token_dim, cfg.soft_width)
         self.pos = nn.Parameter(torch.randn(cfg.n_soft, cfg.soft_width) * 0.02)
         W = cfg.soft_width
-        self.noise_level = nn.Sequential(nn.Linear(W, 4 * W), nn.SiLU(), nn.Linear(4 * W, W))
-        self.blocks = nn.ModuleList(Block(W, cfg.soft_heads, 4) for _ in range(cfg.soft_depth))
+        self.noise_level = nn.Sequential(nn.Linear(W, W // 2), nn.SiLU(), nn.Linear(W // 2, W // 2))
+        self.blocks = nn.ModuleList(Block(W, cfg.soft_heads, 4, W // 2) for _ in range(cfg.soft_depth))
         self.norm = RMSNorm(W)
         self.out = nn.Linear(W, lm_width)
 
@@ -97,6 +97,7 @@ class Decoder(nn.Module):
                                  f"(--lm {TINY_LM})") from None
         else:
             self.lm = GPT2LMHeadModel(GPT2Config(**lm_config))
+        self.lm.config.loss_type = "ForCausalLM"  # the plain next-token loss (silences a transformers warning)
         self.soft = SoftPromptGenerator(cfg, self.lm.config.n_embd)
 
     @property

@@ -14,7 +14,9 @@ The denoiser is a bidirectional transformer over the vector cut into N tokens, w
 embedding cut the same way and concatenated per token, RMSNorm, adaLN-Zero conditioning on the
 noise level and U-ViT long skips. A learned null prefix replaces x_p with probability p_uncond
 so that one network also gives the unconditional model (classifier-free guidance).
-Samplers: ancestral DDPM (variance interpolated in log space) and DDIM, with any step count.
+Training: lambda from an adaptive importance sampler over [-15, 15] and an asymmetric loss weight
+(Kingma & Gao 2023), as in the paper's reference code. Samplers: ancestral DDPM (variance
+interpolated in log space) and DDIM, with any step count.
 """
 import copy
 import math
@@ -65,6 +67,67 @@ def x0_from_eps(z, eps, a):
     return (z - bcast((1 - a).sqrt(), z) * eps) / bcast(a.sqrt(), z)  # x = (z - sqrt(1-a) eps) / sqrt(a)
 
 
+# ----------------------------------------------------------------------------- loss weighting and noise levels
+
+
+def loss_weight(logsnr, std=2.4):
+    """v-space loss weight w_v(lambda), after Kingma & Gao 2023 ("Understanding Diffusion Objectives").
+
+    Shape: a Cauchy(0, std) bump below lambda = 0 and a Normal(0, std) one above (both peak 1),
+    then made monotone in eps-space: ||v_hat - v||^2 = (1 + e^-lambda) ||eps_hat - eps||^2, so
+    w_eps = w_v (1 + e^-lambda) is replaced by its running maximum from the right (non-increasing
+    in lambda), and converted back. Evaluated exactly (no lookup grid) on the given lambdas.
+    """
+    grid = torch.linspace(LOGSNR_MIN, LOGSNR_MAX, 10_001, dtype=torch.float64)
+    shape = torch.where(grid < 0, 1 / (1 + (grid / std) ** 2), torch.exp(-0.5 * (grid / std) ** 2))
+    w_eps = shape * (1 + torch.exp(-grid))
+    w_eps = w_eps.flip(0).cummax(0).values.flip(0)            # non-increasing in lambda
+    w_v = w_eps / (1 + torch.exp(-grid))
+    w_v = w_v / w_v.max()
+    idx = ((logsnr.double().cpu() - LOGSNR_MIN) / (LOGSNR_MAX - LOGSNR_MIN) * 10_000).round().long().clamp(0, 10_000)
+    return w_v[idx].to(device=logsnr.device, dtype=torch.float32)
+
+
+class LogSNRSampler(nn.Module):
+    """Adaptive importance sampler over lambda in [-15, 15] (as in the reference code).
+
+    100 equal bins; each keeps an EMA (decay 0.9) of the weighted loss of the examples that fell in
+    it. lambda is drawn with density p(lambda) proportional to those EMAs, so training spends its
+    samples where the weighted loss is large, and each example is re-weighted by
+    w(lambda) / p(lambda) so the objective stays  int w(lambda) E||v_hat - v||^2 dlambda.
+    """
+
+    def __init__(self, n_bins=100, decay=0.9):
+        super().__init__()
+        self.decay = decay
+        self.width = (LOGSNR_MAX - LOGSNR_MIN) / n_bins
+        self.register_buffer("bin_loss", torch.ones(n_bins, dtype=torch.float64))
+        grid = torch.linspace(LOGSNR_MIN, LOGSNR_MAX, 10_001)
+        self.weight_integral = torch.trapezoid(loss_weight(grid), grid).item()  # int w(lambda) dlambda
+
+    def density(self, logsnr):
+        p = self.bin_loss / (self.bin_loss.sum() * self.width)      # piecewise-constant p(lambda)
+        return p[self.bin_of(logsnr)].float()
+
+    def bin_of(self, logsnr):
+        return ((logsnr - LOGSNR_MIN) / self.width).long().clamp(0, len(self.bin_loss) - 1)
+
+    def sample(self, n, generator=None):
+        """-> lambda (n,) drawn from p, and the importance weight w(lambda) / (p(lambda) int w)."""
+        device = self.bin_loss.device
+        bins = torch.multinomial(self.bin_loss.float(), n, replacement=True, generator=generator)
+        logsnr = LOGSNR_MIN + (bins + torch.rand(n, device=device, generator=generator)) * self.width
+        return logsnr, loss_weight(logsnr) / (self.density(logsnr) * self.weight_integral)
+
+    @torch.no_grad()
+    def update(self, logsnr, weighted_loss):
+        bins = self.bin_of(logsnr)
+        total = torch.zeros_like(self.bin_loss).index_add_(0, bins, weighted_loss.double())
+        count = torch.zeros_like(self.bin_loss).index_add_(0, bins, torch.ones_like(weighted_loss, dtype=torch.float64))
+        seen = count > 0
+        self.bin_loss[seen] = self.decay * self.bin_loss[seen] + (1 - self.decay) * total[seen] / count[seen]
+
+
 # ----------------------------------------------------------------------------- denoiser
 
 
@@ -92,18 +155,18 @@ class RMSNorm(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; adaLN-Zero: (shift, scale, gate) x 2 from the noise-level embedding."""
 
-    def __init__(self, width, heads, mlp_ratio):
+    def __init__(self, width, heads, mlp_ratio, cond_dim):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-        self.modulation = nn.Linear(width, 6 * width)
+        self.modulation = nn.Linear(cond_dim, 6 * width)
         nn.init.zeros_(self.modulation.weight)  # zero-init: every block starts as the identity
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, h, cond):  # h (B, N, W), cond (B, W)
+    def forward(self, h, cond):  # h (B, N, W), cond (B, W/2)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
         B, N, W = h.shape
         q, k, v = self.qkv(self.norm1(h) * (1 + scale1) + shift1).view(B, N, 3, self.heads, -1).transpose(1, 3).unbind(2)
@@ -132,11 +195,11 @@ class Denoiser(nn.Module):
         self.null_prefix = nn.Parameter(torch.randn(cfg.dim) * 0.02)  # learned "no prefix" for CFG
         self.embed = nn.Linear(2 * c, W)                # [z token ; prefix token] -> width
         self.pos = nn.Parameter(torch.randn(N, W) * 0.02)
-        self.time = nn.Sequential(nn.Linear(W, 4 * W), nn.SiLU(), nn.Linear(4 * W, W))
-        self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.time = nn.Sequential(nn.Linear(W, W // 2), nn.SiLU(), nn.Linear(W // 2, W // 2))  # as the reference code
+        self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp_ratio, W // 2) for _ in range(cfg.depth))
         self.skips = nn.ModuleList(nn.Linear(2 * W, W) for _ in range(cfg.depth // 2))  # U-ViT long skips
         self.final_norm = RMSNorm(W)
-        self.final_modulation = nn.Linear(W, 2 * W)
+        self.final_modulation = nn.Linear(W // 2, 2 * W)
         self.unembed = nn.Linear(W, c)
         self.merge = nn.Linear(N * c, cfg.dim)          # N tokens -> d
         for layer in (self.final_modulation, self.merge):
@@ -150,7 +213,7 @@ class Denoiser(nn.Module):
             prefix = torch.where(drop_prefix[:, None], self.null_prefix.to(prefix.dtype).expand_as(prefix), prefix)
         tokens = torch.cat([self.split_z(z).view(B, N, -1), self.split_prefix(prefix).view(B, N, -1)], -1)
         h = self.embed(tokens) + self.pos                               # (B, N, W)
-        cond = F.silu(self.time(timestep_embedding(logsnr, self.cfg.width).to(h.dtype)))  # (B, W)
+        cond = F.silu(self.time(timestep_embedding(logsnr, self.cfg.width).to(h.dtype)))  # (B, W/2)
         half = len(self.blocks) // 2
         saved = []
         for i, block in enumerate(self.blocks):
@@ -174,18 +237,25 @@ class Prior(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.net = Denoiser(cfg)
+        self.noise_levels = LogSNRSampler()
 
     def forward(self, x, prefix):
-        """Per-example v-MSE at t ~ U(0, 1): E || v_hat(z_t) - v ||^2, x and prefix (B, d) standardised."""
+        """Per-example training loss, x and prefix (B, d) standardised.
+
+        lambda ~ p (adaptive), z = sqrt(a) x + sqrt(1-a) eps, loss = w(lambda)/p(lambda) ||v_hat - v||^2 / int w,
+        an unbiased estimate of the weighted objective int w(lambda) E||v_hat - v||^2 dlambda / int w.
+        """
         B = x.shape[0]
-        t = torch.rand(B, device=x.device)
-        logsnr = logsnr_cosine(t)
+        logsnr, importance = self.noise_levels.sample(B)
         a = alpha(logsnr)
         eps = torch.randn_like(x)
         z = q_sample(x, eps, a)
         drop = torch.rand(B, device=x.device) < self.cfg.p_uncond
         v_hat = self.net(z, logsnr, prefix, drop)
-        return (v_hat.float() - v_target(x, eps, a)).pow(2).mean(-1)
+        mse = (v_hat.float() - v_target(x, eps, a)).pow(2).mean(-1)
+        if self.training:
+            self.noise_levels.update(logsnr, loss_weight(logsnr) * mse.detach())
+        return importance * mse
 
     def predict(self, z, logsnr, prefix, cfg_scale=1.0):
         """(x_hat, eps_hat) at noise level logsnr; cfg_scale w: v = v_uncond + w (v_cond - v_uncond)."""

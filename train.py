@@ -34,7 +34,7 @@ TIERS = {
     "tiny": dict(encoder=TINY_ENCODER, lm=TINY_LM, dim=384,
                  prior=dict(n_tokens=8, token_dim=32, width=128, depth=4, heads=4),
                  decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4,
-                              n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=4096)),
+                              n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=8192)),
     "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large", dim=768,
                   prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
                   decoder=dict(n_soft=8, soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12)),
@@ -272,7 +272,7 @@ def get_args(argv=None):
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the prior used for sampling (paper: 0.9999)")
     p.add_argument("--max-prefix-frac", type=float, default=0.5, help="prefix length ~ U{0..frac*words}; paper: 1.0")
     p.add_argument("--max-len", type=parse_count, default=48, help="prefix + continuation tokens per training text (longer ones are cut)")
-    p.add_argument("--vocab-size", type=parse_count, default=4096, help="BPE vocabulary of the tiny tier's tokenizer")
+    p.add_argument("--vocab-size", type=parse_count, default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
     p.add_argument("--max-texts", type=parse_count, default=200_000, help="texts taken from --data c4")
     p.add_argument("--save-every", type=parse_count, default=500, help="checkpoint every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

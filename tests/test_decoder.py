@@ -18,7 +18,7 @@ def test_augmentation_alpha_has_median_0_9():
     torch.manual_seed(0)
     a = augmentation_alpha(100_000, DecoderConfig().noise_shift)
     assert a.median().item() == pytest.approx(0.9, abs=0.005)  # sigmoid(0 + 2 ln 3) = 0.9
-    assert 0 < a.min().item() and a.max().item() < 1
+    assert 0 < a.min().item() and a.max().item() <= 1
 
 
 def test_layout_puts_slots_between_prefix_and_continuation_and_masks_them():
@@ -71,7 +71,7 @@ def test_decoder_reconstructs_sentences_from_clean_embeddings(encoder):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5
-    out = dec.eval().generate([[] for _ in SENTENCES], x, alpha=1.0 - 1e-6, max_new_tokens=12, temperature=0,
+    out = dec.eval().generate([[] for _ in SENTENCES], x, alpha=1.0 - 1e-6, max_new_tokens=40, temperature=0,
                               repetition_penalty=1.0)
     decoded = [tok.decode(o).strip() for o in out]
     assert sum(d == t for d, t in zip(decoded, SENTENCES)) >= 5, decoded

@@ -113,3 +113,36 @@ def test_prior_loss_falls():
         losses.append(loss.item())
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.75 * first, (first, last)
+
+
+def test_loss_weight_is_monotone_in_eps_space_and_peaks_at_one():
+    from diffusion import loss_weight
+    lam = torch.linspace(-15, 15, 3001)
+    w = loss_weight(lam)
+    w_eps = w.double() * (1 + torch.exp(-lam.double()))
+    assert torch.all(w_eps.diff() <= 1e-9)
+    assert w.max().item() == pytest.approx(1.0) and w[0].item() < 0.1 and w[-1].item() < 1e-6
+
+
+def test_importance_sampler_weights_integrate_the_target_weighting():
+    from diffusion import LogSNRSampler
+    torch.manual_seed(0)
+    sampler = LogSNRSampler()
+    sampler.bin_loss.copy_(torch.rand(100, dtype=torch.float64) + 0.05)   # an arbitrary learned density
+    g = torch.Generator().manual_seed(0)
+    lam, importance = sampler.sample(400_000, generator=g)
+    # E_p[w/(p int w) f] = int w f / int w; with f = 1 it is 1, with f = 1[lambda > 0] the weight mass above 0
+    assert importance.mean().item() == pytest.approx(1.0, rel=0.01)
+    grid = torch.linspace(-15, 15, 10001)
+    from diffusion import loss_weight
+    above = torch.trapezoid(loss_weight(grid) * (grid > 0), grid) / sampler.weight_integral
+    assert (importance * (lam > 0)).mean().item() == pytest.approx(above.item(), rel=0.02)
+
+
+def test_importance_sampler_moves_towards_high_loss_bins():
+    from diffusion import LogSNRSampler
+    sampler = LogSNRSampler()
+    lam = torch.linspace(-14.9, 14.9, 1000)
+    for _ in range(30):
+        sampler.update(lam, (lam < -10).float() * 5 + 0.1)
+    assert sampler.density(torch.tensor([-12.0])) > 10 * sampler.density(torch.tensor([5.0]))
