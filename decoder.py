@@ -104,11 +104,6 @@ class Decoder(nn.Module):
     def max_len(self):
         return self.lm.config.n_positions
 
-    def soft_prompt(self, x, a):
-        """Soft prompt from a standardised embedding x (B, d) noised to signal level a (B,)."""
-        z = q_sample(x, torch.randn_like(x), a)  # z = sqrt(a) x + sqrt(1-a) eps
-        return self.soft(z, a)
-
     def _layout(self, prefixes, continuations, left_pad):
         """Token ids (B, T) with the slots marked: [bos] prefix [slots] continuation; and masks."""
         k = self.cfg.n_soft
@@ -129,17 +124,53 @@ class Decoder(nn.Module):
         emb = emb.masked_scatter(slots[..., None], soft.to(emb.dtype))  # k slots per row, in order
         return emb
 
-    def forward(self, prefixes, continuations, x):
-        """Next-token loss for lists of token-id lists and clean embeddings x (B, d), with noise augmentation."""
+    def forward(self, prefixes, continuations, x, shard=None):
+        """Mean next-token loss over the prefix, continuation and eos tokens of a batch: lists of
+        token-id lists and clean embeddings x (B, d), with noise augmentation.
+
+        shard (data-parallel training): the noise of the whole batch is drawn (same RNG state in
+        every process), only the rows `shard` are run, and their summed loss is divided by the
+        whole batch's token count, so the shards' losses add up to the one-process loss.
+        """
         device = x.device
         continuations = [c + [self.eos_id] for c in continuations]
-        ids, slots, attn = self._layout(prefixes, continuations, left_pad=False)
-        ids, slots, attn = ids.to(device), slots.to(device), attn.to(device)
+        n_tokens = sum(len(p) + len(c) for p, c in zip(prefixes, continuations))
         a = augmentation_alpha(len(x), self.cfg.noise_shift, device)
-        inputs = self._embed(ids, slots, self.soft_prompt(x, a))
+        z = q_sample(x, torch.randn_like(x), a)  # z = sqrt(a) x + sqrt(1-a) eps
+        if shard is not None:
+            prefixes, continuations, z, a = prefixes[shard], continuations[shard], z[shard], a[shard]
+        ids, slots, attn = (t.to(device) for t in self._layout(prefixes, continuations, left_pad=False))
+        inputs = self._embed(ids, slots, self.soft(z, a))
         labels = ids.masked_fill(slots | (attn == 0), -100)
         labels[:, 0] = -100  # bos is given, not predicted
-        return self.lm(inputs_embeds=inputs, attention_mask=attn, labels=labels).loss
+        logits = self.lm(inputs_embeds=inputs, attention_mask=attn).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+        return nll / n_tokens
+
+    @torch.no_grad()
+    def score(self, prefixes, continuations, x, alpha, generator=None):
+        """Per-example log-likelihood of continuations: -> (nll (B,) summed over tokens, n_tokens (B,)).
+
+        The same sequence as `forward` ([bos][prefix][k slots][continuation], built with `_layout`,
+        `_embed` and the soft-prompt generator `soft`), but the proposal x (B, d) is noised at the
+        fixed signal level `alpha` instead of the augmentation draw: z = sqrt(a) x + sqrt(1-a) eps,
+        eps from `generator`. Only continuation tokens are scored: the prefix is context and no eos
+        is appended (a continuation cut at a length limit has not ended; append eos_id to a
+        continuation to score the end too). alpha = 0 makes the soft prompt pure noise, i.e. the
+        decoder as a plain, unguided prefix language model. Call in eval mode (no dropout).
+        """
+        device = x.device
+        ids, slots, attn = (t.to(device) for t in self._layout(prefixes, continuations, left_pad=False))
+        a = torch.full((len(prefixes),), float(alpha), device=device)
+        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        inputs = self._embed(ids, slots, self.soft(q_sample(x, eps, a), a))
+        logits = self.lm(inputs_embeds=inputs, attention_mask=attn).logits[:, :-1].float()  # predicts ids[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")        # (B, T-1)
+        start = torch.tensor([1 + len(p) + self.cfg.n_soft for p in prefixes], device=device)  # first continuation slot
+        end = start + torch.tensor([len(c) for c in continuations], device=device)
+        position = torch.arange(1, ids.shape[1], device=device)[None]                     # positions of the targets
+        scored = (position >= start[:, None]) & (position < end[:, None])
+        return nll.masked_fill(~scored, 0.0).sum(-1), scored.sum(-1)
 
     @torch.no_grad()
     def generate(self, prefixes, x, alpha=None, max_new_tokens=32, top_p=0.9, temperature=1.0,

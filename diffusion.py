@@ -121,11 +121,20 @@ class LogSNRSampler(nn.Module):
 
     @torch.no_grad()
     def update(self, logsnr, weighted_loss):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # data-parallel: every process updates with the whole batch, so the density stays identical
+            logsnr, weighted_loss = (all_gather(t) for t in (logsnr, weighted_loss))
         bins = self.bin_of(logsnr)
         total = torch.zeros_like(self.bin_loss).index_add_(0, bins, weighted_loss.double())
         count = torch.zeros_like(self.bin_loss).index_add_(0, bins, torch.ones_like(weighted_loss, dtype=torch.float64))
         seen = count > 0
         self.bin_loss[seen] = self.decay * self.bin_loss[seen] + (1 - self.decay) * total[seen] / count[seen]
+
+
+def all_gather(t):
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------- denoiser
@@ -239,18 +248,22 @@ class Prior(nn.Module):
         self.net = Denoiser(cfg)
         self.noise_levels = LogSNRSampler()
 
-    def forward(self, x, prefix):
+    def forward(self, x, prefix, shard=None):
         """Per-example training loss, x and prefix (B, d) standardised.
 
         lambda ~ p (adaptive), z = sqrt(a) x + sqrt(1-a) eps, loss = w(lambda)/p(lambda) ||v_hat - v||^2 / int w,
         an unbiased estimate of the weighted objective int w(lambda) E||v_hat - v||^2 dlambda / int w.
+        shard (data-parallel training): every process draws the noise of the whole batch from the same
+        RNG state and keeps only the rows `shard`, so N processes compute exactly what one would.
         """
         B = x.shape[0]
         logsnr, importance = self.noise_levels.sample(B)
-        a = alpha(logsnr)
         eps = torch.randn_like(x)
-        z = q_sample(x, eps, a)
         drop = torch.rand(B, device=x.device) < self.cfg.p_uncond
+        if shard is not None:
+            x, prefix, logsnr, importance, eps, drop = (t[shard] for t in (x, prefix, logsnr, importance, eps, drop))
+        a = alpha(logsnr)
+        z = q_sample(x, eps, a)
         v_hat = self.net(z, logsnr, prefix, drop)
         mse = (v_hat.float() - v_target(x, eps, a)).pow(2).mean(-1)
         if self.training:

@@ -32,11 +32,13 @@ class DGLM:
         self.ckpt = Path(ckpt)
         self.device = device
         self.config, self.prior, self.decoder, self.tokenizer, self.mu, self.s = load_for_inference(ckpt, device)
-        self.encoder = load_encoder(self.config["encoder"], device)
+        self.encoder = None  # loaded on first use, after cheap checks such as the guide names
         probe_path = self.ckpt / "probes.safetensors"
         self.probes, self.guides = load_probes(probe_path, self.config["encoder"]) if probe_path.exists() else ({}, {})
 
     def embed(self, texts):
+        if self.encoder is None:
+            self.encoder = load_encoder(self.config["encoder"], self.device)
         return torch.from_numpy(embed(self.encoder, texts)).to(self.device)
 
     def guidance(self, spec, scale, **kwargs):
@@ -102,7 +104,8 @@ def show_steps(model, prefix, guidance, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train import ArgumentParser
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory written by train.py")
     p.add_argument("--guide", default="positive", help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none'")
     p.add_argument("--scale", default=DEFAULT_SCALE, help=f"guidance scale (default {DEFAULT_SCALE:g}; 0 = unguided)")
@@ -164,4 +167,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    from train import run_cli
+    run_cli(main, get_args)

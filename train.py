@@ -29,15 +29,19 @@ from decoder import TINY_LM, Decoder, DecoderConfig, encode_continuation, load_t
 from diffusion import Prior, PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, EmbeddingCache, latent_stats, standardize, unstandardize
 
-# Architecture presets. Model ids and sizes are configuration, never a second code path.
+# Presets. Model ids, sizes and optimisation defaults are configuration, never a second code path.
 TIERS = {
     "tiny": dict(encoder=TINY_ENCODER, lm=TINY_LM, dim=384,
                  prior=dict(n_tokens=8, token_dim=32, width=128, depth=4, heads=4),
                  decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4,
-                              n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=8192)),
+                              n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=8192),
+                 train=dict(batch_size=256, decoder_batch=32, prior_lr=1e-3, decoder_lr=3e-3, ema=0.995,
+                            max_prefix_frac=0.5, max_len=48)),
     "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large", dim=768,
                   prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
-                  decoder=dict(n_soft=8, soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12)),
+                  decoder=dict(n_soft=8, soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12),
+                  train=dict(batch_size=256, decoder_batch=64, prior_lr=1e-3, decoder_lr=5e-6, ema=0.9999,
+                             max_prefix_frac=1.0, max_len=128)),
 }
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -51,6 +55,40 @@ def parse_count(text):
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
     return int(value)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit code 2, as argparse does)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
+def run_cli(main, get_args):
+    """Run a script: an `error: ...` (bad input, missing file, offline hub) becomes one line on
+    stderr and exit code 2, with no traceback; argparse's usage errors already look like that."""
+    try:
+        main(get_args())
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+def setup_distributed(device_name):
+    """-> (rank, world size, device). Under `torchrun --nproc_per_node N train.py ...` there is one
+    process per GPU (NCCL), or per CPU process with gloo; a plain `python train.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
 
 
 def pick_device(name):
@@ -255,7 +293,7 @@ def train_probes(prepared, out, encoder_name):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl file")
     p.add_argument("--tier", default="tiny", choices=TIERS, help="architecture preset and default encoder/LM")
     p.add_argument("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder")
@@ -263,21 +301,24 @@ def get_args(argv=None):
     p.add_argument("--out", default="out", help="checkpoint directory")
     p.add_argument("--cache-dir", default="cache", help="where corpus and embedding cache live")
     p.add_argument("--steps", type=parse_count, default=parse_count("2400"), help="training steps, e.g. 3000 or 100k")
-    p.add_argument("--batch-size", type=parse_count, default=256, help="prior batch (the decoder uses the first --decoder-batch)")
-    p.add_argument("--decoder-batch", type=parse_count, default=32, help="decoder batch, a slice of the prior batch")
-    p.add_argument("--prior-lr", type=float, default=1e-3, help="peak AdamW learning rate of the prior")
-    p.add_argument("--decoder-lr", type=float, default=3e-3, help="peak AdamW learning rate of the decoder (paper, fine-tuning: 5e-6)")
+    # the defaults of these seven come from --tier (TIERS[...]["train"]), given here as tiny / paper
+    p.add_argument("--batch-size", type=parse_count, default=None, help="global prior batch (256 / 256)")
+    p.add_argument("--decoder-batch", type=parse_count, default=None, help="global decoder batch, the first rows of the prior batch (32 / 64)")
+    p.add_argument("--prior-lr", type=float, default=None, help="peak AdamW learning rate of the prior (1e-3 / 1e-3)")
+    p.add_argument("--decoder-lr", type=float, default=None, help="peak AdamW learning rate of the decoder (3e-3 from scratch / 5e-6 fine-tuning)")
     p.add_argument("--soft-prompt-lr", type=float, default=None, help="peak learning rate of the soft-prompt generator (default: --decoder-lr)")
     p.add_argument("--warmup", type=parse_count, default=100, help="linear warm-up steps")
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the prior used for sampling (paper: 0.9999)")
-    p.add_argument("--max-prefix-frac", type=float, default=0.5, help="prefix length ~ U{0..frac*words}; paper: 1.0")
-    p.add_argument("--max-len", type=parse_count, default=48, help="prefix + continuation tokens per training text (longer ones are cut)")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the prior used for sampling (0.995 / 0.9999)")
+    p.add_argument("--max-prefix-frac", type=float, default=None, help="prefix length ~ U{0..frac*words} (0.5 / 1.0)")
+    p.add_argument("--max-len", type=parse_count, default=None, help="prefix + continuation tokens per text, longer ones are cut (48 / 128)")
     p.add_argument("--vocab-size", type=parse_count, default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
     p.add_argument("--max-texts", type=parse_count, default=200_000, help="texts taken from --data c4")
     p.add_argument("--save-every", type=parse_count, default=500, help="checkpoint every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     p.add_argument("--stop-at", type=parse_count, default=None, help="save and stop after this step, as if interrupted")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser and the language model")
     p.add_argument("--seed", type=int, default=0, help="seed for data split, batches and initialisation")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     return p.parse_args(argv)
@@ -288,19 +329,30 @@ def main(args):
     tier = TIERS[args.tier]
     args.encoder = args.encoder or tier["encoder"]
     args.lm = args.lm or tier["lm"]
-    device = pick_device(args.device)
+    for key, value in tier["train"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    out = Path(args.out)
+    if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
+        raise SystemExit(f"error: {out}/ already holds a checkpoint; continue it with --resume, "
+                         "train into another --out, or pass --overwrite to replace it")
+    rank, world, device = setup_distributed(args.device)
+    if args.batch_size % world or args.decoder_batch % world or args.decoder_batch > args.batch_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} and --decoder-batch {args.decoder_batch} must be "
+                         f"multiples of the {world} processes, with the decoder batch at most the prior batch")
     args.encode_device = device
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same seed in every process: see `shard` in Prior/Decoder.forward
     random.seed(args.seed)
-    out = Path(args.out)
+    distributed = world > 1
+    if distributed and rank > 0:
+        torch.distributed.barrier()  # rank 0 first fills the embedding cache and writes the tokenizer
 
-    resume = None
-    tokenizer = None
-    if args.resume:
-        resume = read_checkpoint(out)
-        tokenizer = load_tokenizer(str(out / "tokenizer"))
+    resume = read_checkpoint(out) if args.resume else None
+    if args.overwrite and not args.resume and rank == 0:
+        (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
+    tokenizer = load_tokenizer(str(out / "tokenizer")) if resume or rank > 0 else None
     prepared = prepare(args, tokenizer)
     tokenizer = prepared["tokenizer"]
 
@@ -319,22 +371,28 @@ def main(args):
                              bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
         else:
             from transformers import AutoConfig
-            lm_config = AutoConfig.from_pretrained(args.lm).to_dict()
+            try:
+                lm_config = AutoConfig.from_pretrained(args.lm).to_dict()
+            except OSError:
+                raise SystemExit(f"error: could not load the configuration of the language model {args.lm!r}; "
+                                 f"without internet pass a local GPT-2 folder with --lm, or use --lm {TINY_LM}") from None
         config = dict(encoder=args.encoder, prior=dict(tier["prior"], dim=dec["dim"]), decoder=dec,
                       lm_config=lm_config, bos_id=tokenizer.eos_token_id, eos_id=tokenizer.eos_token_id,
-                      train={k: v for k, v in vars(args).items() if k not in ("resume", "encode_device")})
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(str(out / "tokenizer"))
+                      train={k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")})
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(str(out / "tokenizer"))
 
     prior, decoder = build_models(config, pretrained_lm=not resume and args.lm != TINY_LM)
     prior, decoder = prior.to(device), decoder.to(device)
     ema = make_ema(prior)
     mu, s = mu.to(device), s.to(device)
+    fused = str(device).startswith("cuda")  # one kernel for the whole AdamW update
     opt_prior = torch.optim.AdamW([{"params": prior.parameters(), "peak_lr": args.prior_lr}],
-                                  lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01)
+                                  lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
     opt_decoder = torch.optim.AdamW([{"params": decoder.lm.parameters(), "peak_lr": args.decoder_lr},
                                      {"params": decoder.soft.parameters(), "peak_lr": args.soft_prompt_lr or args.decoder_lr}],
-                                    lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02)
+                                    lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02, fused=fused)
     if resume:
         _, _, meta, tensors = resume
         for name, model in (("prior", prior), ("prior_ema", ema), ("decoder", decoder)):
@@ -342,14 +400,27 @@ def main(args):
         load_optimizer(opt_prior, "opt_prior", tensors, meta["opt_prior.param_groups"])
         load_optimizer(opt_decoder, "opt_decoder", tensors, meta["opt_decoder.param_groups"])
         torch.set_rng_state(tensors["rng.torch"])
-        print(f"resumed from {out} at step {start_step}")
-    if not (out / "probes.safetensors").exists():
+        if rank == 0:
+            print(f"resumed from {out} at step {start_step}")
+    if rank == 0 and not (out / "probes.safetensors").exists():
         report = train_probes(prepared, out, args.encoder)
         if report:
             print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    if distributed and rank == 0:
+        torch.distributed.barrier()  # the other processes may read the cache and tokenizer now
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print(f"prior {n_params(prior):.2f}M params | decoder {n_params(decoder.lm):.2f}M + soft prompt "
-          f"{n_params(decoder.soft):.2f}M | device {device}")
+    if rank == 0:
+        print(f"prior {n_params(prior):.2f}M params | decoder {n_params(decoder.lm):.2f}M + soft prompt "
+              f"{n_params(decoder.soft):.2f}M | device {device} x {world}")
+    if args.compile:
+        prior.net.compile()
+        decoder.lm.compile()
+    # data-parallel wrappers average the gradients over processes; the EMA, saving and logging use the plain modules
+    prior_step, decoder_step = prior, decoder
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [torch.cuda.current_device()] if str(device).startswith("cuda") else None
+        prior_step, decoder_step = DDP(prior, device_ids=ids), DDP(decoder, device_ids=ids)
 
     x_all = standardize(prepared["cont_e"], mu.cpu(), s.cpu())       # (N, d) continuation latents
     p_all = standardize(prepared["prefix_e"], mu.cpu(), s.cpu())     # (N, d) prefix latents
@@ -357,62 +428,110 @@ def main(args):
     pairs = [fit_length(p, c, room) for p, c in zip(prepared["prefix_ids"], prepared["cont_ids"])]
     batches = Batches([len(p) + len(c) for p, c in pairs], args.batch_size, args.seed)
     held_texts = [ex["text"] for ex in prepared["held_out"][:64]]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
+    prior_shard = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
+    decoder_shard = slice(rank * args.decoder_batch // world, (rank + 1) * args.decoder_batch // world)
+    log = LossLog(out / "log.jsonl", start_step) if rank == 0 else None
 
     def save(step):
-        save_checkpoint(out, config, {"prior": prior, "prior_ema": ema, "decoder": decoder},
-                        {"opt_prior": opt_prior, "opt_decoder": opt_decoder}, step,
-                        {"stats.mu": mu, "stats.s": s})
+        if rank == 0:
+            save_checkpoint(out, config, {"prior": prior, "prior_ema": ema, "decoder": decoder},
+                            {"opt_prior": opt_prior, "opt_decoder": opt_decoder}, step,
+                            {"stats.mu": mu, "stats.s": s})
+
+    def global_mean(value, shards_sum=False):
+        """The whole batch's loss from this process's part (shards' losses add up or average)."""
+        value = value.detach().float()
+        if distributed:
+            torch.distributed.all_reduce(value)
+            value = value if shards_sum else value / world
+        return value.item()
 
     from tqdm import tqdm
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, dynamic_ncols=True)
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, dynamic_ncols=True,
+               disable=rank > 0)
     prior.train(), decoder.train()
     for step in bar:
         idx = batches.get(step)
+        lr_scale = cosine_lr(step, args.steps, args.warmup)
         for opt in (opt_prior, opt_decoder):
             for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * cosine_lr(step, args.steps, args.warmup)
+                group["lr"] = group["peak_lr"] * lr_scale
 
-        # 1. prior step: v-MSE on the whole batch
+        # 1. prior step: v-MSE on the whole batch (this process: rows prior_shard)
         x, prefix = x_all[idx].to(device), p_all[idx].to(device)
         with autocast:
-            prior_loss = prior(x, prefix).mean()
+            prior_loss = prior_step(x, prefix, prior_shard if distributed else None).mean()
         opt_prior.zero_grad(set_to_none=True)
         prior_loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt_prior.step()
         ema_update(ema, prior, min(args.ema, (1 + step) / (10 + step)))
 
-        # 2. decoder step: next-token loss on a slice of the same batch
+        # 2. decoder step: next-token loss on the first rows of the same batch
         sub = idx[:args.decoder_batch]
         with autocast:
-            decoder_loss = decoder([pairs[i][0] for i in sub], [pairs[i][1] for i in sub], x_all[sub].to(device))
+            decoder_loss = decoder_step([pairs[i][0] for i in sub], [pairs[i][1] for i in sub], x_all[sub].to(device),
+                                        decoder_shard if distributed else None)
         opt_decoder.zero_grad(set_to_none=True)
-        decoder_loss.backward()
+        (decoder_loss * world).backward()  # DDP averages gradients; the shards' losses are meant to add up
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
         opt_decoder.step()
 
-        if not (math.isfinite(prior_loss.item()) and math.isfinite(decoder_loss.item())):
-            raise SystemExit(f"error: loss became {prior_loss.item()} / {decoder_loss.item()} at step {step}; "
-                             f"the last good checkpoint in {out} is kept")
-        bar.set_postfix_str(f"prior {prior_loss.item():.3f} | decoder {decoder_loss.item():.3f}")
+        losses = global_mean(prior_loss), global_mean(decoder_loss, shards_sum=True)
+        if not all(map(math.isfinite, losses)):
+            if rank == 0:
+                print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step + 1}; "
+                      f"stopped without saving, the last good checkpoint in {out}/ is kept (try a lower "
+                      "learning rate, then --resume)", file=sys.stderr)
+            raise SystemExit(1)
+        bar.set_postfix_str(f"prior {losses[0]:.3f} | decoder {losses[1]:.3f}")
+        if log:
+            log.write(step + 1, prior=losses[0], decoder=losses[1], lr_scale=lr_scale)
         if args.stop_at is not None and step + 1 == args.stop_at:
             save(step + 1)
-            print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
-            return
+            if rank == 0:
+                print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
+            return finish(distributed)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-            cos, _ = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts[:32], mu, s, device)
-            tqdm.write(f"step {step + 1}: prior {prior_loss.item():.3f} | decoder {decoder_loss.item():.3f} | "
-                       f"reconstruction cosine {cos:.3f}")
+            if rank == 0:
+                cos, _ = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts[:32], mu, s, device)
+                tqdm.write(f"step {step + 1}: prior {losses[0]:.3f} | decoder {losses[1]:.3f} | "
+                           f"reconstruction cosine {cos:.3f}")
     save(args.steps)
 
-    cos, decoded = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts, mu, s, device)
-    print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
-    for original, text in list(zip(held_texts, decoded))[:3]:
-        print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
-    print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
+    if rank == 0:
+        cos, decoded = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts, mu, s, device)
+        print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
+        for original, text in list(zip(held_texts, decoded))[:3]:
+            print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
+        print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
+    finish(distributed)
+
+
+def finish(distributed):
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class LossLog:
+    """out/log.jsonl: one line of losses per step. On --resume the lines after the checkpoint's
+    step (written by the interrupted run) are dropped, so the log is that of an uninterrupted run."""
+
+    def __init__(self, path, start_step):
+        self.path = Path(path)
+        lines = self.path.read_text().splitlines() if start_step and self.path.exists() else []
+        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(l + "\n" for l in kept))
+        self.file = open(self.path, "a")
+
+    def write(self, step, **values):
+        self.file.write(json.dumps(dict(step=step, **{k: round(v, 6) for k, v in values.items()})) + "\n")
+        self.file.flush()
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args)

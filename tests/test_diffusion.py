@@ -146,3 +146,40 @@ def test_importance_sampler_moves_towards_high_loss_bins():
     for _ in range(30):
         sampler.update(lam, (lam < -10).float() * 5 + 0.1)
     assert sampler.density(torch.tensor([-12.0])) > 10 * sampler.density(torch.tensor([5.0]))
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser for data x ~ N(m, sigma^2 I): E[x | z_t] = m + sqrt(a) sigma^2 / (a sigma^2 + 1 - a) (z - sqrt(a) m)."""
+
+    def __init__(self, m, sigma):
+        super().__init__()
+        self.m, self.sigma = m, sigma
+
+    def forward(self, z, logsnr, prefix, drop_prefix=None):
+        a = alpha(logsnr)[:, None]
+        var = self.sigma ** 2
+        x_hat = self.m + a.sqrt() * var / (a * var + 1 - a) * (z - a.sqrt() * self.m)
+        return (a.sqrt() * z - x_hat) / (1 - a).sqrt()
+
+
+def test_ddim_with_the_full_step_count_matches_the_ancestral_sampler():
+    # With the exact denoiser of a Gaussian, DDIM (deterministic) and the ancestral sampler must both
+    # follow the true marginals: the same mean and spread of x_hat at every step, and x ~ N(m, sigma^2) at the end.
+    m, sigma, n, steps = 1.5, 0.5, 20_000, 250
+    prior = Prior(PriorConfig(dim=4, n_tokens=2, token_dim=4, width=8, depth=2, heads=2))
+    prior.net = GaussianDenoiser(m, sigma)
+    torch.set_default_dtype(torch.float64)
+    try:
+        paths = {}
+        for method, interp in [("ddim", 0.2), ("ddpm", 0.2), ("ddpm", 0.0)]:
+            stats = []
+            out = prior.sample(torch.zeros(n, 4), steps=steps, method=method, var_interp=interp,
+                               generator=torch.Generator().manual_seed(0),
+                               callback=lambda i, lam, x_hat: stats.append((x_hat.mean().item(), x_hat.std().item())))
+            assert out.mean().item() == pytest.approx(m, abs=0.01), (method, interp)
+            assert out.std().item() == pytest.approx(sigma, rel=0.02), (method, interp)
+            paths[method, interp] = torch.tensor(stats)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for key in [("ddpm", 0.2), ("ddpm", 0.0)]:
+        torch.testing.assert_close(paths[key], paths["ddim", 0.2], atol=0.02, rtol=0.03)

@@ -132,3 +132,196 @@ def test_sample_rejects_bad_input(trained, tmp_path):
         sample.main(sample.get_args(["--ckpt", str(broken)]))
     with pytest.raises(SystemExit):
         sample.get_args(["--scale", "big"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_path, monkeypatch, capsys):
+    import diffusion
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    real_forward, calls = diffusion.Prior.forward, []
+
+    def poisoned(self, x, prefix, shard=None):
+        calls.append(1)
+        loss = real_forward(self, x, prefix, shard)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(diffusion.Prior, "forward", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(corpus, tmp_path, tmp_path / "out", "--steps", "8", "--save-every", "3")
+    assert exit_info.value.code == 1
+    assert "loss became nan (prior)" in capsys.readouterr().err
+    _, step, _, tensors = train.read_checkpoint(tmp_path / "out")
+    assert step == 3 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_path):
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    shutil.copytree(trained / "out", tmp_path / "out")
+    before = (tmp_path / "out" / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a checkpoint; continue it with --resume"):
+        run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2")
+    assert (tmp_path / "out" / "checkpoint.safetensors").read_bytes() == before
+    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2", "--overwrite")
+    assert train.read_checkpoint(tmp_path / "out")[1] == 2
+
+
+def test_mismatched_checkpoint_and_foreign_probes_are_refused(trained, tmp_path):
+    import sample
+    from safetensors.torch import load_file, save_file
+    from guide import load_probes, save_probes
+    bad = tmp_path / "mismatch"
+    shutil.copytree(trained / "out", bad)
+    config, step, meta, _ = train.read_checkpoint(bad)
+    config["prior"]["width"] *= 2  # the config no longer describes the tensors
+    save_file(load_file(str(bad / train.CHECKPOINT)), str(bad / train.CHECKPOINT), dict(meta, config=json.dumps(config)))
+    with pytest.raises(SystemExit, match="does not match its config"):
+        sample.main(sample.get_args(["--ckpt", str(bad)]))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained / "out", foreign)
+    probes, guides = load_probes(foreign / "probes.safetensors")
+    save_probes(foreign / "probes.safetensors", probes, guides, "sentence-transformers/sentence-t5-xl")
+    with pytest.raises(SystemExit, match="trained for encoder 'sentence-transformers/sentence-t5-xl'.*uses 'minilm'"):
+        sample.main(sample.get_args(["--ckpt", str(foreign)]))
+
+
+def test_prompts_longer_than_the_context_are_cut_with_a_warning(trained, tmp_path, capsys):
+    import sample
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(" ".join(["the film was good"] * 200) + "\nshort one\n")
+    out_file = tmp_path / "s.jsonl"
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--prompts", str(prompts), "--n", "1",
+                                 "--steps", "3", "--out", str(out_file)]))
+    assert "warning: prompts longer than" in capsys.readouterr().err
+    assert len(out_file.read_text().splitlines()) == 2
+
+
+def run_script(*argv, cwd=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          cwd=cwd, env=dict(__import__("os").environ, HF_HUB_OFFLINE="1"), timeout=300)
+
+
+def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (["sample.py", "--ckpt", str(trained / "out"), "--guide", "joyful"], "unknown guide 'joyful' (available:"),
+        (["sample.py", "--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["sample.py", "--scale", "big"], "--scale 'big' is not a number"),
+        (["train.py", "--steps", "lots"], "'lots' is not a count"),
+        (["train.py", "--data", str(empty), "--out", str(tmp_path / "o")], "holds no texts"),
+        (["train.py", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "does not exist"),
+    ]
+    for argv, message in cases:
+        result = run_script(*argv, cwd=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (argv, result.stderr[-500:])
+        assert len(lines) <= 2 and message in lines[-1] and "Traceback" not in result.stderr, (argv, result.stderr)
+
+
+def test_offline_hub_ids_fail_in_one_sentence(monkeypatch):
+    from decoder import load_tokenizer
+    from encoder import load_encoder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="could not load the sentence encoder 'someone/not-here'.*--encoder"):
+        load_encoder("someone/not-here")
+    with pytest.raises(SystemExit, match="could not load the tokenizer 'someone/not-here'.*--lm"):
+        load_tokenizer("someone/not-here")
+
+
+# Runs train.py's own CLI in a child process; checkpoint writes go through safetensors' save_file,
+# which this wrapper can make hang half-way through the HANG_AT_SAVE-th checkpoint (0: never).
+KILLABLE_TRAIN = r"""
+import os, sys, time
+import safetensors.torch, train
+real_save, saves = safetensors.torch.save_file, []
+def save_file(tensors, filename, metadata=None):
+    if str(filename).endswith("checkpoint.safetensors.tmp"):
+        saves.append(filename)
+        if len(saves) == int(os.environ["HANG_AT_SAVE"]):
+            with open(filename, "wb") as f:
+                f.write(b"half a checkpoint")
+            print("HANGING IN SAVE", flush=True)
+            time.sleep(600)
+    return real_save(tensors, filename, metadata=metadata)
+safetensors.torch.save_file = save_file
+train.run_cli(train.main, train.get_args)
+"""
+
+
+def start_killable(argv, hang_at_save, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, HANG_AT_SAVE=str(hang_at_save), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.Popen([sys.executable, "-u", "-c", KILLABLE_TRAIN, *argv], stdout=subprocess.PIPE,
+                            stderr=open(tmp_path / "stderr.txt", "a"), text=True, env=env)
+
+
+def kill_when(proc, marker):
+    """SIGKILL the child as soon as a stdout line contains `marker`; returns the lines seen."""
+    import signal
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            return lines
+    raise AssertionError(f"the run ended before {marker!r}: {''.join(lines)[-800:]}")
+
+
+def test_sigkill_mid_save_and_mid_run_loses_at_most_one_interval(corpus, trained, tmp_path):
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    out = tmp_path / "out"
+    argv = ["--data", str(corpus), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
+            "--decoder-batch", "8", "--warmup", "2", "--steps", "60", "--save-every", "10"]
+    # 1. killed while writing the checkpoint of step 20: the one of step 10 is intact
+    kill_when(start_killable(argv, 2, tmp_path), "HANGING IN SAVE")
+    _, step, _, tensors = train.read_checkpoint(out)
+    assert step == 10 and tensors["prior.net.merge.weight"].isfinite().all()
+    # 2. resumed, then killed between saves right after the one of step 30 was announced
+    lines = kill_when(start_killable([*argv, "--resume"], 0, tmp_path), "step 30:")
+    assert any("resumed from" in l and "at step 10" in l for l in lines)
+    step = train.read_checkpoint(out)[1]
+    assert step >= 30 and step % 10 == 0
+    # 3. resumed to the end: bit-for-bit the weights of an uninterrupted run
+    run_train(corpus, tmp_path, out, "--steps", "60", "--save-every", "10", "--resume")
+    run_train(corpus, tmp_path, tmp_path / "straight", "--steps", "60", "--save-every", "10")
+    _, step, _, resumed = train.read_checkpoint(out)
+    _, _, _, straight = train.read_checkpoint(tmp_path / "straight")
+    assert step == 60
+    for key in straight:
+        if key.startswith(("prior.", "prior_ema.", "decoder.", "opt_")):
+            assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
+              "--decoder-batch", "8", "--warmup", "2", "--steps", "4", "--save-every", "100", "--device", "cpu"]
+    run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000), str(root / "train.py"), *common,
+                             "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "device cpu x 2" in result.stdout
+    one = [json.loads(l) for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a["prior"] == pytest.approx(b["prior"], rel=1e-4) and a["decoder"] == pytest.approx(b["decoder"], rel=1e-4)
+    _, _, _, w1 = train.read_checkpoint(tmp_path / "one")
+    _, _, _, w2 = train.read_checkpoint(tmp_path / "two")
+    for key in ["prior.net.merge.weight", "decoder.soft.out.weight", "decoder.lm.transformer.h.0.attn.c_attn.weight"]:
+        torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)
