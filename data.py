@@ -8,11 +8,17 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
                 source distribution of `vaderSentiment==3.3.2` (Hutto & Gilbert 2014, MIT).
                 Fetched with pip, checked against a sha256, cached as corpus.jsonl.
   --data PATH   a local .txt (one text per line) or .jsonl (a `text` field; optional `label`).
-  --data c4     C4 `en`, streamed with `datasets` (needs internet).
+  --data c4     C4 `en`, streamed with `datasets` from the hub, or from a local copy of its
+                .json.gz files (--c4-path DIR or $DGLM_C4_PATH). Prepared as in the paper: documents
+                with > 0.25 GPT-2 tokens per character dropped, 128-token windows, the first 88
+                tokens of each kept. C4Examples streams it resumably; see its `position`.
 """
+import glob
 import hashlib
 import io
+import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -100,31 +106,117 @@ def load_local(path):
     return rows
 
 
-def stream_c4(max_texts, words_per_text=64, seed=0):
-    """First `max_texts` chunks of C4 `en` (streamed, never held whole)."""
+# ----------------------------------------------------------------------------- C4 (paper tier)
+
+C4_PATH_ENV = "DGLM_C4_PATH"  # a local copy of C4 `en`, used when no path is passed
+C4_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+
+
+def c4_files(path):
+    """A folder of C4 shards, one file, or a glob -> sorted list of files in the C4 record format."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(str(f) for f in path.rglob("*") if f.name.endswith(C4_SUFFIXES))
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        files = sorted(glob.glob(str(path)))
+    if not files:
+        raise SystemExit(f"error: no C4 files at {path} (expected .json or .json.gz files with one "
+                         '{"text", "timestamp", "url"} record per line, as in allenai/c4)')
+    return files
+
+
+def open_c4(path=None):
+    """C4 `en` train as a streaming `datasets.IterableDataset`: a local copy if given, else the hub."""
     try:
         from datasets import load_dataset
-        stream = load_dataset("allenai/c4", "en", split="train", streaming=True)
-        rows = []
-        for doc in stream:
-            words = doc["text"].split()
-            for i in range(0, len(words), words_per_text):
-                rows.append({"text": " ".join(words[i:i + words_per_text])})
-                if len(rows) >= max_texts:
-                    return rows
-        return rows
     except ImportError:
         raise SystemExit("error: --data c4 needs `pip install datasets`") from None
+    path = path or os.environ.get(C4_PATH_ENV)
+    if path:
+        return load_dataset("json", data_files=c4_files(path), split="train", streaming=True)
+    try:
+        return load_dataset("allenai/c4", "en", split="train", streaming=True)
     except Exception as err:  # datasets raises many kinds of connection errors
         raise SystemExit(f"error: could not stream allenai/c4 from the Hugging Face hub ({type(err).__name__}); "
-                         "offline, pass a local .txt/.jsonl with --data PATH or use --data tiny") from None
+                         f"offline, point --c4-path (or ${C4_PATH_ENV}) at a local copy of its en/*.json.gz files, "
+                         "or pass a local .txt/.jsonl with --data PATH, or use --data tiny") from None
 
 
-def load_corpus(data, cache_dir, max_texts=200_000):
+def c4_chunks(text, tokenizer, chunk=128, keep=88, max_tokens_per_char=0.25):
+    """One C4 document -> the texts of its training chunks, as the paper prepares C4.
+
+    Documents with more than `max_tokens_per_char` GPT-2 tokens per character are dropped: tables,
+    code, markup and non-English text (English prose has 4 to 5 characters per token). The tokens
+    are cut into windows of `chunk` tokens and each window keeps its first `keep` tokens; the text
+    is whitespace-normalised (split_text joins words with single spaces anyway). Windows that hold
+    no word give "".
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if not ids or len(ids) > max_tokens_per_char * len(text):
+        return []
+    return [" ".join(tokenizer.decode(ids[i:i + keep]).split()) for i in range(0, len(ids), chunk)]
+
+
+class C4Examples:
+    """C4 `en` as a stream of training examples {text, prefix, continuation}, never held whole.
+
+    Iterating yields the chunks of c4_chunks() in file order, each split at a random word boundary
+    (split_text, with an RNG seeded by (seed, document, chunk), so a split never depends on where a
+    run started). `position` is where the stream stands after the last example it yielded, a small
+    JSON-serialisable dict: save it with a checkpoint and pass it back as `position=` to continue
+    exactly there. It holds the `datasets` stream's own state_dict() taken before the current
+    document, so resuming skips whole files instead of re-reading them. With several processes,
+    each passes its rank and the world size and streams its own part (and keeps its own position).
+    """
+
+    def __init__(self, tokenizer, path=None, seed=0, position=None, chunk=128, keep=88,
+                 max_tokens_per_char=0.25, max_prefix_frac=1.0, rank=0, world_size=1):
+        self.tokenizer, self.path, self.seed = tokenizer, path, seed
+        self.chunk, self.keep, self.max_tokens_per_char = chunk, keep, max_tokens_per_char
+        self.max_prefix_frac = max_prefix_frac
+        # doc: documents read before the current one; chunk: its windows already used;
+        # dataset: the datasets stream's state before the current document (None: the start)
+        self.position = dict(position) if position else {"doc": 0, "chunk": 0, "dataset": None}
+        self.stream = open_c4(path)  # opened here, so that an offline hub fails before training starts
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+            self.stream = split_dataset_by_node(self.stream, rank, world_size)
+
+    def __iter__(self):
+        start = self.position
+        if start["dataset"] is not None:
+            self.stream.load_state_dict(start["dataset"])
+        doc, skip, state = start["doc"], start["chunk"], start["dataset"]
+        for record in self.stream:
+            texts = c4_chunks(record["text"], self.tokenizer, self.chunk, self.keep, self.max_tokens_per_char)
+            for k in range(skip, len(texts)):
+                if not texts[k]:
+                    continue
+                rng = random.Random(f"{self.seed}:{doc}:{k}")
+                prefix, continuation = split_text(texts[k], rng, self.max_prefix_frac)
+                self.position = {"doc": doc, "chunk": k + 1, "dataset": state}
+                yield {"text": texts[k], "prefix": prefix, "continuation": continuation}
+            doc, skip, state = doc + 1, 0, self.stream.state_dict()
+            self.position = {"doc": doc, "chunk": 0, "dataset": state}
+
+
+def stream_c4(max_texts, tokenizer=None, path=None, seed=0):
+    """The first `max_texts` C4 chunk texts as rows {text} (for load_corpus; training at scale
+    should iterate C4Examples instead). The tokenizer defaults to GPT-2's."""
+    examples = C4Examples(tokenizer, path, seed)  # opens the stream: an offline hub fails here first
+    if tokenizer is None:
+        from decoder import load_tokenizer
+        examples.tokenizer = load_tokenizer("gpt2")
+    return [{"text": ex["text"]} for ex in itertools.islice(examples, max_texts)]
+
+
+def load_corpus(data, cache_dir, max_texts=200_000, tokenizer=None, c4_path=None):
     if data == "tiny":
         return prepare_tiny(Path(cache_dir) / "tiny")
     if data == "c4":
-        return stream_c4(max_texts)
+        return stream_c4(max_texts, tokenizer, c4_path)
     return load_local(data)
 
 

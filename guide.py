@@ -11,16 +11,18 @@ A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = 
 
 Several attributes compose by summing their losses. The decoder never sees the probe.
 """
+import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from diffusion import alpha, x0_from_eps
-from encoder import unstandardize
+from encoder import DTYPES, EmbeddingCache, cache_dir_for, unstandardize
 
 # Guide name -> (probe, target label). "negative" is the sentiment probe asked for label 0.
 TINY_GUIDES = {
@@ -28,6 +30,22 @@ TINY_GUIDES = {
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
 }
 SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
+
+# Paper tier: probes trained on the public labelled data sets of DGLM's experiments, see train_paper_probes.
+PAPER_GUIDES = {
+    "positive": ("sentiment", 1), "negative": ("sentiment", 0),
+    "toxic": ("toxicity", 1), "nontoxic": ("toxicity", 0),
+    "world": ("world", 1), "sports": ("sports", 1), "business": ("business", 1), "scitech": ("scitech", 1),
+}
+AG_NEWS_TOPICS = ["world", "sports", "business", "scitech"]  # AG News labels 0..3
+# local file name -> (hub id, text field, classes, label of a record); the train split is streamed
+PROBE_SOURCES = {
+    "sst2": ("stanfordnlp/sst2", "sentence", 2, lambda r: r["label"]),
+    "amazon_polarity": ("fancyzhx/amazon_polarity", "content", 2, lambda r: r["label"]),
+    "civil_comments": ("google/civil_comments", "text", 2, lambda r: int(r["toxicity"] > 0.5)),
+    "ag_news": ("fancyzhx/ag_news", "text", 4, lambda r: r["label"]),
+}
+PROBE_HELD_OUT_EVERY = 10  # the 1st, 11th, 21st, ... example of each class measures a probe, never trains it
 
 
 # ----------------------------------------------------------------------------- probes
@@ -122,6 +140,93 @@ def load_probes(path, encoder_name=None):
     return probes, guides
 
 
+def merge_probes(path, probes, guides, encoder_name):
+    """Write probes and guides into `path`, keeping those already there for the same encoder
+    (a probe or guide of the same name is replaced)."""
+    old_probes, old_guides = {}, {}
+    if os.path.exists(path):
+        try:
+            old_probes, old_guides = load_probes(path, encoder_name)
+        except SystemExit as err:  # another encoder's or an unreadable file: nothing worth keeping
+            print(f"note: replacing {path}: {str(err).removeprefix('error: ')}")
+    save_probes(path, {**old_probes, **probes}, {**old_guides, **guides}, encoder_name)
+
+
+# ----------------------------------------------------------------------------- paper-tier probes
+
+
+def open_probe_source(name, data_dir=None):
+    """Stream the train split of a labelled data set: DIR/<name>.jsonl (or .jsonl.gz, .parquet) if
+    there, with the hub's field names, else the Hugging Face hub (one-line error offline)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SystemExit("error: the paper probes need `pip install datasets`") from None
+    hub_id = PROBE_SOURCES[name][0]
+    for suffix, builder in ((".jsonl", "json"), (".jsonl.gz", "json"), (".parquet", "parquet")):
+        path = os.path.join(data_dir or "", name + suffix)
+        if data_dir and os.path.exists(path):
+            return load_dataset(builder, data_files=path, split="train", streaming=True)
+    try:
+        return load_dataset(hub_id, split="train", streaming=True)
+    except Exception as err:  # datasets raises many kinds of connection errors
+        raise SystemExit(f"error: could not stream {hub_id} from the Hugging Face hub ({type(err).__name__}); "
+                         f"offline, save its train split as DIR/{name}.jsonl (one record per line, the hub's "
+                         "field names) and pass --data-dir DIR") from None
+
+
+def read_labelled(name, max_per_class, data_dir=None):
+    """Up to `max_per_class` (text, label, held_out) of each class, in the data set's order."""
+    _, field, n_classes, label_of = PROBE_SOURCES[name]
+    counts, rows = [0] * n_classes, []
+    for record in open_probe_source(name, data_dir):
+        text, label = " ".join(str(record[field] or "").split()), label_of(record)
+        if text and 0 <= label < n_classes and counts[label] < max_per_class:
+            rows.append((text, label, counts[label] % PROBE_HELD_OUT_EVERY == 0))
+            counts[label] += 1
+            if min(counts) == max_per_class:
+                break
+    if min(counts) == 0:
+        raise SystemExit(f"error: {name} gave no examples of some class (counts per class: {counts})")
+    return rows
+
+
+def balanced_accuracy(w, b, e, y):
+    """Mean of the per-class accuracies: 0.5 is chance however unequal the classes are."""
+    right = (e.float() @ w + b > 0).float() == y.float()
+    return 0.5 * (right[y == 1].float().mean() + right[y == 0].float().mean()).item()
+
+
+def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress=True):
+    """The paper tier's probes on embeddings from `cache` (an encoder.EmbeddingCache).
+
+      sentiment   SST-2 + Amazon polarity, each (data set, label) cell weighted equally
+      toxicity    Civil Comments, toxic when the toxicity score > 0.5, classes weighted equally
+      world, sports, business, scitech   AG News, one topic against the other three
+
+    Returns ({probe: (w, b)}, {probe: held-out balanced accuracy}); see PAPER_GUIDES for the guides.
+    """
+    probes, report = {}, {}
+
+    def fit(name, rows, y, groups):
+        e = torch.from_numpy(cache.encode([text for text, _, _ in rows], show_progress=show_progress))
+        y = torch.tensor(y, dtype=torch.float32)
+        held = torch.tensor([h for _, _, h in rows])
+        train_groups = [g for g, h in zip(groups, held.tolist()) if not h]
+        probes[name] = train_probe(e[~held], y[~held], balanced_weights(y[~held], train_groups))
+        report[name] = balanced_accuracy(*probes[name], e[held], y[held])
+
+    sentiment = [(row, source) for source in ("sst2", "amazon_polarity")
+                 for row in read_labelled(source, max_per_class, data_dir)]
+    fit("sentiment", [row for row, _ in sentiment], [row[1] for row, _ in sentiment], [s for _, s in sentiment])
+    toxicity = read_labelled("civil_comments", max_per_class, data_dir)
+    fit("toxicity", toxicity, [row[1] for row in toxicity], [0] * len(toxicity))
+    news = read_labelled("ag_news", max_per_class, data_dir)
+    for k, topic in enumerate(AG_NEWS_TOPICS):
+        fit(topic, news, [float(row[1] == k) for row in news], [0] * len(news))
+    return probes, report
+
+
 def parse_guides(spec, available):
     """'positive,tweet:0.5' -> [(guide name, weight)]; 'none' or '' -> []."""
     if spec in (None, "", "none"):
@@ -202,3 +307,42 @@ def build_guidance(spec, probes, guides, mu, s, scale, **kwargs):
         w, b = probes[probe]
         terms.append((w, b, target, weight))
     return Guidance(terms, mu, s, scale, **kwargs) if terms else None
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    from train import ArgumentParser  # one-line usage errors
+    p = ArgumentParser(description="Train probes for an existing checkpoint and add them to its "
+                                "probes.safetensors (probes already there for its encoder are kept).")
+    p.add_argument("--ckpt", default="out", help="checkpoint directory (its config.json names the encoder)")
+    p.add_argument("--probes", default="paper", choices=["paper"],
+                   help="paper: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
+    p.add_argument("--max-per-class", type=int, default=20_000, help="examples per class and data set")
+    p.add_argument("--data-dir", default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
+                   "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
+    p.add_argument("--cache-dir", default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 on cuda)")
+    p.add_argument("--batch-size", type=int, default=128, help="texts per encoder forward pass")
+    args = p.parse_args(argv)
+    config_path = Path(args.ckpt) / "config.json"
+    if not config_path.exists():
+        raise SystemExit(f"error: no checkpoint config at {config_path}; "
+                         f"train one with `python train.py --out {args.ckpt}`")
+    encoder_name = json.loads(config_path.read_text())["encoder"]
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else None)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, args.device,
+                           args.batch_size, dtype)
+    probes, report = train_paper_probes(cache, args.max_per_class, args.data_dir)
+    path = Path(args.ckpt) / "probes.safetensors"
+    merge_probes(path, probes, PAPER_GUIDES, encoder_name)
+    print("held-out balanced accuracy (chance 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    print(f"probes saved to {path}; guides: {', '.join(PAPER_GUIDES)}")
+    return report
+
+
+if __name__ == "__main__":
+    from train import run_cli
+    run_cli(main)

@@ -168,4 +168,4 @@ def main(args):
 
 if __name__ == "__main__":
     from train import run_cli
-    run_cli(main, get_args)
+    run_cli(lambda: main(get_args()))

@@ -27,7 +27,7 @@ import torch
 import data as data_lib
 from decoder import TINY_LM, Decoder, DecoderConfig, encode_continuation, load_tokenizer, train_tokenizer
 from diffusion import Prior, PriorConfig, ema_update, make_ema
-from encoder import TINY_ENCODER, EmbeddingCache, latent_stats, standardize, unstandardize
+from encoder import TINY_ENCODER, EmbeddingCache, cache_dir_for, latent_stats, standardize, unstandardize
 
 # Presets. Model ids, sizes and optimisation defaults are configuration, never a second code path.
 TIERS = {
@@ -64,11 +64,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
 
 
-def run_cli(main, get_args):
-    """Run a script: an `error: ...` (bad input, missing file, offline hub) becomes one line on
-    stderr and exit code 2, with no traceback; argparse's usage errors already look like that."""
+def run_cli(fn):
+    """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) becomes one line
+    on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above."""
     try:
-        main(get_args())
+        fn()
     except SystemExit as err:
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
@@ -126,7 +126,7 @@ def load_optimizer(opt, name, tensors, param_groups):
     opt.load_state_dict({"state": state, "param_groups": json.loads(param_groups)})
 
 
-def save_checkpoint(out, config, models, optimizers, step, extra_tensors):
+def save_checkpoint(out, config, models, optimizers, step, extra_tensors, data_state=None):
     tensors = dict(extra_tensors)
     for name, model in models.items():
         seen = set()
@@ -134,7 +134,7 @@ def save_checkpoint(out, config, models, optimizers, step, extra_tensors):
             if v.data_ptr() not in seen:  # tied weights (GPT-2's lm_head = wte) are stored once
                 seen.add(v.data_ptr())
                 tensors[f"{name}.{k}"] = v
-    meta = {"config": json.dumps(config), "step": str(step)}
+    meta = {"config": json.dumps(config), "step": str(step), "data": json.dumps(data_state)}
     for name, opt in optimizers.items():
         t, groups = optimizer_tensors(opt, name)
         tensors.update(t)
@@ -233,18 +233,39 @@ def cosine_lr(step, total, warmup, floor=0.1):
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare(args, tokenizer=None):
-    """Texts -> examples with cached embeddings and token ids; trains the tokenizer when needed."""
-    rows = data_lib.load_corpus(args.data, args.cache_dir, args.max_texts)
-    train_ex, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
+def c4_window(args, tokenizer, position):
+    """The next --window examples of the C4 stream from `position` -> (examples, position after them).
+
+    C4 is never held whole: training runs through consecutive windows, each embedded (cached) and
+    trained on once; a checkpoint records where its window starts, so --resume rebuilds it exactly.
+    """
+    import itertools
+    stream = data_lib.C4Examples(tokenizer, args.c4_path, args.seed, position, max_prefix_frac=args.max_prefix_frac)
+    examples = list(itertools.islice(stream, args.window))
+    if len(examples) < args.batch_size:
+        raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs {args.batch_size})")
+    return examples, stream.position
+
+
+def prepare(args, tokenizer=None, examples=None):
+    """Texts -> examples with cached embeddings and token ids; trains the tokenizer when needed.
+
+    examples: a C4 window of {text, prefix, continuation}; otherwise --data is read whole and split.
+    """
+    if examples is None:
+        rows = data_lib.load_corpus(args.data, args.cache_dir)
+        train_ex, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
+    else:
+        train_ex = [ex for ex in examples if not data_lib.is_held_out(ex["text"])]
+        held_out = [ex for ex in examples if data_lib.is_held_out(ex["text"])]
     print(f"data: {len(train_ex)} training texts, {len(held_out)} held out")
     if tokenizer is None:
         if args.lm == TINY_LM:
             tokenizer = train_tokenizer([ex["text"] for ex in train_ex], args.vocab_size)
         else:
             tokenizer = load_tokenizer(args.lm)
-    cache = EmbeddingCache(Path(args.cache_dir) / "embeddings" / re.sub(r"[^\w.-]+", "_", args.encoder),
-                           args.encoder, device=args.encode_device)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, device=args.encode_device,
+                           dtype="bf16" if str(args.encode_device).startswith("cuda") else None)
     print(f"embedding cache: {len(cache)} texts already encoded")
     cont_e = torch.from_numpy(cache.encode([ex["continuation"] for ex in train_ex]))
     prefix_e = torch.from_numpy(cache.encode([ex["prefix"] for ex in train_ex]))
@@ -312,7 +333,8 @@ def get_args(argv=None):
     p.add_argument("--max-prefix-frac", type=float, default=None, help="prefix length ~ U{0..frac*words} (0.5 / 1.0)")
     p.add_argument("--max-len", type=parse_count, default=None, help="prefix + continuation tokens per text, longer ones are cut (48 / 128)")
     p.add_argument("--vocab-size", type=parse_count, default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
-    p.add_argument("--max-texts", type=parse_count, default=200_000, help="texts taken from --data c4")
+    p.add_argument("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
+    p.add_argument("--window", type=parse_count, default=parse_count("200k"), help="--data c4: texts per window of the stream")
     p.add_argument("--save-every", type=parse_count, default=500, help="checkpoint every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -353,7 +375,15 @@ def main(args):
     if args.overwrite and not args.resume and rank == 0:
         (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
     tokenizer = load_tokenizer(str(out / "tokenizer")) if resume or rank > 0 else None
-    prepared = prepare(args, tokenizer)
+    window, next_position = None, None  # --data c4: {"start": its first step, "position": where it starts in the stream}
+    if args.data == "c4":
+        if args.lm == TINY_LM:
+            raise SystemExit("error: --data c4 prepares text with the GPT-2 tokenizer; use --tier paper, or --lm with "
+                             "a GPT-2 hub id or local folder")
+        window = json.loads(resume[2].get("data", "null")) if resume else None
+        window = window or {"start": 0, "position": None}
+        examples, next_position = c4_window(args, tokenizer or load_tokenizer(args.lm), window["position"])
+    prepared = prepare(args, tokenizer, examples if window else None)
     tokenizer = prepared["tokenizer"]
 
     if resume:
@@ -422,11 +452,17 @@ def main(args):
         ids = [torch.cuda.current_device()] if str(device).startswith("cuda") else None
         prior_step, decoder_step = DDP(prior, device_ids=ids), DDP(decoder, device_ids=ids)
 
-    x_all = standardize(prepared["cont_e"], mu.cpu(), s.cpu())       # (N, d) continuation latents
-    p_all = standardize(prepared["prefix_e"], mu.cpu(), s.cpu())     # (N, d) prefix latents
     room = min(args.max_len, decoder.max_len - decoder.cfg.n_soft - 2)  # bos and eos
-    pairs = [fit_length(p, c, room) for p, c in zip(prepared["prefix_ids"], prepared["cont_ids"])]
-    batches = Batches([len(p) + len(c) for p, c in pairs], args.batch_size, args.seed)
+
+    def batch_source(prepared):
+        """Latents, token ids and batches of a prepared corpus (or C4 window)."""
+        x_all = standardize(prepared["cont_e"], mu.cpu(), s.cpu())       # (N, d) continuation latents
+        p_all = standardize(prepared["prefix_e"], mu.cpu(), s.cpu())     # (N, d) prefix latents
+        pairs = [fit_length(p, c, room) for p, c in zip(prepared["prefix_ids"], prepared["cont_ids"])]
+        return x_all, p_all, pairs, Batches([len(p) + len(c) for p, c in pairs], args.batch_size, args.seed)
+
+    x_all, p_all, pairs, batches = batch_source(prepared)
+    window_end = window["start"] + batches.per_epoch if window else math.inf  # tiny / a file: epochs, no end
     held_texts = [ex["text"] for ex in prepared["held_out"][:64]]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
     prior_shard = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
@@ -437,7 +473,7 @@ def main(args):
         if rank == 0:
             save_checkpoint(out, config, {"prior": prior, "prior_ema": ema, "decoder": decoder},
                             {"opt_prior": opt_prior, "opt_decoder": opt_decoder}, step,
-                            {"stats.mu": mu, "stats.s": s})
+                            {"stats.mu": mu, "stats.s": s}, window)
 
     def global_mean(value, shards_sum=False):
         """The whole batch's loss from this process's part (shards' losses add up or average)."""
@@ -452,7 +488,16 @@ def main(args):
                disable=rank > 0)
     prior.train(), decoder.train()
     for step in bar:
-        idx = batches.get(step)
+        if step >= window_end:  # --data c4: on to the next window of the stream (rank 0 embeds it first)
+            window = {"start": window_end, "position": next_position}
+            if distributed and rank > 0:
+                torch.distributed.barrier()
+            examples, next_position = c4_window(args, tokenizer, window["position"])
+            x_all, p_all, pairs, batches = batch_source(prepare(args, tokenizer, examples))
+            window_end = window["start"] + batches.per_epoch
+            if distributed and rank == 0:
+                torch.distributed.barrier()
+        idx = batches.get(step - (window["start"] if window else 0))
         lr_scale = cosine_lr(step, args.steps, args.warmup)
         for opt in (opt_prior, opt_decoder):
             for group in opt.param_groups:
@@ -495,17 +540,18 @@ def main(args):
             return finish(distributed)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-            if rank == 0:
+            if rank == 0 and held_texts:
                 cos, _ = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts[:32], mu, s, device)
                 tqdm.write(f"step {step + 1}: prior {losses[0]:.3f} | decoder {losses[1]:.3f} | "
                            f"reconstruction cosine {cos:.3f}")
     save(args.steps)
 
     if rank == 0:
-        cos, decoded = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts, mu, s, device)
-        print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
-        for original, text in list(zip(held_texts, decoded))[:3]:
-            print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
+        if held_texts:
+            cos, decoded = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts, mu, s, device)
+            print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
+            for original, text in list(zip(held_texts, decoded))[:3]:
+                print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
         print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
     finish(distributed)
 
@@ -534,4 +580,4 @@ class LossLog:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args)
+    run_cli(lambda: main(get_args()))

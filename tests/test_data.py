@@ -53,6 +53,30 @@ def test_c4_offline_fails_with_one_sentence(monkeypatch):
         data.stream_c4(10)
 
 
+def test_c4_offline_error_names_the_local_copy_flag(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(data.C4_PATH_ENV, raising=False)
+    pytest.importorskip("datasets")
+    with pytest.raises(SystemExit, match=r"could not stream allenai/c4 .*--c4-path .*DGLM_C4_PATH"):
+        data.open_c4()
+
+
+def test_load_corpus_reads_c4_chunks_from_a_local_copy(tmp_path):
+    import gzip
+    import json
+    pytest.importorskip("datasets")
+    from decoder import train_tokenizer
+    docs = [" ".join(["alpha beta gamma delta."] * 40), " ".join(["epsilon zeta eta theta."] * 20)]
+    with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as f:
+        for text in docs:
+            f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.com"}) + "\n")
+    tokenizer = train_tokenizer(docs, vocab_size=400)
+    rows = data.load_corpus("c4", tmp_path, max_texts=3, tokenizer=tokenizer, c4_path=tmp_path)
+    assert len(rows) == 3 and rows[0]["text"].startswith("alpha beta gamma delta.")
+    assert all(len(tokenizer(r["text"])["input_ids"]) <= 88 for r in rows)
+    assert rows[2]["text"].startswith("epsilon")  # the first document holds two 128-token windows
+
+
 def test_distinct_n_and_vader_judge():
     assert distinct_n(["a b a b", "a b c"], 1) == pytest.approx(3 / 7)
     assert distinct_n(["a b a b", "a b c"], 2) == pytest.approx(3 / 5)
