@@ -247,7 +247,7 @@ def save_file(tensors, filename, metadata=None):
             time.sleep(600)
     return real_save(tensors, filename, metadata=metadata)
 safetensors.torch.save_file = save_file
-train.run_cli(train.main, train.get_args)
+train.run_cli(lambda: train.main(train.get_args()))
 """
 
 
