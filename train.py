@@ -44,6 +44,18 @@ TIERS = {
                              max_prefix_frac=1.0, max_len=128)),
 }
 CHECKPOINT = "checkpoint.safetensors"
+GPT2_WIDTHS = {"gpt2": 768, "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600}  # n_embd, for --sizes
+
+
+def model_sizes(tier_name, lm_width=None):
+    """Parameter counts of a tier's prior and soft-prompt generator, built from configs alone."""
+    from decoder import SoftPromptGenerator
+    tier = TIERS[tier_name]
+    lm_width = lm_width or tier["decoder"].get("n_embd") or GPT2_WIDTHS[tier["lm"]]
+    prior = Prior(PriorConfig(**tier["prior"], dim=tier["dim"]))
+    soft = SoftPromptGenerator(DecoderConfig(**tier["decoder"], dim=tier["dim"]), lm_width)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    return {"prior": count(prior), "soft_prompt": count(soft), "lm_width": lm_width}
 
 
 def parse_count(text):
@@ -341,6 +353,7 @@ def get_args(argv=None):
     p.add_argument("--stop-at", type=parse_count, default=None, help="save and stop after this step, as if interrupted")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser and the language model")
+    p.add_argument("--sizes", action="store_true", help="print the tier's model sizes (from configs, no download) and exit")
     p.add_argument("--seed", type=int, default=0, help="seed for data split, batches and initialisation")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     return p.parse_args(argv)
@@ -348,6 +361,12 @@ def get_args(argv=None):
 
 def main(args):
     started = time.time()
+    if args.sizes:
+        for width in [None, 768] if args.tier == "paper" else [None]:  # paper: gpt2-large and gpt2 widths
+            n = model_sizes(args.tier, width)
+            print(f"{args.tier}: prior {n['prior'] / 1e6:.1f}M params, soft-prompt generator "
+                  f"{n['soft_prompt'] / 1e6:.1f}M (into a language model of width {n['lm_width']})")
+        return
     tier = TIERS[args.tier]
     args.encoder = args.encoder or tier["encoder"]
     args.lm = args.lm or tier["lm"]

@@ -325,3 +325,11 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
     _, _, _, w2 = train.read_checkpoint(tmp_path / "two")
     for key in ["prior.net.merge.weight", "decoder.soft.out.weight", "decoder.lm.transformer.h.0.attn.c_attn.weight"]:
         torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)
+
+
+def test_paper_tier_configs_build_the_published_sizes(capsys):
+    sizes = train.model_sizes("paper", 768)
+    assert 115e6 < sizes["prior"] < 125e6           # DGLM: ~120M
+    assert 50e6 < sizes["soft_prompt"] < 60e6       # DGLM: ~54M at width 768
+    train.main(get_args(["--tier", "paper", "--sizes"]))
+    assert "paper: prior 119.3M params" in capsys.readouterr().out
