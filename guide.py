@@ -12,6 +12,7 @@ A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = 
 Several attributes compose by summing their losses. The decoder never sees the probe.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -24,10 +25,14 @@ from safetensors.torch import load_file, save_file
 from diffusion import alpha, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, unstandardize
 
-# Guide name -> (probe, target label). "negative" is the sentiment probe asked for label 0.
+# Guide name -> (probe or list of probes, target label). "negative" is the sentiment probe asked for
+# label 0. Target "prefix" holds an attribute where the prefix has it: each probe's target is its own
+# probability on the prefix's embedding, so e.g. `positive,same-domain` changes the sentiment and
+# keeps the kind of text (composition is the point of plug-and-play control).
 TINY_GUIDES = {
     "positive": ("sentiment", 1), "negative": ("sentiment", 0),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
+    "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
 SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
 
@@ -36,6 +41,7 @@ PAPER_GUIDES = {
     "positive": ("sentiment", 1), "negative": ("sentiment", 0),
     "toxic": ("toxicity", 1), "nontoxic": ("toxicity", 0),
     "world": ("world", 1), "sports": ("sports", 1), "business": ("business", 1), "scitech": ("scitech", 1),
+    "same-topic": (["world", "sports", "business", "scitech"], "prefix"),
 }
 AG_NEWS_TOPICS = ["world", "sports", "business", "scitech"]  # AG News labels 0..3
 # local file name -> (hub id, text field, classes, label of a record); the train split is streamed
@@ -249,7 +255,8 @@ def parse_guides(spec, available):
 class Guidance:
     """callable(predict, z, logsnr) -> (x_hat, eps_hat), bent toward the requested attributes.
 
-    terms: list of (w, b, target, weight) linear probes on unit embeddings.
+    terms: list of (w, b, target, weight) linear probes on unit embeddings; target is a label, a
+           tensor (B,) of per-example targets, or "prefix" until bind() resolves it.
     n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
     aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
                "lgd": -log mean_k exp(-loss_k) = -log mean_k p(y | x_k), LGD-MC's likelihood average;
@@ -266,6 +273,14 @@ class Guidance:
         self.aggregate = aggregate
         self.generator = torch.Generator().manual_seed(seed)  # own RNG: the sampler's noise is untouched
 
+    def bind(self, prefix_embeddings):
+        """This guidance for one batch: "prefix" targets become the probes' probabilities on the
+        prefixes' unit embeddings (B, d)."""
+        bound = copy.copy(self)
+        bound.terms = [(w, b, torch.sigmoid(prefix_embeddings.float() @ w + b) if target == "prefix" else target, weight)
+                       for w, b, target, weight in self.terms]
+        return bound
+
     def loss(self, x_hat, a):
         """Per-example guidance loss (B,) of predicted clean latents x_hat (B, d) at signal level a (B,)."""
         if self.n_samples > 0:
@@ -279,7 +294,7 @@ class Guidance:
         for w, b, target, weight in self.terms:
             logit = e @ w + b                                                   # (K, B)
             total = total + weight * F.binary_cross_entropy_with_logits(
-                logit, torch.full_like(logit, float(target)), reduction="none")
+                logit, torch.as_tensor(target).to(logit).expand_as(logit), reduction="none")
         K = total.shape[0]
         if self.aggregate == "reference":
             return torch.logsumexp(total, 0) - math.log(K)      # log mean_k exp(L_k)
@@ -303,9 +318,10 @@ def build_guidance(spec, probes, guides, mu, s, scale, **kwargs):
     """Guidance for a spec like 'positive' or 'negative:1,news:0.5'; None for 'none'."""
     terms = []
     for name, weight in parse_guides(spec, guides):
-        probe, target = guides[name]
-        w, b = probes[probe]
-        terms.append((w, b, target, weight))
+        names, target = guides[name]
+        for probe in names if isinstance(names, list) else [names]:
+            w, b = probes[probe]
+            terms.append((w, b, target, weight))
     return Guidance(terms, mu, s, scale, **kwargs) if terms else None
 
 

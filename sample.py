@@ -57,7 +57,9 @@ class DGLM:
     def sample_proposals(self, prefixes, guidance=None, steps=50, method="ddim", cfg_scale=1.0, seed=0, callback=None):
         """Continuation embeddings (B, d) on the unit sphere, sampled from the prior given the prefixes."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        x_p = standardize(self.embed(prefixes), self.mu, self.s)
+        e_p = self.embed(prefixes)
+        x_p = standardize(e_p, self.mu, self.s)
+        guidance = guidance.bind(e_p) if guidance is not None else None  # targets taken from the prefix
         x = self.prior.sample(x_p, steps=steps, method=method, cfg_scale=cfg_scale, guidance=guidance,
                               generator=gen, callback=callback)
         return unstandardize(x, self.mu, self.s)  # e = normalize(mu + s x)

@@ -87,3 +87,24 @@ def test_build_guidance_from_names():
     g = build_guidance("negative:2", probes, guides, torch.zeros(8), torch.ones(8), 10.0)
     assert g.terms[0][2] == 0 and g.terms[0][3] == 2.0 and g.scale == 10.0
     assert build_guidance("none", probes, guides, torch.zeros(8), torch.ones(8), 10.0) is None
+
+
+def test_same_domain_targets_come_from_each_prefix():
+    from guide import TINY_GUIDES, build_guidance
+    torch.manual_seed(0)
+    d = 8
+    probes = {n: (torch.randn(d), torch.tensor(0.0)) for n in ["sentiment", "movie", "tweet", "product", "news"]}
+    mu, s = torch.zeros(d), torch.ones(d)
+    g = build_guidance("positive,same-domain:2", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0)
+    assert [t[2] for t in g.terms] == [1, "prefix", "prefix", "prefix", "prefix"]
+    e_p = torch.nn.functional.normalize(torch.randn(3, d), dim=-1)
+    bound = g.bind(e_p)
+    w, b = probes["news"]
+    torch.testing.assert_close(bound.terms[4][2], torch.sigmoid(e_p @ w + b))
+    assert g.terms[4][2] == "prefix"  # the unbound guidance is unchanged
+    # at x_hat = the prefix itself, the same-domain loss is at its minimum: its gradient is zero
+    only_domain = build_guidance("same-domain", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0).bind(e_p)
+    x = e_p.clone().requires_grad_(True)
+    only_domain.loss(x, torch.full((3,), 0.5)).sum().backward()
+    tangent = x.grad - (x.grad * e_p).sum(-1, keepdim=True) * e_p  # normalisation removes the radial part
+    assert tangent.abs().max() < 1e-5
