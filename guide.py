@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -234,11 +235,11 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
 
 
 def parse_guides(spec, available):
-    """'positive,tweet:0.5' -> [(guide name, weight)]; 'none' or '' -> []."""
+    """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none' or '' -> []."""
     if spec in (None, "", "none"):
         return []
     parsed = []
-    for part in spec.split(","):
+    for part in re.split(r"[,+]", spec):
         name, _, weight = part.strip().partition(":")
         if name not in available:
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")

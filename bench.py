@@ -1,0 +1,227 @@
+"""Time DGLM generation against plain decoding, in one process and one run.
+
+    python bench.py --ckpt out                                   # the tiny checkpoint, CPU or GPU
+    python bench.py --config paper --device cuda                 # paper-sized random models, no download
+    python bench.py --steps 20 --tokens 64 --batch-sizes 1,16,64 --profile
+
+For each batch size B (the same B prompts everywhere):
+  plain          the decoder's own generate() through DGLM.decode, m tokens, soft-prompt slots included,
+                 its proposal a random unit vector: GPT-2 decoding of the prompts without the prior
+  DGLM unguided  DGLM.sample_proposals (embed the prompts, k DDIM steps of the prior) + DGLM.decode
+  DGLM guided    the same with probe guidance (--guide, scale 30 and K = 32 Monte Carlo samples as
+                 sample.py uses): the denoiser's forward and backward at every step
+and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
+Every row decodes exactly m tokens: while benchmarking, a forward hook on the LM head masks the
+end-of-text logit, so an early end cannot make one side cheaper (generate() itself is unchanged).
+Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run and
+runs under bf16 autocast. The last line is `ratio guided/plain = X.XX` at the last batch size
+(defaults: DDIM 50 steps, 32 tokens, batch 64).
+
+--config paper builds the paper's sizes with random weights (prior 12 x 768 over 32 tokens;
+gpt2-large's architecture, 36 x 1280, vocab 50257; soft prompt 6 x 768), random prompt token ids
+and random prompt embeddings: no encoder, tokenizer or hub access, so the sentence encoder's cost
+(sentence-t5-xl on the paper tier) is not included there.
+"""
+import argparse
+import contextlib
+import statistics
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM
+
+
+class RandomTokenizer:
+    """Stand-in tokenizer for --config paper: a fixed pseudo-random id list per prompt."""
+
+    def __init__(self, vocab_size, n_tokens=8):
+        self.vocab_size, self.n_tokens = vocab_size, n_tokens
+
+    def ids(self, text):
+        g = torch.Generator().manual_seed(zlib.crc32(text.encode("utf-8")))
+        return torch.randint(0, self.vocab_size - 1, (self.n_tokens,), generator=g).tolist()
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [self.ids(t) for t in texts]}
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+PAPER_LM = dict(vocab_size=50257, n_layer=36, n_embd=1280, n_head=20, n_positions=1024)  # gpt2-large's architecture
+
+
+class RandomDGLM(DGLM):
+    """DGLM with the paper tier's sizes and random weights (no checkpoint, encoder or download).
+    Sampling and decoding are DGLM's own methods; only embed() (random unit vectors) differs."""
+
+    def __init__(self, device="cpu", seed=0):
+        from transformers import GPT2Config
+
+        from train import TIERS, build_models
+        tier = TIERS["paper"]
+        dim = tier["dim"]
+        eos = PAPER_LM["vocab_size"] - 1  # GPT-2's <|endoftext|>
+        lm_config = GPT2Config(**PAPER_LM, bos_token_id=eos, eos_token_id=eos).to_dict()
+        self.config = dict(encoder="random", prior=dict(tier["prior"], dim=dim),
+                           decoder=dict(tier["decoder"], lm=tier["lm"], dim=dim),
+                           lm_config=lm_config, bos_id=eos, eos_id=eos)
+        torch.manual_seed(seed)
+        prior, decoder = build_models(self.config)  # random GPT-2 from the config: nothing is downloaded
+        with torch.no_grad():
+            for p in prior.parameters():  # the zero-initialised layers would make guidance's gradient trivial
+                if not p.any():
+                    p.normal_(0, 0.02)
+        self.ckpt, self.device = "random paper-sized models", device
+        self.prior, self.decoder = prior.to(device).eval(), decoder.to(device).eval()
+        self.tokenizer = RandomTokenizer(lm_config["vocab_size"])
+        self.mu = torch.zeros(dim, device=device)
+        self.s = torch.full((dim,), dim ** -0.5, device=device)
+        self.encoder = None
+        self.probes = {"sentiment": (F.normalize(torch.randn(dim), dim=0).mul(8).to(device), torch.tensor(0.0, device=device))}
+        self.guides = {"positive": ("sentiment", 1), "negative": ("sentiment", 0)}
+
+    def embed(self, texts):
+        g = torch.Generator().manual_seed(zlib.crc32("\n".join(texts).encode("utf-8")))
+        return F.normalize(torch.randn(len(texts), self.mu.shape[0], generator=g), dim=-1).to(self.device)
+
+
+@contextlib.contextmanager
+def fixed_length(decoder):
+    """Mask the end-of-text logit, so generate() always decodes max_new_tokens tokens."""
+    eos = torch.tensor([decoder.eos_id])
+    hook = decoder.lm.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, logits: logits.index_fill(-1, eos.to(logits.device), float("-inf")))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_batch(model, batch, args, autocast):
+    prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
+    d = model.mu.shape[0]
+    random_e = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(1)), dim=-1).to(model.device)
+    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0)
+    guided_k0 = model.guidance(args.guide, args.scale, n_samples=0, seed=0)
+    decode = lambda e: model.decode(prefixes, e, max_new_tokens=args.tokens)
+    propose = lambda g: model.sample_proposals(prefixes, g, steps=args.steps)
+    runs = {
+        "plain": lambda: decode(random_e),
+        "unguided": lambda: decode(propose(None)),
+        "guided": lambda: decode(propose(guided)),
+        "embed": lambda: model.embed(prefixes),
+        "prior": lambda: propose(None),
+        "prior_guided": lambda: propose(guided),
+        "prior_guided_k0": lambda: propose(guided_k0),
+    }
+    with autocast, fixed_length(model.decoder):
+        lengths = model.decoder.generate(model.prefix_ids(prefixes, args.tokens), random_e, max_new_tokens=args.tokens)
+        assert all(len(row) == args.tokens for row in lengths), "a row ended early despite the masked end-of-text"
+        for fn in runs.values():  # warm-up once per shape
+            fn()
+        return {name: timed(fn, model.device, args.repeats) for name, fn in runs.items()}
+
+
+def profile_guided(model, batch, args, autocast):
+    """torch.profiler over one guided generation: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
+    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
+    with autocast, fixed_length(model.decoder), profile(activities=activities) as prof:
+        model.decode(prefixes, model.sample_proposals(prefixes, guided, steps=args.steps), max_new_tokens=args.tokens)
+        sync(model.device)
+    key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"
+    print(f"\nprofile of one guided generation, batch {batch} (top ops by {key}):")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+def get_args(argv=None):
+    from train import ArgumentParser  # argparse with one-line usage errors
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out", help="checkpoint directory (ignored with --config paper)")
+    p.add_argument("--config", default="ckpt", choices=["ckpt", "paper"],
+                   help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the prior")
+    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per row (always exactly this many)")
+    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes; the last one gives the final ratio")
+    p.add_argument("--guide", default="positive", help="guide of the guided run")
+    p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale")
+    p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss (sample.py: 32)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes {args.batch_sizes!r} must be comma-separated whole numbers")
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.steps < 1 or args.tokens < 1:
+        p.error("--batch-sizes, --repeats, --steps and --tokens must be at least 1")
+    return args
+
+
+def main(args):
+    from train import pick_device
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config == "paper":
+        model = RandomDGLM(device)
+    else:
+        model = DGLM(args.ckpt, device)
+    if model.guidance(args.guide, args.scale) is None:
+        raise SystemExit("error: --guide none has nothing to compare; pick a guide such as positive")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads{', bf16 autocast' if device == 'cuda' else ''}): "
+          f"prior {n_params(model.prior):.1f}M, decoder {n_params(model.decoder.lm):.1f}M + soft prompt "
+          f"{n_params(model.decoder.soft):.1f}M params")
+    print(f"DDIM {args.steps} steps | {args.tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
+          f"scale {args.scale:g}, K = {args.mc_samples} | median of {args.repeats} after a warm-up | seconds per batch\n")
+    rows = []
+    for batch in args.batch_sizes:
+        rows.append((batch, bench_batch(model, batch, args, autocast)))
+    head = ("batch", "plain", "DGLM unguided", "DGLM guided", "unguided/plain", "guided/plain")
+    print(" | ".join(f"{h:>14}" for h in head))
+    for batch, t in rows:
+        print(" | ".join(f"{v:>14}" for v in (batch, f"{t['plain']:.3f}", f"{t['unguided']:.3f}", f"{t['guided']:.3f}",
+                                                f"{t['unguided'] / t['plain']:.2f}", f"{t['guided'] / t['plain']:.2f}")))
+    print("\nbreakdown (seconds per batch): prior times include embedding the prompts")
+    head = ("batch", "embed prompts", "prior", "prior+guidance", "prior+guid. K=0", "decode (plain)")
+    print(" | ".join(f"{h:>14}" for h in head))
+    for batch, t in rows:
+        print(" | ".join(f"{v:>14}" for v in (batch, f"{t['embed']:.3f}", f"{t['prior']:.3f}", f"{t['prior_guided']:.3f}",
+                                                f"{t['prior_guided_k0']:.3f}", f"{t['plain']:.3f}")))
+    if args.profile:
+        profile_guided(model, args.batch_sizes[-1], args, autocast)
+    batch, t = rows[-1]
+    print(f"\nDDIM {args.steps} steps, {args.tokens} tokens, batch {batch}:")
+    print(f"ratio guided/plain = {t['guided'] / t['plain']:.2f}")
+
+
+if __name__ == "__main__":
+    from train import run_cli  # an `error: ...` becomes one line on stderr and exit code 2
+    run_cli(lambda: main(get_args()))

@@ -1,0 +1,299 @@
+import json
+import random
+import re
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import decoder as decoder_module
+import evaluate
+from decoder import Decoder, DecoderConfig, encode_continuation, train_tokenizer
+
+SENTENCES = ["the cat sat on the warm mat today", "a small dog ran fast in the green park",
+             "she reads a long book every night", "we cook fresh pasta at home on sundays",
+             "the bright sun rose over the quiet hills", "my old phone battery died again this morning"]
+
+
+def tiny_decoder(vocab_size, dim=32):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=dim, n_soft=3, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)
+    lm = dict(vocab_size=vocab_size, n_layer=2, n_embd=48, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return Decoder(cfg, lm, bos_id=0, eos_id=0).eval()
+
+
+# ----------------------------------------------------------------------------- Decoder.score
+
+
+def test_score_equals_the_training_loss_at_a_fixed_alpha(monkeypatch):
+    dec = tiny_decoder(40)
+    continuations = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    x = torch.randn(3, 32)
+    monkeypatch.setattr(decoder_module, "augmentation_alpha", lambda n, shift, device=None: torch.full((n,), 0.7))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        loss = dec([[], [], []], continuations, x)  # empty prefixes: forward scores continuation + eos only
+    torch.manual_seed(1)  # score without a generator draws the same eps as forward's randn_like
+    nll, n = dec.score([[], [], []], [c + [dec.eos_id] for c in continuations], x, alpha=0.7)
+    assert n.tolist() == [4, 2, 5]
+    assert (nll.sum() / n.sum()).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_score_scores_only_continuation_tokens_and_ignores_padding():
+    """Hand-computed per row (alpha = 1: the soft prompt is G(x), no noise) against the padded batch."""
+    dec = tiny_decoder(40)
+    prefixes, continuations = [[3, 4, 5, 6], [], [7]], [[8, 9], [10, 11, 12, 13], [14]]
+    x = torch.randn(3, 32)
+    nll, n = dec.score(prefixes, continuations, x, alpha=1.0)
+    assert n.tolist() == [2, 4, 1]
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prefixes, continuations)):
+            wte = dec.lm.get_input_embeddings()
+            soft = dec.soft(x[i:i + 1], torch.ones(1))[0]
+            seq = torch.cat([wte(torch.tensor([dec.bos_id] + p)), soft, wte(torch.tensor(c))])
+            logp = dec.lm(inputs_embeds=seq[None]).logits[0].log_softmax(-1)
+            first = 1 + len(p) + dec.cfg.n_soft  # the first continuation token's position
+            expected = -sum(logp[first + j - 1, tok] for j, tok in enumerate(c))
+            assert nll[i].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_score_at_alpha_zero_ignores_the_proposal_and_is_reproducible():
+    dec = tiny_decoder(40)
+    args = ([[3, 4], [5]], [[6, 7, 8], [9, 10]])
+    a, _ = dec.score(*args, torch.randn(2, 32), alpha=0.0, generator=torch.Generator().manual_seed(5))
+    b, _ = dec.score(*args, torch.randn(2, 32), alpha=0.0, generator=torch.Generator().manual_seed(5))
+    c, _ = dec.score(*args, torch.randn(2, 32), alpha=0.0, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(a, b)  # pure noise at a = 0: the proposal x does not matter, the seed fixes it
+    assert not torch.equal(a, c)
+
+
+def test_self_perplexity_is_lower_on_text_the_decoder_was_fit_on_than_on_shuffled_text():
+    tok = train_tokenizer(SENTENCES * 20, 150)
+    dec = tiny_decoder(len(tok))
+    prompts = [" ".join(s.split()[:2]) for s in SENTENCES]  # unique first words: the prompt tells them apart
+    seen = [" ".join(s.split()[2:]) for s in SENTENCES]
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    c_ids = [encode_continuation(tok, t) for t in seen]
+    x = torch.randn(len(SENTENCES), 32)
+    opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
+    dec.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread, and is not slowed by busy cores
+    try:
+        for _ in range(120):
+            loss = dec(p_ids, c_ids, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    dec.eval()
+    scorer = evaluate.SelfPerplexity(SimpleNamespace(decoder=dec, tokenizer=tok, device="cpu"))
+    rng = random.Random(0)
+    shuffled = [" ".join(rng.sample(t.split(), len(t.split()))) for t in seen]
+    assert shuffled != seen
+    fit, scrambled = evaluate.perplexity(scorer, prompts, seen), evaluate.perplexity(scorer, prompts, shuffled)
+    assert fit < 3.0 and scrambled > 2 * fit, (fit, scrambled)
+    _, count = scorer(prompts, seen)
+    assert count == sum(len(c) for c in c_ids)
+    assert evaluate.perplexity(scorer, prompts, [""] * len(prompts)) is None  # nothing to score
+
+
+def test_fit_pair_keeps_the_continuation_start_and_the_prefix_end():
+    assert evaluate.fit_pair([1, 2, 3], [4, 5], 4) == ([2, 3], [4, 5])
+    assert evaluate.fit_pair([1, 2], [3, 4, 5, 6, 7], 4) == ([], [3, 4, 5, 6])
+
+
+# ----------------------------------------------------------------------------- judges, success, plot
+
+
+def test_offensive_judge_flags_an_offensive_sentence_and_not_a_clean_one():
+    probs = evaluate.offensive_probs(["You are a fucking idiot, shut the fuck up.", "We had a lovely walk in the park."])
+    assert probs[0] > evaluate.OFFENSIVE_THRESHOLD > probs[1]
+    assert evaluate.offensive_probs([]) == []
+
+
+def fake_result(guide, scale, positive, negative, ppl, offensive=0.1, domains=None):
+    r = {"guide": guide, "scale": scale, "positive": positive, "negative": negative, "offensive": offensive,
+         "perplexity": ppl, "domains": domains or {"movie": 0.25, "news": 0.5}}
+    r["attribute_success"] = evaluate.attribute_success(r, guide, GUIDES)
+    return r
+
+
+GUIDES = {"positive": ("sentiment", 1), "negative": ("sentiment", 0), "news": ("news", 1), "clean": ("toxicity", 0),
+          "same-domain": (["movie", "news"], "prefix")}
+
+
+def test_attribute_success_reads_the_judge_of_the_guides_target():
+    r = fake_result("none", 0.0, 0.3, 0.2, 10.0)
+    assert evaluate.attribute_success(r, "positive", GUIDES) == 0.3
+    assert evaluate.attribute_success(r, "negative:2", GUIDES) == 0.2
+    assert evaluate.attribute_success(r, "news", GUIDES) == 0.5
+    assert evaluate.attribute_success(r, "clean", GUIDES) == pytest.approx(0.9)
+    assert evaluate.attribute_success(r, "offensive", {}) == 0.1
+    for no_judge in ("none", "negative,news:0.5", "formal", "same-domain"):
+        assert evaluate.attribute_success(r, no_judge, GUIDES) is None
+
+
+SWEEP = [fake_result("none", 0.0, 0.30, 0.20, 20.0)] + \
+        [fake_result("positive", s, 0.3 + s / 100, 0.1, 20 + s / 5) for s in (10, 30, 60)] + \
+        [fake_result("negative", s, 0.1, 0.2 + s / 100, 21 + s / 4) for s in (10, 30, 60)]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sweep.png"
+    assert evaluate.plot_sweep(SWEEP, path, GUIDES, "a test LM")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert evaluate.plot_sweep(SWEEP, tmp_path / "sweep.png", GUIDES) is False
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "sweep.png").exists()
+
+
+def test_markdown_names_the_reference_lm_and_has_the_new_columns():
+    r = dict(SWEEP[1], positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97,
+             sentiment_probe={}, seconds_per_sample=0.01)
+    table = evaluate.markdown([r, dict(r, perplexity=None)], "gpt2-xl")
+    header, _, row, row_without_ppl, _, note = table.splitlines()
+    assert "| offensive | perplexity |" in header
+    assert "| 10.0% | 22.0 |" in row and "| 10.0% | - |" in row_without_ppl
+    assert "under gpt2-xl" in note
+
+
+def test_prompt_file_missing_or_empty_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: prompt file .* does not exist"):
+        evaluate.read_prompt_file(tmp_path / "nowhere.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(SystemExit, match=r"^error: prompt file .* is empty"):
+        evaluate.read_prompt_file(tmp_path / "empty.txt")
+    (tmp_path / "ok.txt").write_text("The movie\n\n I think \n")
+    assert evaluate.read_prompt_file(tmp_path / "ok.txt") == ["The movie", "I think"]
+
+
+def test_evaluate_cli_with_a_missing_prompt_file_prints_one_line(tmp_path):
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "evaluate.py"), "--ckpt", str(tmp_path / "no-ckpt"),
+                           "--prompts", str(tmp_path / "missing.txt")], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: prompt file") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_unloadable_reference_lm_is_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: could not load .*; pass a local folder with --ppl-model or "
+                                         r"use --ppl-model self$"):
+        evaluate.HFPerplexity(str(tmp_path / "no-such-model"))
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny checkpoint
+
+WORDS = {1: ["great", "lovely", "wonderful", "happy", "excellent"], 0: ["awful", "terrible", "sad", "horrible", "bad"]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 6-step checkpoint (with probes) trained on a small labelled .jsonl."""
+    import train
+    tmp = tmp_path_factory.mktemp("evalck")
+    rng = random.Random(0)
+    rows = []
+    for i in range(120):
+        label = i % 2
+        words = [rng.choice(["the", "a", "this", "our"]), rng.choice(["film", "day", "song", "trip"]),
+                 "was", rng.choice(WORDS[label]), "and", rng.choice(WORDS[label]), "today"]
+        rows.append({"text": " ".join(words) + f" {i}", "rating": 2.0 if label else -2.0,
+                     "domain": ["movie", "tweet"][i // 2 % 2]})
+    (tmp / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    train.main(train.get_args(["--data", str(tmp / "toy.jsonl"), "--out", str(tmp / "out"), "--cache-dir",
+                               str(tmp / "cache"), "--batch-size", "16", "--decoder-batch", "8", "--warmup", "2",
+                               "--steps", "6", "--save-every", "100"]))
+    return tmp / "out"
+
+
+def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("the film was\nour trip\n")
+    args = ["--ckpt", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"), "--guides", "none,positive",
+            "--scales", "10,30", "--n", "2", "--steps", "3", "--max-tokens", "6", "--mc-samples", "4",
+            "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md"), "--plot", str(tmp_path / "p.png")]
+    evaluate.main(evaluate.get_args(args))
+    report = json.loads((tmp_path / "r.json").read_text())
+    results = report["results"]
+    assert [(r["guide"], r["scale"]) for r in results] == [("none", 0.0), ("positive", 10.0), ("positive", 30.0)]
+    for r in results:
+        assert r["samples"] == 4 and 0 <= r["offensive"] <= 1
+        assert r["perplexity"] is None or r["perplexity"] > 1
+    assert results[0]["attribute_success"] is None and results[1]["attribute_success"] == results[1]["positive"]
+    assert "a = 0" in report["ppl_model"]
+    md = (tmp_path / "r.md").read_text()
+    assert "| offensive | perplexity |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
+    printed = capsys.readouterr().out
+    assert (tmp_path / "p.png").exists() or "pip install matplotlib" in printed
+
+
+def test_hf_reference_lm_from_a_local_folder(ckpt, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tok = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    scorer = evaluate.HFPerplexity(str(tmp_path))
+    texts = ["was great and happy today", "and sad", ""]
+    nll, count = scorer(["the film", "", "our trip"], texts)
+    assert count == sum(len(encode_continuation(tok, t)) for t in texts) and nll > 0
+    ppl = evaluate.perplexity(scorer, ["the film"], ["was great"])
+    assert 1 < ppl < 10 * len(tok)  # an untrained LM is near uniform: ppl about the vocabulary size
+    # against transformers' own shifted loss with the prompt (and bos) masked out of the labels
+    p, c = tok("the film", add_special_tokens=False)["input_ids"], encode_continuation(tok, "was great")
+    ids = torch.tensor([[tok.bos_token_id] + p + c])
+    labels = ids.clone()
+    labels[0, :1 + len(p)] = -100
+    with torch.no_grad():
+        expected = scorer.lm(input_ids=ids, labels=labels).loss.item()
+    nll, count = scorer(["the film"], ["was great"])
+    assert count == len(c) and nll / count == pytest.approx(expected, rel=1e-5)
+
+
+def test_bench_runs_end_to_end_and_ends_with_the_ratio(ckpt, capsys):
+    import bench
+    bench.main(bench.get_args(["--ckpt", str(ckpt), "--device", "cpu", "--steps", "3", "--tokens", "5",
+                               "--batch-sizes", "1,3", "--repeats", "1", "--mc-samples", "4"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", lines[-1]), lines[-1]
+    assert "batch 3" in lines[-2] and any(l.split("|")[0].strip() == "1" for l in lines)
+
+
+def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, capsys):
+    """--config paper with the sizes shrunk (the real ones need ~4 GB and minutes on a CPU)."""
+    import bench
+    import train
+    monkeypatch.setitem(train.TIERS, "paper", dict(train.TIERS["paper"], dim=48,
+                        prior=dict(n_tokens=4, token_dim=8, width=32, depth=2, heads=2),
+                        decoder=dict(n_soft=2, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)))
+    monkeypatch.setattr(bench, "PAPER_LM", dict(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    bench.main(bench.get_args(["--config", "paper", "--device", "cpu", "--steps", "2", "--tokens", "3",
+                               "--batch-sizes", "2", "--repeats", "1", "--mc-samples", "2"]))
+    out = capsys.readouterr().out
+    assert "random paper-sized models" in out
+    assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", out.strip().splitlines()[-1])
+
+
+def test_fixed_length_masks_end_of_text_only_inside_the_context():
+    import bench
+    dec = tiny_decoder(12)
+    eager = dec.lm.get_output_embeddings().register_forward_hook(  # an LM that wants to end at once
+        lambda module, inputs, logits: logits.index_add(-1, torch.tensor([dec.eos_id]), torch.full_like(logits[..., :1], 100.0)))
+    x, gen = torch.randn(2, 32), lambda: torch.Generator().manual_seed(0)
+    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen()) == [[], []]
+    with bench.fixed_length(dec):
+        rows = dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen())
+    assert [len(r) for r in rows] == [7, 7]
+    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen()) == [[], []]  # the mask is gone again
+    eager.remove()
