@@ -8,7 +8,7 @@ For each batch size B (the same B prompts everywhere):
   plain          the decoder's own generate() through DGLM.decode, m tokens, soft-prompt slots included,
                  its proposal a random unit vector: GPT-2 decoding of the prompts without the prior
   DGLM unguided  DGLM.sample_proposals (embed the prompts, k DDIM steps of the prior) + DGLM.decode
-  DGLM guided    the same with probe guidance (--guide, scale 30 and K = 32 Monte Carlo samples as
+  DGLM guided    the same with probe guidance (--guide at --scale, K = 32 Monte Carlo samples, as
                  sample.py uses): the denoiser's forward and backward at every step
 and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
 Every row decodes exactly m tokens: while benchmarking, a forward hook on the LM head masks the
