@@ -16,7 +16,6 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
 import glob
 import hashlib
 import io
-import itertools
 import json
 import os
 import random
@@ -202,21 +201,10 @@ class C4Examples:
             self.position = {"doc": doc, "chunk": 0, "dataset": state}
 
 
-def stream_c4(max_texts, tokenizer=None, path=None, seed=0):
-    """The first `max_texts` C4 chunk texts as rows {text} (for load_corpus; training at scale
-    should iterate C4Examples instead). The tokenizer defaults to GPT-2's."""
-    examples = C4Examples(tokenizer, path, seed)  # opens the stream: an offline hub fails here first
-    if tokenizer is None:
-        from decoder import load_tokenizer
-        examples.tokenizer = load_tokenizer("gpt2")
-    return [{"text": ex["text"]} for ex in itertools.islice(examples, max_texts)]
-
-
-def load_corpus(data, cache_dir, max_texts=200_000, tokenizer=None, c4_path=None):
+def load_corpus(data, cache_dir):
+    """--data tiny or a local file, read whole (C4 is never read whole: iterate C4Examples)."""
     if data == "tiny":
         return prepare_tiny(Path(cache_dir) / "tiny")
-    if data == "c4":
-        return stream_c4(max_texts, tokenizer, c4_path)
     return load_local(data)
 
 

@@ -242,13 +242,15 @@ def train_tokenizer(texts, vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def load_tokenizer(path_or_id):
+def load_tokenizer(path_or_id, flag="--lm"):
+    """A tokenizer by hub id or folder; offline, one line naming `flag`, the option that takes a local copy."""
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(path_or_id)
     except OSError:
+        tiny = f", or use the tiny tier (--lm {TINY_LM})" if flag == "--lm" else ""
         raise SystemExit(f"error: could not load the tokenizer {path_or_id!r}; without internet pass a local "
-                         f"GPT-2 folder with --lm, or use the tiny tier (--lm {TINY_LM})") from None
+                         f"GPT-2 folder with {flag}{tiny}") from None
 
 
 def encode_continuation(tokenizer, text):

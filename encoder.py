@@ -214,11 +214,11 @@ def precompute(texts, directory, encoder_name, device="cpu", dtype=None, batch_s
 def main(argv=None):
     """python encoder.py --data c4 --max-texts 1000000 --encoder ID --device cuda --dtype bf16"""
     import data as data_lib
-    from train import ArgumentParser  # one-line usage errors
+    from train import ArgumentParser, parse_count  # one-line usage errors; counts such as 2M
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
                                 "continuations exactly as train.py splits them.")
     p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl file")
-    p.add_argument("--max-texts", type=int, default=200_000, help="examples (prefix + continuation) to encode")
+    p.add_argument("--max-texts", type=parse_count, default=200_000, help="--data c4: examples (prefix + continuation) to encode")
     p.add_argument("--cache-dir", default="cache", help="train.py's --cache-dir")
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
@@ -234,16 +234,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device == "cuda" else None)
     if args.data == "c4":
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except OSError:
-            raise SystemExit(f"error: could not load the tokenizer {args.tokenizer!r}; without internet "
-                             "pass a local GPT-2 tokenizer folder with --tokenizer") from None
+        from decoder import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
         examples = data_lib.C4Examples(tokenizer, args.c4_path, args.seed, max_prefix_frac=args.max_prefix_frac or 1.0)
         examples = itertools.islice(examples, args.max_texts)
     else:
-        rows = data_lib.load_corpus(args.data, args.cache_dir, args.max_texts)
+        rows = data_lib.load_corpus(args.data, args.cache_dir)
         train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac or 0.5)
         examples = train + held_out
     texts = (text for ex in examples for text in (ex["continuation"], ex["prefix"]))

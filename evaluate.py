@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from sample import DEFAULT_SCALE, DEFAULT_TEMPERATURE, DGLM
+from sample import DEFAULT_SCALE, DEFAULT_TEMPERATURE, DGLM, read_prompt_file
+from train import fit_length
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -43,20 +44,6 @@ def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=g)[:n_prompts].tolist()
     return [" ".join(texts[i].split()[:n_words]) for i in order]
-
-
-def read_prompt_file(path):
-    """One prompt per line; a missing or empty file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: prompt file {path} does not exist")
-    try:
-        prompts = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    except UnicodeDecodeError as err:
-        raise SystemExit(f"error: cannot read prompt file {path} ({err})") from None
-    if not prompts:
-        raise SystemExit(f"error: prompt file {path} is empty (expected one prompt per line)")
-    return prompts
 
 
 def distinct_n(samples, n):
@@ -108,14 +95,6 @@ def probe_agreement(model, proposals, text_embeddings):
 # ----------------------------------------------------------------------------- fluency: perplexity
 
 
-def fit_pair(prefix, continuation, limit):
-    """Cut (prefix, continuation) token lists to at most `limit` tokens: the continuation's start and
-    the prefix's end are kept."""
-    continuation = continuation[:limit]
-    room = limit - len(continuation)
-    return (prefix[-room:] if room > 0 else []), continuation
-
-
 class SelfPerplexity:
     """Our decoder run unguided: the soft prompt is built from pure noise at a = 0 (alpha = 0), so the
     decoder is a plain prefix LM. The noise comes from a fixed seed per sample position, so every
@@ -132,7 +111,7 @@ class SelfPerplexity:
         model, dec = self.model, self.model.decoder
         limit = dec.max_len - dec.cfg.n_soft - 1  # bos and the slots
         p_ids = model.tokenizer(list(prefixes), add_special_tokens=False)["input_ids"]
-        pairs = [fit_pair(p, encode_continuation(model.tokenizer, t), limit) for p, t in zip(p_ids, texts)]
+        pairs = [fit_length(p, encode_continuation(model.tokenizer, t), limit) for p, t in zip(p_ids, texts)]
         nll, count = 0.0, 0
         for i in range(0, len(pairs), self.batch_size):
             chunk = pairs[i:i + self.batch_size]
@@ -167,7 +146,7 @@ class HFPerplexity:
         head = [] if self.bos is None else [self.bos]
         limit = self.max_len - len(head)
         p_ids = self.tokenizer(list(prefixes), add_special_tokens=False)["input_ids"]
-        pairs = [fit_pair(p, encode_continuation(self.tokenizer, t), limit) for p, t in zip(p_ids, texts)]
+        pairs = [fit_length(p, encode_continuation(self.tokenizer, t), limit) for p, t in zip(p_ids, texts)]
         nll, count = 0.0, 0
         for i in range(0, len(pairs), self.batch_size):
             rows = [(head + p, c) for p, c in pairs[i:i + self.batch_size]]

@@ -83,15 +83,23 @@ class DGLM:
         return self.decode(prefixes, e, seed=seed, **decode_kwargs)
 
 
+def read_prompt_file(path):
+    """One prompt per line; a missing, unreadable or empty file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: prompt file {path} does not exist")
+    try:
+        prompts = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"error: cannot read prompt file {path} ({err})") from None
+    if not prompts:
+        raise SystemExit(f"error: prompt file {path} is empty (expected one prompt per line)")
+    return prompts
+
+
 def read_prompts(args):
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise SystemExit(f"error: prompt file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise SystemExit(f"error: prompt file {path} is empty (expected one prefix per line)")
-        return prompts
+        return read_prompt_file(args.prompts)
     return [args.prefix] if args.prefix is not None else DEMO_PREFIXES
 
 

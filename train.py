@@ -484,8 +484,8 @@ def main(args):
     window_end = window["start"] + batches.per_epoch if window else math.inf  # tiny / a file: epochs, no end
     held_texts = [ex["text"] for ex in prepared["held_out"][:64]]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
-    prior_shard = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-    decoder_shard = slice(rank * args.decoder_batch // world, (rank + 1) * args.decoder_batch // world)
+    shard = lambda n: slice(rank * n // world, (rank + 1) * n // world) if distributed else None  # this process's rows
+    prior_shard, decoder_shard = shard(args.batch_size), shard(args.decoder_batch)
     log = LossLog(out / "log.jsonl", start_step) if rank == 0 else None
 
     def save(step):
@@ -525,7 +525,7 @@ def main(args):
         # 1. prior step: v-MSE on the whole batch (this process: rows prior_shard)
         x, prefix = x_all[idx].to(device), p_all[idx].to(device)
         with autocast:
-            prior_loss = prior_step(x, prefix, prior_shard if distributed else None).mean()
+            prior_loss = prior_step(x, prefix, prior_shard).mean()
         opt_prior.zero_grad(set_to_none=True)
         prior_loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
@@ -536,7 +536,7 @@ def main(args):
         sub = idx[:args.decoder_batch]
         with autocast:
             decoder_loss = decoder_step([pairs[i][0] for i in sub], [pairs[i][1] for i in sub], x_all[sub].to(device),
-                                        decoder_shard if distributed else None)
+                                        decoder_shard)
         opt_decoder.zero_grad(set_to_none=True)
         (decoder_loss * world).backward()  # DDP averages gradients; the shards' losses are meant to add up
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)

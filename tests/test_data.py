@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import pytest
@@ -48,9 +49,10 @@ def test_tiny_corpus_checksum_is_verified(tmp_path):
 
 def test_c4_offline_fails_with_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(data.C4_PATH_ENV, raising=False)
     pytest.importorskip("datasets")
     with pytest.raises(SystemExit, match="could not stream allenai/c4.*--data PATH"):
-        data.stream_c4(10)
+        data.open_c4()
 
 
 def test_c4_offline_error_names_the_local_copy_flag(monkeypatch):
@@ -61,7 +63,7 @@ def test_c4_offline_error_names_the_local_copy_flag(monkeypatch):
         data.open_c4()
 
 
-def test_load_corpus_reads_c4_chunks_from_a_local_copy(tmp_path):
+def test_c4_examples_read_chunks_from_a_local_copy(tmp_path):
     import gzip
     import json
     pytest.importorskip("datasets")
@@ -71,7 +73,7 @@ def test_load_corpus_reads_c4_chunks_from_a_local_copy(tmp_path):
         for text in docs:
             f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.com"}) + "\n")
     tokenizer = train_tokenizer(docs, vocab_size=400)
-    rows = data.load_corpus("c4", tmp_path, max_texts=3, tokenizer=tokenizer, c4_path=tmp_path)
+    rows = list(itertools.islice(data.C4Examples(tokenizer, path=tmp_path), 3))
     assert len(rows) == 3 and rows[0]["text"].startswith("alpha beta gamma delta.")
     assert all(len(tokenizer(r["text"])["input_ids"]) <= 88 for r in rows)
     assert rows[2]["text"].startswith("epsilon")  # the first document holds two 128-token windows

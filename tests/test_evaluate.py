@@ -101,11 +101,6 @@ def test_self_perplexity_is_lower_on_text_the_decoder_was_fit_on_than_on_shuffle
     assert evaluate.perplexity(scorer, prompts, [""] * len(prompts)) is None  # nothing to score
 
 
-def test_fit_pair_keeps_the_continuation_start_and_the_prefix_end():
-    assert evaluate.fit_pair([1, 2, 3], [4, 5], 4) == ([2, 3], [4, 5])
-    assert evaluate.fit_pair([1, 2], [3, 4, 5, 6, 7], 4) == ([], [3, 4, 5, 6])
-
-
 # ----------------------------------------------------------------------------- judges, success, plot
 
 
