@@ -9,13 +9,15 @@ For each batch size B (the same B prompts everywhere):
                  its proposal a random unit vector: GPT-2 decoding of the prompts without the prior
   DGLM unguided  DGLM.sample_proposals (embed the prompts, k DDIM steps of the prior) + DGLM.decode
   DGLM guided    the same with probe guidance (--guide at --scale, K = 32 Monte Carlo samples, as
-                 sample.py uses): the denoiser's forward and backward at every step
+                 sample.py uses): the denoiser's forward and backward on the guided steps
+                 (logSNR <= --guide-max-logsnr: 11 of 50 by default), its forward alone on the others
 and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
 Every row decodes exactly m tokens: while benchmarking, a forward hook on the LM head masks the
 end-of-text logit, so an early end cannot make one side cheaper (generate() itself is unchanged).
-Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run and
-runs under bf16 autocast. The last line is `ratio guided/plain = X.XX` at the last batch size
-(defaults: DDIM 50 steps, 32 tokens, batch 64).
+Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run. Both
+sides run at the same precision, sample.DGLM's: bf16 autocast where the hardware has native bf16
+(CUDA, AVX512-BF16/AMX CPUs), else fp32; --precision overrides. The last line is
+`ratio guided/plain = X.XX` at the last batch size (defaults: DDIM 50 steps, 32 tokens, batch 64).
 
 --config paper builds the paper's sizes with random weights (prior 12 x 768 over 32 tokens;
 gpt2-large's architecture, 36 x 1280, vocab 50257; soft prompt 6 x 768), random prompt token ids
@@ -31,6 +33,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from guide import GUIDE_MAX_LOGSNR
 from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM
 
 
@@ -58,8 +61,10 @@ class RandomDGLM(DGLM):
     """DGLM with the paper tier's sizes and random weights (no checkpoint, encoder or download).
     Sampling and decoding are DGLM's own methods; only embed() (random unit vectors) differs."""
 
-    def __init__(self, device="cpu", seed=0):
+    def __init__(self, device="cpu", seed=0, precision="auto"):
         from transformers import GPT2Config
+
+        from sample import native_bf16
 
         from train import TIERS, build_models
         tier = TIERS["paper"]
@@ -76,6 +81,7 @@ class RandomDGLM(DGLM):
                 if not p.any():
                     p.normal_(0, 0.02)
         self.ckpt, self.device = "random paper-sized models", device
+        self.bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
         self.prior, self.decoder = prior.to(device).eval(), decoder.to(device).eval()
         self.tokenizer = RandomTokenizer(lm_config["vocab_size"])
         self.mu = torch.zeros(dim, device=device)
@@ -118,12 +124,12 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench_batch(model, batch, args, autocast):
+def bench_batch(model, batch, args):
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
     d = model.mu.shape[0]
     random_e = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(1)), dim=-1).to(model.device)
-    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0)
-    guided_k0 = model.guidance(args.guide, args.scale, n_samples=0, seed=0)
+    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0, max_logsnr=args.guide_max_logsnr)
+    guided_k0 = model.guidance(args.guide, args.scale, n_samples=0, seed=0, max_logsnr=args.guide_max_logsnr)
     decode = lambda e: model.decode(prefixes, e, max_new_tokens=args.tokens)
     propose = lambda g: model.sample_proposals(prefixes, g, steps=args.steps)
     runs = {
@@ -135,21 +141,22 @@ def bench_batch(model, batch, args, autocast):
         "prior_guided": lambda: propose(guided),
         "prior_guided_k0": lambda: propose(guided_k0),
     }
-    with autocast, fixed_length(model.decoder):
-        lengths = model.decoder.generate(model.prefix_ids(prefixes, args.tokens), random_e, max_new_tokens=args.tokens)
-        assert all(len(row) == args.tokens for row in lengths), "a row ended early despite the masked end-of-text"
+    with fixed_length(model.decoder):
+        with model.autocast():
+            lengths = model.decoder.generate(model.prefix_ids(prefixes, args.tokens), random_e, max_new_tokens=args.tokens)
+            assert all(len(row) == args.tokens for row in lengths), "a row ended early despite the masked end-of-text"
         for fn in runs.values():  # warm-up once per shape
             fn()
         return {name: timed(fn, model.device, args.repeats) for name, fn in runs.items()}
 
 
-def profile_guided(model, batch, args, autocast):
+def profile_guided(model, batch, args):
     """torch.profiler over one guided generation: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
-    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0)
+    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0, max_logsnr=args.guide_max_logsnr)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
-    with autocast, fixed_length(model.decoder), profile(activities=activities) as prof:
+    with fixed_length(model.decoder), profile(activities=activities) as prof:
         model.decode(prefixes, model.sample_proposals(prefixes, guided, steps=args.steps), max_new_tokens=args.tokens)
         sync(model.device)
     key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"
@@ -164,6 +171,8 @@ def get_args(argv=None):
     p.add_argument("--config", default="ckpt", choices=["ckpt", "paper"],
                    help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast where the hardware has native bf16, else fp32 (both sides alike)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the prior")
     p.add_argument("--tokens", type=int, default=32, help="tokens decoded per row (always exactly this many)")
@@ -171,6 +180,7 @@ def get_args(argv=None):
     p.add_argument("--guide", default="positive", help="guide of the guided run")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss (sample.py: 32)")
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR, help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of 50 DDIM steps; 15 = every step)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
     args = p.parse_args(argv)
@@ -189,21 +199,21 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.config == "paper":
-        model = RandomDGLM(device)
+        model = RandomDGLM(device, precision=args.precision)
     else:
-        model = DGLM(args.ckpt, device)
+        model = DGLM(args.ckpt, device, args.precision)
     if model.guidance(args.guide, args.scale) is None:
         raise SystemExit("error: --guide none has nothing to compare; pick a guide such as positive")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads{', bf16 autocast' if device == 'cuda' else ''}): "
+    precision = "bf16 autocast" if model.bf16 else "fp32"
+    print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads, {precision}): "
           f"prior {n_params(model.prior):.1f}M, decoder {n_params(model.decoder.lm):.1f}M + soft prompt "
           f"{n_params(model.decoder.soft):.1f}M params")
     print(f"DDIM {args.steps} steps | {args.tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
-          f"scale {args.scale:g}, K = {args.mc_samples} | median of {args.repeats} after a warm-up | seconds per batch\n")
+          f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | median of {args.repeats} after a warm-up | seconds per batch\n")
     rows = []
     for batch in args.batch_sizes:
-        rows.append((batch, bench_batch(model, batch, args, autocast)))
+        rows.append((batch, bench_batch(model, batch, args)))
     head = ("batch", "plain", "DGLM unguided", "DGLM guided", "unguided/plain", "guided/plain")
     print(" | ".join(f"{h:>14}" for h in head))
     for batch, t in rows:
@@ -216,7 +226,7 @@ def main(args):
         print(" | ".join(f"{v:>14}" for v in (batch, f"{t['embed']:.3f}", f"{t['prior']:.3f}", f"{t['prior_guided']:.3f}",
                                                 f"{t['prior_guided_k0']:.3f}", f"{t['plain']:.3f}")))
     if args.profile:
-        profile_guided(model, args.batch_sizes[-1], args, autocast)
+        profile_guided(model, args.batch_sizes[-1], args)
     batch, t = rows[-1]
     print(f"\nDDIM {args.steps} steps, {args.tokens} tokens, batch {batch}:")
     print(f"ratio guided/plain = {t['guided'] / t['plain']:.2f}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
+from guide import GUIDE_MAX_LOGSNR
 from sample import DEFAULT_SCALE, DEFAULT_TEMPERATURE, DGLM, read_prompt_file
 from train import fit_length
 
@@ -176,7 +177,7 @@ def perplexity(scorer, prefixes, texts):
 
 
 def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None):
-    guidance = model.guidance(guide, scale, n_samples=args.mc_samples, seed=args.seed)
+    guidance = model.guidance(guide, scale, n_samples=args.mc_samples, seed=args.seed, max_logsnr=args.guide_max_logsnr)
     prefixes = [p for p in prompts for _ in range(n)]
     started = time.time()
     texts, proposals = [], []
@@ -184,7 +185,7 @@ def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None):
         chunk = prefixes[i:i + args.batch_size]
         e = model.sample_proposals(chunk, guidance, args.steps, args.sampler, 1.0, args.seed + i)
         texts += model.decode(chunk, e, alpha=args.alpha, max_new_tokens=args.max_tokens, seed=args.seed + i,
-                              temperature=args.temperature)
+                              temperature=args.temperature, best_of=args.best_of)
         proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
     cont = vader_labels(texts)
@@ -333,7 +334,10 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="prior denoising steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss")
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR, help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of 50 DDIM steps; 15 = every step)")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="decode N candidates per proposal, keep the one whose embedding is closest to it")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="decoding temperature (top-p 0.9, repetition penalty 1.2)")
     p.add_argument("--alpha", type=float, default=None, help="re-noising level of proposals (default: checkpoint's)")
     p.add_argument("--batch-size", type=int, default=100, help="generation batch")
@@ -346,6 +350,8 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="write all results (with examples) to this JSON file")
     p.add_argument("--md", default=None, help="write the Markdown table to this file")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     return p.parse_args(argv)
 
 
@@ -356,11 +362,13 @@ def main(args):
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise SystemExit(f"error: --scales {args.scales!r} must be comma-separated numbers") from None
+    if args.best_of < 1 or args.n < 1:
+        raise SystemExit("error: --n and --best-of must be at least 1")
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     device = pick_device(args.device)
     # --ppl-model: 'self' (our decoder, unguided) or a Hugging Face causal LM, loaded first to fail fast
     ppl = HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None
-    model = DGLM(args.ckpt, device)
+    model = DGLM(args.ckpt, device, args.precision)
     ppl = ppl or SelfPerplexity(model, args.seed)
     if prompts is None:
         prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
@@ -378,6 +386,8 @@ def main(args):
     if args.json:
         Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "prompts": len(prompts), "n": args.n,
                                                "steps": args.steps, "sampler": args.sampler,
+                                               "guide_max_logsnr": args.guide_max_logsnr, "best_of": args.best_of,
+                                               "temperature": args.temperature, "precision": "bf16" if model.bf16 else "fp32",
                                                "ppl_model": ppl.name, "results": results}, indent=2))
     if args.md:
         Path(args.md).write_text(table + "\n")

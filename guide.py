@@ -10,6 +10,12 @@ A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = 
     eps_hat <- eps_hat + scale * sqrt(1 - a_t) * dL/dz_t  ;  x_hat <- (z_t - sqrt(1-a_t) eps_hat) / sqrt(a_t)
 
 Several attributes compose by summing their losses. The decoder never sees the probe.
+
+Guidance acts on the noisy steps only, while lambda_t <= max_logsnr (default -2: a_t < 0.12, the
+first 11 of 50 DDIM steps); the cleaner steps run the plain denoiser. The attribute is settled while
+the proposal is still forming: on the tiny tier, guiding only those steps steers as well as guiding
+all of them (README, "Guidance interval") at a quarter of the backward passes. max_logsnr = 15
+guides every step.
 """
 import argparse
 import copy
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from diffusion import alpha, x0_from_eps
-from encoder import DTYPES, EmbeddingCache, cache_dir_for, unstandardize
+from encoder import DTYPES, EmbeddingCache, cache_dir_for
 
 # Guide name -> (probe or list of probes, target label). "negative" is the sentiment probe asked for
 # label 0. Target "prefix" holds an attribute where the prefix has it: each probe's target is its own
@@ -35,6 +41,7 @@ TINY_GUIDES = {
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
+GUIDE_MAX_LOGSNR = -2.0  # guidance interval: lambda_t <= -2 (see the module docstring)
 SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
 
 # Paper tier: probes trained on the public labelled data sets of DGLM's experiments, see train_paper_probes.
@@ -259,12 +266,13 @@ class Guidance:
     terms: list of (w, b, target, weight) linear probes on unit embeddings; target is a label, a
            tensor (B,) of per-example targets, or "prefix" until bind() resolves it.
     n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
+    max_logsnr: guide the steps with lambda_t <= max_logsnr (15: every step); the others are unguided.
     aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
                "lgd": -log mean_k exp(-loss_k) = -log mean_k p(y | x_k), LGD-MC's likelihood average;
                "mean": mean_k loss_k.
     """
 
-    def __init__(self, terms, mu, s, scale, n_samples=32, aggregate="reference", seed=0):
+    def __init__(self, terms, mu, s, scale, n_samples=32, aggregate="reference", seed=0, max_logsnr=GUIDE_MAX_LOGSNR):
         if aggregate not in ("reference", "lgd", "mean"):
             raise ValueError(f"unknown aggregate {aggregate!r} (accepted: reference, lgd, mean)")
         self.terms = terms
@@ -272,6 +280,7 @@ class Guidance:
         self.scale = scale
         self.n_samples = n_samples
         self.aggregate = aggregate
+        self.max_logsnr = max_logsnr
         self.generator = torch.Generator().manual_seed(seed)  # own RNG: the sampler's noise is untouched
 
     def bind(self, prefix_embeddings):
@@ -283,17 +292,27 @@ class Guidance:
         return bound
 
     def loss(self, x_hat, a):
-        """Per-example guidance loss (B,) of predicted clean latents x_hat (B, d) at signal level a (B,)."""
+        """Per-example guidance loss (B,) of predicted clean latents x_hat (B, d) at signal level a (B,).
+
+        Sample k of row b is x_kb = x_hat_b + r_b n_k, n_k ~ N(0, I); its unit embedding is
+        e_kb = normalize(m_b + r_b u_k) with m = mu + s x_hat and u_k = s n_k. A probe's logit needs
+        only dot products, so the K x B logits come from (B, d) x (d, K) products instead of a
+        (K, B, d) tensor:
+            w.e_kb = (w.m_b + r_b w.u_k) / |m_b + r_b u_k|,   |m_b + r_b u_k|^2 = |m_b|^2 + 2 r_b m_b.u_k + r_b^2 |u_k|^2
+        The K draws are shared by the batch's rows (each row's estimate is still a K-sample average).
+        """
+        d = x_hat.shape[1]
+        m = self.mu + self.s * x_hat                                                   # (B, d), not yet normalised
+        r = ((1 - a) / a).sqrt()[None]                                                 # (1, B): r_t^2 = (1 - a_t) / a_t
         if self.n_samples > 0:
-            r = ((1 - a) / a).sqrt()                                            # r_t^2 = (1 - a_t) / a_t
-            noise = torch.randn((self.n_samples, *x_hat.shape), generator=self.generator).to(x_hat)
-            x = x_hat[None] + r[None, :, None] * noise                          # (K, B, d)
+            u = self.s * torch.randn(self.n_samples, d, generator=self.generator).to(m)  # (K, d)
         else:
-            x = x_hat[None]
-        e = unstandardize(x, self.mu, self.s)                                   # onto the unit sphere
+            u = torch.zeros(1, d).to(m)                                                # K = 0: x_hat itself
+        norm2 = m.pow(2).sum(-1)[None] + 2 * r * (u @ m.T) + r ** 2 * u.pow(2).sum(-1)[:, None]  # (K, B)
+        norm = norm2.clamp_min(1e-24).sqrt()
         total = 0.0
         for w, b, target, weight in self.terms:
-            logit = e @ w + b                                                   # (K, B)
+            logit = ((m @ w)[None] + r * (u @ w)[:, None]) / norm + b                  # (K, B): w.e_kb + b
             total = total + weight * F.binary_cross_entropy_with_logits(
                 logit, torch.as_tensor(target).to(logit).expand_as(logit), reduction="none")
         K = total.shape[0]
@@ -304,14 +323,18 @@ class Guidance:
         return total.mean(0)
 
     def __call__(self, predict, z, logsnr):
-        if self.scale == 0 or not self.terms:
+        active = logsnr <= self.max_logsnr  # (B,): the noisy steps are guided, the clean ones are not
+        if self.scale == 0 or not self.terms or not active.any():
             return predict(z, logsnr)
         a = alpha(logsnr)
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             x_hat, eps_hat = predict(z, logsnr)
-            grad, = torch.autograd.grad(self.loss(x_hat.float(), a).sum(), z)  # through the denoiser
-        eps_hat = eps_hat.detach() + self.scale * (1 - a).sqrt()[:, None] * grad  # eps <- eps + scale sigma grad
+            with torch.autocast(z.device.type, enabled=False):                   # the probe loss in fp32
+                loss = self.loss(x_hat.float(), a).sum()
+            grad, = torch.autograd.grad(loss, z)                                  # through the denoiser
+        step = self.scale * (1 - a).sqrt() * active                               # scale sigma_t, 0 where not guided
+        eps_hat = eps_hat.detach() + step[:, None] * grad                         # eps <- eps + scale sigma grad
         return x0_from_eps(z.detach(), eps_hat, a), eps_hat
 
 

@@ -6,8 +6,10 @@
     python sample.py --guide positive --show-steps        # watch the proposal form while denoising
 
 Generation (DGLM sec. 3): embed the prefix -> sample a continuation embedding from the prior with
-DDIM/DDPM, bending every denoising step with the probes' gradient (guide.py) -> map it back to the
-unit sphere -> re-noise at a = 0.95 -> soft prompt -> GPT-2 writes the continuation.
+DDIM/DDPM, bending the noisy denoising steps with the probes' gradient (guide.py) -> map it back to
+the unit sphere -> re-noise at a = 0.95 -> soft prompt -> GPT-2 writes the continuation.
+Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16
+or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
 import argparse
 import json
@@ -18,7 +20,7 @@ import torch
 
 from decoder import encode_continuation
 from encoder import embed, load_encoder, standardize, unstandardize
-from guide import build_guidance, load_probes
+from guide import GUIDE_MAX_LOGSNR, build_guidance, load_probes
 
 # Defaults picked from the guidance-scale sweep on the tiny tier (README, `evaluate.py --plot`): scale 300
 # is where positive success stops rising while perplexity keeps growing; temperature 0.7 steers more
@@ -28,13 +30,29 @@ DEFAULT_TEMPERATURE = 0.7
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
 
-class DGLM:
-    """Everything needed to generate, rebuilt from a checkpoint directory alone."""
+def native_bf16(device):
+    """Whether `device` runs bf16 matrix products natively (else autocast to bf16 would be slower)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":  # AVX512-BF16 (e.g. AMD Zen 4, Intel Cooper Lake) or AMX (Intel Sapphire Rapids)
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
 
-    def __init__(self, ckpt, device="cpu"):
+
+class DGLM:
+    """Everything needed to generate, rebuilt from a checkpoint directory alone.
+
+    precision: "auto" (bf16 autocast where native_bf16(device), else fp32), "fp32" or "bf16". The
+    sampler's state (z, the DDIM update) and the guidance loss stay in fp32 either way.
+    """
+
+    def __init__(self, ckpt, device="cpu", precision="auto"):
         from train import load_for_inference
         self.ckpt = Path(ckpt)
         self.device = device
+        self.bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
         self.config, self.prior, self.decoder, self.tokenizer, self.mu, self.s = load_for_inference(ckpt, device)
         self.encoder = None  # loaded on first use, after cheap checks such as the guide names
         probe_path = self.ckpt / "probes.safetensors"
@@ -57,6 +75,9 @@ class DGLM:
             print(f"warning: prompts longer than {room} tokens are cut to their last {room} tokens", file=sys.stderr)
         return [i[-room:] for i in ids]
 
+    def autocast(self):
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16)
+
     @torch.no_grad()
     def sample_proposals(self, prefixes, guidance=None, steps=50, method="ddim", cfg_scale=1.0, seed=0, callback=None):
         """Continuation embeddings (B, d) on the unit sphere, sampled from the prior given the prefixes."""
@@ -64,18 +85,32 @@ class DGLM:
         e_p = self.embed(prefixes)
         x_p = standardize(e_p, self.mu, self.s)
         guidance = guidance.bind(e_p) if guidance is not None else None  # targets taken from the prefix
-        x = self.prior.sample(x_p, steps=steps, method=method, cfg_scale=cfg_scale, guidance=guidance,
-                              generator=gen, callback=callback)
-        return unstandardize(x, self.mu, self.s)  # e = normalize(mu + s x)
+        with self.autocast():
+            x = self.prior.sample(x_p, steps=steps, method=method, cfg_scale=cfg_scale, guidance=guidance,
+                                  generator=gen, callback=callback)
+        return unstandardize(x.float(), self.mu, self.s)  # e = normalize(mu + s x)
 
     @torch.no_grad()
     def decode(self, prefixes, e, alpha=None, max_new_tokens=32, top_p=0.9, temperature=DEFAULT_TEMPERATURE,
-               repetition_penalty=1.2, seed=0):
+               repetition_penalty=1.2, seed=0, best_of=1):
+        """Continuations of `prefixes` written from proposals e (B, d) on the unit sphere.
+
+        best_of n > 1 decodes n candidates per proposal and keeps the one whose embedding is closest
+        to the proposal (cosine): the text that best says what the prior proposed. It costs n decodes
+        and n encodings, and uses neither a probe nor a judge.
+        """
+        B, n = len(prefixes), best_of
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        ids = self.decoder.generate(self.prefix_ids(prefixes, max_new_tokens), standardize(e, self.mu, self.s),
-                                    alpha=alpha, max_new_tokens=max_new_tokens, top_p=top_p,
-                                    temperature=temperature, repetition_penalty=repetition_penalty, generator=gen)
-        return [self.tokenizer.decode(i).strip() for i in ids]
+        with self.autocast():
+            ids = self.decoder.generate(self.prefix_ids(list(prefixes) * n, max_new_tokens),
+                                        standardize(e, self.mu, self.s).repeat(n, 1),  # candidate k of row b: k * B + b
+                                        alpha=alpha, max_new_tokens=max_new_tokens, top_p=top_p,
+                                        temperature=temperature, repetition_penalty=repetition_penalty, generator=gen)
+        texts = [self.tokenizer.decode(i).strip() for i in ids]
+        if n == 1:
+            return texts
+        cosine = (self.embed(texts).view(n, B, -1) * e[None]).sum(-1)  # (n, B); unit vectors
+        return [texts[k * B + b] for b, k in enumerate(cosine.argmax(0).tolist())]
 
     def generate(self, prefixes, guidance=None, steps=50, method="ddim", cfg_scale=1.0, seed=0, **decode_kwargs):
         """Continuations of `prefixes` (one each); the same seed gives the same noise guided or not."""
@@ -133,30 +168,36 @@ def get_args(argv=None):
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the prefix (1 = off)")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples around x_hat for the probe loss (0 = x_hat)")
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR, help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of 50 DDIM steps; 15 = every step)")
     p.add_argument("--alpha", type=float, default=None, help="re-noising level of the proposal (default: checkpoint's, 0.95)")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="decode N candidates per proposal, keep the one whose embedding is closest to it")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length in tokens")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="sampling temperature (0 = greedy)")
     p.add_argument("--repetition-penalty", type=float, default=1.2, help="CTRL-style repetition penalty")
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     args = p.parse_args(argv)
     try:
         args.scale = float(args.scale)
     except ValueError:
         p.error(f"--scale {args.scale!r} is not a number")
-    if args.n < 1:
-        p.error("--n must be at least 1")
+    if args.n < 1 or args.best_of < 1:
+        p.error("--n and --best-of must be at least 1")
     return args
 
 
 def main(args):
     from train import pick_device
     device = pick_device(args.device)
-    model = DGLM(args.ckpt, device)
-    guidance = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=args.seed)
+    model = DGLM(args.ckpt, device, args.precision)
+    guidance = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=args.seed,
+                              max_logsnr=args.guide_max_logsnr)
     prompts = read_prompts(args)
-    decode = dict(alpha=args.alpha, max_new_tokens=args.max_tokens, top_p=args.top_p,
+    decode = dict(alpha=args.alpha, max_new_tokens=args.max_tokens, top_p=args.top_p, best_of=args.best_of,
                   temperature=args.temperature, repetition_penalty=args.repetition_penalty)
     if args.show_steps:
         show_steps(model, prompts[0], guidance, args)

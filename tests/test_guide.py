@@ -3,7 +3,7 @@ import torch
 
 from diffusion import Prior, PriorConfig
 from encoder import latent_stats, standardize, unstandardize
-from guide import Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
+from guide import GUIDE_MAX_LOGSNR, Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
 
 
 def test_probe_beats_chance_on_held_out_sentences(sentiment_embeddings):
@@ -48,11 +48,14 @@ def _logits(prior, mu, s, w, guidance, seed=3):
     return unstandardize(x, mu, s) @ w, x
 
 
-def test_guidance_moves_the_probe_logit_in_the_requested_direction():
+# every step at scale 5; the default interval (the first 5 of these 20 steps) needs a larger scale on this
+# random toy prior, whose noisy steps do not settle the attribute as a trained prior's do
+@pytest.mark.parametrize("max_logsnr,scale", [(15.0, 5.0), (GUIDE_MAX_LOGSNR, 20.0)])
+def test_guidance_moves_the_probe_logit_in_the_requested_direction(max_logsnr, scale):
     prior, mu, s, w = _toy()
     base, _ = _logits(prior, mu, s, w, None)
-    up, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale=5.0))
-    down, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 0, 1.0)], mu, s, scale=5.0))
+    up, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale, max_logsnr=max_logsnr))
+    down, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 0, 1.0)], mu, s, scale, max_logsnr=max_logsnr))
     assert up.mean() > base.mean() + 1.0 and down.mean() < base.mean() - 1.0
     assert (up > 0).float().mean() > 0.9 and (down < 0).float().mean() > 0.9
 
@@ -62,6 +65,46 @@ def test_scale_zero_gives_exactly_the_unguided_sample():
     _, plain = _logits(prior, mu, s, w, None)
     _, zero = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale=0.0))
     assert torch.equal(plain, zero)
+
+
+def test_guidance_acts_only_on_steps_up_to_max_logsnr():
+    prior, mu, s, w = _toy()
+    term = [(w, torch.tensor(0.0), 1, 1.0)]
+    g = Guidance(term, mu, s, scale=5.0, max_logsnr=-2.0)
+    predict = lambda z, lam: prior.predict(z, lam, torch.zeros(len(z), 16))
+    z = torch.randn(8, 16)
+    lam = torch.tensor([-8.0, -4.0, -2.0, -2.0, -1.9, 0.0, 3.0, 10.0])  # one noise level per example
+    _, eps_guided = g(predict, z, lam)
+    _, eps_plain = predict(z, lam)
+    changed = (eps_guided != eps_plain).any(-1)
+    assert changed.tolist() == [True] * 4 + [False] * 4
+    # a threshold below every step's logSNR leaves the whole sample exactly unguided
+    _, plain = _logits(prior, mu, s, w, None)
+    _, never = _logits(prior, mu, s, w, Guidance(term, mu, s, scale=5.0, max_logsnr=-100.0))
+    assert torch.equal(plain, never)
+
+
+@pytest.mark.parametrize("n_samples", [0, 5])
+def test_loss_from_dot_products_equals_the_loss_on_the_k_samples_themselves(n_samples):
+    """Guidance.loss never forms the K x B x d samples; written out directly they give the same loss."""
+    torch.manual_seed(0)
+    d, B = 12, 3
+    mu, s = torch.randn(d) * 0.1, torch.rand(d) + 0.5
+    x_hat = torch.randn(B, d, requires_grad=True)
+    a = torch.tensor([0.05, 0.5, 0.9])
+    terms = [(torch.randn(d), torch.tensor(0.3), 1, 1.0), (torch.randn(d), torch.tensor(-0.2), torch.tensor([0.0, 1, 0.5]), 0.5)]
+    fast = Guidance(terms, mu, s, scale=1.0, n_samples=n_samples, seed=7).loss(x_hat, a)
+    K = max(n_samples, 1)
+    noise = torch.randn(n_samples, d, generator=torch.Generator().manual_seed(7)) if n_samples else torch.zeros(1, d)
+    x = x_hat[None] + ((1 - a) / a).sqrt()[None, :, None] * noise[:, None]          # (K, B, d)
+    e = unstandardize(x, mu, s)
+    total = sum(weight * torch.nn.functional.binary_cross_entropy_with_logits(
+        e @ w + b, torch.as_tensor(t).float().expand(K, B), reduction="none") for w, b, t, weight in terms)
+    slow = torch.logsumexp(total, 0) - torch.log(torch.tensor(float(K)))
+    torch.testing.assert_close(fast, slow)
+    g_fast, = torch.autograd.grad(fast.sum(), x_hat, retain_graph=True)
+    g_slow, = torch.autograd.grad(slow.sum(), x_hat)
+    torch.testing.assert_close(g_fast, g_slow)
 
 
 @pytest.mark.parametrize("aggregate", ["reference", "lgd", "mean"])

@@ -118,6 +118,44 @@ def test_sample_cli_writes_jsonl_and_steers(trained, tmp_path, capsys):
     assert "unguided |" in printed and "negative |" in printed
 
 
+def test_bf16_precision_runs_the_networks_in_bf16_and_agrees_with_fp32(trained):
+    from sample import DGLM
+    bf16, fp32 = DGLM(trained / "out", precision="bf16"), DGLM(trained / "out", precision="fp32")
+    seen = []
+    for model in (bf16, fp32):
+        for net in (model.prior.net.merge, model.decoder.lm.get_output_embeddings()):
+            net.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    prefixes = ["the film", "this phone", "the city council", "i think"]
+    e16 = bf16.sample_proposals(prefixes, steps=8)
+    assert set(seen) == {torch.bfloat16}
+    bf16.decode(prefixes, e16, max_new_tokens=3)
+    assert set(seen) == {torch.bfloat16}  # the decoder too
+    seen.clear()
+    e32 = fp32.sample_proposals(prefixes, steps=8)
+    assert set(seen) == {torch.float32}
+    assert e16.dtype == torch.float32 and torch.allclose(e16.norm(dim=-1), torch.ones(4))
+    assert (e16 * e32).sum(-1).min() > 0.95  # the same samples up to bf16 rounding
+    guided = bf16.sample_proposals(prefixes, bf16.guidance("positive", 300.0), steps=8)  # backward in bf16
+    assert torch.isfinite(guided).all()
+
+
+def test_best_of_keeps_each_rows_candidate_closest_to_its_proposal(trained):
+    from sample import DGLM
+    model = DGLM(trained / "out", precision="fp32")
+    prefixes = ["the film", "this phone", "i think"]
+    e = model.sample_proposals(prefixes, steps=4)
+    n = 4
+    best = model.decode(prefixes, e, max_new_tokens=6, seed=5, best_of=n)
+    # the candidates: the same decode call on the rows repeated n times (candidate k of row b at k * B + b)
+    candidates = model.decode(prefixes * n, e.repeat(n, 1), max_new_tokens=6, seed=5)
+    cosine = (model.embed(candidates) * e.repeat(n, 1)).sum(-1).view(n, len(prefixes))
+    for b, text in enumerate(best):
+        row = [candidates[k * len(prefixes) + b] for k in range(n)]
+        assert text in row
+        assert cosine[row.index(text), b] == cosine[:, b].max()
+    assert len(set(candidates)) > len(prefixes)  # the candidates differ, so the choice is not trivial
+
+
 def test_sample_rejects_bad_input(trained, tmp_path):
     import sample
     with pytest.raises(SystemExit, match="unknown guide 'joyful'.*available:.*positive"):
@@ -210,6 +248,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path):
         (["sample.py", "--ckpt", str(trained / "out"), "--guide", "joyful"], "unknown guide 'joyful' (available:"),
         (["sample.py", "--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
         (["sample.py", "--scale", "big"], "--scale 'big' is not a number"),
+        (["sample.py", "--best-of", "0"], "--n and --best-of must be at least 1"),
         (["train.py", "--steps", "lots"], "'lots' is not a count"),
         (["train.py", "--data", str(empty), "--out", str(tmp_path / "o")], "holds no texts"),
         (["train.py", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "does not exist"),
