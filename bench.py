@@ -180,7 +180,9 @@ def get_args(argv=None):
     p.add_argument("--guide", default="positive", help="guide of the guided run")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss (sample.py: 32)")
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR, help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of 50 DDIM steps; 15 = every step)")
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
+                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
+                        "50 DDIM steps; 15 = every step)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
     args = p.parse_args(argv)
@@ -210,7 +212,8 @@ def main(args):
           f"prior {n_params(model.prior):.1f}M, decoder {n_params(model.decoder.lm):.1f}M + soft prompt "
           f"{n_params(model.decoder.soft):.1f}M params")
     print(f"DDIM {args.steps} steps | {args.tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
-          f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | median of {args.repeats} after a warm-up | seconds per batch\n")
+          f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | "
+          f"median of {args.repeats} after a warm-up | seconds per batch\n")
     rows = []
     for batch in args.batch_sizes:
         rows.append((batch, bench_batch(model, batch, args)))

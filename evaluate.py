@@ -334,7 +334,9 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="prior denoising steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss")
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR, help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of 50 DDIM steps; 15 = every step)")
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
+                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
+                        "50 DDIM steps; 15 = every step)")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length")
     p.add_argument("--best-of", type=int, default=1,
                    help="decode N candidates per proposal, keep the one whose embedding is closest to it")
@@ -387,7 +389,8 @@ def main(args):
         Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "prompts": len(prompts), "n": args.n,
                                                "steps": args.steps, "sampler": args.sampler,
                                                "guide_max_logsnr": args.guide_max_logsnr, "best_of": args.best_of,
-                                               "temperature": args.temperature, "precision": "bf16" if model.bf16 else "fp32",
+                                               "temperature": args.temperature,
+                                               "precision": "bf16" if model.bf16 else "fp32",
                                                "ppl_model": ppl.name, "results": results}, indent=2))
     if args.md:
         Path(args.md).write_text(table + "\n")

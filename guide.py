@@ -272,7 +272,8 @@ class Guidance:
                "mean": mean_k loss_k.
     """
 
-    def __init__(self, terms, mu, s, scale, n_samples=32, aggregate="reference", seed=0, max_logsnr=GUIDE_MAX_LOGSNR):
+    def __init__(self, terms, mu, s, scale, n_samples=32, aggregate="reference", seed=0,
+                 max_logsnr=GUIDE_MAX_LOGSNR):
         if aggregate not in ("reference", "lgd", "mean"):
             raise ValueError(f"unknown aggregate {aggregate!r} (accepted: reference, lgd, mean)")
         self.terms = terms

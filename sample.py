@@ -168,7 +168,9 @@ def get_args(argv=None):
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the prefix (1 = off)")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples around x_hat for the probe loss (0 = x_hat)")
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR, help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of 50 DDIM steps; 15 = every step)")
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
+                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
+                        "50 DDIM steps; 15 = every step)")
     p.add_argument("--alpha", type=float, default=None, help="re-noising level of the proposal (default: checkpoint's, 0.95)")
     p.add_argument("--best-of", type=int, default=1,
                    help="decode N candidates per proposal, keep the one whose embedding is closest to it")

@@ -54,8 +54,9 @@ def _logits(prior, mu, s, w, guidance, seed=3):
 def test_guidance_moves_the_probe_logit_in_the_requested_direction(max_logsnr, scale):
     prior, mu, s, w = _toy()
     base, _ = _logits(prior, mu, s, w, None)
-    up, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale, max_logsnr=max_logsnr))
-    down, _ = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 0, 1.0)], mu, s, scale, max_logsnr=max_logsnr))
+    guide = lambda target: Guidance([(w, torch.tensor(0.0), target, 1.0)], mu, s, scale, max_logsnr=max_logsnr)
+    up, _ = _logits(prior, mu, s, w, guide(1))
+    down, _ = _logits(prior, mu, s, w, guide(0))
     assert up.mean() > base.mean() + 1.0 and down.mean() < base.mean() - 1.0
     assert (up > 0).float().mean() > 0.9 and (down < 0).float().mean() > 0.9
 
@@ -92,7 +93,8 @@ def test_loss_from_dot_products_equals_the_loss_on_the_k_samples_themselves(n_sa
     mu, s = torch.randn(d) * 0.1, torch.rand(d) + 0.5
     x_hat = torch.randn(B, d, requires_grad=True)
     a = torch.tensor([0.05, 0.5, 0.9])
-    terms = [(torch.randn(d), torch.tensor(0.3), 1, 1.0), (torch.randn(d), torch.tensor(-0.2), torch.tensor([0.0, 1, 0.5]), 0.5)]
+    terms = [(torch.randn(d), torch.tensor(0.3), 1, 1.0),
+             (torch.randn(d), torch.tensor(-0.2), torch.tensor([0.0, 1, 0.5]), 0.5)]  # per-example targets
     fast = Guidance(terms, mu, s, scale=1.0, n_samples=n_samples, seed=7).loss(x_hat, a)
     K = max(n_samples, 1)
     noise = torch.randn(n_samples, d, generator=torch.Generator().manual_seed(7)) if n_samples else torch.zeros(1, d)
