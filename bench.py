@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from guide import GUIDE_MAX_LOGSNR
-from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM
+from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM, use_bf16
 
 
 class RandomTokenizer:
@@ -64,8 +64,6 @@ class RandomDGLM(DGLM):
     def __init__(self, device="cpu", seed=0, precision="auto"):
         from transformers import GPT2Config
 
-        from sample import native_bf16
-
         from train import TIERS, build_models
         tier = TIERS["paper"]
         dim = tier["dim"]
@@ -81,7 +79,7 @@ class RandomDGLM(DGLM):
                 if not p.any():
                     p.normal_(0, 0.02)
         self.ckpt, self.device = "random paper-sized models", device
-        self.bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+        self.bf16 = use_bf16(precision, device)
         self.prior, self.decoder = prior.to(device).eval(), decoder.to(device).eval()
         self.tokenizer = RandomTokenizer(lm_config["vocab_size"])
         self.mu = torch.zeros(dim, device=device)

@@ -19,6 +19,8 @@ For each (guide, scale) it continues every prompt n times and reports
     (the paper's judge). exp(total NLL / total tokens) over all samples of a setting; the
     continuation's tokens are scored, not an end-of-text token
   - seconds per sample (prior + decoding, this machine)
+  - diagnostics of where steering is lost: the sentiment probe on the proposals and on the
+    re-embedded text, and with --nearest VADER on each proposal's nearest training sentence
 Default prompts: the first words of held-out sentences of the tiny corpus (never trained on).
 --plot FILE.png draws attribute success against perplexity, one curve per guide over the scales
 (needs matplotlib, an optional extra: pip install matplotlib).
@@ -91,6 +93,24 @@ def probe_agreement(model, proposals, text_embeddings):
     w, b = model.probes["sentiment"]
     return {"proposal_positive": (proposals @ w + b > 0).float().mean().item(),
             "text_positive": (text_embeddings @ w + b > 0).float().mean().item()}
+
+
+class NearestSentence:
+    """The proposal judged before the decoder writes it (--nearest): VADER on the proposal's nearest
+    training sentence of the tiny corpus by cosine. Against the judge on the decoded text it shows
+    which half loses an attribute: the prior and its guidance, or the decoder."""
+
+    def __init__(self, model, cache_dir):
+        from encoder import EmbeddingCache, cache_dir_for
+        rows = data_lib.prepare_tiny(Path(cache_dir) / "tiny")
+        self.texts = [r["text"] for r in rows if not data_lib.is_held_out(r["text"])]
+        name = model.config["encoder"]
+        cache = EmbeddingCache(cache_dir_for(cache_dir, name), name, model.device)
+        self.bank = torch.from_numpy(cache.encode(self.texts)).to(model.device)  # unit vectors, cached on disk
+
+    def __call__(self, proposals):
+        labels = vader_labels([self.texts[i] for i in (proposals.float() @ self.bank.T).argmax(-1).tolist()])
+        return {"positive": labels.count(1) / len(labels), "negative": labels.count(-1) / len(labels)}
 
 
 # ----------------------------------------------------------------------------- fluency: perplexity
@@ -176,7 +196,7 @@ def perplexity(scorer, prefixes, texts):
 # ----------------------------------------------------------------------------- one setting
 
 
-def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None):
+def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None, nearest=None):
     guidance = model.guidance(guide, scale, n_samples=args.mc_samples, seed=args.seed, max_logsnr=args.guide_max_logsnr)
     prefixes = [p for p in prompts for _ in range(n)]
     started = time.time()
@@ -201,6 +221,7 @@ def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None):
         **{f"dist{k}": sum(distinct_n(g, k) for g in groups) / len(groups) for k in (1, 2, 3)},
         "domains": domain_mix(model, texts), "seconds_per_sample": seconds,
         "sentiment_probe": probe_agreement(model, torch.cat(proposals), model.embed(texts)),
+        "nearest_sentence": nearest(torch.cat(proposals)) if nearest is not None else None,
         "examples": [{"prefix": p, "text": t} for p, t in list(zip(prefixes, texts))[:6]],
     }
     result["attribute_success"] = attribute_success(result, guide, model.guides)
@@ -298,19 +319,22 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
 
 HEADER = ["guide", "scale", "positive", "negative", "positive (with prompt)", "negative (with prompt)", "offensive",
           "perplexity", "Dist-1", "Dist-2", "Dist-3", "domain mix (movie/tweet/product/news)",
-          "probe positive: proposal / text", "s/sample"]
+          "probe positive: proposal / text", "proposal's nearest sentence: positive / negative", "s/sample"]
 
 
 def markdown_row(r):
     sp = r["sentiment_probe"]
     probe = f"{100 * sp['proposal_positive']:.0f}% / {100 * sp['text_positive']:.0f}%" if sp else "-"
     mix = "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
+    near = r.get("nearest_sentence")
+    near = f"{100 * near['positive']:.0f}% / {100 * near['negative']:.0f}%" if near else "-"
     ppl = r.get("perplexity")
     ppl = f"{ppl:.1f}" if ppl is not None and math.isfinite(ppl) else "-"
     return (f"| {r['guide']} | {r['scale']:g} | {100 * r['positive']:.1f}% | {100 * r['negative']:.1f}% | "
             f"{100 * r['positive_with_prompt']:.1f}% | {100 * r['negative_with_prompt']:.1f}% | "
             f"{100 * r['offensive']:.1f}% | {ppl} | "
-            f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {probe} | {r['seconds_per_sample']:.3f} |")
+            f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {probe} | {near} | "
+            f"{r['seconds_per_sample']:.3f} |")
 
 
 def markdown(results, ppl_name=None):
@@ -346,6 +370,9 @@ def get_args(argv=None):
     p.add_argument("--ppl-model", default="self",
                    help="reference LM for perplexity: 'self' (our decoder run unguided: soft prompt from pure noise, "
                         "a = 0; the tiny tier's default) or a Hugging Face causal LM id / local folder, e.g. gpt2-xl")
+    p.add_argument("--nearest", action="store_true",
+                   help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
+                        "embeds the corpus once into the cache if it is not there)")
     p.add_argument("--plot", default=None, help="write a PNG of attribute success against perplexity (needs matplotlib)")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -372,6 +399,7 @@ def main(args):
     ppl = HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None
     model = DGLM(args.ckpt, device, args.precision)
     ppl = ppl or SelfPerplexity(model, args.seed)
+    nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
     if prompts is None:
         prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
     print(f"perplexity under {ppl.name}")
@@ -380,7 +408,7 @@ def main(args):
     results = []
     for guide in args.guides.split(","):
         for scale in ([0.0] if guide == "none" else scales):
-            r = evaluate_setting(model, prompts, args.n, guide, scale, args, ppl)
+            r = evaluate_setting(model, prompts, args.n, guide, scale, args, ppl, nearest)
             results.append(r)
             print(markdown_row(r), flush=True)
     table = markdown(results, ppl.name)

@@ -14,7 +14,7 @@ Several attributes compose by summing their losses. The decoder never sees the p
 Guidance acts on the noisy steps only, while lambda_t <= max_logsnr (default -2: a_t < 0.12, the
 first 11 of 50 DDIM steps); the cleaner steps run the plain denoiser. The attribute is settled while
 the proposal is still forming: on the tiny tier, guiding only those steps steers as well as guiding
-all of them (README, "Guidance interval") at a quarter of the backward passes. max_logsnr = 15
+all of them (README, "Guidance interval") with a fifth of the backward passes. max_logsnr = 15
 guides every step.
 """
 import argparse

@@ -292,3 +292,21 @@ def test_fixed_length_masks_end_of_text_only_inside_the_context():
     assert [len(r) for r in rows] == [7, 7]
     assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen()) == [[], []]  # the mask is gone again
     eager.remove()
+
+
+def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(tmp_path, monkeypatch):
+    import data
+    import encoder
+    from conftest import NEGATIVE, POSITIVE
+    sentences = [t for t in POSITIVE + NEGATIVE if not data.is_held_out(t)]
+    monkeypatch.setattr(data, "prepare_tiny", lambda cache_dir: [{"text": t} for t in sentences])
+    model = SimpleNamespace(config={"encoder": encoder.TINY_ENCODER}, device="cpu")
+    judge = evaluate.NearestSentence(model, tmp_path)
+    queries = sentences[:3] + sentences[-5:]
+    proposals = judge.bank[[sentences.index(q) for q in queries]]  # each proposal is a training sentence itself
+    labels = evaluate.vader_labels(queries)
+    assert judge(proposals) == {"positive": labels.count(1) / 8, "negative": labels.count(-1) / 8}
+    assert labels.count(1) >= 3 and labels.count(-1) >= 4  # the check is not trivial
+    # the corpus embeddings are cached: a second judge needs no encoder
+    monkeypatch.setattr(encoder, "load_encoder", lambda *a, **k: pytest.fail("re-encoded a cached corpus"))
+    assert torch.equal(evaluate.NearestSentence(model, tmp_path).bank, judge.bank)
