@@ -299,7 +299,8 @@ class Guidance:
         e_kb = normalize(m_b + r_b u_k) with m = mu + s x_hat and u_k = s n_k. A probe's logit needs
         only dot products, so the K x B logits come from (B, d) x (d, K) products instead of a
         (K, B, d) tensor:
-            w.e_kb = (w.m_b + r_b w.u_k) / |m_b + r_b u_k|,   |m_b + r_b u_k|^2 = |m_b|^2 + 2 r_b m_b.u_k + r_b^2 |u_k|^2
+            w.e_kb = (w.m_b + r_b w.u_k) / |m_b + r_b u_k|
+            |m_b + r_b u_k|^2 = |m_b|^2 + 2 r_b m_b.u_k + r_b^2 |u_k|^2
         The K draws are shared by the batch's rows (each row's estimate is still a K-sample average).
         """
         d = x_hat.shape[1]

@@ -22,10 +22,10 @@ from decoder import encode_continuation
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import GUIDE_MAX_LOGSNR, build_guidance, load_probes
 
-# Defaults picked from the guidance-scale sweep on the tiny tier (README, `evaluate.py --plot`): at scale
-# 300 positive steering reaches 84.5% for +24% perplexity; 1000 steers positive a little further, but
-# compositions (positive+same-domain) and negative lose there. Temperature 0.7 steers more than 1.0
-# at a small cost in diversity.
+# Defaults picked from the guidance-scale sweeps on the tiny tier (README, `evaluate.py --plot`): at scale
+# 300 positive steering is at or near its best (79% and 84.5% in two training runs) for a modest rise in
+# perplexity; at 1000 perplexity keeps growing and compositions lose. Temperature 0.7 steers more than
+# 1.0 at a small cost in diversity.
 DEFAULT_SCALE = 300.0
 DEFAULT_TEMPERATURE = 0.7
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
