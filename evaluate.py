@@ -20,7 +20,9 @@ For each (guide, scale) it continues every prompt n times and reports
     continuation's tokens are scored, not an end-of-text token
   - seconds per sample (prior + decoding, this machine)
   - diagnostics of where steering is lost: the sentiment probe on the proposals and on the
-    re-embedded text, and with --nearest VADER on each proposal's nearest training sentence
+    re-embedded text, the mean cosine between each text's embedding and its proposal (does the
+    decoder write what the prior proposed?), and with --nearest VADER on each proposal's nearest
+    training sentence
 Default prompts: the first words of held-out sentences of the tiny corpus (never trained on).
 --plot FILE.png draws attribute success against perplexity, one curve per guide over the scales
 (needs matplotlib, an optional extra: pip install matplotlib).
@@ -75,11 +77,11 @@ def offensive_probs(texts):
     return [float(p) for p in predict_prob(list(texts))] if texts else []
 
 
-def domain_mix(model, texts):
+def domain_mix(model, e):
+    """Share of each domain by the domain probes' argmax on text embeddings e (n, d)."""
     domains = [d for d in data_lib.DOMAINS if d in model.probes]
     if not domains:
         return {}
-    e = model.embed(texts)
     logits = torch.stack([e @ model.probes[d][0] + model.probes[d][1] for d in domains], -1)
     picks = logits.argmax(-1).tolist()
     return {d: picks.count(i) / len(picks) for i, d in enumerate(domains)}
@@ -208,6 +210,7 @@ def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None, nearest=No
                               temperature=args.temperature, best_of=args.best_of)
         proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
+    proposals, text_e = torch.cat(proposals), model.embed(texts)  # unit vectors
     cont = vader_labels(texts)
     full = vader_labels([f"{p} {t}" for p, t in zip(prefixes, texts)])
     offensive = offensive_probs(texts)
@@ -219,9 +222,10 @@ def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None, nearest=No
         "offensive": sum(p > OFFENSIVE_THRESHOLD for p in offensive) / len(offensive),
         "perplexity": perplexity(ppl, prefixes, texts) if ppl is not None else None,
         **{f"dist{k}": sum(distinct_n(g, k) for g in groups) / len(groups) for k in (1, 2, 3)},
-        "domains": domain_mix(model, texts), "seconds_per_sample": seconds,
-        "sentiment_probe": probe_agreement(model, torch.cat(proposals), model.embed(texts)),
-        "nearest_sentence": nearest(torch.cat(proposals)) if nearest is not None else None,
+        "domains": domain_mix(model, text_e), "seconds_per_sample": seconds,
+        "sentiment_probe": probe_agreement(model, proposals, text_e),
+        "proposal_cosine": (text_e * proposals).sum(-1).mean().item(),  # does the text say what was proposed?
+        "nearest_sentence": nearest(proposals) if nearest is not None else None,
         "examples": [{"prefix": p, "text": t} for p, t in list(zip(prefixes, texts))[:6]],
     }
     result["attribute_success"] = attribute_success(result, guide, model.guides)
@@ -319,13 +323,15 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
 
 HEADER = ["guide", "scale", "positive", "negative", "positive (with prompt)", "negative (with prompt)", "offensive",
           "perplexity", "Dist-1", "Dist-2", "Dist-3", "domain mix (movie/tweet/product/news)",
-          "probe positive: proposal / text", "proposal's nearest sentence: positive / negative", "s/sample"]
+          "probe positive: proposal / text", "text-proposal cosine", "proposal's nearest sentence: positive / negative",
+          "s/sample"]
 
 
 def markdown_row(r):
     sp = r["sentiment_probe"]
     probe = f"{100 * sp['proposal_positive']:.0f}% / {100 * sp['text_positive']:.0f}%" if sp else "-"
     mix = "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
+    cosine = f"{r['proposal_cosine']:.3f}" if r.get("proposal_cosine") is not None else "-"
     near = r.get("nearest_sentence")
     near = f"{100 * near['positive']:.0f}% / {100 * near['negative']:.0f}%" if near else "-"
     ppl = r.get("perplexity")
@@ -333,7 +339,7 @@ def markdown_row(r):
     return (f"| {r['guide']} | {r['scale']:g} | {100 * r['positive']:.1f}% | {100 * r['negative']:.1f}% | "
             f"{100 * r['positive_with_prompt']:.1f}% | {100 * r['negative_with_prompt']:.1f}% | "
             f"{100 * r['offensive']:.1f}% | {ppl} | "
-            f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {probe} | {near} | "
+            f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {probe} | {cosine} | {near} | "
             f"{r['seconds_per_sample']:.3f} |")
 
 

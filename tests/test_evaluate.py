@@ -153,11 +153,15 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsy
 
 def test_markdown_names_the_reference_lm_and_has_the_new_columns():
     r = dict(SWEEP[1], positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97,
-             sentiment_probe={}, seconds_per_sample=0.01)
-    table = evaluate.markdown([r, dict(r, perplexity=None)], "gpt2-xl")
+             sentiment_probe={}, seconds_per_sample=0.01, proposal_cosine=0.25,
+             nearest_sentence={"positive": 0.9, "negative": 0.05})
+    table = evaluate.markdown([r, dict(r, perplexity=None, nearest_sentence=None)], "gpt2-xl")
     header, _, row, row_without_ppl, _, note = table.splitlines()
     assert "| offensive | perplexity |" in header
     assert "| 10.0% | 22.0 |" in row and "| 10.0% | - |" in row_without_ppl
+    assert "| text-proposal cosine | proposal's nearest sentence: positive / negative |" in header
+    assert "| 0.250 | 90% / 5% |" in row and "| 0.250 | - |" in row_without_ppl
+    assert header.count(" | ") == row.count(" | ") == row_without_ppl.count(" | ")  # every column filled
     assert "under gpt2-xl" in note
 
 
