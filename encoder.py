@@ -16,7 +16,6 @@ in bf16, with bounded memory:
     python encoder.py --data c4 --max-texts 1000000 --encoder sentence-transformers/sentence-t5-xl \
                       --device cuda --dtype bf16 --batch-size 256
 """
-import argparse
 import hashlib
 import itertools
 import os

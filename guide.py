@@ -17,7 +17,6 @@ the proposal is still forming: on the tiny tier, guiding only those steps steers
 all of them (README, "Guidance interval") with a fifth of the backward passes. max_logsnr = 15
 guides every step.
 """
-import argparse
 import copy
 import json
 import math

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from decoder import encode_continuation
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import GUIDE_MAX_LOGSNR, build_guidance, load_probes
 

@@ -18,7 +18,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 import data as data_lib
 from decoder import TINY_LM, Decoder, DecoderConfig, encode_continuation, load_tokenizer, train_tokenizer
 from diffusion import Prior, PriorConfig, ema_update, make_ema
-from encoder import TINY_ENCODER, EmbeddingCache, cache_dir_for, latent_stats, standardize, unstandardize
+from encoder import TINY_ENCODER, EmbeddingCache, cache_dir_for, latent_stats, standardize
 
 # Presets. Model ids, sizes and optimisation defaults are configuration, never a second code path.
 TIERS = {

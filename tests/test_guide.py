@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffusion import Prior, PriorConfig
-from encoder import latent_stats, standardize, unstandardize
+from encoder import unstandardize
 from guide import GUIDE_MAX_LOGSNR, Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
 
 
