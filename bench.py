@@ -33,8 +33,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from guide import GUIDE_MAX_LOGSNR
-from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM, use_bf16
+from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM, add_sampling_args, use_bf16
 
 
 class RandomTokenizer:
@@ -169,8 +168,7 @@ def get_args(argv=None):
     p.add_argument("--config", default="ckpt", choices=["ckpt", "paper"],
                    help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast where the hardware has native bf16, else fp32 (both sides alike)")
+    add_sampling_args(p)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the prior")
     p.add_argument("--tokens", type=int, default=32, help="tokens decoded per row (always exactly this many)")
@@ -178,9 +176,6 @@ def get_args(argv=None):
     p.add_argument("--guide", default="positive", help="guide of the guided run")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss (sample.py: 32)")
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
-                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
-                        "50 DDIM steps; 15 = every step)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
     args = p.parse_args(argv)

@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from guide import GUIDE_MAX_LOGSNR
-from sample import DEFAULT_SCALE, DEFAULT_TEMPERATURE, DGLM, read_prompt_file
+from sample import DEFAULT_SCALE, DEFAULT_TEMPERATURE, DGLM, add_sampling_args, read_prompt_file
 from train import fit_length
 
 
@@ -364,9 +363,6 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="prior denoising steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss")
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
-                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
-                        "50 DDIM steps; 15 = every step)")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length")
     p.add_argument("--best-of", type=int, default=1,
                    help="decode N candidates per proposal, keep the one whose embedding is closest to it")
@@ -385,8 +381,7 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="write all results (with examples) to this JSON file")
     p.add_argument("--md", default=None, help="write the Markdown table to this file")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
+    add_sampling_args(p)
     return p.parse_args(argv)
 
 

@@ -46,6 +46,15 @@ def use_bf16(precision, device):
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
+def add_sampling_args(p):
+    """The options sample.py, evaluate.py and bench.py share: the guidance interval and the precision."""
+    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
+                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
+                        "50 DDIM steps; 15 = every step)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
+
+
 class DGLM:
     """Everything needed to generate, rebuilt from a checkpoint directory alone.
 
@@ -173,9 +182,6 @@ def get_args(argv=None):
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the prefix (1 = off)")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples around x_hat for the probe loss (0 = x_hat)")
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
-                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
-                        "50 DDIM steps; 15 = every step)")
     p.add_argument("--alpha", type=float, default=None, help="re-noising level of the proposal (default: checkpoint's, 0.95)")
     p.add_argument("--best-of", type=int, default=1,
                    help="decode N candidates per proposal, keep the one whose embedding is closest to it")
@@ -185,8 +191,7 @@ def get_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=1.2, help="CTRL-style repetition penalty")
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
+    add_sampling_args(p)
     args = p.parse_args(argv)
     try:
         args.scale = float(args.scale)
