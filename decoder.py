@@ -14,6 +14,15 @@ the slots). Noise augmentation makes the decoder robust to imperfect proposals:
 At inference the proposal is re-noised at a fixed a = 0.95. a -> 1 follows the proposal,
 a -> 0 leaves a plain prefix language model.
 
+Tiny tier only (`hidden_cond`, a departure from the paper): a GPT-2 trained from scratch for a few
+minutes learns to read the soft prompt slowly, so the noised proposal is also projected (Linear,
+zero-initialised) and added to GPT-2's last hidden state at every position:
+
+    logits_t = W_tok (h_t + C z)        (W_tok: the tied token embeddings)
+
+i.e. a bias on every next-token distribution toward the words of the proposal. It doubled the
+reconstruction cosine of the tiny decoder (0.25 -> 0.49 after the default 2400 steps).
+
 Tiny tier: a small GPT2Config trained from scratch with a byte-level BPE trained on the corpus.
 Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same code.
 """
@@ -40,6 +49,7 @@ class DecoderConfig:
     soft_heads: int = 4       # (paper: 12)
     noise_shift: float = 2 * math.log(3)  # a = sigmoid(logit(cos^2(pi t/2)) + shift)
     infer_alpha: float = 0.95             # re-noising level of a proposal at inference
+    hidden_cond: bool = False  # also add Linear(z) to GPT-2's last hidden state (tiny tier; see above)
     # tiny-tier GPT-2 size (ignored for pretrained models)
     n_layer: int = 4
     n_embd: int = 256
@@ -99,6 +109,10 @@ class Decoder(nn.Module):
             self.lm = GPT2LMHeadModel(GPT2Config(**lm_config))
         self.lm.config.loss_type = "ForCausalLM"  # the plain next-token loss (silences a transformers warning)
         self.soft = SoftPromptGenerator(cfg, self.lm.config.n_embd)
+        self.hidden_cond = nn.Linear(cfg.dim, self.lm.config.n_embd) if cfg.hidden_cond else None
+        if self.hidden_cond is not None:  # starts as a plain soft-prompt decoder
+            nn.init.zeros_(self.hidden_cond.weight)
+            nn.init.zeros_(self.hidden_cond.bias)
 
     @property
     def max_len(self):
@@ -118,6 +132,18 @@ class Decoder(nn.Module):
         slots = ids == -1
         ids[slots] = 0
         return ids, slots, attn
+
+    def condition(self, z, a):
+        """Noised proposal z (B, d) at signal level a (B,) -> (soft prompt (B, k, D), hidden bias (B, D) or None)."""
+        return self.soft(z, a), (self.hidden_cond(z) if self.hidden_cond is not None else None)
+
+    def _logits(self, bias, **lm_inputs):
+        """GPT-2's next-token logits, with `bias` (B, D) added to the last hidden state when hidden_cond."""
+        out = self.lm.transformer(**lm_inputs)
+        h = out.last_hidden_state
+        if bias is not None:
+            h = h + bias[:, None].to(h.dtype)
+        return self.lm.lm_head(h), out.past_key_values
 
     def _embed(self, ids, slots, soft):
         emb = self.lm.get_input_embeddings()(ids)            # (B, T, D)
@@ -140,10 +166,10 @@ class Decoder(nn.Module):
         if shard is not None:
             prefixes, continuations, z, a = prefixes[shard], continuations[shard], z[shard], a[shard]
         ids, slots, attn = (t.to(device) for t in self._layout(prefixes, continuations, left_pad=False))
-        inputs = self._embed(ids, slots, self.soft(z, a))
+        soft, bias = self.condition(z, a)
         labels = ids.masked_fill(slots | (attn == 0), -100)
         labels[:, 0] = -100  # bos is given, not predicted
-        logits = self.lm(inputs_embeds=inputs, attention_mask=attn).logits
+        logits, _ = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
         return nll / n_tokens
 
@@ -163,8 +189,9 @@ class Decoder(nn.Module):
         ids, slots, attn = (t.to(device) for t in self._layout(prefixes, continuations, left_pad=False))
         a = torch.full((len(prefixes),), float(alpha), device=device)
         eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        inputs = self._embed(ids, slots, self.soft(q_sample(x, eps, a), a))
-        logits = self.lm(inputs_embeds=inputs, attention_mask=attn).logits[:, :-1].float()  # predicts ids[:, 1:]
+        soft, bias = self.condition(q_sample(x, eps, a), a)
+        logits, _ = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn)
+        logits = logits[:, :-1].float()  # predicts ids[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")        # (B, T-1)
         start = torch.tensor([1 + len(p) + self.cfg.n_soft for p in prefixes], device=device)  # first continuation slot
         end = start + torch.tensor([len(c) for c in continuations], device=device)
@@ -185,15 +212,15 @@ class Decoder(nn.Module):
         room = self.max_len - self.cfg.n_soft - 1 - max_new_tokens
         prefixes = [p[-room:] if room > 0 else [] for p in prefixes]  # keep the prompt's end
         ids, slots, attn = (t.to(device) for t in self._layout(prefixes, [[] for _ in prefixes], left_pad=True))
-        inputs = self._embed(ids, slots, self.soft(q_sample(x, torch.randn(x.shape, generator=generator,
-                                                   device=device), a), a))
+        soft, bias = self.condition(q_sample(x, torch.randn(x.shape, generator=generator, device=device), a), a)
         position = (attn.cumsum(-1) - 1).clamp_min(0)
         seen = ids.masked_fill(slots | (attn == 0), self.eos_id)  # tokens the repetition penalty sees
-        out = self.lm(inputs_embeds=inputs, attention_mask=attn, position_ids=position, use_cache=True)
+        logits, past = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn,
+                                    position_ids=position, use_cache=True)
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
+            logits = logits[:, -1].float()
             if repetition_penalty != 1.0:
                 picked = logits.gather(1, seen)
                 logits.scatter_(1, seen, torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty))
@@ -206,8 +233,8 @@ class Decoder(nn.Module):
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
             position = position[:, -1:] + 1
-            out = self.lm(input_ids=token[:, None], attention_mask=attn, position_ids=position,
-                          past_key_values=out.past_key_values, use_cache=True)
+            logits, past = self._logits(bias, input_ids=token[:, None], attention_mask=attn, position_ids=position,
+                                        past_key_values=past, use_cache=True)
         result = []
         for row in generated.tolist():
             result.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
