@@ -37,15 +37,33 @@ def test_layout_puts_slots_between_prefix_and_continuation_and_masks_them():
     assert slots[:, -1].all() and attn[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
 
 
-def test_batched_left_padded_generation_matches_one_by_one():
+@pytest.mark.parametrize("hidden_cond", [False, True])
+def test_batched_left_padded_generation_matches_one_by_one(hidden_cond):
     torch.manual_seed(0)
-    dec = small_decoder(60).eval()
+    dec = small_decoder(60, hidden_cond=hidden_cond).eval()
+    if hidden_cond:  # zero-initialised: give it weights, so each row's bias must stay with its row
+        torch.nn.init.normal_(dec.hidden_cond.weight, std=0.1)
     prefixes, x = [[5, 6, 7], [], [9]], torch.randn(3, 384)
     batch = dec.generate(prefixes, x, alpha=1.0 - 1e-6, max_new_tokens=6, temperature=0, repetition_penalty=1.3)
     for i in range(3):
         alone = dec.generate(prefixes[i:i + 1], x[i:i + 1], alpha=1.0 - 1e-6, max_new_tokens=6, temperature=0,
                              repetition_penalty=1.3)
         assert alone[0] == batch[i][:len(alone[0])]
+
+
+def test_hidden_cond_bias_reaches_every_position_in_training_and_generation():
+    """hidden_cond adds Linear(z) to the last hidden state; logits = W_tok (h + c) with tied embeddings,
+    so c = K * W_tok[t] makes token t the argmax at every step of generation, not only the first."""
+    torch.manual_seed(0)
+    dec = small_decoder(60, hidden_cond=True).eval()
+    x, t = torch.randn(2, 384), 17
+    scored = lambda: dec.score([[5], []], [[t] * 6, [t] * 3], x, alpha=0.9)[0]  # the training sequence
+    assert (scored() > 1.0).all()
+    with torch.no_grad():
+        dec.hidden_cond.bias.copy_(2000 * dec.lm.get_input_embeddings().weight[t])
+    assert (scored() < 0.01).all()  # every continuation token became near-certain
+    out = dec.generate([[5, 6], []], x, max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    assert out == [[t] * 6, [t] * 6]
 
 
 def test_top_p_keeps_only_the_nucleus():
