@@ -338,7 +338,7 @@ def get_args(argv=None):
     p.add_argument("--decoder-batch", type=parse_count, default=None, help="global decoder batch, the first rows of the prior batch (32 / 64)")
     p.add_argument("--prior-lr", type=float, default=None, help="peak AdamW learning rate of the prior (1e-3 / 1e-3)")
     p.add_argument("--decoder-lr", type=float, default=None, help="peak AdamW learning rate of the decoder (3e-3 from scratch / 5e-6 fine-tuning)")
-    p.add_argument("--soft-prompt-lr", type=float, default=None, help="peak learning rate of the soft-prompt generator (default: --decoder-lr)")
+    p.add_argument("--soft-prompt-lr", type=float, default=None, help="peak learning rate of the soft-prompt generator and hidden_cond (default: --decoder-lr)")
     p.add_argument("--warmup", type=parse_count, default=100, help="linear warm-up steps")
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the prior used for sampling (0.995 / 0.9999)")
     p.add_argument("--max-prefix-frac", type=float, default=None, help="prefix length ~ U{0..frac*words} (0.5 / 1.0)")
@@ -439,7 +439,8 @@ def main(args):
     opt_prior = torch.optim.AdamW([{"params": prior.parameters(), "peak_lr": args.prior_lr}],
                                   lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
     opt_decoder = torch.optim.AdamW([{"params": decoder.lm.parameters(), "peak_lr": args.decoder_lr},
-                                     {"params": decoder.soft.parameters(), "peak_lr": args.soft_prompt_lr or args.decoder_lr}],
+                                     {"params": [p for n, p in decoder.named_parameters() if not n.startswith("lm.")],
+                                      "peak_lr": args.soft_prompt_lr or args.decoder_lr}],  # soft prompt, hidden_cond
                                     lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02, fused=fused)
     if resume:
         _, _, meta, tensors = resume

@@ -89,6 +89,8 @@ def test_training_writes_a_self_describing_checkpoint(trained):
     torch.testing.assert_close(prior.net.merge.weight, tensors["prior_ema.net.merge.weight"])
     assert decoder.lm.lm_head.weight.data_ptr() == decoder.lm.transformer.wte.weight.data_ptr()
     torch.testing.assert_close(decoder.lm.lm_head.weight, tensors["decoder.lm.transformer.wte.weight"])
+    # hidden_cond (tiny tier) starts at zero: non-zero only if the decoder's optimiser trains it
+    assert config["decoder"]["hidden_cond"] and tensors["decoder.hidden_cond.weight"].abs().sum() > 0
 
 
 def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
