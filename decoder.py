@@ -16,9 +16,10 @@ a -> 0 leaves a plain prefix language model.
 
 Tiny tier only (`hidden_cond`, a departure from the paper): a GPT-2 trained from scratch for a few
 minutes learns to read the soft prompt slowly, so the noised proposal is also projected (Linear,
-zero-initialised) and added to GPT-2's last hidden state at every position:
+zero-initialised), scaled by the signal level a and added to GPT-2's last hidden state at every
+position:
 
-    logits_t = W_tok (h_t + C z)        (W_tok: the tied token embeddings)
+    logits_t = W_tok (h_t + a C z)      (W_tok: the tied token embeddings)
 
 i.e. a bias on every next-token distribution toward the words of the proposal. It doubled the
 reconstruction cosine of the tiny decoder (0.25 -> 0.49 after the default 2400 steps).
@@ -135,7 +136,9 @@ class Decoder(nn.Module):
 
     def condition(self, z, a):
         """Noised proposal z (B, d) at signal level a (B,) -> (soft prompt (B, k, D), hidden bias (B, D) or None)."""
-        return self.soft(z, a), (self.hidden_cond(z) if self.hidden_cond is not None else None)
+        if self.hidden_cond is None:
+            return self.soft(z, a), None
+        return self.soft(z, a), a[:, None].to(z.dtype) * self.hidden_cond(z)  # a = 0: a plain prefix LM
 
     def _logits(self, bias, **lm_inputs):
         """GPT-2's next-token logits, with `bias` (B, D) added to the last hidden state when hidden_cond."""

@@ -52,16 +52,19 @@ def test_batched_left_padded_generation_matches_one_by_one(hidden_cond):
 
 
 def test_hidden_cond_bias_reaches_every_position_in_training_and_generation():
-    """hidden_cond adds Linear(z) to the last hidden state; logits = W_tok (h + c) with tied embeddings,
+    """hidden_cond adds a * Linear(z) to the last hidden state; logits = W_tok (h + c) with tied embeddings,
     so c = K * W_tok[t] makes token t the argmax at every step of generation, not only the first."""
     torch.manual_seed(0)
     dec = small_decoder(60, hidden_cond=True).eval()
     x, t = torch.randn(2, 384), 17
-    scored = lambda: dec.score([[5], []], [[t] * 6, [t] * 3], x, alpha=0.9)[0]  # the training sequence
+    scored = lambda alpha=0.9: dec.score([[5], []], [[t] * 6, [t] * 3], x, alpha,
+                                         generator=torch.Generator().manual_seed(0))[0]  # the training sequence
     assert (scored() > 1.0).all()
+    plain = scored(alpha=0.0)
     with torch.no_grad():
         dec.hidden_cond.bias.copy_(2000 * dec.lm.get_input_embeddings().weight[t])
     assert (scored() < 0.01).all()  # every continuation token became near-certain
+    torch.testing.assert_close(scored(alpha=0.0), plain)  # scaled by a: at a = 0 a plain prefix LM
     out = dec.generate([[5, 6], []], x, max_new_tokens=6, temperature=0, repetition_penalty=1.0)
     assert out == [[t] * 6, [t] * 6]
 
