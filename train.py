@@ -32,8 +32,8 @@ from encoder import TINY_ENCODER, EmbeddingCache, cache_dir_for, latent_stats, s
 TIERS = {
     "tiny": dict(encoder=TINY_ENCODER, lm=TINY_LM, dim=384,
                  prior=dict(n_tokens=8, token_dim=32, width=128, depth=4, heads=4),
-                 decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4, hidden_cond=True,
-                              n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=8192),
+                 decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4,
+                              hidden_cond=True, n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=8192),
                  train=dict(batch_size=256, decoder_batch=32, prior_lr=1e-3, decoder_lr=3e-3, ema=0.995,
                             max_prefix_frac=0.5, max_len=48)),
     "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large", dim=768,
