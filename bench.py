@@ -6,7 +6,10 @@
 
 For each batch size B (the same B prompts everywhere):
   plain          the decoder's own generate() through DGLM.decode, m tokens, soft-prompt slots included,
-                 its proposal a random unit vector: GPT-2 decoding of the prompts without the prior
+                 at a = 0 (soft prompt from pure noise, no hidden_cond bias): the decoder as a plain
+                 prefix LM, GPT-2 decoding of the prompts without the prior. (Not a random proposal at
+                 a = 0.95: through hidden_cond an off-manifold vector makes every next-token distribution
+                 so peaked that top-p sampling gets cheaper than on any real proposal.)
   DGLM unguided  DGLM.sample_proposals (embed the prompts, k DDIM steps of the prior) + DGLM.decode
   DGLM guided    the same with probe guidance (--guide at --scale, K = 32 Monte Carlo samples, as
                  sample.py uses): the denoiser's forward and backward on the guided steps
@@ -127,10 +130,10 @@ def bench_batch(model, batch, args):
     random_e = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(1)), dim=-1).to(model.device)
     guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0, max_logsnr=args.guide_max_logsnr)
     guided_k0 = model.guidance(args.guide, args.scale, n_samples=0, seed=0, max_logsnr=args.guide_max_logsnr)
-    decode = lambda e: model.decode(prefixes, e, max_new_tokens=args.tokens)
+    decode = lambda e, alpha=None: model.decode(prefixes, e, alpha=alpha, max_new_tokens=args.tokens)
     propose = lambda g: model.sample_proposals(prefixes, g, steps=args.steps)
     runs = {
-        "plain": lambda: decode(random_e),
+        "plain": lambda: decode(random_e, alpha=0.0),
         "unguided": lambda: decode(propose(None)),
         "guided": lambda: decode(propose(guided)),
         "embed": lambda: model.embed(prefixes),

@@ -21,8 +21,9 @@ position:
 
     logits_t = W_tok (h_t + a C z)      (W_tok: the tied token embeddings)
 
-i.e. a bias on every next-token distribution toward the words of the proposal. It doubled the
-reconstruction cosine of the tiny decoder (0.25 -> 0.49 after the default 2400 steps).
+i.e. a bias on every next-token distribution toward the words of the proposal. After the default
+2400 steps it raised the reconstruction cosine from 0.26 to 0.41 and negative steering (VADER)
+from 17.5% to 69% (README, "The tiny decoder"). At a = 0 the decoder is a plain prefix LM.
 
 Tiny tier: a small GPT2Config trained from scratch with a byte-level BPE trained on the corpus.
 Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same code.

@@ -21,11 +21,11 @@ import torch
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import GUIDE_MAX_LOGSNR, build_guidance, load_probes
 
-# Defaults picked from the guidance-scale sweeps on the tiny tier (README, `evaluate.py --plot`): at scale
-# 300 positive steering is at or near its best (79% and 84.5% in two training runs) for a modest rise in
-# perplexity; at 1000 perplexity keeps growing and compositions lose. Temperature 0.7 steers more than
-# 1.0 at a small cost in diversity.
-DEFAULT_SCALE = 300.0
+# Defaults picked from the guidance-scale sweep on the tiny tier (README, `evaluate.py --plot`): at scale
+# 200 positive and negative steering are near their best (98.5% / 69% by VADER) for a perplexity rise of
+# about 1.6x; 100 is cheaper in perplexity but leaves negative at the edge (61%), 300 and 1000 only add
+# perplexity. Temperature 0.7 steers more than 1.0 at a small cost in diversity.
+DEFAULT_SCALE = 200.0
 DEFAULT_TEMPERATURE = 0.7
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
