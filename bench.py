@@ -2,7 +2,7 @@
 
     python bench.py --ckpt out                                   # the tiny checkpoint, CPU or GPU
     python bench.py --config paper --device cuda                 # paper-sized random models, no download
-    python bench.py --steps 20 --tokens 64 --batch-sizes 1,16,64 --profile
+    python bench.py --steps 20 --max-tokens 64 --batch-sizes 1,16,64 --profile
 
 For each batch size B (the same B prompts everywhere):
   plain          the decoder's own generate() through DGLM.decode, m tokens, soft-prompt slots included,
@@ -32,11 +32,15 @@ import contextlib
 import statistics
 import time
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from transformers import GPT2Config
 
-from sample import DEFAULT_SCALE, DEMO_PREFIXES, DGLM, add_sampling_args, use_bf16
+from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
+from train import TIERS
+from utils import ArgumentParser, autocast, bounded, build_models, pick_device, run_cli, use_bf16
 
 
 class RandomTokenizer:
@@ -57,6 +61,7 @@ class RandomTokenizer:
 
 
 PAPER_LM = dict(vocab_size=50257, n_layer=36, n_embd=1280, n_head=20, n_positions=1024)  # gpt2-large's architecture
+PAPER_DIM = 768  # sentence-t5-xl's embedding width
 
 
 class RandomDGLM(DGLM):
@@ -64,11 +69,7 @@ class RandomDGLM(DGLM):
     Sampling and decoding are DGLM's own methods; only embed() (random unit vectors) differs."""
 
     def __init__(self, device="cpu", seed=0, precision="auto"):
-        from transformers import GPT2Config
-
-        from train import TIERS, build_models
-        tier = TIERS["paper"]
-        dim = tier["dim"]
+        tier, dim = TIERS["paper"], PAPER_DIM
         eos = PAPER_LM["vocab_size"] - 1  # GPT-2's <|endoftext|>
         lm_config = GPT2Config(**PAPER_LM, bos_token_id=eos, eos_token_id=eos).to_dict()
         self.config = dict(encoder="random", prior=dict(tier["prior"], dim=dim),
@@ -128,12 +129,14 @@ def bench_batch(model, batch, args):
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
     d = model.mu.shape[0]
     random_e = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(1)), dim=-1).to(model.device)
-    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0, max_logsnr=args.guide_max_logsnr)
-    guided_k0 = model.guidance(args.guide, args.scale, n_samples=0, seed=0, max_logsnr=args.guide_max_logsnr)
-    decode = lambda e, alpha=None: model.decode(prefixes, e, alpha=alpha, max_new_tokens=args.tokens)
-    propose = lambda g: model.sample_proposals(prefixes, g, steps=args.steps)
+    sampling = sampling_config(args)
+    guided = model.guidance(args.guide, sampling)
+    guided_k0 = model.guidance(args.guide, replace(sampling, mc_samples=0))
+    plain = replace(sampling, signal_level=0.0)
+    decode = lambda e, s=sampling: model.decode(prefixes, e, s, seed=0)
+    propose = lambda g: model.sample_proposals(prefixes, g, sampling, seed=0)
     runs = {
-        "plain": lambda: decode(random_e, alpha=0.0),
+        "plain": lambda: decode(random_e, plain),
         "unguided": lambda: decode(propose(None)),
         "guided": lambda: decode(propose(guided)),
         "embed": lambda: model.embed(prefixes),
@@ -142,9 +145,11 @@ def bench_batch(model, batch, args):
         "prior_guided_k0": lambda: propose(guided_k0),
     }
     with fixed_length(model.decoder):
-        with model.autocast():
-            lengths = model.decoder.generate(model.prefix_ids(prefixes, args.tokens), random_e, max_new_tokens=args.tokens)
-            assert all(len(row) == args.tokens for row in lengths), "a row ended early despite the masked end-of-text"
+        with autocast(model.device, model.bf16):
+            ids = model.decoder.generate(model.prefix_ids(prefixes, args.max_tokens), random_e,
+                                         max_new_tokens=args.max_tokens, top_p=sampling.top_p,
+                                         temperature=sampling.temperature, repetition_penalty=sampling.repetition_penalty)
+        assert all(len(row) == args.max_tokens for row in ids), "a row ended early despite the masked end-of-text"
         for fn in runs.values():  # warm-up once per shape
             fn()
         return {name: timed(fn, model.device, args.repeats) for name, fn in runs.items()}
@@ -154,10 +159,11 @@ def profile_guided(model, batch, args):
     """torch.profiler over one guided generation: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
-    guided = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=0, max_logsnr=args.guide_max_logsnr)
+    sampling = sampling_config(args)
+    guided = model.guidance(args.guide, sampling)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
     with fixed_length(model.decoder), profile(activities=activities) as prof:
-        model.decode(prefixes, model.sample_proposals(prefixes, guided, steps=args.steps), max_new_tokens=args.tokens)
+        model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0)
         sync(model.device)
     key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"
     print(f"\nprofile of one guided generation, batch {batch} (top ops by {key}):")
@@ -165,34 +171,27 @@ def profile_guided(model, batch, args):
 
 
 def get_args(argv=None):
-    from train import ArgumentParser  # argparse with one-line usage errors
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory (ignored with --config paper)")
     p.add_argument("--config", default="ckpt", choices=["ckpt", "paper"],
                    help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    add_sampling_args(p)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the prior")
-    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per row (always exactly this many)")
+    p.add_argument("--repeats", type=bounded(int, 1, 1000), default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes; the last one gives the final ratio")
     p.add_argument("--guide", default="positive", help="guide of the guided run")
-    p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale")
-    p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss (sample.py: 32)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
+    add_sampling_args(p)
     args = p.parse_args(argv)
+    batch = bounded(int, 1, 1e5)
     try:
-        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        p.error(f"--batch-sizes {args.batch_sizes!r} must be comma-separated whole numbers")
-    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.steps < 1 or args.tokens < 1:
-        p.error("--batch-sizes, --repeats, --steps and --tokens must be at least 1")
+        args.batch_sizes = [batch(b) for b in args.batch_sizes.split(",")]
+    except argparse.ArgumentTypeError as err:
+        p.error(f"argument --batch-sizes: {err}")
     return args
 
 
 def main(args):
-    from train import pick_device
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,14 +199,14 @@ def main(args):
         model = RandomDGLM(device, precision=args.precision)
     else:
         model = DGLM(args.ckpt, device, args.precision)
-    if model.guidance(args.guide, args.scale) is None:
+    if model.guidance(args.guide, sampling_config(args)) is None:
         raise SystemExit("error: --guide none has nothing to compare; pick a guide such as positive")
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     precision = "bf16 autocast" if model.bf16 else "fp32"
     print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads, {precision}): "
           f"prior {n_params(model.prior):.1f}M, decoder {n_params(model.decoder.lm):.1f}M + soft prompt "
           f"{n_params(model.decoder.soft):.1f}M params")
-    print(f"DDIM {args.steps} steps | {args.tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
+    print(f"DDIM {args.steps} steps | {args.max_tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
           f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | "
           f"median of {args.repeats} after a warm-up | seconds per batch\n")
     rows = []
@@ -227,10 +226,9 @@ def main(args):
     if args.profile:
         profile_guided(model, args.batch_sizes[-1], args)
     batch, t = rows[-1]
-    print(f"\nDDIM {args.steps} steps, {args.tokens} tokens, batch {batch}:")
+    print(f"\nDDIM {args.steps} steps, {args.max_tokens} tokens, batch {batch}:")
     print(f"ratio guided/plain = {t['guided'] / t['plain']:.2f}")
 
 
 if __name__ == "__main__":
-    from train import run_cli  # an `error: ...` becomes one line on stderr and exit code 2
     run_cli(lambda: main(get_args()))

@@ -1,4 +1,4 @@
-"""Training texts: the tiny tier's rated sentences, local files, or C4; and the prefix split.
+"""Texts: the tiny tier's rated sentences, local files, C4 and the paper probes' labelled data sets.
 
 DGLM trains on texts split at a random point into prefix | continuation (sec. 4.1): the decoder
 learns p(continuation | prefix, proposal) and the prior learns p(e_continuation | e_prefix).
@@ -7,15 +7,18 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
                 (movie reviews, tweets, product reviews, news editorials), shipped inside the
                 source distribution of `vaderSentiment==3.3.2` (Hutto & Gilbert 2014, MIT).
                 Fetched with pip, checked against a sha256, cached as corpus.jsonl.
-  --data PATH   a local .txt (one text per line) or .jsonl (a `text` field; optional `label`).
+  --data PATH   a local .txt (one text per line) or .jsonl (a `text` field).
   --data c4     C4 `en`, streamed with `datasets` from the hub, or from a local copy of its
                 .json.gz files (--c4-path DIR or $DGLM_C4_PATH). Prepared as in the paper: documents
                 with > 0.25 GPT-2 tokens per character dropped, 128-token windows, the first 88
                 tokens of each kept. C4Examples streams it resumably; see its `position`.
+  probe data    SST-2, Amazon polarity, Civil Comments and AG News (the paper tier's probes, guide.py),
+                streamed from the hub or read from local copies (--probe-data DIR).
 """
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -91,6 +94,8 @@ def write_jsonl(path, rows):
 def load_local(path):
     """A .txt (one text per line) or .jsonl (`text` field) -> list of {text, ...}."""
     path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: --data {path} is a directory; pass a .txt or .jsonl file (or tiny, c4)")
     if not path.is_file():
         raise SystemExit(f"error: data file {path} does not exist (accepted: tiny, c4, a .txt or .jsonl file)")
     try:
@@ -201,6 +206,16 @@ class C4Examples:
             self.position = {"doc": doc, "chunk": 0, "dataset": state}
 
 
+def c4_window(tokenizer, path, seed, position, size, max_prefix_frac):
+    """The next `size` examples of the C4 stream from `position` -> (examples, position after them).
+
+    C4 is never held whole: training runs through consecutive windows, each embedded once and
+    trained on once; a checkpoint records where its window starts, so --resume rebuilds it exactly.
+    """
+    stream = C4Examples(tokenizer, path, seed, position, max_prefix_frac=max_prefix_frac)
+    return list(itertools.islice(stream, size)), stream.position
+
+
 def load_corpus(data, cache_dir):
     """--data tiny or a local file, read whole (C4 is never read whole: iterate C4Examples)."""
     if data == "tiny":
@@ -209,7 +224,8 @@ def load_corpus(data, cache_dir):
 
 
 def split_text(text, rng, max_prefix_frac=1.0):
-    """Split at a uniformly random word boundary: k ~ U{0..floor(frac*n)}; the prefix may be empty."""
+    """Split a text of n words after its first k words, k ~ U{0 .. floor(frac (n - 1))}: the prefix
+    may be empty, the continuation keeps at least one word."""
     words = text.split()
     k = rng.randint(0, int(max_prefix_frac * (len(words) - 1)))
     return " ".join(words[:k]), " ".join(words[k:])
@@ -226,3 +242,52 @@ def make_examples(rows, seed, max_prefix_frac):
     if not train:
         raise SystemExit("error: no training texts left after holding out the evaluation split")
     return train, held_out
+
+
+# ----------------------------------------------------------------------------- labelled data for the paper probes
+
+AG_NEWS_TOPICS = ["world", "sports", "business", "scitech"]  # AG News labels 0..3
+# local file name -> (hub id, text field, classes, label of a record); the train split is streamed
+PROBE_SOURCES = {
+    "sst2": ("stanfordnlp/sst2", "sentence", 2, lambda r: r["label"]),
+    "amazon_polarity": ("fancyzhx/amazon_polarity", "content", 2, lambda r: r["label"]),
+    "civil_comments": ("google/civil_comments", "text", 2, lambda r: int(r["toxicity"] > 0.5)),
+    "ag_news": ("fancyzhx/ag_news", "text", 4, lambda r: r["label"]),
+}
+PROBE_HELD_OUT_EVERY = 10  # the 1st, 11th, 21st, ... example of each class measures a probe, never trains it
+
+
+def open_probe_source(name, data_dir=None):
+    """Stream the train split of a labelled data set: DIR/<name>.jsonl (or .jsonl.gz, .parquet) if
+    there, with the hub's field names, else the Hugging Face hub (one-line error offline)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SystemExit("error: the paper probes need `pip install datasets`") from None
+    hub_id = PROBE_SOURCES[name][0]
+    for suffix, builder in ((".jsonl", "json"), (".jsonl.gz", "json"), (".parquet", "parquet")):
+        path = os.path.join(data_dir or "", name + suffix)
+        if data_dir and os.path.exists(path):
+            return load_dataset(builder, data_files=path, split="train", streaming=True)
+    try:
+        return load_dataset(hub_id, split="train", streaming=True)
+    except Exception as err:  # datasets raises many kinds of connection errors
+        raise SystemExit(f"error: could not stream {hub_id} from the Hugging Face hub ({type(err).__name__}); "
+                         f"offline, save its train split as DIR/{name}.jsonl (one record per line, the hub's "
+                         "field names) and pass --probe-data DIR") from None
+
+
+def read_labelled(name, max_per_class, data_dir=None):
+    """Up to `max_per_class` (text, label, held_out) of each class, in the data set's order."""
+    _, field, n_classes, label_of = PROBE_SOURCES[name]
+    counts, rows = [0] * n_classes, []
+    for record in open_probe_source(name, data_dir):
+        text, label = " ".join(str(record[field] or "").split()), label_of(record)
+        if text and 0 <= label < n_classes and counts[label] < max_per_class:
+            rows.append((text, label, counts[label] % PROBE_HELD_OUT_EVERY == 0))
+            counts[label] += 1
+            if min(counts) == max_per_class:
+                break
+    if min(counts) == 0:
+        raise SystemExit(f"error: {name} gave no examples of some class (counts per class: {counts})")
+    return rows

@@ -1,7 +1,7 @@
 """The DGLM decoder: a soft-prompt generator plus an auto-regressive GPT-2 (DGLM sec. 3.1).
 
-A semantic proposal x (standardised sentence embedding) becomes k soft-prompt vectors placed
-between the prefix and the continuation:
+A semantic proposal, the standardised latent x of a sentence embedding, becomes k soft-prompt
+vectors placed between the prefix and the continuation:
 
     [bos][prefix tokens][k soft-prompt slots][continuation tokens][eos]
 
@@ -21,15 +21,15 @@ position:
 
     logits_t = W_tok (h_t + a C z)      (W_tok: the tied token embeddings)
 
-i.e. a bias on every next-token distribution toward the words of the proposal. After the default
-2400 steps it raised the reconstruction cosine from 0.26 to 0.41 and negative steering (VADER)
-from 17.5% to 69% (README, "The tiny decoder"). At a = 0 the decoder is a plain prefix LM.
+i.e. a bias on every next-token distribution toward the words of the proposal (its effect is
+measured in the README, "The tiny decoder"). At a = 0 the decoder is a plain prefix LM.
 
 Tiny tier: a small GPT2Config trained from scratch with a byte-level BPE trained on the corpus.
 Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same code.
+Names: *_ids token-id lists, x a standardised latent, z its noised version at signal level a.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -42,76 +42,85 @@ TINY_LM = "tiny"
 
 @dataclass
 class DecoderConfig:
+    """The tiny tier's decoder; train.TIERS["paper"] overrides the soft-prompt sizes and turns
+    hidden_cond off (the GPT-2 sizes below only apply to the LM trained from scratch)."""
     lm: str = TINY_LM         # "tiny" (GPT-2 config from scratch) or a GPT-2 hub id / local folder
     dim: int = 384            # sentence-embedding width d
     n_soft: int = 8           # k soft-prompt slots
     soft_token_dim: int = 64  # Linear d -> k * c  (paper: c = 384)
-    soft_width: int = 256     # soft-prompt transformer width (paper: 768)
+    soft_width: int = 128     # soft-prompt transformer width (paper: 768)
     soft_depth: int = 2       # (paper: 6)
     soft_heads: int = 4       # (paper: 12)
     noise_shift: float = 2 * math.log(3)  # a = sigmoid(logit(cos^2(pi t/2)) + shift)
-    infer_alpha: float = 0.95             # re-noising level of a proposal at inference
-    hidden_cond: bool = False  # also add Linear(z) to GPT-2's last hidden state (tiny tier; see above)
-    # tiny-tier GPT-2 size (ignored for pretrained models)
+    noise_augmentation: bool = True       # False: trained on clean proposals (a = 1), a teaching switch
+    inference_a: float = 0.95             # signal level of the re-noised proposal at inference
+    hidden_cond: bool = True  # also add a Linear(z) to GPT-2's last hidden state (tiny tier; see above)
+    # the tiny tier's GPT-2, trained from scratch (ignored for pretrained models)
     n_layer: int = 4
-    n_embd: int = 256
+    n_embd: int = 192
     n_head: int = 4
     n_positions: int = 128
-    vocab_size: int = 4096
+    vocab_size: int = 8192    # of the BPE trained on the corpus
+
+    def lm_config(self, vocab_size, eos_id):
+        """The GPT2Config (as a dict) of the language model trained from scratch."""
+        return dict(vocab_size=vocab_size, n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
+                    n_positions=self.n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # a few epochs
+                    bos_token_id=eos_id, eos_token_id=eos_id)
 
 
 class SoftPromptGenerator(nn.Module):
     """G(z, a): Linear d -> k tokens, bidirectional transformer with adaLN on the noise level a,
     then Linear to the decoder width."""
 
-    def __init__(self, cfg: DecoderConfig, lm_width):
+    def __init__(self, config: DecoderConfig, lm_width):
         super().__init__()
-        self.cfg = cfg
-        self.split = nn.Linear(cfg.dim, cfg.n_soft * cfg.soft_token_dim)
-        self.embed = nn.Linear(cfg.soft_token_dim, cfg.soft_width)
-        self.pos = nn.Parameter(torch.randn(cfg.n_soft, cfg.soft_width) * 0.02)
-        W = cfg.soft_width
+        self.config = config
+        W = config.soft_width
+        self.split = nn.Linear(config.dim, config.n_soft * config.soft_token_dim)
+        self.embed = nn.Linear(config.soft_token_dim, W)
+        self.pos = nn.Parameter(torch.randn(config.n_soft, W) * 0.02)
         self.noise_level = nn.Sequential(nn.Linear(W, W // 2), nn.SiLU(), nn.Linear(W // 2, W // 2))
-        self.blocks = nn.ModuleList(Block(W, cfg.soft_heads, 4, W // 2) for _ in range(cfg.soft_depth))
+        self.blocks = nn.ModuleList(Block(W, config.soft_heads, 4, W // 2) for _ in range(config.soft_depth))
         self.norm = RMSNorm(W)
         self.out = nn.Linear(W, lm_width)
 
     def forward(self, z, a):
-        """z (B, d) noisy standardised embedding, a (B,) its signal level -> (B, k, lm_width)."""
+        """z (B, d) noised standardised latent, a (B,) its signal level -> (B, k, lm_width)."""
         B = z.shape[0]
-        h = self.embed(self.split(z).view(B, self.cfg.n_soft, -1)) + self.pos  # (B, k, W)
+        h = self.embed(self.split(z).view(B, self.config.n_soft, -1)) + self.pos  # (B, k, W)
         logsnr = torch.logit(a.float().clamp(1e-6, 1 - 1e-6))
-        cond = F.silu(self.noise_level(timestep_embedding(logsnr, self.cfg.soft_width).to(h.dtype)))
+        cond = F.silu(self.noise_level(timestep_embedding(logsnr, self.config.soft_width).to(h.dtype)))
         for block in self.blocks:
             h = block(h, cond)
         return self.out(self.norm(h))
 
 
-def augmentation_alpha(n, shift, device=None):
+def augmentation_level(n, shift, device=None):
     """a = sigmoid(logit(cos^2(pi t / 2)) + shift), t ~ U(0, 1); logit(cos^2(pi t/2)) = -2 log tan(pi t/2)."""
     t = torch.rand(n, device=device)
     return torch.sigmoid(logsnr_cosine(t) + shift)
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, lm_config: dict, bos_id: int, eos_id: int, pretrained=False):
+    def __init__(self, config: DecoderConfig, lm_config: dict, bos_id: int, eos_id: int, pretrained=False):
         """lm_config: a GPT2Config as a dict, saved in the checkpoint so loading downloads nothing."""
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
-        self.cfg = cfg
+        self.config = config
         self.bos_id, self.eos_id = bos_id, eos_id
         if pretrained:
             try:
-                self.lm = GPT2LMHeadModel.from_pretrained(cfg.lm)
+                self.lm = GPT2LMHeadModel.from_pretrained(config.lm)
             except OSError:
-                raise SystemExit(f"error: could not load the language model {cfg.lm!r} from the hub or disk; "
+                raise SystemExit(f"error: could not load the language model {config.lm!r} from the hub or disk; "
                                  "without internet pass a local GPT-2 folder with --lm, or use the tiny tier "
                                  f"(--lm {TINY_LM})") from None
         else:
             self.lm = GPT2LMHeadModel(GPT2Config(**lm_config))
         self.lm.config.loss_type = "ForCausalLM"  # the plain next-token loss (silences a transformers warning)
-        self.soft = SoftPromptGenerator(cfg, self.lm.config.n_embd)
-        self.hidden_cond = nn.Linear(cfg.dim, self.lm.config.n_embd) if cfg.hidden_cond else None
+        self.soft = SoftPromptGenerator(config, self.lm.config.n_embd)
+        self.hidden_cond = nn.Linear(config.dim, self.lm.config.n_embd) if config.hidden_cond else None
         if self.hidden_cond is not None:  # starts as a plain soft-prompt decoder
             nn.init.zeros_(self.hidden_cond.weight)
             nn.init.zeros_(self.hidden_cond.bias)
@@ -120,10 +129,14 @@ class Decoder(nn.Module):
     def max_len(self):
         return self.lm.config.n_positions
 
-    def _layout(self, prefixes, continuations, left_pad):
+    def room(self, used=0):
+        """Context positions left after bos, the k slots and `used` other tokens."""
+        return self.max_len - 1 - self.config.n_soft - used
+
+    def _layout(self, prefix_ids, continuation_ids, left_pad):
         """Token ids (B, T) with the slots marked: [bos] prefix [slots] continuation; and masks."""
-        k = self.cfg.n_soft
-        rows = [[self.bos_id] + p + [-1] * k + c for p, c in zip(prefixes, continuations)]
+        k = self.config.n_soft
+        rows = [[self.bos_id] + p + [-1] * k + c for p, c in zip(prefix_ids, continuation_ids)]
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), self.eos_id, dtype=torch.long)
         attn = torch.zeros(len(rows), T, dtype=torch.long)
@@ -136,41 +149,50 @@ class Decoder(nn.Module):
         return ids, slots, attn
 
     def condition(self, z, a):
-        """Noised proposal z (B, d) at signal level a (B,) -> (soft prompt (B, k, D), hidden bias (B, D) or None)."""
+        """Noised latent z (B, d) at signal level a (B,) -> (soft prompt (B, k, D), hidden bias (B, D) or None)."""
         if self.hidden_cond is None:
             return self.soft(z, a), None
         return self.soft(z, a), a[:, None].to(z.dtype) * self.hidden_cond(z)  # a = 0: a plain prefix LM
 
     def _logits(self, bias, **lm_inputs):
-        """GPT-2's next-token logits, with `bias` (B, D) added to the last hidden state when hidden_cond."""
+        """GPT-2's next-token logits and its key/value cache, with `bias` (B, D) added to the last
+        hidden state when hidden_cond."""
         out = self.lm.transformer(**lm_inputs)
         h = out.last_hidden_state
         if bias is not None:
             h = h + bias[:, None].to(h.dtype)
-        return self.lm.lm_head(h), out.past_key_values
+        return self.lm.lm_head(h), out.cache
 
     def _embed(self, ids, slots, soft):
         emb = self.lm.get_input_embeddings()(ids)            # (B, T, D)
-        emb = emb.masked_scatter(slots[..., None], soft.to(emb.dtype))  # k slots per row, in order
-        return emb
+        return emb.masked_scatter(slots[..., None], soft.to(emb.dtype))  # k slots per row, in order
 
-    def forward(self, prefixes, continuations, x, shard=None):
-        """Mean next-token loss over the prefix, continuation and eos tokens of a batch: lists of
-        token-id lists and clean embeddings x (B, d), with noise augmentation.
+    def draw_noise(self, n, device):
+        """The noise augmentation of n examples: {a: (n,), eps: (n, d)}, drawn for a whole batch at once
+        (see Prior.draw_noise). Without noise augmentation a = 1: the clean proposal."""
+        if self.config.noise_augmentation:
+            a = augmentation_level(n, self.config.noise_shift, device)
+        else:
+            a = torch.ones(n, device=device)
+        return {"a": a, "eps": torch.randn(n, self.config.dim, device=device)}
 
-        shard (data-parallel training): the noise of the whole batch is drawn (same RNG state in
-        every process), only the rows `shard` are run, and their summed loss is divided by the
-        whole batch's token count, so the shards' losses add up to the one-process loss.
+    def forward(self, prefix_ids, continuation_ids, x, noise=None, n_tokens=None):
+        """Summed next-token loss over the prefix, continuation and eos tokens of a batch, divided by
+        n_tokens (default: this batch's count, i.e. the mean). prefix_ids, continuation_ids: lists of
+        token-id lists; x (B, d) the clean standardised latents of the continuations.
+
+        noise: rows of draw_noise() (default: drawn here). A micro-batch or a data-parallel shard passes
+        its rows of the whole batch's noise and the whole batch's token count, so the parts' losses
+        add up to the loss of the whole batch.
         """
         device = x.device
-        continuations = [c + [self.eos_id] for c in continuations]
-        n_tokens = sum(len(p) + len(c) for p, c in zip(prefixes, continuations))
-        a = augmentation_alpha(len(x), self.cfg.noise_shift, device)
-        z = q_sample(x, torch.randn_like(x), a)  # z = sqrt(a) x + sqrt(1-a) eps
-        if shard is not None:
-            prefixes, continuations, z, a = prefixes[shard], continuations[shard], z[shard], a[shard]
-        ids, slots, attn = (t.to(device) for t in self._layout(prefixes, continuations, left_pad=False))
-        soft, bias = self.condition(z, a)
+        continuation_ids = [c + [self.eos_id] for c in continuation_ids]
+        if n_tokens is None:
+            n_tokens = sum(len(p) + len(c) for p, c in zip(prefix_ids, continuation_ids))
+        noise = self.draw_noise(len(x), device) if noise is None else noise
+        z = q_sample(x, noise["eps"], noise["a"])  # z = sqrt(a) x + sqrt(1-a) eps
+        ids, slots, attn = (t.to(device) for t in self._layout(prefix_ids, continuation_ids, left_pad=False))
+        soft, bias = self.condition(z, noise["a"])
         labels = ids.masked_fill(slots | (attn == 0), -100)
         labels[:, 0] = -100  # bos is given, not predicted
         logits, _ = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn)
@@ -178,71 +200,92 @@ class Decoder(nn.Module):
         return nll / n_tokens
 
     @torch.no_grad()
-    def score(self, prefixes, continuations, x, alpha, generator=None):
+    def score(self, prefix_ids, continuation_ids, x, a, generator=None):
         """Per-example log-likelihood of continuations: -> (nll (B,) summed over tokens, n_tokens (B,)).
 
         The same sequence as `forward` ([bos][prefix][k slots][continuation], built with `_layout`,
-        `_embed` and the soft-prompt generator `soft`), but the proposal x (B, d) is noised at the
-        fixed signal level `alpha` instead of the augmentation draw: z = sqrt(a) x + sqrt(1-a) eps,
+        `_embed` and the soft-prompt generator `soft`), but the latent x (B, d) is noised at the
+        fixed signal level `a` instead of the augmentation draw: z = sqrt(a) x + sqrt(1-a) eps,
         eps from `generator`. Only continuation tokens are scored: the prefix is context and no eos
         is appended (a continuation cut at a length limit has not ended; append eos_id to a
-        continuation to score the end too). alpha = 0 makes the soft prompt pure noise, i.e. the
+        continuation to score the end too). a = 0 makes the soft prompt pure noise, i.e. the
         decoder as a plain, unguided prefix language model. Call in eval mode (no dropout).
         """
         device = x.device
-        ids, slots, attn = (t.to(device) for t in self._layout(prefixes, continuations, left_pad=False))
-        a = torch.full((len(prefixes),), float(alpha), device=device)
+        ids, slots, attn = (t.to(device) for t in self._layout(prefix_ids, continuation_ids, left_pad=False))
+        a = torch.full((len(prefix_ids),), float(a), device=device)
         eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
         soft, bias = self.condition(q_sample(x, eps, a), a)
         logits, _ = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn)
         logits = logits[:, :-1].float()  # predicts ids[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")        # (B, T-1)
-        start = torch.tensor([1 + len(p) + self.cfg.n_soft for p in prefixes], device=device)  # first continuation slot
-        end = start + torch.tensor([len(c) for c in continuations], device=device)
+        start = torch.tensor([1 + len(p) + self.config.n_soft for p in prefix_ids], device=device)  # first continuation slot
+        end = start + torch.tensor([len(c) for c in continuation_ids], device=device)
         position = torch.arange(1, ids.shape[1], device=device)[None]                     # positions of the targets
         scored = (position >= start[:, None]) & (position < end[:, None])
         return nll.masked_fill(~scored, 0.0).sum(-1), scored.sum(-1)
 
     @torch.no_grad()
-    def generate(self, prefixes, x, alpha=None, max_new_tokens=32, top_p=0.9, temperature=1.0,
-                 repetition_penalty=1.2, generator=None):
-        """Sample continuations of token-id lists `prefixes` given proposals x (B, d).
+    def generate(self, prefix_ids, x, *, a=None, max_new_tokens, top_p, temperature, repetition_penalty,
+                 generator=None):
+        """Sample continuations of token-id lists `prefix_ids` given standardised latents x (B, d).
 
-        The proposal is re-noised at `alpha` (default cfg.infer_alpha); top-p sampling with a
-        CTRL-style repetition penalty; temperature 0 decodes greedily. Returns token-id lists.
+        x is re-noised at signal level `a` (default config.inference_a); top-p sampling with a
+        CTRL-style repetition penalty on the prefix's and the generated tokens (not on bos, the
+        padding or the slots); temperature 0 decodes greedily. Returns token-id lists. Prefixes too
+        long for the context keep their last tokens.
         """
-        B, device = len(prefixes), x.device
-        a = torch.full((B,), self.cfg.infer_alpha if alpha is None else alpha, device=device)
-        room = self.max_len - self.cfg.n_soft - 1 - max_new_tokens
-        prefixes = [p[-room:] if room > 0 else [] for p in prefixes]  # keep the prompt's end
-        ids, slots, attn = (t.to(device) for t in self._layout(prefixes, [[] for _ in prefixes], left_pad=True))
+        B, device = len(prefix_ids), x.device
+        a = torch.full((B,), self.config.inference_a if a is None else a, device=device)
+        room = self.room(max_new_tokens)  # prefix tokens that fit
+        prefix_ids = [p[-room:] if room > 0 else [] for p in prefix_ids]  # keep the prompt's end
+        ids, slots, attn = (t.to(device) for t in self._layout(prefix_ids, [[] for _ in prefix_ids], left_pad=True))
         soft, bias = self.condition(q_sample(x, torch.randn(x.shape, generator=generator, device=device), a), a)
         position = (attn.cumsum(-1) - 1).clamp_min(0)
-        seen = ids.masked_fill(slots | (attn == 0), self.eos_id)  # tokens the repetition penalty sees
-        logits, past = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn,
-                                    position_ids=position, use_cache=True)
+        logits, cache = self._logits(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn,
+                                     position_ids=position, use_cache=True)
+        # the repetition penalty's memory (B, V): prefix tokens, later every generated one
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        rows, cols = ((attn == 1) & ~slots & (position > 0)).nonzero(as_tuple=True)  # position 0: bos
+        seen[rows, ids[rows, cols]] = True
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()
-            if repetition_penalty != 1.0:
-                picked = logits.gather(1, seen)
-                logits.scatter_(1, seen, torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty))
+            if repetition_penalty != 1.0:  # CTRL: divide a positive logit, multiply a negative one
+                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalised, logits)
             token = sample_top_p(logits, top_p, temperature, generator)
             token = torch.where(done, torch.full_like(token, self.eos_id), token)
             generated = torch.cat([generated, token[:, None]], 1)
-            seen = torch.cat([seen, token[:, None]], 1)
+            seen[torch.arange(B, device=device), token] = True
             done |= token == self.eos_id
             if done.all():
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
             position = position[:, -1:] + 1
-            logits, past = self._logits(bias, input_ids=token[:, None], attention_mask=attn, position_ids=position,
-                                        past_key_values=past, use_cache=True)
+            logits, cache = self._logits(bias, input_ids=token[:, None], attention_mask=attn, position_ids=position,
+                                         cache=cache, use_cache=True)
         result = []
         for row in generated.tolist():
             result.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
         return result
+
+    def flops_per_token(self, context):
+        """Forward FLOPs per token of GPT-2 at sequence length `context` (2 per multiply-add): the
+        weight matrices of every layer, attention over the context (q k^T and the weighted sum of v,
+        counted over the whole context as is usual for MFU) and the LM head; the soft-prompt generator
+        (a few small matrices per example) is left out."""
+        c = self.lm.config
+        layer = 2 * 12 * c.n_embd ** 2 + 2 * 2 * context * c.n_embd
+        return c.n_layer * layer + 2 * c.n_embd * c.vocab_size
+
+
+def fit_length(prefix_ids, continuation_ids, room):
+    """Trim a (prefix, continuation) pair of token lists to at most `room` tokens (the prefix first)."""
+    cut = max(0, len(prefix_ids) + len(continuation_ids) - room)
+    prefix_ids = prefix_ids[min(cut, len(prefix_ids)):]
+    return prefix_ids, continuation_ids[:room - len(prefix_ids)]
 
 
 def sample_top_p(logits, top_p, temperature, generator=None):
@@ -288,6 +331,3 @@ def encode_continuation(tokenizer, text):
     """Continuations follow the prefix (and the slots) after a space, as in running text."""
     return tokenizer.encode(" " + text, add_special_tokens=False) if text else []
 
-
-def config_dict(cfg):
-    return asdict(cfg)

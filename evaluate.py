@@ -32,13 +32,16 @@ import json
 import math
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import data as data_lib
-from sample import DEFAULT_SCALE, DEFAULT_TEMPERATURE, DGLM, add_sampling_args, read_prompt_file
-from train import fit_length
+from decoder import encode_continuation, fit_length
+from encoder import EmbeddingCache, cache_dir_for
+from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
+from utils import ArgumentParser, bounded, pick_device, run_cli
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -102,7 +105,6 @@ class NearestSentence:
     which half loses an attribute: the prior and its guidance, or the decoder."""
 
     def __init__(self, model, cache_dir):
-        from encoder import EmbeddingCache, cache_dir_for
         rows = data_lib.prepare_tiny(Path(cache_dir) / "tiny")
         self.texts = [r["text"] for r in rows if not data_lib.is_held_out(r["text"])]
         name = model.config["encoder"]
@@ -129,17 +131,16 @@ class SelfPerplexity:
     @torch.no_grad()
     def __call__(self, prefixes, texts):
         """-> (sum of NLL over continuation tokens, number of tokens) over all (prefix, text) pairs."""
-        from decoder import encode_continuation
         model, dec = self.model, self.model.decoder
-        limit = dec.max_len - dec.cfg.n_soft - 1  # bos and the slots
+        limit = dec.room()  # after bos and the slots
         p_ids = model.tokenizer(list(prefixes), add_special_tokens=False)["input_ids"]
         pairs = [fit_length(p, encode_continuation(model.tokenizer, t), limit) for p, t in zip(p_ids, texts)]
         nll, count = 0.0, 0
         for i in range(0, len(pairs), self.batch_size):
             chunk = pairs[i:i + self.batch_size]
             gen = torch.Generator(device=model.device).manual_seed(self.seed + i)
-            x = torch.zeros(len(chunk), dec.cfg.dim, device=model.device)  # ignored at a = 0: z = eps
-            s, n = dec.score([p for p, _ in chunk], [c for _, c in chunk], x, alpha=0.0, generator=gen)
+            x = torch.zeros(len(chunk), dec.config.dim, device=model.device)  # ignored at a = 0: z = eps
+            s, n = dec.score([p for p, _ in chunk], [c for _, c in chunk], x, a=0.0, generator=gen)
             nll, count = nll + s.sum().item(), count + int(n.sum().item())
         return nll, count
 
@@ -164,7 +165,6 @@ class HFPerplexity:
 
     @torch.no_grad()
     def __call__(self, prefixes, texts):
-        from decoder import encode_continuation
         head = [] if self.bos is None else [self.bos]
         limit = self.max_len - len(head)
         p_ids = self.tokenizer(list(prefixes), add_special_tokens=False)["input_ids"]
@@ -197,16 +197,16 @@ def perplexity(scorer, prefixes, texts):
 # ----------------------------------------------------------------------------- one setting
 
 
-def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None, nearest=None):
-    guidance = model.guidance(guide, scale, n_samples=args.mc_samples, seed=args.seed, max_logsnr=args.guide_max_logsnr)
+def evaluate_setting(model, prompts, n, guide, sampling, args, ppl=None, nearest=None):
+    """One (guide, scale) setting: n continuations of each prompt, judged (see the module docstring)."""
+    guidance = model.guidance(guide, sampling)
     prefixes = [p for p in prompts for _ in range(n)]
     started = time.time()
     texts, proposals = [], []
     for i in range(0, len(prefixes), args.batch_size):
         chunk = prefixes[i:i + args.batch_size]
-        e = model.sample_proposals(chunk, guidance, args.steps, args.sampler, 1.0, args.seed + i)
-        texts += model.decode(chunk, e, alpha=args.alpha, max_new_tokens=args.max_tokens, seed=args.seed + i,
-                              temperature=args.temperature, best_of=args.best_of)
+        e = model.sample_proposals(chunk, guidance, sampling, args.seed + i)
+        texts += model.decode(chunk, e, sampling, args.seed + i)
         proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
     proposals, text_e = torch.cat(proposals), model.embed(texts)  # unit vectors
@@ -215,7 +215,7 @@ def evaluate_setting(model, prompts, n, guide, scale, args, ppl=None, nearest=No
     offensive = offensive_probs(texts)
     groups = [texts[i:i + n] for i in range(0, len(texts), n)]
     result = {
-        "guide": guide, "scale": scale if guide != "none" else 0.0, "samples": len(texts),
+        "guide": guide, "scale": sampling.scale if guide != "none" else 0.0, "samples": len(texts),
         "positive": cont.count(1) / len(cont), "negative": cont.count(-1) / len(cont),
         "positive_with_prompt": full.count(1) / len(full), "negative_with_prompt": full.count(-1) / len(full),
         "offensive": sum(p > OFFENSIVE_THRESHOLD for p in offensive) / len(offensive),
@@ -352,23 +352,15 @@ def markdown(results, ppl_name=None):
 
 
 def get_args(argv=None):
-    from train import ArgumentParser  # argparse with one-line usage errors
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: held-out tiny prefixes)")
-    p.add_argument("--n-prompts", type=int, default=50, help="held-out prompts to use when --prompts is not given")
-    p.add_argument("--n", type=int, default=4, help="continuations per prompt")
+    p.add_argument("--n-prompts", type=bounded(int, 1, 1e6), default=50,
+                   help="held-out prompts to use when --prompts is not given")
+    p.add_argument("--n", type=bounded(int, 1, 1e5), default=4, help="continuations per prompt")
     p.add_argument("--guides", default="none,positive,negative", help="comma-separated guides ('none' = unguided)")
-    p.add_argument("--scales", default=f"{DEFAULT_SCALE:g}", help="comma-separated guidance scales")
-    p.add_argument("--steps", type=int, default=50, help="prior denoising steps")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
-    p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples of the guidance loss")
-    p.add_argument("--max-tokens", type=int, default=32, help="continuation length")
-    p.add_argument("--best-of", type=int, default=1,
-                   help="decode N candidates per proposal, keep the one whose embedding is closest to it")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="decoding temperature (top-p 0.9, repetition penalty 1.2)")
-    p.add_argument("--alpha", type=float, default=None, help="re-noising level of proposals (default: checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=100, help="generation batch")
+    p.add_argument("--scales", default=f"{SamplingConfig.scale:g}", help="comma-separated guidance scales")
+    p.add_argument("--batch-size", type=bounded(int, 1, 1e5), default=100, help="generation batch")
     p.add_argument("--ppl-model", default="self",
                    help="reference LM for perplexity: 'self' (our decoder run unguided: soft prompt from pure noise, "
                         "a = 0; the tiny tier's default) or a Hugging Face causal LM id / local folder, e.g. gpt2-xl")
@@ -377,23 +369,22 @@ def get_args(argv=None):
                         "embeds the corpus once into the cache if it is not there)")
     p.add_argument("--plot", default=None, help="write a PNG of attribute success against perplexity (needs matplotlib)")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
     p.add_argument("--json", default=None, help="write all results (with examples) to this JSON file")
     p.add_argument("--md", default=None, help="write the Markdown table to this file")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
-    add_sampling_args(p)
-    return p.parse_args(argv)
+    add_sampling_args(p, guidance_scale=False)
+    args = p.parse_args(argv)
+    scale = bounded(float, 0, 1e6)
+    try:
+        args.scales = [scale(v) for v in args.scales.split(",")]
+    except argparse.ArgumentTypeError as err:
+        p.error(f"argument --scales: {err}")
+    return args
 
 
 def main(args):
-    from train import pick_device
     torch.manual_seed(args.seed)
-    try:
-        scales = [float(s) for s in args.scales.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --scales {args.scales!r} must be comma-separated numbers") from None
-    if args.best_of < 1 or args.n < 1:
-        raise SystemExit("error: --n and --best-of must be at least 1")
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     device = pick_device(args.device)
     # --ppl-model: 'self' (our decoder, unguided) or a Hugging Face causal LM, loaded first to fail fast
@@ -404,22 +395,21 @@ def main(args):
     if prompts is None:
         prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
     print(f"perplexity under {ppl.name}")
+    sampling = sampling_config(args)
     # warm-up, so that the first setting's s/sample does not include one-time start-up costs
-    model.decode(prompts[:1], model.sample_proposals(prompts[:1], None, 2), max_new_tokens=2)
+    warm = SamplingConfig(steps=2, max_tokens=2)
+    model.decode(prompts[:1], model.sample_proposals(prompts[:1], None, warm, 0), warm, 0)
     results = []
     for guide in args.guides.split(","):
-        for scale in ([0.0] if guide == "none" else scales):
-            r = evaluate_setting(model, prompts, args.n, guide, scale, args, ppl, nearest)
+        for scale in ([0.0] if guide == "none" else args.scales):
+            r = evaluate_setting(model, prompts, args.n, guide, replace(sampling, scale=scale), args, ppl, nearest)
             results.append(r)
             print(markdown_row(r), flush=True)
     table = markdown(results, ppl.name)
     print("\n" + table)
     if args.json:
         Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "prompts": len(prompts), "n": args.n,
-                                               "steps": args.steps, "sampler": args.sampler,
-                                               "guide_max_logsnr": args.guide_max_logsnr, "best_of": args.best_of,
-                                               "temperature": args.temperature,
-                                               "precision": "bf16" if model.bf16 else "fp32",
+                                               "sampling": vars(sampling), "precision": "bf16" if model.bf16 else "fp32",
                                                "ppl_model": ppl.name, "results": results}, indent=2))
     if args.md:
         Path(args.md).write_text(table + "\n")
@@ -428,5 +418,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from train import run_cli  # an `error: ...` becomes one line on stderr and exit code 2
     run_cli(lambda: main(get_args()))

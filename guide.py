@@ -1,4 +1,4 @@
-"""Plug-and-play control: linear probes on the embedding space and guidance of the prior.
+"""Plug-and-play control: guidance of the prior by linear probes on the embedding space.
 
 A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = sigmoid(w.e + b)
 (DGLM sec. 3.3). During denoising, with gradients on z_t (Loss-Guided Diffusion, Song et al. 2023):
@@ -11,11 +11,14 @@ A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = 
 
 Several attributes compose by summing their losses. The decoder never sees the probe.
 
-Guidance acts on the noisy steps only, while lambda_t <= max_logsnr (default -2: a_t < 0.12, the
-first 11 of 50 DDIM steps); the cleaner steps run the plain denoiser. The attribute is settled while
-the proposal is still forming: on the tiny tier, guiding only those steps steers as well as guiding
-all of them (README, "Guidance interval") with a fifth of the backward passes. max_logsnr = 15
-guides every step.
+Guidance acts on the noisy steps only, while lambda_t <= max_logsnr (sample.py's default -2:
+a_t < 0.12, the first 11 of 50 DDIM steps); the cleaner steps run the plain denoiser. The attribute
+is settled while the proposal is still forming, so guiding those steps steers about as well as
+guiding all of them (README, "Guidance interval") for a fraction of the backward passes.
+
+The file reads in that order: guidance (the loss, the step), guides (names -> probes and targets),
+then fitting probes (tiny corpus, the paper's data sets) and `python guide.py`, which adds probes
+to a checkpoint.
 """
 import copy
 import json
@@ -28,8 +31,108 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from diffusion import alpha, x0_from_eps
+import data as data_lib
+from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for
+from utils import ArgumentParser, bounded, count, pick_device, run_cli
+
+# ----------------------------------------------------------------------------- guidance
+
+
+class Guidance:
+    """callable(predict, z, logsnr) -> (x_hat, eps_hat), bent toward the requested attributes.
+
+    terms: list of (w, b, target, weight) linear probes on unit embeddings; target is a label, a
+           tensor (B,) of per-example targets, or "prefix" until bind() resolves it.
+    n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
+    max_logsnr: guide the steps with lambda_t <= max_logsnr (15: every step); the others are unguided.
+    aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
+               "lgd": -log mean_k exp(-loss_k) = -log mean_k p(y | x_k), LGD-MC's likelihood average;
+               "mean": mean_k loss_k.
+    The Monte Carlo draws come from the generator of bind(), seeded per generation, so the same
+    seed gives the same guided sample every time (and the sampler's own noise is untouched).
+    """
+
+    def __init__(self, terms, mu, s, scale, *, n_samples, max_logsnr, aggregate="reference"):
+        if aggregate not in ("reference", "lgd", "mean"):
+            raise ValueError(f"unknown aggregate {aggregate!r} (accepted: reference, lgd, mean)")
+        self.terms = terms
+        self.mu, self.s = mu, s
+        self.scale = scale
+        self.n_samples = n_samples
+        self.aggregate = aggregate
+        self.max_logsnr = max_logsnr
+        self.generator = None  # set by bind(); None draws from torch's global RNG
+
+    def bind(self, e_prefix, seed):
+        """This guidance for one generation: "prefix" targets become the probes' probabilities on the
+        prefixes' unit embeddings e_prefix (B, d), and the Monte Carlo noise a generator seeded with seed."""
+        bound = copy.copy(self)
+        bound.terms = [(w, b, torch.sigmoid(e_prefix.float() @ w + b) if target == "prefix" else target, weight)
+                       for w, b, target, weight in self.terms]
+        bound.generator = torch.Generator().manual_seed(seed)
+        return bound
+
+    def loss(self, x_hat, a):
+        """Per-example guidance loss (B,) of predicted clean latents x_hat (B, d) at signal level a (B,).
+
+        Sample k of row b is x_kb = x_hat_b + r_b n_k, n_k ~ N(0, I); its unit embedding is
+        e_kb = normalize(m_b + r_b u_k) with m = mu + s x_hat and u_k = s n_k. A probe's logit needs
+        only dot products, so the K x B logits come from (B, d) x (d, K) products instead of a
+        (K, B, d) tensor:
+            w.e_kb = (w.m_b + r_b w.u_k) / |m_b + r_b u_k|
+            |m_b + r_b u_k|^2 = |m_b|^2 + 2 r_b m_b.u_k + r_b^2 |u_k|^2
+        The K draws are shared by the batch's rows (each row's estimate is still a K-sample average).
+        """
+        d = x_hat.shape[1]
+        m = self.mu + self.s * x_hat                                                   # (B, d), not yet normalised
+        r = ((1 - a) / a).sqrt()[None]                                                 # (1, B): r_t^2 = (1 - a_t) / a_t
+        if self.n_samples > 0:
+            u = self.s * torch.randn(self.n_samples, d, generator=self.generator).to(m)  # (K, d)
+        else:
+            u = torch.zeros(1, d).to(m)                                                # K = 0: x_hat itself
+        norm2 = m.pow(2).sum(-1)[None] + 2 * r * (u @ m.T) + r ** 2 * u.pow(2).sum(-1)[:, None]  # (K, B)
+        norm = norm2.clamp_min(1e-24).sqrt()
+        total = 0.0
+        for w, b, target, weight in self.terms:
+            logit = ((m @ w)[None] + r * (u @ w)[:, None]) / norm + b                  # (K, B): w.e_kb + b
+            total = total + weight * F.binary_cross_entropy_with_logits(
+                logit, torch.as_tensor(target).to(logit).expand_as(logit), reduction="none")
+        K = total.shape[0]
+        if self.aggregate == "reference":
+            return torch.logsumexp(total, 0) - math.log(K)      # log mean_k exp(L_k)
+        if self.aggregate == "lgd":
+            return -(torch.logsumexp(-total, 0) - math.log(K))  # -log mean_k p(y | x_k)
+        return total.mean(0)
+
+    def __call__(self, predict, z, logsnr):
+        active = logsnr <= self.max_logsnr  # (B,): the noisy steps are guided, the clean ones are not
+        if self.scale == 0 or not self.terms or not active.any():
+            return predict(z, logsnr)
+        a = signal_level(logsnr)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            x_hat, eps_hat = predict(z, logsnr)
+            with torch.autocast(z.device.type, enabled=False):                   # the probe loss in fp32
+                loss = self.loss(x_hat.float(), a).sum()
+            grad, = torch.autograd.grad(loss, z)                                  # through the denoiser
+        step = self.scale * (1 - a).sqrt() * active                               # scale sigma_t, 0 where not guided
+        eps_hat = eps_hat.detach() + step[:, None] * grad                         # eps <- eps + scale sigma grad
+        return x0_from_eps(z.detach(), eps_hat, a), eps_hat
+
+
+def build_guidance(spec, probes, guides, mu, s, scale, **kwargs):
+    """Guidance for a spec like 'positive' or 'negative:1,news:0.5'; None for 'none'. kwargs: Guidance's."""
+    terms = []
+    for name, weight in parse_guides(spec, guides):
+        names, target = guides[name]
+        for probe in names if isinstance(names, list) else [names]:
+            w, b = probes[probe]
+            terms.append((w, b, target, weight))
+    return Guidance(terms, mu, s, scale, **kwargs) if terms else None
+
+
+# ----------------------------------------------------------------------------- guides
 
 # Guide name -> (probe or list of probes, target label). "negative" is the sentiment probe asked for
 # label 0. Target "prefix" holds an attribute where the prefix has it: each probe's target is its own
@@ -40,9 +143,6 @@ TINY_GUIDES = {
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
-GUIDE_MAX_LOGSNR = -2.0  # guidance interval: lambda_t <= -2 (see the module docstring)
-SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
-
 # Paper tier: probes trained on the public labelled data sets of DGLM's experiments, see train_paper_probes.
 PAPER_GUIDES = {
     "positive": ("sentiment", 1), "negative": ("sentiment", 0),
@@ -50,15 +150,22 @@ PAPER_GUIDES = {
     "world": ("world", 1), "sports": ("sports", 1), "business": ("business", 1), "scitech": ("scitech", 1),
     "same-topic": (["world", "sports", "business", "scitech"], "prefix"),
 }
-AG_NEWS_TOPICS = ["world", "sports", "business", "scitech"]  # AG News labels 0..3
-# local file name -> (hub id, text field, classes, label of a record); the train split is streamed
-PROBE_SOURCES = {
-    "sst2": ("stanfordnlp/sst2", "sentence", 2, lambda r: r["label"]),
-    "amazon_polarity": ("fancyzhx/amazon_polarity", "content", 2, lambda r: r["label"]),
-    "civil_comments": ("google/civil_comments", "text", 2, lambda r: int(r["toxicity"] > 0.5)),
-    "ag_news": ("fancyzhx/ag_news", "text", 4, lambda r: r["label"]),
-}
-PROBE_HELD_OUT_EVERY = 10  # the 1st, 11th, 21st, ... example of each class measures a probe, never trains it
+
+
+def parse_guides(spec, available):
+    """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none' or '' -> []."""
+    if spec in (None, "", "none"):
+        return []
+    parsed = []
+    for part in re.split(r"[,+]", spec):
+        name, _, weight = part.strip().partition(":")
+        if name not in available:
+            raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
+        try:
+            parsed.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise SystemExit(f"error: guide weight {weight!r} in {part!r} is not a number (use name:weight)") from None
+    return parsed
 
 
 # ----------------------------------------------------------------------------- probes
@@ -98,6 +205,9 @@ def balanced_weights(y, groups):
 
 def accuracy(w, b, e, y):
     return ((e.float() @ w + b > 0).float() == y.float()).float().mean().item()
+
+
+SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
 
 
 def train_tiny_probes(train_e, train_rows, test_e, test_rows):
@@ -168,42 +278,6 @@ def merge_probes(path, probes, guides, encoder_name):
 # ----------------------------------------------------------------------------- paper-tier probes
 
 
-def open_probe_source(name, data_dir=None):
-    """Stream the train split of a labelled data set: DIR/<name>.jsonl (or .jsonl.gz, .parquet) if
-    there, with the hub's field names, else the Hugging Face hub (one-line error offline)."""
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise SystemExit("error: the paper probes need `pip install datasets`") from None
-    hub_id = PROBE_SOURCES[name][0]
-    for suffix, builder in ((".jsonl", "json"), (".jsonl.gz", "json"), (".parquet", "parquet")):
-        path = os.path.join(data_dir or "", name + suffix)
-        if data_dir and os.path.exists(path):
-            return load_dataset(builder, data_files=path, split="train", streaming=True)
-    try:
-        return load_dataset(hub_id, split="train", streaming=True)
-    except Exception as err:  # datasets raises many kinds of connection errors
-        raise SystemExit(f"error: could not stream {hub_id} from the Hugging Face hub ({type(err).__name__}); "
-                         f"offline, save its train split as DIR/{name}.jsonl (one record per line, the hub's "
-                         "field names) and pass --data-dir DIR") from None
-
-
-def read_labelled(name, max_per_class, data_dir=None):
-    """Up to `max_per_class` (text, label, held_out) of each class, in the data set's order."""
-    _, field, n_classes, label_of = PROBE_SOURCES[name]
-    counts, rows = [0] * n_classes, []
-    for record in open_probe_source(name, data_dir):
-        text, label = " ".join(str(record[field] or "").split()), label_of(record)
-        if text and 0 <= label < n_classes and counts[label] < max_per_class:
-            rows.append((text, label, counts[label] % PROBE_HELD_OUT_EVERY == 0))
-            counts[label] += 1
-            if min(counts) == max_per_class:
-                break
-    if min(counts) == 0:
-        raise SystemExit(f"error: {name} gave no examples of some class (counts per class: {counts})")
-    return rows
-
-
 def balanced_accuracy(w, b, e, y):
     """Mean of the per-class accuracies: 0.5 is chance however unequal the classes are."""
     right = (e.float() @ w + b > 0).float() == y.float()
@@ -230,153 +304,42 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
         report[name] = balanced_accuracy(*probes[name], e[held], y[held])
 
     sentiment = [(row, source) for source in ("sst2", "amazon_polarity")
-                 for row in read_labelled(source, max_per_class, data_dir)]
+                 for row in data_lib.read_labelled(source, max_per_class, data_dir)]
     fit("sentiment", [row for row, _ in sentiment], [row[1] for row, _ in sentiment], [s for _, s in sentiment])
-    toxicity = read_labelled("civil_comments", max_per_class, data_dir)
+    toxicity = data_lib.read_labelled("civil_comments", max_per_class, data_dir)
     fit("toxicity", toxicity, [row[1] for row in toxicity], [0] * len(toxicity))
-    news = read_labelled("ag_news", max_per_class, data_dir)
-    for k, topic in enumerate(AG_NEWS_TOPICS):
+    news = data_lib.read_labelled("ag_news", max_per_class, data_dir)
+    for k, topic in enumerate(data_lib.AG_NEWS_TOPICS):
         fit(topic, news, [float(row[1] == k) for row in news], [0] * len(news))
     return probes, report
-
-
-def parse_guides(spec, available):
-    """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none' or '' -> []."""
-    if spec in (None, "", "none"):
-        return []
-    parsed = []
-    for part in re.split(r"[,+]", spec):
-        name, _, weight = part.strip().partition(":")
-        if name not in available:
-            raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
-        try:
-            parsed.append((name, float(weight) if weight else 1.0))
-        except ValueError:
-            raise SystemExit(f"error: guide weight {weight!r} in {part!r} is not a number (use name:weight)") from None
-    return parsed
-
-
-# ----------------------------------------------------------------------------- guidance
-
-
-class Guidance:
-    """callable(predict, z, logsnr) -> (x_hat, eps_hat), bent toward the requested attributes.
-
-    terms: list of (w, b, target, weight) linear probes on unit embeddings; target is a label, a
-           tensor (B,) of per-example targets, or "prefix" until bind() resolves it.
-    n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
-    max_logsnr: guide the steps with lambda_t <= max_logsnr (15: every step); the others are unguided.
-    aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
-               "lgd": -log mean_k exp(-loss_k) = -log mean_k p(y | x_k), LGD-MC's likelihood average;
-               "mean": mean_k loss_k.
-    """
-
-    def __init__(self, terms, mu, s, scale, n_samples=32, aggregate="reference", seed=0,
-                 max_logsnr=GUIDE_MAX_LOGSNR):
-        if aggregate not in ("reference", "lgd", "mean"):
-            raise ValueError(f"unknown aggregate {aggregate!r} (accepted: reference, lgd, mean)")
-        self.terms = terms
-        self.mu, self.s = mu, s
-        self.scale = scale
-        self.n_samples = n_samples
-        self.aggregate = aggregate
-        self.max_logsnr = max_logsnr
-        self.generator = torch.Generator().manual_seed(seed)  # own RNG: the sampler's noise is untouched
-
-    def bind(self, prefix_embeddings):
-        """This guidance for one batch: "prefix" targets become the probes' probabilities on the
-        prefixes' unit embeddings (B, d)."""
-        bound = copy.copy(self)
-        bound.terms = [(w, b, torch.sigmoid(prefix_embeddings.float() @ w + b) if target == "prefix" else target, weight)
-                       for w, b, target, weight in self.terms]
-        return bound
-
-    def loss(self, x_hat, a):
-        """Per-example guidance loss (B,) of predicted clean latents x_hat (B, d) at signal level a (B,).
-
-        Sample k of row b is x_kb = x_hat_b + r_b n_k, n_k ~ N(0, I); its unit embedding is
-        e_kb = normalize(m_b + r_b u_k) with m = mu + s x_hat and u_k = s n_k. A probe's logit needs
-        only dot products, so the K x B logits come from (B, d) x (d, K) products instead of a
-        (K, B, d) tensor:
-            w.e_kb = (w.m_b + r_b w.u_k) / |m_b + r_b u_k|
-            |m_b + r_b u_k|^2 = |m_b|^2 + 2 r_b m_b.u_k + r_b^2 |u_k|^2
-        The K draws are shared by the batch's rows (each row's estimate is still a K-sample average).
-        """
-        d = x_hat.shape[1]
-        m = self.mu + self.s * x_hat                                                   # (B, d), not yet normalised
-        r = ((1 - a) / a).sqrt()[None]                                                 # (1, B): r_t^2 = (1 - a_t) / a_t
-        if self.n_samples > 0:
-            u = self.s * torch.randn(self.n_samples, d, generator=self.generator).to(m)  # (K, d)
-        else:
-            u = torch.zeros(1, d).to(m)                                                # K = 0: x_hat itself
-        norm2 = m.pow(2).sum(-1)[None] + 2 * r * (u @ m.T) + r ** 2 * u.pow(2).sum(-1)[:, None]  # (K, B)
-        norm = norm2.clamp_min(1e-24).sqrt()
-        total = 0.0
-        for w, b, target, weight in self.terms:
-            logit = ((m @ w)[None] + r * (u @ w)[:, None]) / norm + b                  # (K, B): w.e_kb + b
-            total = total + weight * F.binary_cross_entropy_with_logits(
-                logit, torch.as_tensor(target).to(logit).expand_as(logit), reduction="none")
-        K = total.shape[0]
-        if self.aggregate == "reference":
-            return torch.logsumexp(total, 0) - math.log(K)      # log mean_k exp(L_k)
-        if self.aggregate == "lgd":
-            return -(torch.logsumexp(-total, 0) - math.log(K))  # -log mean_k p(y | x_k)
-        return total.mean(0)
-
-    def __call__(self, predict, z, logsnr):
-        active = logsnr <= self.max_logsnr  # (B,): the noisy steps are guided, the clean ones are not
-        if self.scale == 0 or not self.terms or not active.any():
-            return predict(z, logsnr)
-        a = alpha(logsnr)
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            x_hat, eps_hat = predict(z, logsnr)
-            with torch.autocast(z.device.type, enabled=False):                   # the probe loss in fp32
-                loss = self.loss(x_hat.float(), a).sum()
-            grad, = torch.autograd.grad(loss, z)                                  # through the denoiser
-        step = self.scale * (1 - a).sqrt() * active                               # scale sigma_t, 0 where not guided
-        eps_hat = eps_hat.detach() + step[:, None] * grad                         # eps <- eps + scale sigma grad
-        return x0_from_eps(z.detach(), eps_hat, a), eps_hat
-
-
-def build_guidance(spec, probes, guides, mu, s, scale, **kwargs):
-    """Guidance for a spec like 'positive' or 'negative:1,news:0.5'; None for 'none'."""
-    terms = []
-    for name, weight in parse_guides(spec, guides):
-        names, target = guides[name]
-        for probe in names if isinstance(names, list) else [names]:
-            w, b = probes[probe]
-            terms.append((w, b, target, weight))
-    return Guidance(terms, mu, s, scale, **kwargs) if terms else None
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 def main(argv=None):
-    from train import ArgumentParser  # one-line usage errors
     p = ArgumentParser(description="Train probes for an existing checkpoint and add them to its "
-                                "probes.safetensors (probes already there for its encoder are kept).")
+                                   "probes.safetensors (probes already there for its encoder are kept).")
     p.add_argument("--ckpt", default="out", help="checkpoint directory (its config.json names the encoder)")
     p.add_argument("--probes", default="paper", choices=["paper"],
                    help="paper: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
-    p.add_argument("--max-per-class", type=int, default=20_000, help="examples per class and data set")
-    p.add_argument("--data-dir", default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
+    p.add_argument("--max-per-class", type=count, default=count("20k"), help="examples per class and data set")
+    p.add_argument("--probe-data", default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
     p.add_argument("--cache-dir", default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 on cuda)")
-    p.add_argument("--batch-size", type=int, default=128, help="texts per encoder forward pass")
+    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
     config_path = Path(args.ckpt) / "config.json"
     if not config_path.exists():
         raise SystemExit(f"error: no checkpoint config at {config_path}; "
                          f"train one with `python train.py --out {args.ckpt}`")
     encoder_name = json.loads(config_path.read_text())["encoder"]
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else None)
-    cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, args.device,
-                           args.batch_size, dtype)
-    probes, report = train_paper_probes(cache, args.max_per_class, args.data_dir)
+    device = pick_device(args.device)
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else None)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, device, args.batch_size, dtype)
+    probes, report = train_paper_probes(cache, args.max_per_class, args.probe_data)
     path = Path(args.ckpt) / "probes.safetensors"
     merge_probes(path, probes, PAPER_GUIDES, encoder_name)
     print("held-out balanced accuracy (chance 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
@@ -385,5 +348,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main)

@@ -5,65 +5,86 @@
     python sample.py --guide positive --prompts prompts.txt --n 4 --out samples.jsonl
     python sample.py --guide positive --show-steps        # watch the proposal form while denoising
 
-Generation (DGLM sec. 3): embed the prefix -> sample a continuation embedding from the prior with
-DDIM/DDPM, bending the noisy denoising steps with the probes' gradient (guide.py) -> map it back to
-the unit sphere -> re-noise at a = 0.95 -> soft prompt -> GPT-2 writes the continuation.
+Generation (DGLM sec. 3): embed the prefix -> sample a continuation latent x from the prior with
+DDIM/DDPM, bending the noisy denoising steps with the probes' gradient (guide.py) -> the proposal
+e = normalize(mu + s x) on the unit sphere -> its latent standardize(e) (encoder.project_to_sphere)
+re-noised at a = 0.95 -> soft prompt -> GPT-2 writes the continuation.
 Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16
 or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
 import argparse
 import json
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from encoder import embed, load_encoder, standardize, unstandardize
-from guide import GUIDE_MAX_LOGSNR, build_guidance, load_probes
+from guide import build_guidance, load_probes
+from utils import ArgumentParser, autocast, bounded, load_for_inference, pick_device, run_cli, use_bf16
 
-# Defaults picked from the guidance-scale sweep on the tiny tier (README, `evaluate.py --plot`): at scale
-# 200 positive and negative steering are near their best (98.5% / 69% by VADER) for a perplexity rise of
-# about 1.6x; 100 is cheaper in perplexity but leaves negative at the edge (61%), 300 and 1000 only add
-# perplexity. Temperature 0.7 steers more than 1.0 at a small cost in diversity.
-DEFAULT_SCALE = 200.0
-DEFAULT_TEMPERATURE = 0.7
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
 
-def native_bf16(device):
-    """Whether `device` runs bf16 matrix products natively (else autocast to bf16 would be slower)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if kind == "cpu":  # AVX512-BF16 (e.g. AMD Zen 4, Intel Cooper Lake) or AMX (Intel Sapphire Rapids)
-        return any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
+@dataclass
+class SamplingConfig:
+    """Every sampling default, in one place (sample.py, evaluate.py and bench.py read these)."""
+    steps: int = 50                 # denoising steps of the prior
+    sampler: str = "ddim"           # ddim (deterministic) or ddpm (ancestral)
+    cfg_scale: float = 1.0          # classifier-free guidance on the prefix (1: off)
+    scale: float = 200.0            # guidance scale (0: unguided); from the tiny tier's scale sweep (README)
+    guide_max_logsnr: float = -2.0  # guide the steps with logSNR <= this (the noisiest 11 of 50 DDIM steps)
+    mc_samples: int = 32            # Monte Carlo samples of the guidance loss (0: x_hat itself)
+    signal_level: float = None      # a of the re-noised proposal (None: the checkpoint's, 0.95)
+    max_tokens: int = 32            # continuation length in tokens
+    top_p: float = 0.9              # nucleus sampling mass
+    temperature: float = 0.7        # 0: greedy
+    repetition_penalty: float = 1.2  # CTRL-style, on the prompt's and the generated tokens
+    best_of: int = 1                # decode N candidates per proposal, keep the closest to it
 
 
-def use_bf16(precision, device):
-    """precision "auto" | "fp32" | "bf16" -> whether to run under bf16 autocast."""
-    return precision == "bf16" or (precision == "auto" and native_bf16(device))
-
-
-def add_sampling_args(p):
-    """The options sample.py, evaluate.py and bench.py share: the guidance interval and the precision."""
-    p.add_argument("--guide-max-logsnr", type=float, default=GUIDE_MAX_LOGSNR,
+def add_sampling_args(p, guidance_scale=True):
+    """The sampling options of sample.py, evaluate.py and bench.py, with SamplingConfig's defaults."""
+    d = SamplingConfig()
+    p.add_argument("--steps", type=bounded(int, 1, 10_000), default=d.steps, help="denoising steps of the prior")
+    p.add_argument("--sampler", default=d.sampler, choices=["ddim", "ddpm"], help="prior sampler")
+    p.add_argument("--cfg-scale", type=bounded(float, 0, 100), default=d.cfg_scale,
+                   help="classifier-free guidance weight on the prefix (1 = off)")
+    if guidance_scale:
+        p.add_argument("--scale", type=bounded(float, 0, 1e6), default=d.scale,
+                       help="guidance scale (default %(default)g; 0 = unguided)")
+    p.add_argument("--guide-max-logsnr", type=bounded(float, -15, 15), default=d.guide_max_logsnr,
                    help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 11 of "
                         "50 DDIM steps; 15 = every step)")
+    p.add_argument("--mc-samples", type=bounded(int, 0, 4096), default=d.mc_samples,
+                   help="Monte Carlo samples around x_hat for the guidance loss (0 = x_hat itself)")
+    p.add_argument("--signal-level", type=bounded(float, 0, 1), default=d.signal_level,
+                   help="signal level a of the re-noised proposal (default: the checkpoint's, 0.95; 0 = ignore it)")
+    p.add_argument("--max-tokens", type=bounded(int, 1, 100_000), default=d.max_tokens, help="continuation length in tokens")
+    p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=d.top_p, help="nucleus sampling mass")
+    p.add_argument("--temperature", type=bounded(float, 0, 100), default=d.temperature, help="sampling temperature (0 = greedy)")
+    p.add_argument("--repetition-penalty", type=bounded(float, 1, 100), default=d.repetition_penalty,
+                   help="CTRL-style repetition penalty (1 = off)")
+    p.add_argument("--best-of", type=bounded(int, 1, 1024), default=d.best_of,
+                   help="decode N candidates per proposal, keep the one whose embedding is closest to it")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
+
+
+def sampling_config(args):
+    """SamplingConfig from parsed arguments (options a script did not add keep their defaults)."""
+    return SamplingConfig(**{k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__ if hasattr(args, k)})
 
 
 class DGLM:
     """Everything needed to generate, rebuilt from a checkpoint directory alone.
 
-    precision: "auto" (bf16 autocast where native_bf16(device), else fp32), "fp32" or "bf16". The
-    sampler's state (z, the DDIM update) and the guidance loss stay in fp32 either way.
+    precision: "auto" (bf16 autocast where utils.native_bf16(device), else fp32), "fp32" or "bf16".
+    The sampler's state (z, the DDIM update) and the guidance loss stay in fp32 either way.
     """
 
     def __init__(self, ckpt, device="cpu", precision="auto"):
-        from train import load_for_inference
         self.ckpt = Path(ckpt)
         self.device = device
         self.bf16 = use_bf16(precision, device)
@@ -73,63 +94,76 @@ class DGLM:
         self.probes, self.guides = load_probes(probe_path, self.config["encoder"]) if probe_path.exists() else ({}, {})
 
     def embed(self, texts):
+        """Unit embeddings e (len(texts), d) of texts, by the checkpoint's encoder."""
         if self.encoder is None:
             self.encoder = load_encoder(self.config["encoder"], self.device)
         return torch.from_numpy(embed(self.encoder, texts)).to(self.device)
 
-    def guidance(self, spec, scale, **kwargs):
+    def guidance(self, spec, sampling):
+        """Guidance for a guide spec ('positive', 'negative:1,news:0.5', 'none' -> None)."""
         if spec not in (None, "", "none") and not self.guides:
-            raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; train on labelled data or use --guide none")
-        return build_guidance(spec, self.probes, self.guides, self.mu, self.s, scale, **kwargs)
+            raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; train on labelled data, add probes "
+                             "with `python guide.py`, or use --guide none")
+        return build_guidance(spec, self.probes, self.guides, self.mu, self.s, sampling.scale,
+                              n_samples=sampling.mc_samples, max_logsnr=sampling.guide_max_logsnr)
 
-    def prefix_ids(self, prefixes, max_new_tokens):
-        room = self.decoder.max_len - self.decoder.cfg.n_soft - 1 - max_new_tokens
-        ids = self.tokenizer(list(prefixes), add_special_tokens=False)["input_ids"]
+    def prompt_room(self, max_new_tokens):
+        """Prompt tokens that fit beside max_new_tokens new ones; a one-line error when none can be made."""
+        room = self.decoder.room(max_new_tokens)
+        if room < 0:
+            raise SystemExit(f"error: --max-tokens {max_new_tokens} does not fit the decoder's context of "
+                             f"{self.decoder.max_len} positions (at most {self.decoder.room()} new tokens after bos "
+                             f"and the {self.decoder.config.n_soft} soft-prompt slots)")
+        return room
+
+    def prefix_ids(self, prefix_texts, max_new_tokens):
+        """Token ids of the prompts, cut to the context left after max_new_tokens (with a warning)."""
+        room = self.prompt_room(max_new_tokens)
+        ids = self.tokenizer(list(prefix_texts), add_special_tokens=False)["input_ids"]
         if any(len(i) > room for i in ids):
-            print(f"warning: prompts longer than {room} tokens are cut to their last {room} tokens", file=sys.stderr)
-        return [i[-room:] for i in ids]
-
-    def autocast(self):
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16)
+            print(f"warning: prompts longer than {room} tokens are cut to their last {room} tokens "
+                  f"(the decoder's context is {self.decoder.max_len} positions)", file=sys.stderr)
+        return [i[len(i) - room:] for i in ids]
 
     @torch.no_grad()
-    def sample_proposals(self, prefixes, guidance=None, steps=50, method="ddim", cfg_scale=1.0, seed=0, callback=None):
-        """Continuation embeddings (B, d) on the unit sphere, sampled from the prior given the prefixes."""
+    def sample_proposals(self, prefix_texts, guidance, sampling, seed, callback=None):
+        """Proposals e (B, d) on the unit sphere, sampled from the prior given the prefixes."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        e_p = self.embed(prefixes)
-        x_p = standardize(e_p, self.mu, self.s)
-        guidance = guidance.bind(e_p) if guidance is not None else None  # targets taken from the prefix
-        with self.autocast():
-            x = self.prior.sample(x_p, steps=steps, method=method, cfg_scale=cfg_scale, guidance=guidance,
-                                  generator=gen, callback=callback)
+        e_prefix = self.embed(prefix_texts)
+        x_prefix = standardize(e_prefix, self.mu, self.s)
+        if guidance is not None:  # "prefix" targets from the prefixes; Monte Carlo noise seeded by seed
+            guidance = guidance.bind(e_prefix, seed)
+        with autocast(self.device, self.bf16):
+            x = self.prior.sample(x_prefix, steps=sampling.steps, method=sampling.sampler,
+                                  cfg_scale=sampling.cfg_scale, guidance=guidance, generator=gen, callback=callback)
         return unstandardize(x.float(), self.mu, self.s)  # e = normalize(mu + s x)
 
     @torch.no_grad()
-    def decode(self, prefixes, e, alpha=None, max_new_tokens=32, top_p=0.9, temperature=DEFAULT_TEMPERATURE,
-               repetition_penalty=1.2, seed=0, best_of=1):
-        """Continuations of `prefixes` written from proposals e (B, d) on the unit sphere.
+    def decode(self, prefix_texts, e, sampling, seed):
+        """Continuations of the prompts written from proposals e (B, d) on the unit sphere.
 
         best_of n > 1 decodes n candidates per proposal and keeps the one whose embedding is closest
         to the proposal (cosine): the text that best says what the prior proposed. It costs n decodes
         and n encodings, and uses neither a probe nor a judge.
         """
-        B, n = len(prefixes), best_of
+        B, n = len(prefix_texts), sampling.best_of
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        with self.autocast():
-            ids = self.decoder.generate(self.prefix_ids(list(prefixes) * n, max_new_tokens),
-                                        standardize(e, self.mu, self.s).repeat(n, 1),  # candidate k of row b: k * B + b
-                                        alpha=alpha, max_new_tokens=max_new_tokens, top_p=top_p,
-                                        temperature=temperature, repetition_penalty=repetition_penalty, generator=gen)
+        x = standardize(e, self.mu, self.s).repeat(n, 1)  # candidate k of row b: k * B + b
+        with autocast(self.device, self.bf16):
+            ids = self.decoder.generate(self.prefix_ids(list(prefix_texts) * n, sampling.max_tokens), x,
+                                        a=sampling.signal_level, max_new_tokens=sampling.max_tokens,
+                                        top_p=sampling.top_p, temperature=sampling.temperature,
+                                        repetition_penalty=sampling.repetition_penalty, generator=gen)
         texts = [self.tokenizer.decode(i).strip() for i in ids]
         if n == 1:
             return texts
         cosine = (self.embed(texts).view(n, B, -1) * e[None]).sum(-1)  # (n, B); unit vectors
         return [texts[k * B + b] for b, k in enumerate(cosine.argmax(0).tolist())]
 
-    def generate(self, prefixes, guidance=None, steps=50, method="ddim", cfg_scale=1.0, seed=0, **decode_kwargs):
-        """Continuations of `prefixes` (one each); the same seed gives the same noise guided or not."""
-        e = self.sample_proposals(prefixes, guidance, steps, method, cfg_scale, seed)
-        return self.decode(prefixes, e, seed=seed, **decode_kwargs)
+    def generate(self, prefix_texts, guidance, sampling, seed):
+        """Continuations of the prompts (one each); the same seed gives the same noise guided or not."""
+        e = self.sample_proposals(prefix_texts, guidance, sampling, seed)
+        return self.decode(prefix_texts, e, sampling, seed)
 
 
 def read_prompt_file(path):
@@ -146,77 +180,48 @@ def read_prompt_file(path):
     return prompts
 
 
-def read_prompts(args):
-    if args.prompts:
-        return read_prompt_file(args.prompts)
-    return [args.prefix] if args.prefix is not None else DEMO_PREFIXES
-
-
-def show_steps(model, prefix, guidance, args):
+def show_steps(model, prefix, guidance, label, sampling, seed):
     """Decode the predicted proposal x_hat at a few points of the trajectory, guided and not."""
-    points = sorted({0, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps - 1})
-    for label, g in (("unguided", None), (args.guide, guidance)):
+    steps = sampling.steps
+    points = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+    for name, g in (("unguided", None), (label, guidance)):
         trajectory = []
-        model.sample_proposals([prefix], g, args.steps, args.sampler, args.cfg, args.seed,
+        model.sample_proposals([prefix], g, sampling, seed,
                                callback=lambda i, lam, x_hat: trajectory.append((i, lam, x_hat.clone())) if i in points else None)
-        print(f"\n[{label}] {prefix!r}: the proposal x_hat while denoising")
+        print(f"\n[{name}] {prefix!r}: the proposal x_hat while denoising")
         for i, lam, x_hat in trajectory:
-            text = model.decode([prefix], unstandardize(x_hat, model.mu, model.s), seed=args.seed,
-                                max_new_tokens=args.max_tokens, top_p=args.top_p, temperature=args.temperature,
-                                repetition_penalty=args.repetition_penalty)[0]
-            print(f"  step {i + 1:3d}/{args.steps}  logSNR {lam:+6.1f}  {prefix} {text}")
+            text = model.decode([prefix], unstandardize(x_hat.float(), model.mu, model.s), sampling, seed)[0]
+            print(f"  step {i + 1:3d}/{steps}  logSNR {lam:+6.1f}  {prefix} {text}")
 
 
 def get_args(argv=None):
-    from train import ArgumentParser
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory written by train.py")
     p.add_argument("--guide", default="positive", help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none'")
-    p.add_argument("--scale", default=DEFAULT_SCALE, help=f"guidance scale (default {DEFAULT_SCALE:g}; 0 = unguided)")
     p.add_argument("--prefix", default=None, help="one prefix to continue ('' for none)")
     p.add_argument("--prompts", default=None, help="file with one prefix per line")
-    p.add_argument("--n", type=int, default=2, help="samples per prefix")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same noise guided or not)")
+    p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
+                   help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", default=None, help="write JSON lines {prefix, text, guide, scale, seed} here")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps of the prior")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="prior sampler")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the prefix (1 = off)")
-    p.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo samples around x_hat for the probe loss (0 = x_hat)")
-    p.add_argument("--alpha", type=float, default=None, help="re-noising level of the proposal (default: checkpoint's, 0.95)")
-    p.add_argument("--best-of", type=int, default=1,
-                   help="decode N candidates per proposal, keep the one whose embedding is closest to it")
-    p.add_argument("--max-tokens", type=int, default=32, help="continuation length in tokens")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="sampling temperature (0 = greedy)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2, help="CTRL-style repetition penalty")
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p)
-    args = p.parse_args(argv)
-    try:
-        args.scale = float(args.scale)
-    except ValueError:
-        p.error(f"--scale {args.scale!r} is not a number")
-    if args.n < 1 or args.best_of < 1:
-        p.error("--n and --best-of must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(args):
-    from train import pick_device
-    device = pick_device(args.device)
-    model = DGLM(args.ckpt, device, args.precision)
-    guidance = model.guidance(args.guide, args.scale, n_samples=args.mc_samples, seed=args.seed,
-                              max_logsnr=args.guide_max_logsnr)
-    prompts = read_prompts(args)
-    decode = dict(alpha=args.alpha, max_new_tokens=args.max_tokens, top_p=args.top_p, best_of=args.best_of,
-                  temperature=args.temperature, repetition_penalty=args.repetition_penalty)
+    sampling = sampling_config(args)
+    model = DGLM(args.ckpt, pick_device(args.device), args.precision)
+    model.prompt_room(sampling.max_tokens)  # before any work
+    guidance = model.guidance(args.guide, sampling)
+    prompts = read_prompt_file(args.prompts) if args.prompts else [args.prefix] if args.prefix is not None \
+        else DEMO_PREFIXES
     if args.show_steps:
-        show_steps(model, prompts[0], guidance, args)
+        show_steps(model, prompts[0], guidance, args.guide, sampling, args.seed)
         return
     prefixes = [p for p in prompts for _ in range(args.n)]
-    run = lambda g: model.generate(prefixes, g, args.steps, args.sampler, args.cfg, args.seed, **decode)
-    guided = run(guidance)
+    guided = model.generate(prefixes, guidance, sampling, args.seed)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for prefix, text in zip(prefixes, guided):
@@ -224,7 +229,7 @@ def main(args):
                                     "seed": args.seed}) + "\n")
         print(f"wrote {len(guided)} samples to {args.out}")
         return
-    unguided = run(None) if guidance is not None else guided
+    unguided = model.generate(prefixes, None, sampling, args.seed) if guidance is not None else guided
     width = max(len("unguided"), len(args.guide))
     for i, prefix in enumerate(prefixes):
         if i % args.n == 0:
@@ -235,5 +240,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(lambda: main(get_args()))

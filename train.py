@@ -1,211 +1,158 @@
-"""Train DGLM: one flat loop that alternates a prior step and a decoder step on the same batch.
+"""Train DGLM: one loop that alternates a prior step and a decoder step on the same batch.
 
-    python train.py                               # tiny tier: offline, CPU, minutes
-    python train.py --tier paper --data c4 --steps 100k --device cuda
+    python train.py                          # tiny tier: rated sentences, MiniLM, a small GPT-2; CPU, minutes
+    python train.py --data c4 --steps 100k   # paper tier: C4, Sentence-T5 XL, GPT-2 large; one CUDA GPU
+    torchrun --nproc_per_node 8 train.py --data c4 --steps 100k     # data-parallel
 
-Per step (DGLM sec. 3, 4.1), on a batch of cached (prefix, continuation) embeddings:
-  1. prior:   v-MSE of the diffusion model p(x_c | x_p) on the standardised continuation embedding
+Per step (DGLM sec. 3, 4.1), on a batch of (prefix, continuation) embeddings:
+  1. prior:   v-MSE of the diffusion model p(x_c | x_p) on the standardised continuation latent
   2. decoder: next-token loss of GPT-2 on [prefix][soft prompt(noised x_c, a)][continuation]
-The checkpoint directory (--out) holds everything sample.py needs: checkpoint.safetensors
-(weights, EMA, latent statistics, optimiser state; config in its metadata), config.json (a copy
-for reading), tokenizer/, probes.safetensors (when the data has labels).
+The file reads top to bottom: the config (tiers and flags), the data (batches, C4 windows), the two
+steps, then main(): what the run is, the data, the models, the loop. Everything sample.py needs is
+written to --out (utils.py describes the directory).
 """
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import budget
 import data as data_lib
-from decoder import TINY_LM, Decoder, DecoderConfig, encode_continuation, load_tokenizer, train_tokenizer
-from diffusion import Prior, PriorConfig, ema_update, make_ema
-from encoder import TINY_ENCODER, EmbeddingCache, cache_dir_for, latent_stats, standardize
+from decoder import TINY_LM, DecoderConfig, encode_continuation, fit_length, load_tokenizer, train_tokenizer
+from diffusion import PriorConfig, ema_update, make_ema
+from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
+                     window_embeddings)
+from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, autocast, bounded, build_models, count, model_config,
+                   pick_device, run_cli, save_checkpoint, use_bf16)
 
-# Presets. Model ids, sizes and optimisation defaults are configuration, never a second code path.
+# ----------------------------------------------------------------------------- config
+
+# The tiny tier is the defaults: PriorConfig(), DecoderConfig() and the flags' defaults below. The paper
+# tier overrides them. Model ids and sizes are configuration, never a second code path.
 TIERS = {
-    "tiny": dict(encoder=TINY_ENCODER, lm=TINY_LM, dim=384,
-                 prior=dict(n_tokens=8, token_dim=32, width=128, depth=4, heads=4),
-                 decoder=dict(n_soft=8, soft_token_dim=64, soft_width=128, soft_depth=2, soft_heads=4,
-                              hidden_cond=True, n_layer=4, n_embd=192, n_head=4, n_positions=128, vocab_size=8192),
-                 train=dict(batch_size=256, decoder_batch=32, prior_lr=1e-3, decoder_lr=3e-3, ema=0.995,
-                            max_prefix_frac=0.5, max_len=48)),
-    "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large", dim=768,
+    "tiny": {},
+    "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large",
                   prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
-                  decoder=dict(n_soft=8, soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12),
-                  train=dict(batch_size=256, decoder_batch=64, prior_lr=1e-3, decoder_lr=5e-6, ema=0.9999,
-                             max_prefix_frac=1.0, max_len=128)),
+                  decoder=dict(soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12, hidden_cond=False),
+                  train=dict(decoder_batch=64, decoder_lr=5e-6, ema=0.9999, max_prefix_frac=1.0, max_len=128,
+                             warmup=1000)),
 }
-CHECKPOINT = "checkpoint.safetensors"
-GPT2_WIDTHS = {"gpt2": 768, "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600}  # n_embd, for --sizes
+# GPT-2 architectures, so that --sizes and the memory estimate need no download
+GPT2_CONFIGS = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
+                "gpt2-xl": (48, 1600, 25)}
+TEACHING_SWITCHES = {  # flag -> (config part, field, value): each turns one design choice of the paper off
+    "no_noise_augmentation": ("decoder", "noise_augmentation", False),
+    "no_loss_weight": ("prior", "loss_weight", False),
+    "no_adaptive_noise": ("prior", "adaptive_noise", False),
+    "no_null_prefix": ("prior", "p_uncond", 0.0),
+}
 
 
-def model_sizes(tier_name, lm_width=None):
-    """Parameter counts of a tier's prior and soft-prompt generator, built from configs alone."""
-    from decoder import SoftPromptGenerator
-    tier = TIERS[tier_name]
-    lm_width = lm_width or tier["decoder"].get("n_embd") or GPT2_WIDTHS[tier["lm"]]
-    prior = Prior(PriorConfig(**tier["prior"], dim=tier["dim"]))
-    soft = SoftPromptGenerator(DecoderConfig(**tier["decoder"], dim=tier["dim"]), lm_width)
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    return {"prior": count(prior), "soft_prompt": count(soft), "lm_width": lm_width}
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl file")
+    add("--tier", default=None, choices=list(TIERS), help="sizes and defaults (default: paper for --data c4, else tiny)")
+    add("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
+        "(default: %(default)s)")
+    add("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder (default: %(default)s)")
+    add("--out", default="out", help="checkpoint directory")
+    add("--cache-dir", default="cache", help="where the corpus and the embedding cache live")
+    add("--steps", type=count, default=count("2400"), help="training steps, e.g. 3000 or 100k")
+    add("--batch-size", type=bounded(count, 1, 1e6), default=256, help="global prior batch (default %(default)s)")
+    add("--decoder-batch", type=bounded(count, 1, 1e6), default=32,
+        help="global decoder batch, the first rows of the prior batch (default %(default)s)")
+    add("--prior-lr", type=bounded(float, 0, 1, low_open=True), default=1e-3, help="peak AdamW learning rate of the prior")
+    add("--decoder-lr", type=bounded(float, 0, 1, low_open=True), default=3e-3,
+        help="peak AdamW learning rate of the decoder (default %(default)g)")
+    add("--soft-prompt-lr", type=bounded(float, 0, 1, low_open=True), default=None,
+        help="peak learning rate of the soft-prompt generator and hidden_cond (default: --decoder-lr)")
+    add("--warmup", type=bounded(int, 0, 1e9), default=100, help="linear warm-up steps (default %(default)s)")
+    add("--ema", type=bounded(float, 0, 1, high_open=True), default=0.995,
+        help="EMA decay of the prior used for sampling (default %(default)g)")
+    add("--max-prefix-frac", type=bounded(float, 0, 1), default=0.5,
+        help="prefix length ~ U{0..frac*(words-1)} (default %(default)g)")
+    add("--max-len", type=bounded(count, 2, 1e5), default=48,
+        help="prefix + continuation tokens per text, longer ones are cut (default %(default)s)")
+    add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
+    add("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
+    add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
+    add("--probe-data", default=None, help="local copies of the paper probes' data sets (see guide.py)")
+    add("--probe-examples", type=count, default=count("20k"), help="paper probes: examples per class and data set")
+    add("--save-every", type=count, default=500, help="checkpoint every this many steps")
+    add("--log-every", type=count, default=200, help="throughput report every this many steps")
+    add("--resume", action="store_true", help="continue from the checkpoint in --out")
+    add("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    add("--stop-at", type=count, default=None, help="save and stop after this step, as if interrupted")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    add("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    add("--micro-batch", type=count, default=None,
+        help="prior micro-batch per process (default: the whole batch, or what the memory estimate allows on CUDA)")
+    add("--decoder-micro-batch", type=count, default=None, help="decoder micro-batch per process (default: as above)")
+    add("--grad-checkpointing", action="store_true", help="recompute GPT-2's activations in the backward pass")
+    add("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
+        help="the device's peak bf16 TFLOP/s for MFU (default: a table of GPUs; measured on a CPU)")
+    add("--gpu-memory", default=None, help="with --sizes: GiB of GPUs to plan for, e.g. 24,40,80")
+    add("--compile", action="store_true", help="torch.compile the denoiser and the language model")
+    add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
+    add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
+    add("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
+    add("--no-noise-augmentation", action="store_true",
+        help="teaching switch: train the decoder on clean proposals and decode them clean (a = 1)")
+    add("--no-loss-weight", action="store_true", help="teaching switch: every noise level weighs the same in the prior's loss")
+    add("--no-adaptive-noise", action="store_true",
+        help="teaching switch: noise levels from the cosine schedule instead of the adaptive importance sampler")
+    add("--no-null-prefix", action="store_true",
+        help="teaching switch: never train the null prefix (no classifier-free guidance)")
+    pre = argparse.ArgumentParser(add_help=False)  # the tier first: its defaults are the parser's
+    for flag in ("--data", "--tier", "--lm"):
+        pre.add_argument(flag)
+    first, _ = pre.parse_known_args(argv)
+    tier = first.tier if first.tier in TIERS else "paper" if first.data == "c4" and first.lm != TINY_LM else "tiny"
+    p.set_defaults(tier=tier, encoder=TIERS[tier].get("encoder", TINY_ENCODER), lm=TIERS[tier].get("lm", TINY_LM),
+                   **TIERS[tier].get("train", {}))  # --help shows the tier's defaults
+    return p.parse_args(argv)
 
 
-def parse_count(text):
-    """'100k' -> 100000, '2.5M' -> 2500000, '300' -> 300."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (accepted: 300, 20k, 1.5M)")
-    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
-    return int(value)
+def model_configs(args, dim):
+    """PriorConfig and DecoderConfig of a new run: the tier's sizes plus the teaching switches."""
+    parts = {"prior": dict(TIERS[args.tier].get("prior", {}), dim=dim),
+             "decoder": dict(TIERS[args.tier].get("decoder", {}), dim=dim, lm=args.lm, vocab_size=args.vocab_size)}
+    for flag, (part, name, value) in TEACHING_SWITCHES.items():
+        if getattr(args, flag):
+            parts[part][name] = value
+    if args.no_noise_augmentation:
+        parts["decoder"]["inference_a"] = 1.0  # trained on clean proposals only: decode them clean
+    return PriorConfig(**parts["prior"]), DecoderConfig(**parts["decoder"])
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line (exit code 2, as argparse does)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
-
-
-def run_cli(fn):
-    """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) becomes one line
-    on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above."""
+def lm_config_for(args, decoder_config, tokenizer=None):
+    """The language model's GPT2Config as a dict: the tiny tier's from DecoderConfig, else the hub's."""
+    if args.lm == TINY_LM:
+        eos = tokenizer.eos_token_id if tokenizer is not None else 0
+        return decoder_config.lm_config(len(tokenizer) if tokenizer is not None else args.vocab_size, eos)
+    if not os.path.isdir(args.lm) and args.lm in GPT2_CONFIGS and args.sizes:  # --sizes: no download
+        n_layer, n_embd, n_head = GPT2_CONFIGS[args.lm]
+        return dict(vocab_size=50257, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024)
+    from transformers import AutoConfig
     try:
-        fn()
-    except SystemExit as err:
-        if isinstance(err.code, str):
-            print(err.code, file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
-
-
-def setup_distributed(device_name):
-    """-> (rank, world size, device). Under `torchrun --nproc_per_node N train.py ...` there is one
-    process per GPU (NCCL), or per CPU process with gloo; a plain `python train.py` is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA GPU is visible (accepted: auto, cpu, cuda, mps)")
-    return name
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def atomic_save(tensors, path, metadata):
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)  # a kill during the save leaves the previous file whole
-
-
-def optimizer_tensors(opt, name):
-    state = opt.state_dict()
-    tensors = {f"{name}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
-    return tensors, json.dumps(state["param_groups"])
-
-
-def load_optimizer(opt, name, tensors, param_groups):
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith(name + "."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = value
-    opt.load_state_dict({"state": state, "param_groups": json.loads(param_groups)})
-
-
-def save_checkpoint(out, config, models, optimizers, step, extra_tensors, data_state=None):
-    tensors = dict(extra_tensors)
-    for name, model in models.items():
-        seen = set()
-        for k, v in model.state_dict().items():
-            if v.data_ptr() not in seen:  # tied weights (GPT-2's lm_head = wte) are stored once
-                seen.add(v.data_ptr())
-                tensors[f"{name}.{k}"] = v
-    meta = {"config": json.dumps(config), "step": str(step), "data": json.dumps(data_state)}
-    for name, opt in optimizers.items():
-        t, groups = optimizer_tensors(opt, name)
-        tensors.update(t)
-        meta[f"{name}.param_groups"] = groups
-    tensors["rng.torch"] = torch.get_rng_state()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    tmp = Path(out) / "config.json.tmp"
-    tmp.write_text(json.dumps(dict(config, step=step), indent=2))
-    os.replace(tmp, Path(out) / "config.json")  # for reading; the copy inside the checkpoint is loaded
-    atomic_save(tensors, Path(out) / CHECKPOINT, meta)
-
-
-def read_checkpoint(out, prefixes=None):
-    """-> (config, step, metadata, {name: tensor}) for the keys starting with any of `prefixes`."""
-    from safetensors import safe_open
-    path = Path(out) / CHECKPOINT
-    if not path.exists():
-        raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py --out {out}`")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            keys = [k for k in f.keys() if prefixes is None or k.startswith(tuple(prefixes))]
-            tensors = {k: f.get_tensor(k) for k in keys}
-        config = json.loads(meta["config"])
-        step = int(meta["step"])
-    except Exception as err:  # truncated file, bad header, missing metadata
-        raise SystemExit(f"error: checkpoint {path} is unreadable or incomplete ({type(err).__name__}: {err}); "
-                         "retrain or restore it") from None
-    return config, step, meta, tensors
-
-
-def build_models(config, pretrained_lm=False):
-    prior = Prior(PriorConfig(**config["prior"]))
-    dec_cfg = DecoderConfig(**config["decoder"])
-    decoder = Decoder(dec_cfg, config["lm_config"], config["bos_id"], config["eos_id"], pretrained=pretrained_lm)
-    return prior, decoder
-
-
-def load_state(model, name, tensors, path):
-    state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[1 if "\n" in str(err).strip() else 0].strip()
-        raise SystemExit(f"error: checkpoint {path} does not match its config ({name}: {first})") from None
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise SystemExit(f"error: checkpoint {path} does not match its config ({name}: "
-                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-
-
-def load_for_inference(out, device="cpu"):
-    """Rebuild (config, EMA prior, decoder, tokenizer, mu, s) from a checkpoint directory alone."""
-    config, step, _, tensors = read_checkpoint(out, ["prior_ema.", "decoder.", "stats."])
-    prior, decoder = build_models(config)
-    load_state(prior, "prior_ema", tensors, out)
-    load_state(decoder, "decoder", tensors, out)
-    tokenizer = load_tokenizer(str(Path(out) / "tokenizer"))
-    mu, s = tensors["stats.mu"].to(device), tensors["stats.s"].to(device)
-    return config, prior.to(device).eval(), decoder.to(device).eval(), tokenizer, mu, s
+        return AutoConfig.from_pretrained(args.lm).to_dict()
+    except OSError:
+        raise SystemExit(f"error: could not load the configuration of the language model {args.lm!r}; "
+                         f"without internet pass a local GPT-2 folder with --lm, or use --lm {TINY_LM}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -244,346 +191,492 @@ def cosine_lr(step, total, warmup, floor=0.1):
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def c4_window(args, tokenizer, position):
-    """The next --window examples of the C4 stream from `position` -> (examples, position after them).
+class Window:
+    """Examples ready to train on: unit embeddings, token ids and length-grouped batches.
 
-    C4 is never held whole: training runs through consecutive windows, each embedded (cached) and
-    trained on once; a checkpoint records where its window starts, so --resume rebuilds it exactly.
+    A corpus read whole (tiny, a file) is one window trained on for as many epochs as the steps
+    need; C4 is a sequence of windows, each trained on once, from step `start` to `end`.
     """
-    import itertools
-    stream = data_lib.C4Examples(tokenizer, args.c4_path, args.seed, position, max_prefix_frac=args.max_prefix_frac)
-    examples = list(itertools.islice(stream, args.window))
-    if len(examples) < args.batch_size:
-        raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs {args.batch_size})")
-    return examples, stream.position
+
+    def __init__(self, examples, e_prefix, e_cont, tokenizer, room, batch_size, seed, start=0, position=None):
+        held = np.array([data_lib.is_held_out(ex["text"]) for ex in examples], dtype=bool)
+        self.examples = [ex for ex, h in zip(examples, held) if not h]
+        self.held_out = [ex for ex, h in zip(examples, held) if h]
+        self.e_prefix, self.e_cont = torch.from_numpy(e_prefix[~held]), torch.from_numpy(e_cont[~held])
+        self.held_out_e_cont = torch.from_numpy(e_cont[held])
+        prefix_ids = tokenizer([ex["prefix"] for ex in self.examples], add_special_tokens=False)["input_ids"]
+        pairs = [fit_length(p, encode_continuation(tokenizer, ex["continuation"]), room)
+                 for p, ex in zip(prefix_ids, self.examples)]
+        self.prefix_ids, self.cont_ids = [p for p, _ in pairs], [c for _, c in pairs]
+        self.batches = Batches([len(p) + len(c) for p, c in pairs], batch_size, seed)
+        self.start, self.position = start, position  # position: where this window starts in the C4 stream
+        self.end = math.inf  # a corpus read whole; a C4 window ends after one pass (C4Windows.load)
+
+    def batch(self, step):
+        """-> e_prefix (B, d), e_cont (B, d), prefix_ids, cont_ids of the batch of `step`."""
+        idx = self.batches.get(step - self.start)
+        return (self.e_prefix[idx], self.e_cont[idx], [self.prefix_ids[i] for i in idx],
+                [self.cont_ids[i] for i in idx])
 
 
-def prepare(args, tokenizer=None, examples=None):
-    """Texts -> examples with cached embeddings and token ids; trains the tokenizer when needed.
+class C4Windows:
+    """--data c4: consecutive windows of --window examples of the stream. Each is embedded once
+    (stored on disk by encoder.window_embeddings) and prepared in a background thread while the
+    previous window trains; the time training waits for it is reported."""
 
-    examples: a C4 window of {text, prefix, continuation}; otherwise --data is read whole and split.
-    """
-    if examples is None:
-        rows = data_lib.load_corpus(args.data, args.cache_dir)
-        train_ex, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
-    else:
-        train_ex = [ex for ex in examples if not data_lib.is_held_out(ex["text"])]
-        held_out = [ex for ex in examples if data_lib.is_held_out(ex["text"])]
-    print(f"data: {len(train_ex)} training texts, {len(held_out)} held out")
+    def __init__(self, args, tokenizer, cache, room, is_main):
+        self.args, self.tokenizer, self.cache, self.room, self.is_main = args, tokenizer, cache, room, is_main
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.next = None  # (start step, future of the next window)
+
+    def load(self, start, position):
+        """The window that starts at `position` of the stream and at step `start`."""
+        began = time.time()
+        examples, next_position = data_lib.c4_window(self.tokenizer, self.args.c4_path, self.args.seed, position,
+                                                     self.args.window, self.args.max_prefix_frac)
+        if len(examples) < self.args.batch_size:
+            raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs "
+                             f"{self.args.batch_size})")
+        e_prefix, e_cont = window_embeddings(examples, self.cache.dir, self.cache.embed)
+        window = Window(examples, e_prefix, e_cont, self.tokenizer, self.room, self.args.batch_size, self.args.seed,
+                        start, position)
+        window.end = start + window.batches.per_epoch
+        window.next_position, window.seconds = next_position, time.time() - began
+        return window
+
+    def prefetch(self, window):
+        """Start preparing the window after `window` (the main process only: the others read its file)."""
+        if self.is_main:
+            self.next = (window.end, self.pool.submit(self.load, window.end, window.next_position))
+
+    def following(self, window, barrier):
+        """The window after `window`, and the seconds training waited for it."""
+        began = time.time()
+        if self.is_main:
+            nxt = self.next[1].result()
+        barrier()  # the other processes read the window the main one has just stored
+        if not self.is_main:
+            nxt = self.load(window.end, window.next_position)
+        self.prefetch(nxt)
+        return nxt, time.time() - began
+
+
+def read_corpus(args, tokenizer, cache, room):
+    """--data tiny or a file -> (one Window over the whole corpus, tokenizer); trains the tiny BPE."""
+    rows = data_lib.load_corpus(args.data, args.cache_dir)
+    train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
     if tokenizer is None:
-        if args.lm == TINY_LM:
-            tokenizer = train_tokenizer([ex["text"] for ex in train_ex], args.vocab_size)
-        else:
-            tokenizer = load_tokenizer(args.lm)
-    cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, device=args.encode_device,
-                           dtype="bf16" if str(args.encode_device).startswith("cuda") else None)
-    print(f"embedding cache: {len(cache)} texts already encoded")
-    cont_e = torch.from_numpy(cache.encode([ex["continuation"] for ex in train_ex]))
-    prefix_e = torch.from_numpy(cache.encode([ex["prefix"] for ex in train_ex]))
-    prefix_ids = tokenizer([ex["prefix"] for ex in train_ex], add_special_tokens=False)["input_ids"]
-    cont_ids = [encode_continuation(tokenizer, ex["continuation"]) for ex in train_ex]
-    return dict(train=train_ex, held_out=held_out, cont_e=cont_e, prefix_e=prefix_e,
-                prefix_ids=prefix_ids, cont_ids=cont_ids, tokenizer=tokenizer, cache=cache)
+        tokenizer = train_tokenizer([ex["text"] for ex in train], args.vocab_size) if args.lm == TINY_LM \
+            else load_tokenizer(args.lm)
+    examples = train + held_out
+    e_cont = cache.encode([ex["continuation"] for ex in examples])
+    e_prefix = cache.encode([ex["prefix"] for ex in examples])
+    print(f"data: {len(train)} training texts, {len(held_out)} held out; {len(cache)} texts in the embedding cache")
+    return Window(examples, e_prefix, e_cont, tokenizer, room, args.batch_size, args.seed), tokenizer
 
 
-def fit_length(prefix, continuation, room):
-    """Trim a (prefix, continuation) pair of token lists to at most `room` tokens (prefix first)."""
-    cut = max(0, len(prefix) + len(continuation) - room)
-    prefix = prefix[min(cut, len(prefix)):]
-    return prefix, continuation[:room - len(prefix)]
+# ----------------------------------------------------------------------------- the two steps
 
 
-# ----------------------------------------------------------------------------- evaluation signals
+def micro_batches(n, rank, world, micro):
+    """This process's rows of a batch of n, as slices of at most `micro` rows."""
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return [slice(a, min(a + micro, hi)) for a in range(lo, hi, micro)]
+
+
+def accumulate(runner, last):
+    """Gradient sync only on the last micro-batch (DDP's no_sync; a plain module always 'syncs')."""
+    return contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
+
+
+def prior_step(prior, runner, opt, x, x_prefix, rows, world, amp):
+    """One AdamW step of the prior on a batch of latents x, x_prefix (B, d). runner: the prior or its
+    DDP wrapper; rows: this process's micro-batches. Returns this process's share of the mean loss."""
+    noise = prior.draw_noise(len(x), x.device)  # the whole batch's, identical in every process
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, r in enumerate(rows):
+        with accumulate(runner, i == len(rows) - 1), amp():
+            loss = runner(x[r], x_prefix[r], {k: v[r] for k, v in noise.items()}).sum() / len(x)
+        (loss * world).backward()  # DDP averages gradients over processes; the parts' losses add up
+        total += loss.detach()
+    prior.noise_levels.update()  # the importance sampler learns from the whole batch's losses
+    torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+    opt.step()
+    return total
+
+
+def decoder_step(decoder, runner, opt, x, prefix_ids, cont_ids, rows, world, amp):
+    """One AdamW step of the decoder; the loss is the batch's total NLL over its total token count."""
+    noise = decoder.draw_noise(len(x), x.device)
+    n_tokens = sum(len(p) + len(c) + 1 for p, c in zip(prefix_ids, cont_ids))  # + eos
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, r in enumerate(rows):
+        with accumulate(runner, i == len(rows) - 1), amp():
+            loss = runner(prefix_ids[r], cont_ids[r], x[r], {k: v[r] for k, v in noise.items()}, n_tokens)
+        (loss * world).backward()
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+    opt.step()
+    return total
 
 
 @torch.no_grad()
 def reconstruction_cosine(decoder, tokenizer, cache, texts, mu, s, device, seed=0):
-    """Embed -> decode from the clean embedding (empty prefix) -> re-embed; mean cosine to the original."""
+    """Embed -> decode from the clean latent (empty prefix, greedy-free default decoding) -> re-embed:
+    the mean cosine to the original, a signal of how much of a proposal the decoder writes."""
     decoder.eval()
     e = torch.from_numpy(cache.encode(texts, show_progress=False)).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = decoder.generate([[] for _ in texts], standardize(e, mu, s), max_new_tokens=48, generator=gen)
+    ids = decoder.generate([[] for _ in texts], standardize(e, mu, s), max_new_tokens=48, top_p=0.9,
+                           temperature=1.0, repetition_penalty=1.2, generator=gen)
     decoded = [tokenizer.decode(i).strip() or "." for i in ids]
     e2 = torch.from_numpy(cache.embed(decoded)).to(device)
     decoder.train()
     return (e * e2).sum(-1).mean().item(), decoded
 
 
-def train_probes(prepared, out, encoder_name):
-    """Probes on continuation embeddings when the data has labels (tiny: ratings and domains)."""
-    from guide import TINY_GUIDES, save_probes, train_tiny_probes
-    train, held = prepared["train"], prepared["held_out"]
-    if not train or "rating" not in train[0] or not held:
+# ----------------------------------------------------------------------------- the run
+
+
+class Distributed:
+    """rank, world size and device; under `torchrun` one process per GPU (NCCL) or CPU process (gloo)."""
+
+    def __init__(self, device_name):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.device = 0, pick_device(device_name)
+        if self.world > 1:
+            self.rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+            if self.device == "cuda":
+                torch.cuda.set_device(local_rank)
+                self.device = f"cuda:{local_rank}"
+            torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+        self.is_main = self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, value):
+        """Sum of a scalar tensor over processes, as a float."""
+        value = value.detach().float()
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+        return value.item()
+
+    def wrap(self, model):
+        """The module that runs the steps: DDP averages gradients over processes."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[torch.cuda.current_device()] if self.device.startswith("cuda") else None)
+
+    def finish(self):
+        if self.world > 1:
+            self.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def describe_run(args, prior_config, decoder_config, lm_config, device=None, world=1):
+    """Print the tier, encoder, language model and model sizes, then the memory plan.
+
+    On CUDA (or for each size of --gpu-memory) the estimate of peak GPU memory is printed beside the
+    device's memory, with the micro-batches that fit; one line ends the run when even micro-batch 1
+    does not. Sets --micro-batch / --decoder-micro-batch when they were not given."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decoder import SoftPromptGenerator
+    from diffusion import Prior
+    sizes = {"prior": budget.count_params(lambda: Prior(prior_config)),
+             "soft_prompt": budget.count_params(lambda: SoftPromptGenerator(decoder_config, lm_config["n_embd"])),
+             "lm": budget.count_params(lambda: GPT2LMHeadModel(GPT2Config(**lm_config))),
+             "encoder": budget.encoder_params(args.encoder)}
+    million = lambda n: "?" if n is None else f"{n / 1e6:.1f}M"
+    print(f"tier {args.tier} | encoder {args.encoder} ({million(sizes['encoder'])}) | language model {args.lm} "
+          f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
+    per_process = (args.batch_size // world, args.decoder_batch // world)
+    gpus = [float(g) * budget.GiB for g in args.gpu_memory.split(",")] if args.gpu_memory else []
+    if device is not None and str(device).startswith("cuda"):
+        gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
+    for total in gpus:
+        prior_micro, decoder_micro, estimate = budget.plan_micro_batches(
+            sizes, asdict(prior_config), lm_config, args.max_len + decoder_config.n_soft + 2, *per_process, total,
+            args.grad_checkpointing)
+        if prior_micro is None:
+            raise SystemExit(f"error: training does not fit in {total / budget.GiB:.0f} GiB of GPU memory even at "
+                             f"micro-batch 1 (estimate {budget.format_estimate(estimate)}); try "
+                             "--grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
+        print(f"GPU {total / budget.GiB:.0f} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
+              f"{decoder_micro} of {per_process[1]} per process; estimate {budget.format_estimate(estimate)}")
+        args.micro_batch = args.micro_batch or prior_micro
+        args.decoder_micro_batch = args.decoder_micro_batch or decoder_micro
+    return sizes
+
+
+def preflight(args):
+    """Try every download a run needs and name each one that fails, in one line, before any work."""
+    from transformers import AutoConfig
+    checks = [(args.lm, "--lm", args.lm != TINY_LM, lambda: AutoConfig.from_pretrained(args.lm)),
+              (args.encoder, "--encoder", args.encoder != TINY_ENCODER, lambda: AutoConfig.from_pretrained(args.encoder)),
+              ("allenai/c4", "--c4-path", args.data == "c4", lambda: data_lib.open_c4(args.c4_path))]
+    failed = []
+    for name, flag, needed, check in checks:
+        if needed and not os.path.isdir(str(name)):
+            try:
+                check()
+            except (OSError, SystemExit, ValueError):
+                failed.append(f"{name} ({flag})")
+    if failed:
+        raise SystemExit(f"error: the {args.tier} tier could not download {', '.join(failed)}; without internet pass "
+                         "local copies with the flags named, or train the offline tiny tier (--data tiny)")
+
+
+def train_probes(args, window, out, cache_dir):
+    """The tier's probes, before the long loop, into out/probes.safetensors: the tiny corpus's labels
+    (sentiment, domains) or the paper's data sets (sentiment, toxicity, topics). -> report or None."""
+    if window.examples and "rating" in window.examples[0] and window.held_out:
+        probes, report = train_tiny_probes(window.e_cont, window.examples, window.held_out_e_cont, window.held_out)
+        merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
+        return report
+    if args.tier != "paper":
         return None
-    held_e = torch.from_numpy(prepared["cache"].encode([ex["continuation"] for ex in held], show_progress=False))
-    probes, report = train_tiny_probes(prepared["cont_e"], train, held_e, held)
-    save_probes(Path(out) / "probes.safetensors", probes, TINY_GUIDES, encoder_name)
+    cache = EmbeddingCache(cache_dir, args.encoder, args.encode_device, dtype="bf16" if args.bf16 else None)
+    try:
+        probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
+    except SystemExit as err:
+        print(f"warning: no probes ({str(err).removeprefix('error: ')}); training goes on; add them later with "
+              f"`python guide.py --ckpt {out} --probes paper` (--probe-data DIR for local copies)", file=sys.stderr)
+        return None
+    merge_probes(out / "probes.safetensors", probes, PAPER_GUIDES, args.encoder)
     return report
 
 
-# ----------------------------------------------------------------------------- main
+def check_args(args, out):
+    if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
+        raise SystemExit(f"error: {out}/ already holds a checkpoint; continue it with --resume, "
+                         "train into another --out, or pass --overwrite to replace it")
+    if args.data == "c4" and args.lm == TINY_LM:
+        raise SystemExit("error: --data c4 cuts documents with the GPT-2 tokenizer; use the paper tier "
+                         "(the default for c4) or --lm with a GPT-2 hub id or local folder")
+    if args.decoder_batch > args.batch_size:
+        raise SystemExit(f"error: --decoder-batch {args.decoder_batch} is larger than --batch-size {args.batch_size} "
+                         "(the decoder trains on the first rows of the prior's batch)")
 
 
-def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl file")
-    p.add_argument("--tier", default="tiny", choices=TIERS, help="architecture preset and default encoder/LM")
-    p.add_argument("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder")
-    p.add_argument("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder, e.g. gpt2-large")
-    p.add_argument("--out", default="out", help="checkpoint directory")
-    p.add_argument("--cache-dir", default="cache", help="where corpus and embedding cache live")
-    p.add_argument("--steps", type=parse_count, default=parse_count("2400"), help="training steps, e.g. 3000 or 100k")
-    # the defaults of these seven come from --tier (TIERS[...]["train"]), given here as tiny / paper
-    p.add_argument("--batch-size", type=parse_count, default=None, help="global prior batch (256 / 256)")
-    p.add_argument("--decoder-batch", type=parse_count, default=None, help="global decoder batch, the first rows of the prior batch (32 / 64)")
-    p.add_argument("--prior-lr", type=float, default=None, help="peak AdamW learning rate of the prior (1e-3 / 1e-3)")
-    p.add_argument("--decoder-lr", type=float, default=None, help="peak AdamW learning rate of the decoder (3e-3 from scratch / 5e-6 fine-tuning)")
-    p.add_argument("--soft-prompt-lr", type=float, default=None, help="peak learning rate of the soft-prompt generator and hidden_cond (default: --decoder-lr)")
-    p.add_argument("--warmup", type=parse_count, default=100, help="linear warm-up steps")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay of the prior used for sampling (0.995 / 0.9999)")
-    p.add_argument("--max-prefix-frac", type=float, default=None, help="prefix length ~ U{0..frac*words} (0.5 / 1.0)")
-    p.add_argument("--max-len", type=parse_count, default=None, help="prefix + continuation tokens per text, longer ones are cut (48 / 128)")
-    p.add_argument("--vocab-size", type=parse_count, default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
-    p.add_argument("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
-    p.add_argument("--window", type=parse_count, default=parse_count("200k"), help="--data c4: texts per window of the stream")
-    p.add_argument("--save-every", type=parse_count, default=500, help="checkpoint every this many steps")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
-    p.add_argument("--stop-at", type=parse_count, default=None, help="save and stop after this step, as if interrupted")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser and the language model")
-    p.add_argument("--sizes", action="store_true", help="print the tier's model sizes (from configs, no download) and exit")
-    p.add_argument("--seed", type=int, default=0, help="seed for data split, batches and initialisation")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    return p.parse_args(argv)
+def load_data(args, ckpt, dist):
+    """-> (the first Window, the C4 windows or None, tokenizer, embedding cache). The main process
+    goes first (it fills the embedding cache and trains the tokenizer), the others read its work."""
+    if not dist.is_main:
+        dist.barrier()
+    tokenizer = load_tokenizer(str(Path(args.out) / "tokenizer")) if ckpt or not dist.is_main else         load_tokenizer(args.lm) if args.lm != TINY_LM else None
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, args.encode_device,
+                           dtype="bf16" if args.encode_device.startswith("cuda") else None)
+    if args.data != "c4":
+        window, tokenizer = read_corpus(args, tokenizer, cache, args.max_len)
+        return window, None, tokenizer, cache
+    state = (json.loads(ckpt.meta.get("data", "null")) if ckpt else None) or {"start": 0, "position": None}
+    c4 = C4Windows(args, tokenizer, cache, args.max_len, dist.is_main)
+    window = c4.load(state["start"], state["position"])
+    print(f"C4 window from step {window.start}: {len(window.examples)} texts, prepared in {window.seconds:.0f} s; "
+          f"embedding cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk (fp16)")
+    return window, c4, tokenizer, cache
+
+
+class Models:
+    """The prior, its EMA, the decoder, their optimisers and the latent statistics (mu, s) of a run:
+    new (from the config) or resumed (from the checkpoint)."""
+
+    def __init__(self, args, config, mu, s, device, ckpt=None):
+        self.config, self.step = config, ckpt.step if ckpt else 0
+        self.prior, self.decoder = build_models(config, pretrained_lm=not ckpt and args.lm != TINY_LM)
+        self.prior, self.decoder = self.prior.to(device), self.decoder.to(device)
+        if args.grad_checkpointing:
+            self.decoder.lm.gradient_checkpointing_enable()
+        self.ema = make_ema(self.prior)
+        self.mu, self.s = mu.to(device), s.to(device)
+        fused = device.startswith("cuda")  # one kernel for the whole AdamW update
+        self.opt_prior = torch.optim.AdamW([{"params": self.prior.parameters(), "peak_lr": args.prior_lr}],
+                                           lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
+        rest = [p for n, p in self.decoder.named_parameters() if not n.startswith("lm.")]  # soft prompt, hidden_cond
+        self.opt_decoder = torch.optim.AdamW([{"params": self.decoder.lm.parameters(), "peak_lr": args.decoder_lr},
+                                              {"params": rest, "peak_lr": args.soft_prompt_lr or args.decoder_lr}],
+                                             lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02, fused=fused)
+        if ckpt:
+            for name in ("prior", "prior_ema", "decoder"):
+                ckpt.load_model(getattr(self, {"prior_ema": "ema"}.get(name, name)), name)
+            ckpt.load_optimizer(self.opt_prior, "opt_prior")
+            ckpt.load_optimizer(self.opt_decoder, "opt_decoder")
+            torch.set_rng_state(ckpt.tensors("rng")["torch"])
+
+    def set_lr(self, scale):
+        for opt in (self.opt_prior, self.opt_decoder):
+            for group in opt.param_groups:
+                group["lr"] = group["peak_lr"] * scale
+
+    def save(self, out, step, data_state):
+        save_checkpoint(out, self.config, step, {"prior": self.prior, "prior_ema": self.ema, "decoder": self.decoder},
+                        {"opt_prior": self.opt_prior, "opt_decoder": self.opt_decoder},
+                        {"stats.mu": self.mu, "stats.s": self.s}, data_state)
+
+
+def new_config(args, window, tokenizer):
+    """The checkpoint config of a new run (utils.model_config), sized for the encoder's width."""
+    prior_config, decoder_config = model_configs(args, window.e_cont.shape[1])
+    decoder_config.vocab_size = len(tokenizer)
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")}
+    return model_config(prior_config, decoder_config, args.encoder, lm_config_for(args, decoder_config, tokenizer),
+                        tokenizer.eos_token_id, settings)
+
+
+def setup(args):
+    """Everything before the loop: checks, devices, data, models, probes. -> (dist, run, window, c4, tokenizer, cache)."""
+    out = Path(args.out)
+    check_args(args, out)
+    preflight(args)
+    dist = Distributed(args.device)
+    if args.batch_size % dist.world or args.decoder_batch % dist.world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} and --decoder-batch {args.decoder_batch} must be "
+                         f"multiples of the {dist.world} processes")
+    precision = ("bf16" if dist.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
+    args.bf16, args.encode_device = use_bf16(precision, dist.device), dist.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the same seed in every process: the batch's noise is drawn alike everywhere
+    random.seed(args.seed)
+    ckpt = Checkpoint(out) if args.resume else None
+    if dist.is_main:  # first what the run is, and whether it fits
+        preview = ckpt.config if ckpt else None
+        prior_config, decoder_config = (PriorConfig(**preview["prior"]), DecoderConfig(**preview["decoder"])) \
+            if preview else model_configs(args, 768 if args.tier == "paper" else 384)
+        describe_run(args, prior_config, decoder_config, preview["lm_config"] if preview else
+                     lm_config_for(args, decoder_config), dist.device, dist.world)
+    if ckpt is None and args.overwrite and dist.is_main:
+        (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
+    window, c4, tokenizer, cache = load_data(args, ckpt, dist)
+    config = ckpt.config if ckpt else new_config(args, window, tokenizer)
+    n_positions = config["lm_config"]["n_positions"]
+    if args.max_len + config["decoder"]["n_soft"] + 2 > n_positions:
+        raise SystemExit(f"error: --max-len {args.max_len} does not fit the language model's context of {n_positions} "
+                         f"positions (at most {n_positions - config['decoder']['n_soft'] - 2})")
+    stats = ckpt.tensors("stats") if ckpt else dict(zip(("mu", "s"), latent_stats(window.e_cont)))
+    if dist.is_main and not ckpt:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    run = Models(args, config, stats["mu"], stats["s"], dist.device, ckpt)
+    if ckpt:
+        print(f"resumed from {out} at step {run.step}")
+    if dist.is_main and not (out / "probes.safetensors").exists():
+        report = train_probes(args, window, out, cache.dir)
+        if report:
+            print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    if dist.is_main:
+        dist.barrier()  # the other processes may read the cache and tokenizer now
+    if args.compile:
+        run.prior.net.compile()
+        run.decoder.lm.compile()
+    return dist, run, window, c4, tokenizer, cache
 
 
 def main(args):
     started = time.time()
-    if args.sizes:
-        for width in [None, 768] if args.tier == "paper" else [None]:  # paper: gpt2-large and gpt2 widths
-            n = model_sizes(args.tier, width)
-            print(f"{args.tier}: prior {n['prior'] / 1e6:.1f}M params, soft-prompt generator "
-                  f"{n['soft_prompt'] / 1e6:.1f}M (into a language model of width {n['lm_width']})")
-        return
-    tier = TIERS[args.tier]
-    args.encoder = args.encoder or tier["encoder"]
-    args.lm = args.lm or tier["lm"]
-    for key, value in tier["train"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    out = Path(args.out)
-    if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
-        raise SystemExit(f"error: {out}/ already holds a checkpoint; continue it with --resume, "
-                         "train into another --out, or pass --overwrite to replace it")
-    rank, world, device = setup_distributed(args.device)
-    if args.batch_size % world or args.decoder_batch % world or args.decoder_batch > args.batch_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} and --decoder-batch {args.decoder_batch} must be "
-                         f"multiples of the {world} processes, with the decoder batch at most the prior batch")
-    args.encode_device = device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # the same seed in every process: see `shard` in Prior/Decoder.forward
-    random.seed(args.seed)
-    distributed = world > 1
-    if distributed and rank > 0:
-        torch.distributed.barrier()  # rank 0 first fills the embedding cache and writes the tokenizer
-
-    resume = read_checkpoint(out) if args.resume else None
-    if args.overwrite and not args.resume and rank == 0:
-        (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
-    tokenizer = load_tokenizer(str(out / "tokenizer")) if resume or rank > 0 else None
-    window, next_position = None, None  # --data c4: {"start": its first step, "position": where it starts in the stream}
-    if args.data == "c4":
-        if args.lm == TINY_LM:
-            raise SystemExit("error: --data c4 prepares text with the GPT-2 tokenizer; use --tier paper, or --lm with "
-                             "a GPT-2 hub id or local folder")
-        window = json.loads(resume[2].get("data", "null")) if resume else None
-        window = window or {"start": 0, "position": None}
-        examples, next_position = c4_window(args, tokenizer or load_tokenizer(args.lm), window["position"])
-    prepared = prepare(args, tokenizer, examples if window else None)
-    tokenizer = prepared["tokenizer"]
-
-    if resume:
-        config, start_step = resume[0], resume[1]
-        mu, s = resume[3]["stats.mu"], resume[3]["stats.s"]
-    else:
-        start_step = 0
-        mu, s = latent_stats(prepared["cont_e"])
-        dec = dict(tier["decoder"], lm=args.lm, dim=prepared["cont_e"].shape[1])
-        if args.lm == TINY_LM:
-            dec["vocab_size"] = len(tokenizer)
-            lm_config = dict(vocab_size=len(tokenizer), n_layer=dec["n_layer"], n_embd=dec["n_embd"],
-                             n_head=dec["n_head"], n_positions=dec["n_positions"],
-                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # a few epochs: no overfitting
-                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-        else:
-            from transformers import AutoConfig
-            try:
-                lm_config = AutoConfig.from_pretrained(args.lm).to_dict()
-            except OSError:
-                raise SystemExit(f"error: could not load the configuration of the language model {args.lm!r}; "
-                                 f"without internet pass a local GPT-2 folder with --lm, or use --lm {TINY_LM}") from None
-        config = dict(encoder=args.encoder, prior=dict(tier["prior"], dim=dec["dim"]), decoder=dec,
-                      lm_config=lm_config, bos_id=tokenizer.eos_token_id, eos_id=tokenizer.eos_token_id,
-                      train={k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")})
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(out / "tokenizer"))
-
-    prior, decoder = build_models(config, pretrained_lm=not resume and args.lm != TINY_LM)
-    prior, decoder = prior.to(device), decoder.to(device)
-    ema = make_ema(prior)
-    mu, s = mu.to(device), s.to(device)
-    fused = str(device).startswith("cuda")  # one kernel for the whole AdamW update
-    opt_prior = torch.optim.AdamW([{"params": prior.parameters(), "peak_lr": args.prior_lr}],
-                                  lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
-    opt_decoder = torch.optim.AdamW([{"params": decoder.lm.parameters(), "peak_lr": args.decoder_lr},
-                                     {"params": [p for n, p in decoder.named_parameters() if not n.startswith("lm.")],
-                                      "peak_lr": args.soft_prompt_lr or args.decoder_lr}],  # soft prompt, hidden_cond
-                                    lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02, fused=fused)
-    if resume:
-        _, _, meta, tensors = resume
-        for name, model in (("prior", prior), ("prior_ema", ema), ("decoder", decoder)):
-            load_state(model, name, tensors, out)
-        load_optimizer(opt_prior, "opt_prior", tensors, meta["opt_prior.param_groups"])
-        load_optimizer(opt_decoder, "opt_decoder", tensors, meta["opt_decoder.param_groups"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if rank == 0:
-            print(f"resumed from {out} at step {start_step}")
-    if rank == 0 and not (out / "probes.safetensors").exists():
-        report = train_probes(prepared, out, args.encoder)
-        if report:
-            print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-    if distributed and rank == 0:
-        torch.distributed.barrier()  # the other processes may read the cache and tokenizer now
-    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    if rank == 0:
-        print(f"prior {n_params(prior):.2f}M params | decoder {n_params(decoder.lm):.2f}M + soft prompt "
-              f"{n_params(decoder.soft):.2f}M | device {device} x {world}")
-    if args.compile:
-        prior.net.compile()
-        decoder.lm.compile()
-    # data-parallel wrappers average the gradients over processes; the EMA, saving and logging use the plain modules
-    prior_step, decoder_step = prior, decoder
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [torch.cuda.current_device()] if str(device).startswith("cuda") else None
-        prior_step, decoder_step = DDP(prior, device_ids=ids), DDP(decoder, device_ids=ids)
-
-    room = min(args.max_len, decoder.max_len - decoder.cfg.n_soft - 2)  # bos and eos
-
-    def batch_source(prepared):
-        """Latents, token ids and batches of a prepared corpus (or C4 window)."""
-        x_all = standardize(prepared["cont_e"], mu.cpu(), s.cpu())       # (N, d) continuation latents
-        p_all = standardize(prepared["prefix_e"], mu.cpu(), s.cpu())     # (N, d) prefix latents
-        pairs = [fit_length(p, c, room) for p, c in zip(prepared["prefix_ids"], prepared["cont_ids"])]
-        return x_all, p_all, pairs, Batches([len(p) + len(c) for p, c in pairs], args.batch_size, args.seed)
-
-    x_all, p_all, pairs, batches = batch_source(prepared)
-    window_end = window["start"] + batches.per_epoch if window else math.inf  # tiny / a file: epochs, no end
-    held_texts = [ex["text"] for ex in prepared["held_out"][:64]]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
-    shard = lambda n: slice(rank * n // world, (rank + 1) * n // world) if distributed else None  # this process's rows
-    prior_shard, decoder_shard = shard(args.batch_size), shard(args.decoder_batch)
-    log = LossLog(out / "log.jsonl", start_step) if rank == 0 else None
-
-    def save(step):
-        if rank == 0:
-            save_checkpoint(out, config, {"prior": prior, "prior_ema": ema, "decoder": decoder},
-                            {"opt_prior": opt_prior, "opt_decoder": opt_decoder}, step,
-                            {"stats.mu": mu, "stats.s": s}, window)
-
-    def global_mean(value, shards_sum=False):
-        """The whole batch's loss from this process's part (shards' losses add up or average)."""
-        value = value.detach().float()
-        if distributed:
-            torch.distributed.all_reduce(value)
-            value = value if shards_sum else value / world
-        return value.item()
-
-    from tqdm import tqdm
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, dynamic_ncols=True,
-               disable=rank > 0)
+    if args.sizes:  # the run's sizes and memory plan, from configs alone
+        prior_config, decoder_config = model_configs(args, 768 if args.tier == "paper" else 384)
+        return describe_run(args, prior_config, decoder_config, lm_config_for(args, decoder_config))
+    dist, run, window, c4, tokenizer, cache = setup(args)
+    out, prior, decoder = Path(args.out), run.prior, run.decoder
+    runners = dist.wrap(prior), dist.wrap(decoder)  # EMA, saving and logging use the plain modules
+    prior_rows = micro_batches(args.batch_size, dist.rank, dist.world, args.micro_batch or args.batch_size)
+    decoder_rows = micro_batches(args.decoder_batch, dist.rank, dist.world, args.decoder_micro_batch or args.decoder_batch)
+    amp = lambda: autocast(dist.device, args.bf16)
+    n_soft, D = run.decoder.config.n_soft, args.decoder_batch
+    held_texts = [ex["text"] for ex in window.held_out[:64]]
+    log = LossLog(out / "log.jsonl", run.step) if dist.is_main else None
+    peak = budget.peak_flops(dist.device, args.bf16, args.peak_tflops)[0] if dist.is_main else None
+    meter = budget.Throughput(prior, decoder, peak and peak * dist.world)
+    save = lambda step: dist.is_main and run.save(out, step, {"start": window.start, "position": window.position}
+                                                  if c4 else None)
+    if c4:
+        c4.prefetch(window)
+    if dist.is_main:
+        size = lambda rows: rows[0].stop - rows[0].start
+        print(f"training on {dist.device} x {dist.world} ({'bf16 autocast' if args.bf16 else 'fp32'}); per process "
+              f"micro-batches: prior {len(prior_rows)} x {size(prior_rows)}, decoder {len(decoder_rows)} x "
+              f"{size(decoder_rows)}")
+    bar = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, dynamic_ncols=True,
+               disable=not dist.is_main)
     prior.train(), decoder.train()
     for step in bar:
-        if step >= window_end:  # --data c4: on to the next window of the stream (rank 0 embeds it first)
-            window = {"start": window_end, "position": next_position}
-            if distributed and rank > 0:
-                torch.distributed.barrier()
-            examples, next_position = c4_window(args, tokenizer, window["position"])
-            x_all, p_all, pairs, batches = batch_source(prepare(args, tokenizer, examples))
-            window_end = window["start"] + batches.per_epoch
-            if distributed and rank == 0:
-                torch.distributed.barrier()
-        idx = batches.get(step - (window["start"] if window else 0))
+        if step >= window.end:  # --data c4: on to the next window, prepared in the background
+            window, waited = c4.following(window, dist.barrier)
+            report_window(window, waited, started, cache.dir, log)
+        e_prefix, e_cont, prefix_ids, cont_ids = window.batch(step)
+        x, x_prefix = standardize(e_cont.to(dist.device), run.mu, run.s), standardize(e_prefix.to(dist.device), run.mu, run.s)
         lr_scale = cosine_lr(step, args.steps, args.warmup)
-        for opt in (opt_prior, opt_decoder):
-            for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * lr_scale
+        run.set_lr(lr_scale)
 
-        # 1. prior step: v-MSE on the whole batch (this process: rows prior_shard)
-        x, prefix = x_all[idx].to(device), p_all[idx].to(device)
-        with autocast:
-            prior_loss = prior_step(x, prefix, prior_shard).mean()
-        opt_prior.zero_grad(set_to_none=True)
-        prior_loss.backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-        opt_prior.step()
-        ema_update(ema, prior, min(args.ema, (1 + step) / (10 + step)))
+        t0 = time.perf_counter()  # 1. the prior on the whole batch, then its EMA
+        losses = [dist.sum(prior_step(prior, runners[0], run.opt_prior, x, x_prefix, prior_rows, dist.world, amp))]
+        ema_update(run.ema, prior, min(args.ema, (1 + step) / (10 + step)))
+        t1 = time.perf_counter()  # 2. the decoder on the first rows of the same batch (.item() synchronised both)
+        losses.append(dist.sum(decoder_step(decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D],
+                                            cont_ids[:D], decoder_rows, dist.world, amp)))
+        meter.add(t1 - t0, time.perf_counter() - t1, args.batch_size,
+                  [len(p) + len(c) + n_soft + 2 for p, c in zip(prefix_ids[:D], cont_ids[:D])])
 
-        # 2. decoder step: next-token loss on the first rows of the same batch
-        sub = idx[:args.decoder_batch]
-        with autocast:
-            decoder_loss = decoder_step([pairs[i][0] for i in sub], [pairs[i][1] for i in sub], x_all[sub].to(device),
-                                        decoder_shard)
-        opt_decoder.zero_grad(set_to_none=True)
-        (decoder_loss * world).backward()  # DDP averages gradients; the shards' losses are meant to add up
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        opt_decoder.step()
-
-        losses = global_mean(prior_loss), global_mean(decoder_loss, shards_sum=True)
-        if not all(map(math.isfinite, losses)):
-            if rank == 0:
-                print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step + 1}; "
-                      f"stopped without saving, the last good checkpoint in {out}/ is kept (try a lower "
-                      "learning rate, then --resume)", file=sys.stderr)
-            raise SystemExit(1)
+        stop_unless_finite(losses, step, out, dist)  # 3. log, save
         bar.set_postfix_str(f"prior {losses[0]:.3f} | decoder {losses[1]:.3f}")
+        throughput = meter.report() if (step + 1) % args.log_every == 0 or step + 1 == args.steps else None
         if log:
-            log.write(step + 1, prior=losses[0], decoder=losses[1], lr_scale=lr_scale)
+            log.write(step + 1, prior=losses[0], decoder=losses[1], lr_scale=lr_scale, **(throughput or {}))
+            if throughput:
+                tqdm.write(f"step {step + 1}: {budget.format_throughput(throughput)}")
         if args.stop_at is not None and step + 1 == args.stop_at:
             save(step + 1)
-            if rank == 0:
-                print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
-            return finish(distributed)
+            print(f"stopped at step {step + 1} (--stop-at); continue with --resume") if dist.is_main else None
+            return dist.finish()
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-            if rank == 0 and held_texts:
-                cos, _ = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts[:32], mu, s, device)
+            if dist.is_main and held_texts:
+                cos, _ = reconstruction_cosine(decoder, tokenizer, cache, held_texts[:32], run.mu, run.s, dist.device)
                 tqdm.write(f"step {step + 1}: prior {losses[0]:.3f} | decoder {losses[1]:.3f} | "
                            f"reconstruction cosine {cos:.3f}")
     save(args.steps)
-
-    if rank == 0:
-        if held_texts:
-            cos, decoded = reconstruction_cosine(decoder, tokenizer, prepared["cache"], held_texts, mu, s, device)
-            print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
-            for original, text in list(zip(held_texts, decoded))[:3]:
-                print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
-        print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
-    finish(distributed)
+    if dist.is_main:
+        final_report(decoder, tokenizer, cache, held_texts, run.mu, run.s, dist.device, started, out)
+    dist.finish()
 
 
-def finish(distributed):
-    if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+def stop_unless_finite(losses, step, out, dist):
+    if not all(map(math.isfinite, losses)):
+        if dist.is_main:
+            print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step + 1}; "
+                  f"stopped without saving, the last good checkpoint in {out}/ is kept (try a lower "
+                  "learning rate, then --resume)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def report_window(window, waited, started, cache_dir, log):
+    wall = time.time() - started
+    tqdm.write(f"C4 window from step {window.start}: {len(window.examples)} texts, prepared in {window.seconds:.0f} s "
+               f"in the background; training waited {waited:.1f} s ({100 * waited / wall:.1f}% of the wall time); "
+               f"embedding cache {disk_usage(cache_dir) / 1e9:.2f} GB on disk")
+    if log:
+        log.write(window.start, window_seconds=window.seconds, window_wait_seconds=waited)
+
+
+def final_report(decoder, tokenizer, cache, held_texts, mu, s, device, started, out):
+    if held_texts:
+        cos, decoded = reconstruction_cosine(decoder, tokenizer, cache, held_texts, mu, s, device)
+        print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
+        for original, text in list(zip(held_texts, decoded))[:3]:
+            print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
+    print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
 
 
 class LossLog:
-    """out/log.jsonl: one line of losses per step. On --resume the lines after the checkpoint's
-    step (written by the interrupted run) are dropped, so the log is that of an uninterrupted run."""
+    """out/log.jsonl: one line of losses (and, every --log-every steps, throughput) per step. On
+    --resume the lines after the checkpoint's step are dropped: the log of an uninterrupted run."""
 
     def __init__(self, path, start_step):
         self.path = Path(path)
@@ -594,7 +687,8 @@ class LossLog:
         self.file = open(self.path, "a")
 
     def write(self, step, **values):
-        self.file.write(json.dumps(dict(step=step, **{k: round(v, 6) for k, v in values.items()})) + "\n")
+        rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
+        self.file.write(json.dumps(dict(step=step, **rounded)) + "\n")
         self.file.flush()
 
 

@@ -1,21 +1,24 @@
+"""data.py: the tiny corpus, local files, the prefix split, C4 prepared and streamed from a local copy."""
 import itertools
+import json
+import math
 import random
 
 import pytest
 
 import data
-from evaluate import distinct_n, vader_labels
 
 
 def test_split_text_is_at_a_word_boundary_and_respects_the_prefix_fraction():
     rng = random.Random(0)
     text = "one two three four five six seven eight nine ten"
-    seen = set()
-    for _ in range(300):
-        prefix, continuation = data.split_text(text, rng, max_prefix_frac=0.5)
-        assert (prefix + " " + continuation).strip() == text
-        seen.add(len(prefix.split()))
-    assert seen == {0, 1, 2, 3, 4}  # U{0 .. floor(0.5 * 9)}: the prefix may be empty
+    for frac, lengths in [(0.5, {0, 1, 2, 3, 4}), (1.0, set(range(10)))]:
+        seen = set()
+        for _ in range(500):
+            prefix, continuation = data.split_text(text, rng, max_prefix_frac=frac)
+            assert (prefix + " " + continuation).strip() == text and continuation
+            seen.add(len(prefix.split()))
+        assert seen == lengths  # U{0 .. floor(frac (n - 1))}: the prefix may be empty, the continuation never is
 
 
 def test_make_examples_holds_out_by_text_hash():
@@ -36,6 +39,8 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
         data.load_local(tmp_path / "empty.txt")
     with pytest.raises(SystemExit, match="does not exist"):
         data.load_local(tmp_path / "missing.txt")
+    with pytest.raises(SystemExit, match="is a directory; pass a .txt or .jsonl file"):
+        data.load_local(tmp_path)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match="cannot read"):
         data.load_local(tmp_path / "bad.jsonl")
@@ -79,7 +84,78 @@ def test_c4_examples_read_chunks_from_a_local_copy(tmp_path):
     assert rows[2]["text"].startswith("epsilon")  # the first document holds two 128-token windows
 
 
-def test_distinct_n_and_vader_judge():
-    assert distinct_n(["a b a b", "a b c"], 1) == pytest.approx(3 / 7)
-    assert distinct_n(["a b a b", "a b c"], 2) == pytest.approx(3 / 5)
-    assert vader_labels(["What a wonderful, happy day!", "This is awful and sad.", "The table is brown."]) == [1, -1, 0]
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _n_tokens(tokenizer, chunk):
+    """Tokens of a chunk as running text (after a space); a window that began with "." may gain one."""
+    return len(_ids(tokenizer, " " + chunk))
+
+
+def test_c4_chunks_drop_garbage_and_keep_88_of_every_128_tokens(c4_copy):
+    _, docs, tokenizer = c4_copy
+    assert len(_ids(tokenizer, docs[0])) < 0.2 * len(docs[0])  # ordinary text passes the filter
+    assert data.c4_chunks(docs[1], tokenizer) == []           # > 0.25 tokens per character: dropped
+    for doc in (docs[0], docs[3]):
+        chunks = data.c4_chunks(doc, tokenizer)
+        ids = _ids(tokenizer, doc)
+        assert len(ids) > 256 and len(chunks) == math.ceil(len(ids) / 128)
+        for j, chunk in enumerate(chunks):  # the first 88 tokens of each 128-token window
+            assert chunk == " ".join(tokenizer.decode(ids[128 * j:128 * j + 88]).split()) and chunk in doc
+            assert 0 < _n_tokens(tokenizer, chunk) <= 88 + 1
+        assert _n_tokens(tokenizer, chunks[0]) == 88 and doc.startswith(chunks[0])
+
+
+def test_c4_stream_from_a_local_copy(c4_copy):
+    root, docs, tokenizer = c4_copy
+    stream = data.C4Examples(tokenizer, path=root.parent, seed=1)
+    examples, docs_seen = [], set()
+    for ex in stream:
+        examples.append(ex)
+        docs_seen.add(stream.position["doc"])
+    assert docs_seen == {0, 2, 3, 4}  # document 1 is the garbage one
+    assert len(examples) == sum(len(data.c4_chunks(d, tokenizer)) for d in docs)
+    for ex in examples:
+        assert (ex["prefix"] + " " + ex["continuation"]).strip() == ex["text"]
+        assert ex["continuation"] and _n_tokens(tokenizer, ex["text"]) <= 88 + 1
+    assert len({len(ex["prefix"].split()) for ex in examples}) > 3  # random split points
+
+
+def test_c4_stream_resumes_exactly_where_it_stopped(c4_copy):
+    root, _, tokenizer = c4_copy
+    as_tuples = lambda examples: [(ex["text"], ex["prefix"], ex["continuation"]) for ex in examples]
+    full = as_tuples(data.C4Examples(tokenizer, path=root))
+    for cut in (1, 3, 4, 5, 8, len(full) - 1, len(full)):  # mid-document, document and file boundaries
+        stream = data.C4Examples(tokenizer, path=root)
+        head = as_tuples(itertools.islice(stream, cut))
+        position = json.loads(json.dumps(stream.position))  # as a checkpoint would store it
+        tail = as_tuples(data.C4Examples(tokenizer, path=root, position=position))
+        assert head + tail == full, cut
+
+
+def test_c4_ranks_stream_disjoint_parts_that_cover_the_corpus(c4_copy):
+    root, _, tokenizer = c4_copy
+    full = [ex["text"] for ex in data.C4Examples(tokenizer, path=root)]
+    parts = [[ex["text"] for ex in data.C4Examples(tokenizer, path=root, rank=r, world_size=2)] for r in (0, 1)]
+    assert parts[0] and parts[1] and sorted(parts[0] + parts[1]) == sorted(full)
+
+
+def test_c4_path_from_the_environment_and_offline_error(c4_copy, monkeypatch):
+    root, _, tokenizer = c4_copy
+    monkeypatch.setenv(data.C4_PATH_ENV, str(root))
+    assert next(iter(data.C4Examples(tokenizer)))["text"]
+    monkeypatch.delenv(data.C4_PATH_ENV)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as err:
+        data.C4Examples(tokenizer)
+    message = str(err.value)
+    assert "allenai/c4" in message and "--c4-path" in message and "\n" not in message
+
+
+def test_c4_windows_follow_each_other_through_the_stream(c4_copy):
+    root, _, tokenizer = c4_copy
+    full = [ex["text"] for ex in data.C4Examples(tokenizer, path=root)]
+    first, position = data.c4_window(tokenizer, root, 0, None, 3, 1.0)
+    second, _ = data.c4_window(tokenizer, root, 0, json.loads(json.dumps(position)), 3, 1.0)
+    assert [ex["text"] for ex in first + second] == full[:6]

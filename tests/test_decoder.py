@@ -1,22 +1,39 @@
+"""decoder.py: the soft-prompt layout, the training loss and scoring, generation, the repetition penalty."""
 import pytest
 import torch
 
-from decoder import Decoder, DecoderConfig, augmentation_alpha, encode_continuation, sample_top_p, train_tokenizer
+import decoder as decoder_module
+from decoder import (Decoder, DecoderConfig, augmentation_level, encode_continuation, fit_length, sample_top_p,
+                     train_tokenizer)
 from encoder import embed, latent_stats, standardize
+
+GREEDY = dict(temperature=0, top_p=0.9)
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "she reads a long book",
              "we cook pasta at night", "the sun is very bright", "my phone battery died"]
 
 
-def small_decoder(vocab_size, dim=384, **kw):
-    cfg = DecoderConfig(dim=dim, n_soft=4, soft_token_dim=16, soft_width=64, soft_depth=1, soft_heads=2, **kw)
+def small_decoder(vocab_size, dim=384, hidden_cond=False, **kw):
+    config = DecoderConfig(dim=dim, n_soft=4, soft_token_dim=16, soft_width=64, soft_depth=1, soft_heads=2,
+                           hidden_cond=hidden_cond, **kw)
     lm = dict(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return Decoder(cfg, lm, bos_id=0, eos_id=0)
+    return Decoder(config, lm, bos_id=0, eos_id=0)
 
 
-def test_augmentation_alpha_has_median_0_9():
+def tiny_decoder(vocab_size, dim=32):
     torch.manual_seed(0)
-    a = augmentation_alpha(100_000, DecoderConfig().noise_shift)
+    config = DecoderConfig(dim=dim, n_soft=3, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2,
+                           hidden_cond=False)
+    lm = dict(vocab_size=vocab_size, n_layer=2, n_embd=48, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return Decoder(config, lm, bos_id=0, eos_id=0).eval()
+
+
+def test_augmentation_level_has_median_0_9_and_the_switch_turns_it_off():
+    torch.manual_seed(0)
+    a = augmentation_level(100_000, DecoderConfig().noise_shift)
+    off = small_decoder(50, noise_augmentation=False).draw_noise(10, "cpu")["a"]
+    assert torch.equal(off, torch.ones(10))
     assert a.median().item() == pytest.approx(0.9, abs=0.005)  # sigmoid(0 + 2 ln 3) = 0.9
     assert 0 < a.min().item() and a.max().item() <= 1
 
@@ -44,10 +61,10 @@ def test_batched_left_padded_generation_matches_one_by_one(hidden_cond):
     if hidden_cond:  # zero-initialised: give it weights, so each row's bias must stay with its row
         torch.nn.init.normal_(dec.hidden_cond.weight, std=0.1)
     prefixes, x = [[5, 6, 7], [], [9]], torch.randn(3, 384)
-    batch = dec.generate(prefixes, x, alpha=1.0 - 1e-6, max_new_tokens=6, temperature=0, repetition_penalty=1.3)
+    batch = dec.generate(prefixes, x, a=1.0 - 1e-6, max_new_tokens=6, repetition_penalty=1.3, **GREEDY)
     for i in range(3):
-        alone = dec.generate(prefixes[i:i + 1], x[i:i + 1], alpha=1.0 - 1e-6, max_new_tokens=6, temperature=0,
-                             repetition_penalty=1.3)
+        alone = dec.generate(prefixes[i:i + 1], x[i:i + 1], a=1.0 - 1e-6, max_new_tokens=6, repetition_penalty=1.3,
+                             **GREEDY)
         assert alone[0] == batch[i][:len(alone[0])]
 
 
@@ -57,15 +74,15 @@ def test_hidden_cond_bias_reaches_every_position_in_training_and_generation():
     torch.manual_seed(0)
     dec = small_decoder(60, hidden_cond=True).eval()
     x, t = torch.randn(2, 384), 17
-    scored = lambda alpha=0.9: dec.score([[5], []], [[t] * 6, [t] * 3], x, alpha,
-                                         generator=torch.Generator().manual_seed(0))[0]  # the training sequence
+    scored = lambda a=0.9: dec.score([[5], []], [[t] * 6, [t] * 3], x, a,
+                                     generator=torch.Generator().manual_seed(0))[0]  # the training sequence
     assert (scored() > 1.0).all()
-    plain = scored(alpha=0.0)
+    plain = scored(a=0.0)
     with torch.no_grad():
         dec.hidden_cond.bias.copy_(2000 * dec.lm.get_input_embeddings().weight[t])
     assert (scored() < 0.01).all()  # every continuation token became near-certain
-    torch.testing.assert_close(scored(alpha=0.0), plain)  # scaled by a: at a = 0 a plain prefix LM
-    out = dec.generate([[5, 6], []], x, max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    torch.testing.assert_close(scored(a=0.0), plain)  # scaled by a: at a = 0 a plain prefix LM
+    out = dec.generate([[5, 6], []], x, max_new_tokens=6, repetition_penalty=1.0, **GREEDY)
     assert out == [[t] * 6, [t] * 6]
 
 
@@ -92,7 +109,84 @@ def test_decoder_reconstructs_sentences_from_clean_embeddings(encoder):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5
-    out = dec.eval().generate([[] for _ in SENTENCES], x, alpha=1.0 - 1e-6, max_new_tokens=40, temperature=0,
-                              repetition_penalty=1.0)
+    out = dec.eval().generate([[] for _ in SENTENCES], x, a=1.0 - 1e-6, max_new_tokens=40, repetition_penalty=1.0,
+                              **GREEDY)
     decoded = [tok.decode(o).strip() for o in out]
     assert sum(d == t for d, t in zip(decoded, SENTENCES)) >= 5, decoded
+
+
+def test_fit_length_trims_prefix_first():
+    assert fit_length([1, 2, 3], [4, 5], 4) == ([2, 3], [4, 5])
+    assert fit_length([1, 2], [3, 4, 5, 6, 7], 4) == ([], [3, 4, 5, 6])
+
+
+def test_repetition_penalty_spares_end_of_text_bos_and_padding():
+    """bos and the left padding are the eos token: a penalty that counted them would always push
+    end-of-text down. Here eos (logit 2.0) narrowly beats token 5 (1.9): with the penalty 1.2 on the
+    prompt's tokens only, greedy decoding must still end at once; token 7, in the prompt, is penalised."""
+    dec = tiny_decoder(12)
+    bias = torch.full((12,), -30.0)
+    bias[dec.eos_id], bias[5] = 2.0, 1.9
+    hook = dec.lm.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, logits: logits * 0 + bias.to(logits.dtype))
+    x = torch.randn(3, 32)
+    prompts = [[3], [], [1, 2, 4]]  # different lengths: the shorter ones are left-padded with eos
+    assert dec.generate(prompts, x, max_new_tokens=4, repetition_penalty=1.2, **GREEDY) == [[], [], []]
+    bias[7] = 2.5
+    out = dec.generate([[7], [3, 7]], x[:2], max_new_tokens=1, repetition_penalty=1.5, **GREEDY)
+    assert out == [[], []]  # 7 (2.5 / 1.5 = 1.67) lost to eos (2.0); without the penalty 7 would win
+    assert dec.generate([[7]], x[:1], max_new_tokens=1, repetition_penalty=1.0, **GREEDY) == [[7]]
+    hook.remove()
+
+
+# ----------------------------------------------------------------------------- Decoder.score
+
+
+def test_score_equals_the_training_loss_at_a_fixed_signal_level(monkeypatch):
+    dec = tiny_decoder(40)
+    continuations = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    x = torch.randn(3, 32)
+    monkeypatch.setattr(decoder_module, "augmentation_level", lambda n, shift, device=None: torch.full((n,), 0.7))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        loss = dec([[], [], []], continuations, x)  # empty prefixes: forward scores continuation + eos only
+    torch.manual_seed(1)  # score without a generator draws the same eps as forward's randn_like
+    nll, n = dec.score([[], [], []], [c + [dec.eos_id] for c in continuations], x, a=0.7)
+    assert n.tolist() == [4, 2, 5]
+    assert (nll.sum() / n.sum()).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_score_scores_only_continuation_tokens_and_ignores_padding():
+    """Hand-computed per row (a = 1: the soft prompt is G(x), no noise) against the padded batch."""
+    dec = tiny_decoder(40)
+    prefixes, continuations = [[3, 4, 5, 6], [], [7]], [[8, 9], [10, 11, 12, 13], [14]]
+    x = torch.randn(3, 32)
+    nll, n = dec.score(prefixes, continuations, x, a=1.0)
+    assert n.tolist() == [2, 4, 1]
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prefixes, continuations)):
+            wte = dec.lm.get_input_embeddings()
+            soft = dec.soft(x[i:i + 1], torch.ones(1))[0]
+            seq = torch.cat([wte(torch.tensor([dec.bos_id] + p)), soft, wte(torch.tensor(c))])
+            logp = dec.lm(inputs_embeds=seq[None]).logits[0].log_softmax(-1)
+            first = 1 + len(p) + dec.config.n_soft  # the first continuation token's position
+            expected = -sum(logp[first + j - 1, tok] for j, tok in enumerate(c))
+            assert nll[i].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_score_at_signal_level_zero_ignores_the_proposal_and_is_reproducible():
+    dec = tiny_decoder(40)
+    args = ([[3, 4], [5]], [[6, 7, 8], [9, 10]])
+    a, _ = dec.score(*args, torch.randn(2, 32), a=0.0, generator=torch.Generator().manual_seed(5))
+    b, _ = dec.score(*args, torch.randn(2, 32), a=0.0, generator=torch.Generator().manual_seed(5))
+    c, _ = dec.score(*args, torch.randn(2, 32), a=0.0, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(a, b)  # pure noise at a = 0: the proposal x does not matter, the seed fixes it
+    assert not torch.equal(a, c)
+
+
+
+
+def test_a_tokenizer_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="could not load the tokenizer 'someone/not-here'.*--lm"):
+        decoder_module.load_tokenizer("someone/not-here")

@@ -1,8 +1,10 @@
+"""diffusion.py: the identities, the schedule, the samplers against closed forms, the loss weighting
+and the importance sampler, the denoiser."""
 import pytest
 import torch
 
-from diffusion import (Prior, PriorConfig, alpha, ddpm_step, eps_from_v, logsnr_cosine, posterior, q_sample,
-                       v_target, x0_from_eps, x0_from_v)
+from diffusion import (LogSNRSampler, Prior, PriorConfig, ddpm_step, eps_from_v, logsnr_cosine, loss_weight,
+                       loss_weight_integral, posterior, q_sample, signal_level, v_target, x0_from_eps, x0_from_v)
 
 SMALL = PriorConfig(dim=16, n_tokens=4, token_dim=8, width=32, depth=2, heads=2)
 
@@ -27,7 +29,7 @@ def test_cosine_schedule_endpoints_and_median():
     assert lam[1].item() == pytest.approx(0.0, abs=1e-4)  # cos^2 = sin^2 at t = 1/2
     assert lam[2].item() == pytest.approx(-15.0, abs=1e-3)
     assert torch.all(logsnr_cosine(torch.linspace(0, 1, 50)).diff() < 0)
-    assert alpha(torch.tensor(0.0)).item() == 0.5
+    assert signal_level(torch.tensor(0.0)).item() == 0.5
 
 
 def test_posterior_is_consistent_with_the_forward_process():
@@ -52,7 +54,7 @@ class PerfectDenoiser(torch.nn.Module):
         self.x = x
 
     def forward(self, z, logsnr, prefix, drop_prefix=None):
-        a = alpha(logsnr)[:, None]
+        a = signal_level(logsnr)[:, None]
         return (a.sqrt() * z - self.x) / (1 - a).sqrt()  # from x = sqrt(a) z - sqrt(1-a) v
 
 
@@ -93,6 +95,10 @@ def test_denoiser_shapes_and_null_prefix():
     # classifier-free guidance at scale 1 is the conditional model
     torch.testing.assert_close(prior.predict(z, lam, prefix, 1.0)[0], prior.predict(z, lam, prefix, 1.0 + 1e-9)[0],
                                atol=1e-5, rtol=1e-5)
+    # weight 0 is the unconditional model: the null prefix in place of every prefix
+    torch.testing.assert_close(prior.predict(z, lam, prefix, 0.0)[0],
+                               prior.predict(z, lam, prior.net.null_prefix.expand(3, 16), 1.0)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_prior_loss_falls():
@@ -114,16 +120,20 @@ def test_prior_loss_falls():
 
 
 def test_loss_weight_is_monotone_in_eps_space_and_peaks_at_one():
-    from diffusion import loss_weight
     lam = torch.linspace(-15, 15, 3001)
     w = loss_weight(lam)
     w_eps = w.double() * (1 + torch.exp(-lam.double()))
-    assert torch.all(w_eps.diff() <= 1e-9)
+    assert torch.all(w_eps.diff() <= 1e-9)  # the reference code's running maximum would change nothing
     assert w.max().item() == pytest.approx(1.0) and w[0].item() < 0.1 and w[-1].item() < 1e-6
+    cauchy, normal = 1 / (1 + (lam / 2.4) ** 2), torch.exp(-0.5 * (lam / 2.4) ** 2)
+    torch.testing.assert_close(w, torch.where(lam < 0, cauchy, normal))
+    grid = torch.linspace(-15, 15, 100_001, dtype=torch.float64)
+    assert loss_weight_integral() == pytest.approx(torch.trapezoid(loss_weight(grid), grid).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="std >= 2"):
+        loss_weight(lam, std=1.5)  # below 2 the weight is not monotone in eps-space: the closed form is wrong
 
 
 def test_importance_sampler_weights_integrate_the_target_weighting():
-    from diffusion import LogSNRSampler
     torch.manual_seed(0)
     sampler = LogSNRSampler()
     sampler.bin_loss.copy_(torch.rand(100, dtype=torch.float64) + 0.05)   # an arbitrary learned density
@@ -132,18 +142,36 @@ def test_importance_sampler_weights_integrate_the_target_weighting():
     # E_p[w/(p int w) f] = int w f / int w; with f = 1 it is 1, with f = 1[lambda > 0] the weight mass above 0
     assert importance.mean().item() == pytest.approx(1.0, rel=0.01)
     grid = torch.linspace(-15, 15, 10001)
-    from diffusion import loss_weight
     above = torch.trapezoid(loss_weight(grid) * (grid > 0), grid) / sampler.weight_integral
     assert (importance * (lam > 0)).mean().item() == pytest.approx(above.item(), rel=0.02)
+    unweighted = LogSNRSampler(weighted=False)
+    assert unweighted.sample(1000)[1].mean().item() == pytest.approx(1.0)  # w = 1, uniform p: importance 1
 
 
-def test_importance_sampler_moves_towards_high_loss_bins():
-    from diffusion import LogSNRSampler
+def test_importance_sampler_moves_towards_high_loss_bins_once_per_update():
     sampler = LogSNRSampler()
     lam = torch.linspace(-14.9, 14.9, 1000)
+    sampler.observe(lam, (lam < -10).float() * 5 + 0.1)
+    assert torch.equal(sampler.bin_loss, torch.ones(100, dtype=torch.float64))  # observed, not yet applied
+    sampler.update()
     for _ in range(30):
-        sampler.update(lam, (lam < -10).float() * 5 + 0.1)
+        sampler.observe(lam[:500], (lam[:500] < -10).float() * 5 + 0.1)  # a batch in two parts ...
+        sampler.observe(lam[500:], (lam[500:] < -10).float() * 5 + 0.1)
+        sampler.update()                                                 # ... folded in as one
     assert sampler.density(torch.tensor([-12.0])) > 10 * sampler.density(torch.tensor([5.0]))
+
+
+def test_the_teaching_switches_change_the_noise_levels_and_weights():
+    torch.manual_seed(0)
+    plain = Prior(PriorConfig(dim=16, n_tokens=4, token_dim=8, width=32, depth=2, heads=2, loss_weight=False,
+                              adaptive_noise=False, p_uncond=0.0))
+    noise = plain.draw_noise(20_000, "cpu")
+    t = torch.rand(20_000)
+    assert noise["logsnr"].median().item() == pytest.approx(logsnr_cosine(t).median().item(), abs=0.2)  # cosine
+    assert torch.equal(noise["importance"], torch.ones(20_000)) and not noise["drop"].any()
+    x = torch.randn(8, 16)
+    plain(x, x).sum().backward()
+    assert plain.noise_levels.pending == []  # nothing to adapt
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -154,7 +182,7 @@ class GaussianDenoiser(torch.nn.Module):
         self.m, self.sigma = m, sigma
 
     def forward(self, z, logsnr, prefix, drop_prefix=None):
-        a = alpha(logsnr)[:, None]
+        a = signal_level(logsnr)[:, None]
         var = self.sigma ** 2
         x_hat = self.m + a.sqrt() * var / (a * var + 1 - a) * (z - a.sqrt() * self.m)
         return (a.sqrt() * z - x_hat) / (1 - a).sqrt()

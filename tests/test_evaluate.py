@@ -1,72 +1,26 @@
+"""evaluate.py: the judges (VADER, offensive language, perplexity), attribute success, the table,
+the sweep plot and a run end to end."""
 import json
 import random
-import re
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import decoder as decoder_module
 import evaluate
-from decoder import Decoder, DecoderConfig, encode_continuation, train_tokenizer
+from decoder import encode_continuation, train_tokenizer
+from test_decoder import tiny_decoder
 
 SENTENCES = ["the cat sat on the warm mat today", "a small dog ran fast in the green park",
              "she reads a long book every night", "we cook fresh pasta at home on sundays",
              "the bright sun rose over the quiet hills", "my old phone battery died again this morning"]
 
 
-def tiny_decoder(vocab_size, dim=32):
-    torch.manual_seed(0)
-    cfg = DecoderConfig(dim=dim, n_soft=3, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)
-    lm = dict(vocab_size=vocab_size, n_layer=2, n_embd=48, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
-              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return Decoder(cfg, lm, bos_id=0, eos_id=0).eval()
-
-
-# ----------------------------------------------------------------------------- Decoder.score
-
-
-def test_score_equals_the_training_loss_at_a_fixed_alpha(monkeypatch):
-    dec = tiny_decoder(40)
-    continuations = [[5, 6, 7], [8], [9, 10, 11, 12]]
-    x = torch.randn(3, 32)
-    monkeypatch.setattr(decoder_module, "augmentation_alpha", lambda n, shift, device=None: torch.full((n,), 0.7))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        loss = dec([[], [], []], continuations, x)  # empty prefixes: forward scores continuation + eos only
-    torch.manual_seed(1)  # score without a generator draws the same eps as forward's randn_like
-    nll, n = dec.score([[], [], []], [c + [dec.eos_id] for c in continuations], x, alpha=0.7)
-    assert n.tolist() == [4, 2, 5]
-    assert (nll.sum() / n.sum()).item() == pytest.approx(loss.item(), rel=1e-5)
-
-
-def test_score_scores_only_continuation_tokens_and_ignores_padding():
-    """Hand-computed per row (alpha = 1: the soft prompt is G(x), no noise) against the padded batch."""
-    dec = tiny_decoder(40)
-    prefixes, continuations = [[3, 4, 5, 6], [], [7]], [[8, 9], [10, 11, 12, 13], [14]]
-    x = torch.randn(3, 32)
-    nll, n = dec.score(prefixes, continuations, x, alpha=1.0)
-    assert n.tolist() == [2, 4, 1]
-    with torch.no_grad():
-        for i, (p, c) in enumerate(zip(prefixes, continuations)):
-            wte = dec.lm.get_input_embeddings()
-            soft = dec.soft(x[i:i + 1], torch.ones(1))[0]
-            seq = torch.cat([wte(torch.tensor([dec.bos_id] + p)), soft, wte(torch.tensor(c))])
-            logp = dec.lm(inputs_embeds=seq[None]).logits[0].log_softmax(-1)
-            first = 1 + len(p) + dec.cfg.n_soft  # the first continuation token's position
-            expected = -sum(logp[first + j - 1, tok] for j, tok in enumerate(c))
-            assert nll[i].item() == pytest.approx(expected.item(), rel=1e-4)
-
-
-def test_score_at_alpha_zero_ignores_the_proposal_and_is_reproducible():
-    dec = tiny_decoder(40)
-    args = ([[3, 4], [5]], [[6, 7, 8], [9, 10]])
-    a, _ = dec.score(*args, torch.randn(2, 32), alpha=0.0, generator=torch.Generator().manual_seed(5))
-    b, _ = dec.score(*args, torch.randn(2, 32), alpha=0.0, generator=torch.Generator().manual_seed(5))
-    c, _ = dec.score(*args, torch.randn(2, 32), alpha=0.0, generator=torch.Generator().manual_seed(6))
-    torch.testing.assert_close(a, b)  # pure noise at a = 0: the proposal x does not matter, the seed fixes it
-    assert not torch.equal(a, c)
+def test_distinct_n_and_vader_judge():
+    assert evaluate.distinct_n(["a b a b", "a b c"], 1) == pytest.approx(3 / 7)
+    assert evaluate.distinct_n(["a b a b", "a b c"], 2) == pytest.approx(3 / 5)
+    assert evaluate.vader_labels(["What a wonderful, happy day!", "This is awful and sad.", "The table is brown."]) == [1, -1, 0]
 
 
 def test_self_perplexity_is_lower_on_text_the_decoder_was_fit_on_than_on_shuffled_text():
@@ -193,27 +147,10 @@ def test_unloadable_reference_lm_is_one_sentence(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end on a tiny checkpoint
 
-WORDS = {1: ["great", "lovely", "wonderful", "happy", "excellent"], 0: ["awful", "terrible", "sad", "horrible", "bad"]}
-
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A 6-step checkpoint (with probes) trained on a small labelled .jsonl."""
-    import train
-    tmp = tmp_path_factory.mktemp("evalck")
-    rng = random.Random(0)
-    rows = []
-    for i in range(120):
-        label = i % 2
-        words = [rng.choice(["the", "a", "this", "our"]), rng.choice(["film", "day", "song", "trip"]),
-                 "was", rng.choice(WORDS[label]), "and", rng.choice(WORDS[label]), "today"]
-        rows.append({"text": " ".join(words) + f" {i}", "rating": 2.0 if label else -2.0,
-                     "domain": ["movie", "tweet"][i // 2 % 2]})
-    (tmp / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    train.main(train.get_args(["--data", str(tmp / "toy.jsonl"), "--out", str(tmp / "out"), "--cache-dir",
-                               str(tmp / "cache"), "--batch-size", "16", "--decoder-batch", "8", "--warmup", "2",
-                               "--steps", "6", "--save-every", "100"]))
-    return tmp / "out"
+def ckpt(trained):
+    return trained / "out"
 
 
 def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
@@ -258,44 +195,6 @@ def test_hf_reference_lm_from_a_local_folder(ckpt, tmp_path):
         expected = scorer.lm(input_ids=ids, labels=labels).loss.item()
     nll, count = scorer(["the film"], ["was great"])
     assert count == len(c) and nll / count == pytest.approx(expected, rel=1e-5)
-
-
-def test_bench_runs_end_to_end_and_ends_with_the_ratio(ckpt, capsys):
-    import bench
-    bench.main(bench.get_args(["--ckpt", str(ckpt), "--device", "cpu", "--steps", "3", "--tokens", "5",
-                               "--batch-sizes", "1,3", "--repeats", "1", "--mc-samples", "4"]))
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", lines[-1]), lines[-1]
-    assert "batch 3" in lines[-2] and any(l.split("|")[0].strip() == "1" for l in lines)
-
-
-def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, capsys):
-    """--config paper with the sizes shrunk (the real ones need ~4 GB and minutes on a CPU)."""
-    import bench
-    import train
-    monkeypatch.setitem(train.TIERS, "paper", dict(train.TIERS["paper"], dim=48,
-                        prior=dict(n_tokens=4, token_dim=8, width=32, depth=2, heads=2),
-                        decoder=dict(n_soft=2, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)))
-    monkeypatch.setattr(bench, "PAPER_LM", dict(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=64))
-    bench.main(bench.get_args(["--config", "paper", "--device", "cpu", "--steps", "2", "--tokens", "3",
-                               "--batch-sizes", "2", "--repeats", "1", "--mc-samples", "2"]))
-    out = capsys.readouterr().out
-    assert "random paper-sized models" in out
-    assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", out.strip().splitlines()[-1])
-
-
-def test_fixed_length_masks_end_of_text_only_inside_the_context():
-    import bench
-    dec = tiny_decoder(12)
-    eager = dec.lm.get_output_embeddings().register_forward_hook(  # an LM that wants to end at once
-        lambda module, inputs, logits: logits.index_add(-1, torch.tensor([dec.eos_id]), torch.full_like(logits[..., :1], 100.0)))
-    x, gen = torch.randn(2, 32), lambda: torch.Generator().manual_seed(0)
-    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen()) == [[], []]
-    with bench.fixed_length(dec):
-        rows = dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen())
-    assert [len(r) for r in rows] == [7, 7]
-    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen()) == [[], []]  # the mask is gone again
-    eager.remove()
 
 
 def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(tmp_path, monkeypatch):

@@ -1,9 +1,18 @@
+"""guide.py: guidance of the prior (against closed forms and on a toy prior), guides, and probes."""
+import json
+
 import pytest
 import torch
 
+import data
+import guide
+from conftest import HELD_OUT, TOPIC_HELD_OUT
 from diffusion import Prior, PriorConfig
 from encoder import unstandardize
-from guide import GUIDE_MAX_LOGSNR, Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
+from guide import Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
+from sample import SamplingConfig
+
+GUIDE_MAX_LOGSNR = SamplingConfig.guide_max_logsnr
 
 
 def test_probe_beats_chance_on_held_out_sentences(sentiment_embeddings):
@@ -44,8 +53,13 @@ def _toy(dim=16):
 
 
 def _logits(prior, mu, s, w, guidance, seed=3):
-    x = prior.sample(torch.zeros(64, 16), steps=20, guidance=guidance, generator=torch.Generator().manual_seed(seed))
+    x = prior.sample(torch.zeros(64, 16), steps=20, method="ddim", guidance=guidance,
+                     generator=torch.Generator().manual_seed(seed))
     return unstandardize(x, mu, s) @ w, x
+
+
+def _guidance(terms, mu, s, scale, max_logsnr=15.0, n_samples=32, **kwargs):
+    return Guidance(terms, mu, s, scale, n_samples=n_samples, max_logsnr=max_logsnr, **kwargs)
 
 
 # every step at scale 5; the default interval (the first 5 of these 20 steps) needs a larger scale on this
@@ -54,7 +68,7 @@ def _logits(prior, mu, s, w, guidance, seed=3):
 def test_guidance_moves_the_probe_logit_in_the_requested_direction(max_logsnr, scale):
     prior, mu, s, w = _toy()
     base, _ = _logits(prior, mu, s, w, None)
-    guide = lambda target: Guidance([(w, torch.tensor(0.0), target, 1.0)], mu, s, scale, max_logsnr=max_logsnr)
+    guide = lambda target: _guidance([(w, torch.tensor(0.0), target, 1.0)], mu, s, scale, max_logsnr)
     up, _ = _logits(prior, mu, s, w, guide(1))
     down, _ = _logits(prior, mu, s, w, guide(0))
     assert up.mean() > base.mean() + 1.0 and down.mean() < base.mean() - 1.0
@@ -64,15 +78,15 @@ def test_guidance_moves_the_probe_logit_in_the_requested_direction(max_logsnr, s
 def test_scale_zero_gives_exactly_the_unguided_sample():
     prior, mu, s, w = _toy()
     _, plain = _logits(prior, mu, s, w, None)
-    _, zero = _logits(prior, mu, s, w, Guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale=0.0))
+    _, zero = _logits(prior, mu, s, w, _guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, scale=0.0))
     assert torch.equal(plain, zero)
 
 
 def test_guidance_acts_only_on_steps_up_to_max_logsnr():
     prior, mu, s, w = _toy()
     term = [(w, torch.tensor(0.0), 1, 1.0)]
-    g = Guidance(term, mu, s, scale=5.0, max_logsnr=-2.0)
-    predict = lambda z, lam: prior.predict(z, lam, torch.zeros(len(z), 16))
+    g = _guidance(term, mu, s, scale=5.0, max_logsnr=-2.0)
+    predict = lambda z, lam: prior.predict(z, lam, torch.zeros(len(z), 16), 1.0)
     z = torch.randn(8, 16)
     lam = torch.tensor([-8.0, -4.0, -2.0, -2.0, -1.9, 0.0, 3.0, 10.0])  # one noise level per example
     _, eps_guided = g(predict, z, lam)
@@ -81,7 +95,7 @@ def test_guidance_acts_only_on_steps_up_to_max_logsnr():
     assert changed.tolist() == [True] * 4 + [False] * 4
     # a threshold below every step's logSNR leaves the whole sample exactly unguided
     _, plain = _logits(prior, mu, s, w, None)
-    _, never = _logits(prior, mu, s, w, Guidance(term, mu, s, scale=5.0, max_logsnr=-100.0))
+    _, never = _logits(prior, mu, s, w, _guidance(term, mu, s, scale=5.0, max_logsnr=-100.0))
     assert torch.equal(plain, never)
 
 
@@ -95,7 +109,7 @@ def test_loss_from_dot_products_equals_the_loss_on_the_k_samples_themselves(n_sa
     a = torch.tensor([0.05, 0.5, 0.9])
     terms = [(torch.randn(d), torch.tensor(0.3), 1, 1.0),
              (torch.randn(d), torch.tensor(-0.2), torch.tensor([0.0, 1, 0.5]), 0.5)]  # per-example targets
-    fast = Guidance(terms, mu, s, scale=1.0, n_samples=n_samples, seed=7).loss(x_hat, a)
+    fast = _guidance(terms, mu, s, 1.0, n_samples=n_samples).bind(torch.zeros(B, d), seed=7).loss(x_hat, a)
     K = max(n_samples, 1)
     noise = torch.randn(n_samples, d, generator=torch.Generator().manual_seed(7)) if n_samples else torch.zeros(1, d)
     x = x_hat[None] + ((1 - a) / a).sqrt()[None, :, None] * noise[:, None]          # (K, B, d)
@@ -118,7 +132,7 @@ def test_weights_add_linearly_in_the_gradient(aggregate):
     a = torch.full((4,), 0.7)
 
     def grad(terms):
-        g = Guidance(terms, mu, s, scale=1.0, n_samples=0, aggregate=aggregate)
+        g = _guidance(terms, mu, s, 1.0, n_samples=0, aggregate=aggregate)
         return torch.autograd.grad(g.loss(x, a).sum(), x)[0]
 
     b = torch.tensor(0.0)
@@ -129,9 +143,10 @@ def test_weights_add_linearly_in_the_gradient(aggregate):
 def test_build_guidance_from_names():
     probes = {"sentiment": (torch.randn(8), torch.tensor(0.1))}
     guides = {"positive": ("sentiment", 1), "negative": ("sentiment", 0)}
-    g = build_guidance("negative:2", probes, guides, torch.zeros(8), torch.ones(8), 10.0)
-    assert g.terms[0][2] == 0 and g.terms[0][3] == 2.0 and g.scale == 10.0
-    assert build_guidance("none", probes, guides, torch.zeros(8), torch.ones(8), 10.0) is None
+    kw = dict(n_samples=4, max_logsnr=-2.0)
+    g = build_guidance("negative:2", probes, guides, torch.zeros(8), torch.ones(8), 10.0, **kw)
+    assert g.terms[0][2] == 0 and g.terms[0][3] == 2.0 and g.scale == 10.0 and g.n_samples == 4
+    assert build_guidance("none", probes, guides, torch.zeros(8), torch.ones(8), 10.0, **kw) is None
 
 
 def test_same_domain_targets_come_from_each_prefix():
@@ -140,16 +155,66 @@ def test_same_domain_targets_come_from_each_prefix():
     d = 8
     probes = {n: (torch.randn(d), torch.tensor(0.0)) for n in ["sentiment", "movie", "tweet", "product", "news"]}
     mu, s = torch.zeros(d), torch.ones(d)
-    g = build_guidance("positive,same-domain:2", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0)
+    g = build_guidance("positive,same-domain:2", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0, max_logsnr=15.0)
     assert [t[2] for t in g.terms] == [1, "prefix", "prefix", "prefix", "prefix"]
     e_p = torch.nn.functional.normalize(torch.randn(3, d), dim=-1)
-    bound = g.bind(e_p)
+    bound = g.bind(e_p, seed=0)
     w, b = probes["news"]
     torch.testing.assert_close(bound.terms[4][2], torch.sigmoid(e_p @ w + b))
     assert g.terms[4][2] == "prefix"  # the unbound guidance is unchanged
     # at x_hat = the prefix itself, the same-domain loss is at its minimum: its gradient is zero
-    only_domain = build_guidance("same-domain", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0).bind(e_p)
+    only_domain = build_guidance("same-domain", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0,
+                                 max_logsnr=15.0).bind(e_p, seed=0)
     x = e_p.clone().requires_grad_(True)
     only_domain.loss(x, torch.full((3,), 0.5)).sum().backward()
     tangent = x.grad - (x.grad * e_p).sum(-1, keepdim=True) * e_p  # normalisation removes the radial part
     assert tangent.abs().max() < 1e-5
+
+
+def test_the_same_seed_gives_the_same_guided_sample_every_time():
+    """The Monte Carlo noise comes from bind()'s generator: two generations with one seed agree, in one
+    process, and another seed differs."""
+    prior, mu, s, w = _toy()
+    g = _guidance([(w, torch.tensor(0.0), 1, 1.0)], mu, s, 5.0, n_samples=8)
+    e_prefix = torch.zeros(64, 16)
+    sample = lambda seed: _logits(prior, mu, s, w, g.bind(e_prefix, seed), seed=3)[1]
+    first, second, other = sample(0), sample(0), sample(1)
+    assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, tmp_path):
+    from encoder import TINY_ENCODER, embed, load_encoder
+    ckpt = tmp_path / "out"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"encoder": TINY_ENCODER}))
+    tiny = {name: (torch.randn(384), torch.tensor(0.0)) for name in ("sentiment", "movie", "tweet", "product", "news")}
+    guide.save_probes(ckpt / "probes.safetensors", tiny, guide.TINY_GUIDES, TINY_ENCODER)
+
+    report = guide.main(["--ckpt", str(ckpt), "--probes", "paper", "--probe-data", str(probe_data),
+                         "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert set(report) == {"sentiment", "toxicity", "world", "sports", "business", "scitech"}
+    assert min(report.values()) >= 0.75  # held-out balanced accuracy (every 10th example per class); chance 0.5
+    probes, guides = guide.load_probes(ckpt / "probes.safetensors", TINY_ENCODER)
+    for name in ("nontoxic", "toxic", "world", "sports", "business", "scitech", "positive", "negative", "movie"):
+        assert name in guides  # sample.py --guide NAME works; the tiny domain guides are kept
+    assert torch.equal(probes["movie"][0], tiny["movie"][0])
+    assert not torch.equal(probes["sentiment"][0], tiny["sentiment"][0])  # replaced by the paper probe
+
+    model = load_encoder(TINY_ENCODER)
+    for probe, (ones, zeros) in HELD_OUT.items():
+        e = torch.from_numpy(embed(model, ones + zeros))
+        y = torch.tensor([1.0] * len(ones) + [0.0] * len(zeros))
+        assert guide.accuracy(*probes[probe], e, y) >= 0.75, probe  # chance is 0.5
+    e = torch.from_numpy(embed(model, list(TOPIC_HELD_OUT.values())))
+    logits = torch.stack([e @ probes[t][0] + probes[t][1] for t in data.AG_NEWS_TOPICS], 1)
+    assert (logits.argmax(1) == torch.arange(4)).float().mean() >= 0.75  # chance is 0.25
+
+
+def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as err:
+        data.read_labelled("civil_comments", 10, data_dir=str(tmp_path))  # no local copy there
+    message = str(err.value)
+    assert "google/civil_comments" in message and "civil_comments.jsonl" in message
+    assert "--probe-data" in message and "\n" not in message
+

@@ -1,29 +1,101 @@
-import argparse
+"""train.py: the tiers and flags, batches and schedule, the two steps (micro-batches, torchrun), the
+self-describing checkpoint, resume after a kill, C4 windows with flat memory, probes as part of the run."""
+import gzip
 import json
 import random
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train
-from train import Batches, cosine_lr, fit_length, get_args, parse_count
-
-WORDS = {1: ["great", "lovely", "wonderful", "happy", "excellent"], 0: ["awful", "terrible", "sad", "horrible", "bad"]}
-
-
-def test_parse_count_accepts_suffixes_and_rejects_junk():
-    assert parse_count("100k") == 100_000 and parse_count("2.5M") == 2_500_000 and parse_count("300") == 300
-    for bad in ["ten", "1.5", "-3", "0", "5g", ""]:
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse_count(bad)
+from conftest import ROOT, assert_one_line_error, cli_error, document, run_script, run_train
+from diffusion import Prior, PriorConfig
+from train import Batches, cosine_lr, get_args
+from utils import Checkpoint, load_for_inference
 
 
-def test_malformed_steps_is_a_one_line_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        get_args(["--steps", "lots"])
-    assert exit_info.value.code == 2
-    assert "'lots' is not a count (accepted: 300, 20k, 1.5M)" in capsys.readouterr().err
+def tensors_of(out):
+    return load_file(str(out / "checkpoint.safetensors"))
+
+
+def assert_same_weights(a, b, prefixes=("prior.", "prior_ema.", "decoder.", "opt_")):
+    for key in b:
+        if key.startswith(prefixes):
+            assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- config and data
+
+
+def test_the_tier_follows_the_data_and_the_help_shows_its_defaults(capsys):
+    tiny, paper = get_args([]), get_args(["--data", "c4"])
+    assert (tiny.tier, tiny.lm, tiny.encoder, tiny.decoder_batch, tiny.decoder_lr) == ("tiny", "tiny", "minilm", 32, 3e-3)
+    assert (paper.tier, paper.lm, paper.encoder) == ("paper", "gpt2-large", "sentence-transformers/sentence-t5-xl")
+    assert (paper.decoder_batch, paper.decoder_lr, paper.max_len, paper.batch_size) == (64, 5e-6, 128, 256)
+    assert get_args(["--data", "c4", "--lm", "gpt2"]).tier == "paper"
+    assert get_args(["--data", "c4", "--tier", "tiny", "--lm", "gpt2"]).decoder_batch == 32
+    assert get_args(["--data", "c4", "--decoder-batch", "16"]).decoder_batch == 16  # a flag beats the tier
+    with pytest.raises(SystemExit):
+        get_args(["--data", "c4", "--help"])
+    assert "(default 64)" in capsys.readouterr().out
+
+
+def test_configs_have_one_source_the_dataclasses_are_the_tiny_tier():
+    args = get_args([])
+    prior, decoder = train.model_configs(args, 384)
+    assert prior == PriorConfig() and decoder.n_embd == 192 and decoder.hidden_cond
+    paper_prior, paper_decoder = train.model_configs(get_args(["--data", "c4"]), 768)
+    assert (paper_prior.width, paper_prior.depth, paper_prior.n_tokens) == (768, 12, 32)
+    assert not paper_decoder.hidden_cond and paper_decoder.soft_width == 768
+    switched = train.model_configs(get_args(["--no-noise-augmentation", "--no-loss-weight", "--no-adaptive-noise",
+                                             "--no-null-prefix"]), 384)
+    assert (switched[0].loss_weight, switched[0].adaptive_noise, switched[0].p_uncond) == (False, False, 0.0)
+    assert (switched[1].noise_augmentation, switched[1].inference_a) == (False, 1.0)
+
+
+def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    out = ["--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")]
+    cases = [
+        (["--steps", "lots"], "'lots' is not a count"),
+        (["--steps", "0"], "must be a positive whole number"),
+        (["--prior-lr", "nan"], "out of range"),
+        (["--ema", "1"], "out of range (accepted: [0, 1))"),
+        (["--batch-size", "-4"], "is not a count"),
+        (["--data", str(empty), *out], "holds no texts"),
+        (["--data", str(tmp_path / "missing.txt"), *out], "does not exist"),
+        (["--data", str(tmp_path), *out], "is a directory"),
+        (["--decoder-batch", "64", "--batch-size", "32", *out], "larger than --batch-size"),
+        (["--data", "c4", "--lm", "tiny", *out], "use the paper tier"),
+    ]
+    for argv, message in cases:
+        lines = cli_error(train, argv, capsys).strip().splitlines()
+        assert message in lines[-1] and lines[-1].startswith("error: "), (argv, lines)
+    # and as a user runs it: one line, exit code 2, no traceback
+    assert_one_line_error(run_script("train.py", "--steps", "lots", cwd=tmp_path), "'lots' is not a count")
+
+
+def test_offline_the_paper_tier_names_every_download_it_could_not_make(tmp_path):
+    result = run_script("train.py", "--data", "c4", "--steps", "100k", "--out", str(tmp_path / "o"), cwd=tmp_path,
+                        env={"DGLM_C4_PATH": ""})
+    assert_one_line_error(result, "error: the paper tier could not download gpt2-large (--lm), "
+                                  "sentence-transformers/sentence-t5-xl (--encoder), allenai/c4 (--c4-path)")
+
+
+def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
+    train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "24,40,80"]))
+    out = capsys.readouterr().out
+    assert "tier paper | encoder sentence-transformers/sentence-t5-xl (1240.0M) | language model gpt2-large (774.0M)" \
+           " | prior 119.3M | soft prompt 57.2M" in out
+    plans = [line for line in out.splitlines() if line.startswith("GPU ")]
+    assert [p.split(":")[0] for p in plans] == ["GPU 24 GiB", "GPU 40 GiB", "GPU 80 GiB"]
+    micro = [int(p.split("decoder ")[1].split(" of")[0]) for p in plans]
+    assert micro == sorted(micro) and micro[-1] == 64 and micro[0] < 64  # more memory, larger micro-batches
+    with pytest.raises(SystemExit, match="does not fit in 8 GiB of GPU memory even at micro-batch 1"):
+        train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "8"]))
 
 
 def test_batches_are_deterministic_length_grouped_and_cover_the_epoch():
@@ -44,134 +116,104 @@ def test_cosine_lr_warms_up_and_decays():
     assert cosine_lr(55, 100, 10) < cosine_lr(20, 100, 10)
 
 
-def test_fit_length_trims_prefix_first():
-    assert fit_length([1, 2, 3], [4, 5], 4) == ([2, 3], [4, 5])
-    assert fit_length([1, 2], [3, 4, 5, 6, 7], 4) == ([], [3, 4, 5, 6])
+# ----------------------------------------------------------------------------- the two steps
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small labelled .jsonl in the tiny corpus's format (text, rating, domain)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    rows = []
-    for i in range(120):
-        label = i % 2
-        domain = ["movie", "tweet"][i // 2 % 2]
-        words = [rng.choice(["the", "a", "this", "our"]), rng.choice(["film", "day", "song", "trip"]),
-                 "was", rng.choice(WORDS[label]), "and", rng.choice(WORDS[label]), "today"]
-        rows.append({"text": " ".join(words) + f" {i}", "rating": 2.0 if label else -2.0, "domain": domain})
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+def test_micro_batches_split_each_process_rows():
+    assert train.micro_batches(8, 0, 1, 8) == [slice(0, 8)]
+    assert train.micro_batches(8, 0, 1, 3) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert train.micro_batches(8, 1, 2, 2) == [slice(4, 6), slice(6, 8)]
 
 
-def run_train(corpus, tmp_path, out, *extra):
-    args = get_args(["--data", str(corpus), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                     "--batch-size", "16", "--decoder-batch", "8", "--warmup", "2", *extra])
-    train.main(args)
+def test_k_accumulated_micro_batches_give_the_update_of_the_whole_batch():
+    """prior_step and decoder_step with 4 micro-batches against 1: the same losses, weights and
+    importance-sampler state after an optimiser step (the batch's noise is drawn once for all parts)."""
+    from test_decoder import tiny_decoder
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(dim=16, n_tokens=4, token_dim=8, width=32, depth=2, heads=2))
+    decoder = tiny_decoder(40, dim=16).train()
+    x, x_prefix = torch.randn(8, 16), torch.randn(8, 16)
+    prefix_ids = [[1, 2], [], [3], [4, 5, 6], [7], [8, 9], [], [10]]
+    cont_ids = [[11, 12, 13], [14], [15, 16], [17], [18, 19, 20, 21], [22], [23, 24], [25, 26]]
+    amp = lambda: torch.autocast("cpu", enabled=False)
+    results = []
+    for micro in (8, 2):
+        p = Prior(prior.config)
+        p.load_state_dict(prior.state_dict())
+        d = tiny_decoder(40, dim=16).train()
+        d.load_state_dict(decoder.state_dict())
+        # SGD: the update is proportional to the gradient (Adam's first step, g / |g|, would amplify rounding)
+        opt_p, opt_d = torch.optim.SGD(p.parameters(), lr=0.1), torch.optim.SGD(d.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        rows = train.micro_batches(8, 0, 1, micro)
+        lp = train.prior_step(p, p, opt_p, x, x_prefix, rows, 1, amp)
+        ld = train.decoder_step(d, d, opt_d, x, prefix_ids, cont_ids, rows, 1, amp)
+        results.append((lp, ld, p.state_dict(), d.state_dict()))
+    (lp1, ld1, p1, d1), (lp4, ld4, p4, d4) = results
+    torch.testing.assert_close(lp1, lp4)
+    torch.testing.assert_close(ld1, ld4)
+    for one, four in ((p1, p4), (d1, d4)):
+        for key in one:
+            torch.testing.assert_close(one[key], four[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert not torch.equal(p1["net.merge.weight"], prior.state_dict()["net.merge.weight"])  # a step was taken
+    assert not torch.equal(p1["noise_levels.bin_loss"], torch.ones(100, dtype=torch.float64))  # the sampler learned
 
 
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    run_train(corpus, tmp, tmp / "out", "--steps", "6", "--save-every", "3")
-    return tmp
+def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
+              "--decoder-batch", "8", "--warmup", "2", "--steps", "4", "--save-every", "100", "--device", "cpu"]
+    run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *common,
+                             "--micro-batch", "4", "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training on cpu x 2" in result.stdout and "prior 2 x 4, decoder 1 x 4" in result.stdout  # 2 micro-batches a process
+    one = [json.loads(l) for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a["prior"] == pytest.approx(b["prior"], rel=1e-4) and a["decoder"] == pytest.approx(b["decoder"], rel=1e-4)
+    w1, w2 = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
+    for key in ["prior.net.merge.weight", "decoder.soft.out.weight", "decoder.lm.transformer.h.0.attn.c_attn.weight"]:
+        torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the run and its checkpoint
 
 
 def test_training_writes_a_self_describing_checkpoint(trained):
     out = trained / "out"
     for name in ["checkpoint.safetensors", "config.json", "tokenizer/tokenizer.json", "probes.safetensors"]:
         assert (out / name).exists(), name
-    config, step, _, tensors = train.read_checkpoint(out)
-    assert step == 6 and config["encoder"] == "minilm"
+    ckpt, tensors = Checkpoint(out), tensors_of(out)
+    assert ckpt.step == 6 and ckpt.config["encoder"] == "minilm"
+    assert set(ckpt.config["decoder"]) >= {"noise_augmentation", "inference_a", "hidden_cond", "n_layer"}  # in full
     assert "decoder.lm.lm_head.weight" not in tensors  # tied to wte, stored once
-    cfg, prior, decoder, tokenizer, mu, s = train.load_for_inference(out)
+    config, prior, decoder, tokenizer, mu, s = load_for_inference(out)
     torch.testing.assert_close(prior.net.merge.weight, tensors["prior_ema.net.merge.weight"])
     assert decoder.lm.lm_head.weight.data_ptr() == decoder.lm.transformer.wte.weight.data_ptr()
     torch.testing.assert_close(decoder.lm.lm_head.weight, tensors["decoder.lm.transformer.wte.weight"])
     # hidden_cond (tiny tier) starts at zero: non-zero only if the decoder's optimiser trains it
     assert config["decoder"]["hidden_cond"] and tensors["decoder.hidden_cond.weight"].abs().sum() > 0
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["prior_samples_s"] > 0 and log[-1]["decoder_tokens_s"] > 0 and 0 < log[-1]["prior_mfu"] < 1
 
 
 def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
-    # the module run saved at step 3 then 6: redo 0..3, then resume 3..6 and compare
+    # the session's run saved at step 3 then 6: redo 0..3, then resume 3..6 and compare
     shutil.copytree(trained / "cache", tmp_path / "cache")
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "6", "--save-every", "3", "--stop-at", "3")
-    assert train.read_checkpoint(tmp_path / "out")[1] == 3
+    assert Checkpoint(tmp_path / "out").step == 3
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "6", "--save-every", "3", "--resume")
-    _, step, _, resumed = train.read_checkpoint(tmp_path / "out")
-    _, _, _, straight = train.read_checkpoint(trained / "out")
-    assert step == 6
-    for key in straight:
-        if key.startswith(("prior.", "decoder.", "opt_")):
-            assert torch.equal(resumed[key], straight[key]), key
-
-
-def test_sample_cli_writes_jsonl_and_steers(trained, tmp_path, capsys):
-    import sample
-    out_file = tmp_path / "s.jsonl"
-    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "positive", "--prefix", "the film",
-                                 "--n", "3", "--steps", "5", "--out", str(out_file)]))
-    rows = [json.loads(l) for l in out_file.read_text().splitlines()]
-    assert len(rows) == 3 and all({"prefix", "text", "guide"} <= set(r) for r in rows)
-    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "a",
-                                 "--n", "1", "--steps", "3"]))
-    printed = capsys.readouterr().out
-    assert "unguided |" in printed and "negative |" in printed
-
-
-def test_bf16_precision_runs_the_networks_in_bf16_and_agrees_with_fp32(trained):
-    from sample import DGLM
-    bf16, fp32 = DGLM(trained / "out", precision="bf16"), DGLM(trained / "out", precision="fp32")
-    seen = []
-    for model in (bf16, fp32):
-        for net in (model.prior.net.merge, model.decoder.lm.get_output_embeddings()):
-            net.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
-    prefixes = ["the film", "this phone", "the city council", "i think"]
-    e16 = bf16.sample_proposals(prefixes, steps=8)
-    assert set(seen) == {torch.bfloat16}
-    bf16.decode(prefixes, e16, max_new_tokens=3)
-    assert set(seen) == {torch.bfloat16}  # the decoder too
-    seen.clear()
-    e32 = fp32.sample_proposals(prefixes, steps=8)
-    assert set(seen) == {torch.float32}
-    assert e16.dtype == torch.float32 and torch.allclose(e16.norm(dim=-1), torch.ones(4))
-    assert (e16 * e32).sum(-1).min() > 0.95  # the same samples up to bf16 rounding
-    guided = bf16.sample_proposals(prefixes, bf16.guidance("positive", 300.0), steps=8)  # backward in bf16
-    assert torch.isfinite(guided).all()
-
-
-def test_best_of_keeps_each_rows_candidate_closest_to_its_proposal(trained):
-    from sample import DGLM
-    model = DGLM(trained / "out", precision="fp32")
-    prefixes = ["the film", "this phone", "i think"]
-    e = model.sample_proposals(prefixes, steps=4)
-    n = 4
-    best = model.decode(prefixes, e, max_new_tokens=6, seed=5, best_of=n)
-    # the candidates: the same decode call on the rows repeated n times (candidate k of row b at k * B + b)
-    candidates = model.decode(prefixes * n, e.repeat(n, 1), max_new_tokens=6, seed=5)
-    cosine = (model.embed(candidates) * e.repeat(n, 1)).sum(-1).view(n, len(prefixes))
-    for b, text in enumerate(best):
-        row = [candidates[k * len(prefixes) + b] for k in range(n)]
-        assert text in row
-        assert cosine[row.index(text), b] == cosine[:, b].max()
-    assert len(set(candidates)) > len(prefixes)  # the candidates differ, so the choice is not trivial
-
-
-def test_sample_rejects_bad_input(trained, tmp_path):
-    import sample
-    with pytest.raises(SystemExit, match="unknown guide 'joyful'.*available:.*positive"):
-        sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "joyful"]))
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        sample.main(sample.get_args(["--ckpt", str(tmp_path / "nowhere")]))
-    broken = tmp_path / "broken"
-    shutil.copytree(trained / "out", broken)
-    data = (broken / "checkpoint.safetensors").read_bytes()
-    (broken / "checkpoint.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit, match="unreadable or incomplete"):
-        sample.main(sample.get_args(["--ckpt", str(broken)]))
-    with pytest.raises(SystemExit):
-        sample.get_args(["--scale", "big"])
+    assert Checkpoint(tmp_path / "out").step == 6
+    assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_path, monkeypatch, capsys):
@@ -179,9 +221,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_
     shutil.copytree(trained / "cache", tmp_path / "cache")
     real_forward, calls = diffusion.Prior.forward, []
 
-    def poisoned(self, x, prefix, shard=None):
+    def poisoned(self, x, x_prefix, noise=None):
         calls.append(1)
-        loss = real_forward(self, x, prefix, shard)
+        loss = real_forward(self, x, x_prefix, noise)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(diffusion.Prior, "forward", poisoned)
@@ -189,8 +231,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_
         run_train(corpus, tmp_path, tmp_path / "out", "--steps", "8", "--save-every", "3")
     assert exit_info.value.code == 1
     assert "loss became nan (prior)" in capsys.readouterr().err
-    _, step, _, tensors = train.read_checkpoint(tmp_path / "out")
-    assert step == 3 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    assert Checkpoint(tmp_path / "out").step == 3
+    assert all(torch.isfinite(v).all() for v in tensors_of(tmp_path / "out").values() if v.is_floating_point())
 
 
 def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_path):
@@ -201,75 +243,7 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
         run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2")
     assert (tmp_path / "out" / "checkpoint.safetensors").read_bytes() == before
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2", "--overwrite")
-    assert train.read_checkpoint(tmp_path / "out")[1] == 2
-
-
-def test_mismatched_checkpoint_and_foreign_probes_are_refused(trained, tmp_path):
-    import sample
-    from safetensors.torch import load_file, save_file
-    from guide import load_probes, save_probes
-    bad = tmp_path / "mismatch"
-    shutil.copytree(trained / "out", bad)
-    config, step, meta, _ = train.read_checkpoint(bad)
-    config["prior"]["width"] *= 2  # the config no longer describes the tensors
-    save_file(load_file(str(bad / train.CHECKPOINT)), str(bad / train.CHECKPOINT), dict(meta, config=json.dumps(config)))
-    with pytest.raises(SystemExit, match="does not match its config"):
-        sample.main(sample.get_args(["--ckpt", str(bad)]))
-    foreign = tmp_path / "foreign"
-    shutil.copytree(trained / "out", foreign)
-    probes, guides = load_probes(foreign / "probes.safetensors")
-    save_probes(foreign / "probes.safetensors", probes, guides, "sentence-transformers/sentence-t5-xl")
-    with pytest.raises(SystemExit, match="trained for encoder 'sentence-transformers/sentence-t5-xl'.*uses 'minilm'"):
-        sample.main(sample.get_args(["--ckpt", str(foreign)]))
-
-
-def test_prompts_longer_than_the_context_are_cut_with_a_warning(trained, tmp_path, capsys):
-    import sample
-    prompts = tmp_path / "long.txt"
-    prompts.write_text(" ".join(["the film was good"] * 200) + "\nshort one\n")
-    out_file = tmp_path / "s.jsonl"
-    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--prompts", str(prompts), "--n", "1",
-                                 "--steps", "3", "--out", str(out_file)]))
-    assert "warning: prompts longer than" in capsys.readouterr().err
-    assert len(out_file.read_text().splitlines()) == 2
-
-
-def run_script(*argv, cwd=None):
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, str(root / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          cwd=cwd, env=dict(__import__("os").environ, HF_HUB_OFFLINE="1"), timeout=300)
-
-
-def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
-    cases = [
-        (["sample.py", "--ckpt", str(trained / "out"), "--guide", "joyful"], "unknown guide 'joyful' (available:"),
-        (["sample.py", "--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
-        (["sample.py", "--scale", "big"], "--scale 'big' is not a number"),
-        (["sample.py", "--best-of", "0"], "--n and --best-of must be at least 1"),
-        (["train.py", "--steps", "lots"], "'lots' is not a count"),
-        (["train.py", "--data", str(empty), "--out", str(tmp_path / "o")], "holds no texts"),
-        (["train.py", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "does not exist"),
-    ]
-    for argv, message in cases:
-        result = run_script(*argv, cwd=tmp_path)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2, (argv, result.stderr[-500:])
-        assert len(lines) <= 2 and message in lines[-1] and "Traceback" not in result.stderr, (argv, result.stderr)
-
-
-def test_offline_hub_ids_fail_in_one_sentence(monkeypatch):
-    from decoder import load_tokenizer
-    from encoder import load_encoder
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="could not load the sentence encoder 'someone/not-here'.*--encoder"):
-        load_encoder("someone/not-here")
-    with pytest.raises(SystemExit, match="could not load the tokenizer 'someone/not-here'.*--lm"):
-        load_tokenizer("someone/not-here")
+    assert Checkpoint(tmp_path / "out").step == 2
 
 
 # Runs train.py's own CLI in a child process; checkpoint writes go through safetensors' save_file,
@@ -296,9 +270,7 @@ def start_killable(argv, hang_at_save, tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
-    env = dict(os.environ, HANG_AT_SAVE=str(hang_at_save), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, HANG_AT_SAVE=str(hang_at_save), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-u", "-c", KILLABLE_TRAIN, *argv], stdout=subprocess.PIPE,
                             stderr=open(tmp_path / "stderr.txt", "a"), text=True, env=env)
 
@@ -323,54 +295,103 @@ def test_sigkill_mid_save_and_mid_run_loses_at_most_one_interval(corpus, trained
             "--decoder-batch", "8", "--warmup", "2", "--steps", "60", "--save-every", "10"]
     # 1. killed while writing the checkpoint of step 20: the one of step 10 is intact
     kill_when(start_killable(argv, 2, tmp_path), "HANGING IN SAVE")
-    _, step, _, tensors = train.read_checkpoint(out)
-    assert step == 10 and tensors["prior.net.merge.weight"].isfinite().all()
+    assert Checkpoint(out).step == 10 and tensors_of(out)["prior.net.merge.weight"].isfinite().all()
     # 2. resumed, then killed between saves right after the one of step 30 was announced
     lines = kill_when(start_killable([*argv, "--resume"], 0, tmp_path), "step 30:")
     assert any("resumed from" in l and "at step 10" in l for l in lines)
-    step = train.read_checkpoint(out)[1]
+    step = Checkpoint(out).step
     assert step >= 30 and step % 10 == 0
     # 3. resumed to the end: bit-for-bit the weights of an uninterrupted run
     run_train(corpus, tmp_path, out, "--steps", "60", "--save-every", "10", "--resume")
     run_train(corpus, tmp_path, tmp_path / "straight", "--steps", "60", "--save-every", "10")
-    _, step, _, resumed = train.read_checkpoint(out)
-    _, _, _, straight = train.read_checkpoint(tmp_path / "straight")
-    assert step == 60
-    for key in straight:
-        if key.startswith(("prior.", "prior_ema.", "decoder.", "opt_")):
-            assert torch.equal(resumed[key], straight[key]), key
+    assert Checkpoint(out).step == 60
+    assert_same_weights(tensors_of(out), tensors_of(tmp_path / "straight"))
 
 
-def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    shutil.copytree(trained / "cache", tmp_path / "cache")
-    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
-              "--decoder-batch", "8", "--warmup", "2", "--steps", "4", "--save-every", "100", "--device", "cpu"]
-    run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), str(root / "train.py"), *common,
-                             "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "device cpu x 2" in result.stdout
-    one = [json.loads(l) for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    two = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in two] == [1, 2, 3, 4]
-    for a, b in zip(one, two):
-        assert a["prior"] == pytest.approx(b["prior"], rel=1e-4) and a["decoder"] == pytest.approx(b["decoder"], rel=1e-4)
-    _, _, _, w1 = train.read_checkpoint(tmp_path / "one")
-    _, _, _, w2 = train.read_checkpoint(tmp_path / "two")
-    for key in ["prior.net.merge.weight", "decoder.soft.out.weight", "decoder.lm.transformer.h.0.attn.c_attn.weight"]:
-        torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)
+# ----------------------------------------------------------------------------- C4 windows
 
 
-def test_paper_tier_configs_build_the_published_sizes(capsys):
-    sizes = train.model_sizes("paper", 768)
-    assert 115e6 < sizes["prior"] < 125e6           # DGLM: ~120M
-    assert 50e6 < sizes["soft_prompt"] < 60e6       # DGLM: ~54M at width 768
-    train.main(get_args(["--tier", "paper", "--sizes"]))
-    assert "paper: prior 119.3M params" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def c4_run(tiny_t5, tmp_path_factory):
+    """A local C4 copy of 12 documents and a GPT-2 folder (as `gpt2-large` would be, tiny)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decoder import train_tokenizer
+    tmp = tmp_path_factory.mktemp("c4run")
+    rng = random.Random(1)
+    root = tmp / "c4" / "en"
+    root.mkdir(parents=True)
+    docs = [document(rng, 250) for _ in range(12)]
+    with gzip.open(root / "c4-train.00000-of-00001.json.gz", "wt", encoding="utf-8") as f:
+        for i, text in enumerate(docs):
+            f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": f"https://e.com/{i}"}) + "\n")
+    tokenizer = train_tokenizer(docs, vocab_size=500)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=160,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(tmp / "gpt2")
+    tokenizer.save_pretrained(tmp / "gpt2")
+
+    def run(out, *extra):
+        train.main(get_args(["--data", "c4", "--tier", "tiny", "--c4-path", str(root), "--lm", str(tmp / "gpt2"),
+                             "--encoder", tiny_t5, "--out", str(out), "--cache-dir", str(tmp / "cache"),
+                             "--batch-size", "4", "--decoder-batch", "2", "--window", "10", "--steps", "5",
+                             "--save-every", "100", "--warmup", "1", "--max-len", "40", *extra]))
+    return tmp, run
+
+
+def test_train_on_c4_through_windows_resumes_exactly(c4_run):
+    """The stream is trained in windows; a run stopped inside the second window and resumed ends with
+    the weights of an uninterrupted run."""
+    tmp, run = c4_run
+    run(tmp / "straight")
+    run(tmp / "resumed", "--stop-at", "3")
+    ckpt = Checkpoint(tmp / "resumed")
+    window = json.loads(ckpt.meta["data"])
+    assert ckpt.step == 3 and window["start"] == 2 and window["position"]["doc"] > 0  # inside the second window
+    run(tmp / "resumed", "--resume")
+    meta, meta_straight = Checkpoint(tmp / "resumed").meta, Checkpoint(tmp / "straight").meta
+    assert meta["data"] == meta_straight["data"] and json.loads(meta["data"])["start"] == 4  # a third window
+    assert_same_weights(tensors_of(tmp / "resumed"), tensors_of(tmp / "straight"), ("prior.", "decoder.", "opt_"))
+
+
+def test_host_memory_holds_one_window_at_a_time(c4_run, tiny_t5, monkeypatch):
+    """Each window reads only its own embeddings (the window's texts, never the earlier windows'), and
+    the content-addressed cache holds no more than the held-out texts of the reconstruction report."""
+    import encoder
+    tmp, run = c4_run
+    loaded = []
+    real = encoder.window_embeddings
+
+    def counting(examples, directory, encode, show_progress=False):
+        e_prefix, e_cont = real(examples, directory, encode, show_progress)
+        loaded.append(len(e_prefix) + len(e_cont))
+        return e_prefix, e_cont
+
+    monkeypatch.setattr(train, "window_embeddings", counting)
+    run(tmp / "memory", "--steps", "6", "--window", "5")
+    assert len(loaded) >= 6 and set(loaded) == {10}  # 5 examples a window: prefix + continuation, every time
+    windows = list((tmp / "cache" / "embeddings").rglob("window-*.safetensors"))
+    assert len(windows) >= 6 and all(f.stat().st_size < 20 * 24 * 2 + 400 for f in windows)  # fp16 on disk
+    assert len(train.EmbeddingCache(encoder.cache_dir_for(tmp / "cache", tiny_t5), tiny_t5)) <= 64  # held-out texts
+
+
+def test_paper_tier_probes_are_part_of_the_run_or_a_warning(probe_data, tmp_path, capsys):
+    """train_probes with the paper tier: from local copies of the data sets; unreachable ones give one
+    warning that names the command that adds the probes later, and training goes on."""
+    from types import SimpleNamespace
+
+    from guide import load_probes
+    args = get_args(["--data", "c4", "--encoder", "minilm", "--probe-data", str(probe_data)])
+    args.encode_device, args.bf16 = "cpu", False
+    window = SimpleNamespace(examples=[{"text": "a", "prefix": "", "continuation": "a"}], held_out=[])
+    report = train.train_probes(args, window, tmp_path, tmp_path / "cache")
+    assert set(report) == {"sentiment", "toxicity", "world", "sports", "business", "scitech"}
+    assert "nontoxic" in load_probes(tmp_path / "probes.safetensors", "minilm")[1]
+    (tmp_path / "probes.safetensors").unlink()
+    args.probe_data = str(tmp_path / "nowhere")
+    capsys.readouterr()
+    assert train.train_probes(args, window, tmp_path, tmp_path / "cache") is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: no probes (could not stream stanfordnlp/sst2")
+    assert f"add them later with `python guide.py --ckpt {tmp_path} --probes paper`" in err

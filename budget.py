@@ -1,0 +1,145 @@
+"""What a training run costs: model sizes, FLOPs and MFU, and the GPU memory it needs.
+
+  sizes       parameter counts of the prior, the soft-prompt generator and the language model, built
+              on the meta device from configs alone (nothing is allocated or downloaded)
+  FLOPs, MFU  analytic forward FLOPs (Prior.flops_per_example, Decoder.flops_per_token) times 3 for
+              a training step (forward + backward); model FLOP utilisation = achieved FLOP/s over the
+              device's peak bf16 FLOP/s (a table of common GPUs, --peak-tflops, or on a CPU a measured
+              large matrix product)
+  memory      an estimate of peak GPU memory: fp32 weights, gradients and AdamW moments of what is
+              trained, the prior's EMA, the frozen encoder in bf16, autocast's bf16 weight copies,
+              and the activations of one micro-batch (Korthikanti et al. 2022: about 34 s b h bytes
+              per transformer layer in half precision with fused attention; 2 s b h with activation
+              checkpointing; the logits in bf16 and fp32 with their gradient). The global batch stays
+              the paper's; it is split into the largest micro-batches that fit.
+"""
+import time
+
+import torch
+
+# Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); longest match wins.
+PEAK_BF16_TFLOPS = {
+    "B200": 2250, "H200": 989, "GH200": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 989, "H800": 989,
+    "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10": 125, "A6000": 155,
+    "RTX 4090": 165, "RTX 3090": 71,
+}
+# Parameters of encoders that cannot be counted without loading them (the estimate's frozen encoder).
+ENCODER_PARAMS = {"sentence-t5-xxl": 4.86e9, "sentence-t5-xl": 1.24e9, "sentence-t5-large": 335e6,
+                  "sentence-t5-base": 110e6, "minilm": 22.7e6, "all-MiniLM-L6-v2": 22.7e6}
+GiB = 2 ** 30
+
+
+def count_params(build):
+    """Parameters of the module build() returns, built on the meta device (no memory, no init); the
+    random number generator is left as it was, so that printing sizes never changes a run."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def encoder_params(name):
+    """Known size of a sentence encoder by (the end of) its name, else None."""
+    return next((n for key, n in ENCODER_PARAMS.items() if str(name).rstrip("/").endswith(key)), None)
+
+
+def peak_flops(device, bf16, given_tflops=None):
+    """-> (peak FLOP/s, where it comes from). CUDA: the table; a CPU: a measured 1024^3 matrix product."""
+    if given_tflops:
+        return given_tflops * 1e12, "--peak-tflops"
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        key = max((k for k in PEAK_BF16_TFLOPS if k in name), key=len, default=None)
+        return (PEAK_BF16_TFLOPS[key] * 1e12, f"{key} bf16 table") if key else (None, f"{name} not in the table")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # training's RNG untouched
+    (a @ a).sum().item()  # warm-up
+    started, n = time.perf_counter(), 0
+    while time.perf_counter() - started < 0.3:
+        (a @ a).sum().item()
+        n += 1
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - started), f"measured {str(dtype)[6:]} matmul"
+
+
+class Throughput:
+    """Samples/s, tokens/s, FLOP/s and MFU of the prior and decoder steps over a stretch of steps."""
+
+    def __init__(self, prior, decoder, peak):
+        self.prior_flops = 3 * prior.flops_per_example()  # forward + backward
+        self.decoder, self.peak = decoder, peak
+        self.reset()
+
+    def reset(self):
+        self.t_prior = self.t_decoder = self.examples = self.sequences = self.tokens = self.flops_decoder = 0.0
+
+    def add(self, t_prior, t_decoder, batch, lengths):
+        """One step: seconds of each step, the prior batch size, the decoder's sequence lengths."""
+        self.t_prior, self.t_decoder = self.t_prior + t_prior, self.t_decoder + t_decoder
+        self.examples += batch
+        self.sequences += len(lengths)
+        self.tokens += sum(lengths)
+        self.flops_decoder += sum(3 * n * self.decoder.flops_per_token(n) for n in lengths)
+
+    def report(self):
+        """{prior_samples_s, prior_tflops, prior_mfu, decoder_samples_s, decoder_tokens_s, ...}; resets."""
+        prior_fs = self.prior_flops * self.examples / max(self.t_prior, 1e-9)
+        decoder_fs = self.flops_decoder / max(self.t_decoder, 1e-9)
+        mfu = (lambda fs: fs / self.peak) if self.peak else (lambda fs: None)
+        out = {"prior_samples_s": self.examples / max(self.t_prior, 1e-9), "prior_tflops": prior_fs / 1e12,
+               "prior_mfu": mfu(prior_fs), "decoder_samples_s": self.sequences / max(self.t_decoder, 1e-9),
+               "decoder_tokens_s": self.tokens / max(self.t_decoder, 1e-9), "decoder_tflops": decoder_fs / 1e12,
+               "decoder_mfu": mfu(decoder_fs)}
+        self.reset()
+        return out
+
+
+def format_throughput(r):
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    return (f"prior {r['prior_samples_s']:.0f} samples/s, {r['prior_tflops']:.2f} TFLOP/s, MFU {pct(r['prior_mfu'])} | "
+            f"decoder {r['decoder_samples_s']:.1f} samples/s, {r['decoder_tokens_s']:.0f} tokens/s, "
+            f"{r['decoder_tflops']:.2f} TFLOP/s, MFU {pct(r['decoder_mfu'])}")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decoder_micro, checkpointing=False):
+    """Bytes of peak GPU memory, by part, for training in bf16 autocast.
+
+    sizes: {prior, soft_prompt, lm, encoder} parameter counts (encoder None: not counted).
+    """
+    trained = sizes["prior"] + sizes["soft_prompt"] + sizes["lm"]
+    h, L, V = lm_config["n_embd"], lm_config["n_layer"], lm_config["vocab_size"]
+    per_layer = (2 if checkpointing else 34) * seq_len * decoder_micro * h
+    decoder_act = L * per_layer + (34 * seq_len * decoder_micro * h if checkpointing else 0) \
+        + 10 * decoder_micro * seq_len * V                       # logits: bf16 + fp32 copy + fp32 gradient
+    prior_act = 34 * prior_config["n_tokens"] * prior_config["width"] * prior_config["depth"] * prior_micro
+    parts = {
+        "weights, gradients, AdamW (fp32)": 16 * trained,
+        "prior EMA": 4 * sizes["prior"],
+        "autocast bf16 weight copies": 2 * trained,
+        "frozen encoder (bf16)": 2 * (sizes["encoder"] or 0),
+        "activations (the larger of the two steps)": max(decoder_act, prior_act),
+        "CUDA context and allocator slack": 1.0 * GiB,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def plan_micro_batches(sizes, prior_config, lm_config, seq_len, prior_batch, decoder_batch, device_bytes,
+                       checkpointing=False, fill=0.9):
+    """The largest micro-batches (divisors of each process's batch) whose estimate fits in
+    fill * device_bytes -> (prior micro, decoder micro, estimate); None for the micro-batches when
+    even 1 does not fit."""
+    divisors = lambda n: [m for m in range(n, 0, -1) if n % m == 0]
+    fits = lambda p, d: memory_estimate(sizes, prior_config, lm_config, seq_len, p, d, checkpointing)["total"] \
+        <= fill * device_bytes
+    prior_micro = next((m for m in divisors(prior_batch) if fits(m, 1)), None)
+    decoder_micro = next((m for m in divisors(decoder_batch) if fits(1, m)), None)
+    if prior_micro is None or decoder_micro is None:
+        return None, None, memory_estimate(sizes, prior_config, lm_config, seq_len, 1, 1, checkpointing)
+    return prior_micro, decoder_micro, memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro,
+                                                       decoder_micro, checkpointing)
+
+
+def format_estimate(parts):
+    return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items() if k != "total") + \
+        f" -> total {parts['total'] / GiB:.1f} GiB"

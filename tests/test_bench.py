@@ -1,0 +1,45 @@
+"""bench.py: plain decoding against DGLM generation, timed in one process."""
+import re
+
+import torch
+
+import bench
+from test_decoder import tiny_decoder
+
+SAMPLING = dict(top_p=0.9, temperature=1.0, repetition_penalty=1.2)
+
+
+def test_bench_runs_end_to_end_and_ends_with_the_ratio(trained, capsys):
+    ckpt = trained / "out"
+    bench.main(bench.get_args(["--ckpt", str(ckpt), "--device", "cpu", "--steps", "3", "--max-tokens", "5",
+                               "--batch-sizes", "1,3", "--repeats", "1", "--mc-samples", "4"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", lines[-1]), lines[-1]
+    assert "batch 3" in lines[-2] and any(l.split("|")[0].strip() == "1" for l in lines)
+
+
+def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, capsys):
+    """--config paper with the sizes shrunk (the real ones need ~4 GB and minutes on a CPU)."""
+    monkeypatch.setitem(bench.TIERS, "paper", dict(bench.TIERS["paper"],
+                        prior=dict(n_tokens=4, token_dim=8, width=32, depth=2, heads=2),
+                        decoder=dict(n_soft=2, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)))
+    monkeypatch.setattr(bench, "PAPER_DIM", 48)
+    monkeypatch.setattr(bench, "PAPER_LM", dict(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    bench.main(bench.get_args(["--config", "paper", "--device", "cpu", "--steps", "2", "--max-tokens", "3",
+                               "--batch-sizes", "2", "--repeats", "1", "--mc-samples", "2"]))
+    out = capsys.readouterr().out
+    assert "random paper-sized models" in out
+    assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", out.strip().splitlines()[-1])
+
+
+def test_fixed_length_masks_end_of_text_only_inside_the_context():
+    dec = tiny_decoder(12)
+    eager = dec.lm.get_output_embeddings().register_forward_hook(  # an LM that wants to end at once
+        lambda module, inputs, logits: logits.index_add(-1, torch.tensor([dec.eos_id]), torch.full_like(logits[..., :1], 100.0)))
+    x, gen = torch.randn(2, 32), lambda: torch.Generator().manual_seed(0)
+    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING) == [[], []]
+    with bench.fixed_length(dec):
+        rows = dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING)
+    assert [len(r) for r in rows] == [7, 7]
+    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING) == [[], []]  # the mask is gone again
+    eager.remove()

@@ -1,0 +1,59 @@
+"""budget.py: analytic FLOPs against counted ones, the memory estimate and the micro-batch plan."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import budget
+from diffusion import Prior, PriorConfig
+from test_decoder import tiny_decoder
+
+
+def counted_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_the_priors_analytic_flops_match_the_counted_matrix_products():
+    prior = Prior(PriorConfig(dim=48, n_tokens=6, token_dim=16, width=64, depth=4, heads=4)).eval()
+    B = 5
+    z, lam, x_prefix = torch.randn(B, 48), torch.zeros(B), torch.randn(B, 48)
+    counted = counted_flops(lambda: prior.net(z, lam, x_prefix))
+    assert prior.flops_per_example() * B == pytest.approx(counted, rel=0.01)
+
+
+def test_the_decoders_analytic_flops_per_token_match_gpt2_counted():
+    decoder = tiny_decoder(300, dim=16)
+    decoder.lm.set_attn_implementation("eager")  # attention as matrix products the counter sees
+    T = 20
+    ids = torch.randint(0, 300, (2, T))
+    counted = counted_flops(lambda: decoder.lm(input_ids=ids))
+    # counted attention covers the whole context (no causal saving in the matrix products): the formula's convention
+    assert decoder.flops_per_token(T) * 2 * T == pytest.approx(counted, rel=0.01)
+
+
+def test_memory_estimate_grows_with_the_micro_batch_and_checkpointing_saves_activations():
+    sizes = {"prior": 119e6, "soft_prompt": 57e6, "lm": 774e6, "encoder": 1.24e9}
+    prior = dict(n_tokens=32, width=768, depth=12)
+    lm = dict(n_embd=1280, n_layer=36, vocab_size=50257)
+    small, large = (budget.memory_estimate(sizes, prior, lm, 138, 64, m) for m in (1, 16))
+    assert large["total"] > small["total"]
+    static = 16 * (119e6 + 57e6 + 774e6) + 4 * 119e6 + 2 * (119e6 + 57e6 + 774e6) + 2 * 1.24e9
+    assert small["total"] - small["activations (the larger of the two steps)"] == pytest.approx(static + budget.GiB)
+    checkpointed = budget.memory_estimate(sizes, prior, lm, 138, 64, 16, checkpointing=True)
+    assert checkpointed["total"] < large["total"]
+    p, d, estimate = budget.plan_micro_batches(sizes, prior, lm, 138, 256, 64, 80 * budget.GiB)
+    assert 256 % p == 0 and 64 % d == 0 and estimate["total"] <= 0.9 * 80 * budget.GiB
+    assert budget.plan_micro_batches(sizes, prior, lm, 138, 256, 64, 8 * budget.GiB)[0] is None
+
+
+def test_throughput_reports_mfu_against_the_peak():
+    prior = Prior(PriorConfig())
+    decoder = tiny_decoder(300, dim=384)
+    meter = budget.Throughput(prior, decoder, peak=1e12)
+    meter.add(0.5, 0.25, 256, [20] * 32)
+    r = meter.report()
+    assert r["prior_samples_s"] == pytest.approx(512) and r["decoder_tokens_s"] == pytest.approx(640 / 0.25)
+    assert r["prior_mfu"] == pytest.approx(3 * prior.flops_per_example() * 256 / 0.5 / 1e12)
+    assert budget.peak_flops("cpu", False)[0] > 1e8  # measured on a CPU
+    assert budget.peak_flops("cpu", False, given_tflops=5)[0] == 5e12

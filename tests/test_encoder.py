@@ -1,0 +1,90 @@
+"""encoder.py: the sentence encoder (a tiny sentence-T5 built from configs), the embedding cache,
+the C4 window files and standardisation."""
+import numpy as np
+import pytest
+import torch
+
+import data
+import encoder as encoder_lib
+from conftest import T5_TEXTS, no_encoder
+
+
+def test_tiny_sentence_t5_loads_and_the_cache_never_encodes_twice(tiny_t5, tmp_path, monkeypatch):
+    model = encoder_lib.load_encoder(tiny_t5)
+    e = encoder_lib.embed(model, T5_TEXTS)
+    assert e.shape == (len(T5_TEXTS), 24) and e.dtype == np.float32  # the Dense layer's width
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+
+    cache = encoder_lib.EmbeddingCache(tmp_path / "cache", tiny_t5)
+    np.testing.assert_allclose(cache.encode(T5_TEXTS, show_progress=False), e, atol=1e-5)
+    monkeypatch.setattr(encoder_lib, "load_encoder", no_encoder)
+    cache.model = None
+    again = cache.encode(T5_TEXTS[::-1], show_progress=False)        # same instance: all hits
+    warm = encoder_lib.EmbeddingCache(tmp_path / "cache", tiny_t5)   # fresh instance, from disk
+    np.testing.assert_array_equal(warm.encode(T5_TEXTS, show_progress=False), again[::-1])
+    assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) == 1
+
+
+def test_half_precision_encoder_still_gives_unit_vectors(tiny_t5):
+    e32 = encoder_lib.embed(encoder_lib.load_encoder(tiny_t5), T5_TEXTS)
+    e16 = encoder_lib.embed(encoder_lib.load_encoder(tiny_t5, dtype="bf16"), T5_TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(e16, axis=1), 1.0, atol=1e-5)
+    assert (e16 * e32).sum(1).min() > 0.98
+
+
+def test_standardize_round_trip_and_the_projection_onto_the_sphere():
+    torch.manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    mu, s = encoder_lib.latent_stats(torch.nn.functional.normalize(torch.randn(100, 16), dim=-1))
+    x = encoder_lib.standardize(e, mu, s)
+    torch.testing.assert_close(encoder_lib.unstandardize(x, mu, s), e)                # latents of unit vectors
+    torch.testing.assert_close(encoder_lib.project_to_sphere(x, mu, s), x, atol=1e-5, rtol=1e-5)  # are fixed
+    off = x + torch.randn_like(x)  # a prior sample is not the latent of a unit vector ...
+    projected = encoder_lib.project_to_sphere(off, mu, s)
+    assert (projected - off).abs().max() > 0.1
+    torch.testing.assert_close(encoder_lib.project_to_sphere(projected, mu, s), projected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose((mu + s * projected).norm(dim=-1), torch.ones(5), atol=1e-5)  # ... its projection is
+
+
+def window_of(texts):
+    return [{"text": t, "prefix": " ".join(t.split()[:2]), "continuation": " ".join(t.split()[2:])} for t in texts]
+
+
+def test_window_embeddings_are_computed_once_stored_in_fp16_and_read_back(tiny_t5, tmp_path, monkeypatch):
+    model = encoder_lib.load_encoder(tiny_t5)
+    calls = []
+    encode = lambda texts, show_progress=False: calls.append(len(texts)) or encoder_lib.embed(model, texts)
+    examples = window_of(T5_TEXTS[:5] + ["The cat ran"])  # "The cat" is a prefix twice: embedded once
+    e_prefix, e_cont = encoder_lib.window_embeddings(examples, tmp_path, encode)
+    assert e_prefix.shape == e_cont.shape == (6, 24) and e_prefix.dtype == np.float32
+    texts = [ex["prefix"] for ex in examples] + [ex["continuation"] for ex in examples]
+    assert calls == [len(set(texts))]
+    exact = encoder_lib.embed(model, [ex["continuation"] for ex in examples])
+    np.testing.assert_allclose(e_cont, exact, atol=1e-3)  # fp16 on disk
+    files = list(tmp_path.glob("window-*.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size < 2 * 12 * 24 + 400  # 2 bytes a component + header
+    again = encoder_lib.window_embeddings(examples, tmp_path, lambda *a, **k: pytest.fail("encoded twice"))
+    np.testing.assert_array_equal(again[1], e_cont)
+    encoder_lib.window_embeddings(window_of(T5_TEXTS[2:]), tmp_path, encode)  # another window: its own file
+    assert len(list(tmp_path.glob("window-*.safetensors"))) == 2
+
+
+def test_encoder_cli_fills_the_windows_that_training_reads(c4_copy, tiny_t5, tmp_path, monkeypatch):
+    root, _, tokenizer = c4_copy
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    encoder_lib.main(["--data", "c4", "--c4-path", str(root), "--tokenizer", str(tmp_path / "tok"), "--window", "4",
+                      "--max-texts", "8", "--cache-dir", str(tmp_path / "cache"), "--encoder", tiny_t5,
+                      "--device", "cpu"])
+    directory = encoder_lib.cache_dir_for(tmp_path / "cache", tiny_t5)
+    assert len(list(directory.glob("window-*.safetensors"))) == 2
+    position = None
+    for _ in range(2):  # train.py's windows of the same size find their embeddings on disk
+        examples, position = data.c4_window(tokenizer, root, 0, position, 4, 1.0)
+        e_prefix, _ = encoder_lib.window_embeddings(examples, directory, lambda *a, **k: pytest.fail("re-encoded"))
+        assert e_prefix.shape == (4, 24)
+
+
+def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="could not load the sentence encoder 'someone/not-here'.*--encoder"):
+        encoder_lib.load_encoder("someone/not-here")

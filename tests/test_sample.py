@@ -1,0 +1,143 @@
+"""sample.py: generation from a checkpoint, precision, best-of, seeds, long prompts and bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sample
+from conftest import assert_one_line_error, cli_error, run_script
+from guide import load_probes, save_probes
+from sample import DGLM, SamplingConfig
+from utils import CHECKPOINT, Checkpoint
+
+FAST = SamplingConfig(steps=8, max_tokens=6, mc_samples=4)
+
+
+def test_sample_cli_writes_jsonl_and_prints_unguided_beside_guided(trained, tmp_path, capsys):
+    out_file = tmp_path / "s.jsonl"
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "positive", "--prefix", "the film",
+                                 "--n", "3", "--steps", "5", "--out", str(out_file)]))
+    rows = [json.loads(l) for l in out_file.read_text().splitlines()]
+    assert len(rows) == 3 and all({"prefix", "text", "guide"} <= set(r) for r in rows)
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "a",
+                                 "--n", "1", "--steps", "3"]))
+    printed = capsys.readouterr().out
+    assert "unguided |" in printed and "negative |" in printed
+
+
+def test_the_same_seed_gives_the_same_text_in_one_process_and_across_processes(trained, tmp_path):
+    model = DGLM(trained / "out", precision="fp32")
+    prompts = ["the film", "our trip", "a day"]
+    for guide in (None, "positive"):
+        g = model.guidance(guide, FAST)
+        first, second = (model.generate(prompts, g, FAST, seed=3) for _ in range(2))
+        assert first == second, guide
+    out = tmp_path / "s.jsonl"  # another process, the same seed: the same texts as this one
+    result = run_script("sample.py", "--ckpt", str(trained / "out"), "--guide", "positive", "--prefix", "the film",
+                        "--n", "2", "--steps", "8", "--max-tokens", "6", "--mc-samples", "4", "--seed", "3",
+                        "--precision", "fp32", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-800:]
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert texts == model.generate(["the film", "the film"], model.guidance("positive", FAST), FAST, seed=3)
+    assert texts != model.generate(["the film", "the film"], model.guidance("positive", FAST), FAST, seed=4)
+
+
+def test_bf16_precision_runs_the_networks_in_bf16_and_agrees_with_fp32(trained):
+    bf16, fp32 = DGLM(trained / "out", precision="bf16"), DGLM(trained / "out", precision="fp32")
+    seen = []
+    for model in (bf16, fp32):
+        for net in (model.prior.net.merge, model.decoder.lm.get_output_embeddings()):
+            net.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    prefixes = ["the film", "this phone", "the city council", "i think"]
+    e16 = bf16.sample_proposals(prefixes, None, FAST, 0)
+    assert set(seen) == {torch.bfloat16}
+    bf16.decode(prefixes, e16, FAST, 0)
+    assert set(seen) == {torch.bfloat16}  # the decoder too
+    seen.clear()
+    e32 = fp32.sample_proposals(prefixes, None, FAST, 0)
+    assert set(seen) == {torch.float32}
+    assert e16.dtype == torch.float32 and torch.allclose(e16.norm(dim=-1), torch.ones(4))
+    assert (e16 * e32).sum(-1).min() > 0.95  # the same samples up to bf16 rounding
+    guided = bf16.sample_proposals(prefixes, bf16.guidance("positive", FAST), FAST, 0)  # backward in bf16
+    assert torch.isfinite(guided).all()
+
+
+def test_best_of_keeps_each_rows_candidate_closest_to_its_proposal(trained):
+    model = DGLM(trained / "out", precision="fp32")
+    prefixes = ["the film", "this phone", "i think"]
+    e = model.sample_proposals(prefixes, None, FAST, 0)
+    n = 4
+    best = model.decode(prefixes, e, SamplingConfig(max_tokens=6, best_of=n), seed=5)
+    # the candidates: the same decode call on the rows repeated n times (candidate k of row b at k * B + b)
+    candidates = model.decode(prefixes * n, e.repeat(n, 1), SamplingConfig(max_tokens=6), seed=5)
+    cosine = (model.embed(candidates) * e.repeat(n, 1)).sum(-1).view(n, len(prefixes))
+    for b, text in enumerate(best):
+        row = [candidates[k * len(prefixes) + b] for k in range(n)]
+        assert text in row
+        assert cosine[row.index(text), b] == cosine[:, b].max()
+    assert len(set(candidates)) > len(prefixes)  # the candidates differ, so the choice is not trivial
+
+
+def test_prompts_longer_than_the_context_are_cut_and_max_tokens_beyond_it_refused(trained, tmp_path, capsys):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(" ".join(["the film was good"] * 200) + "\nshort one\n")
+    out_file = tmp_path / "s.jsonl"
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--prompts", str(prompts), "--n", "1",
+                                 "--steps", "3", "--out", str(out_file)]))
+    assert "warning: prompts longer than 87 tokens are cut to their last 87 tokens" in capsys.readouterr().err
+    assert len(out_file.read_text().splitlines()) == 2
+    with pytest.raises(SystemExit, match=r"--max-tokens 100000 does not fit the decoder's context of 128 positions "
+                                         r"\(at most 119 new tokens"):
+        sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--max-tokens", "100000", "--steps", "2"]))
+
+
+def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
+    ckpt = ["--ckpt", str(trained / "out")]
+    cases = [
+        ([*ckpt, "--guide", "joyful"], "unknown guide 'joyful' (available:"),
+        (["--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["--scale", "big"], "argument --scale: 'big' is not a number (accepted: [0, 1e+06])"),
+        (["--scale", "nan"], "argument --scale: 'nan' is out of range"),
+        (["--scale", "inf"], "argument --scale: 'inf' is out of range"),
+        (["--scale", "-1"], "argument --scale: '-1' is out of range"),
+        (["--steps", "0"], "argument --steps: '0' is out of range (accepted: [1, 10000])"),
+        (["--temperature", "-1"], "argument --temperature: '-1' is out of range"),
+        (["--top-p", "2"], "argument --top-p: '2' is out of range (accepted: (0, 1])"),
+        (["--top-p", "0"], "argument --top-p: '0' is out of range"),
+        (["--best-of", "0"], "argument --best-of: '0' is out of range"),
+        (["--n", "1e9"], "argument --n: '1e9' is not a whole number"),
+        ([*ckpt, "--max-tokens", "100000"], "--max-tokens 100000 does not fit the decoder's context"),
+        ([*ckpt, "--prompts", str(tmp_path / "missing.txt")], "prompt file"),
+    ]
+    for argv, message in cases:
+        lines = cli_error(sample, argv, capsys).strip().splitlines()
+        assert message in lines[-1] and lines[-1].startswith("error: "), (argv, lines)
+    # and as a user runs it: one line, exit code 2, no traceback
+    assert_one_line_error(run_script("sample.py", *ckpt, "--max-tokens", "100000", cwd=tmp_path),
+                          "--max-tokens 100000 does not fit the decoder's context")
+
+
+def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refused(trained, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        sample.main(sample.get_args(["--ckpt", str(tmp_path / "nowhere")]))
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "out", broken)
+    data = (broken / CHECKPOINT).read_bytes()
+    (broken / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="unreadable or incomplete"):
+        sample.main(sample.get_args(["--ckpt", str(broken)]))
+    bad = tmp_path / "mismatch"
+    shutil.copytree(trained / "out", bad)
+    ckpt = Checkpoint(bad)
+    config = dict(ckpt.config, prior=dict(ckpt.config["prior"], width=2 * ckpt.config["prior"]["width"]))
+    save_file(load_file(str(bad / CHECKPOINT)), str(bad / CHECKPOINT), dict(ckpt.meta, config=json.dumps(config)))
+    with pytest.raises(SystemExit, match="does not match its config"):
+        sample.main(sample.get_args(["--ckpt", str(bad)]))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained / "out", foreign)
+    probes, guides = load_probes(foreign / "probes.safetensors")
+    save_probes(foreign / "probes.safetensors", probes, guides, "sentence-transformers/sentence-t5-xl")
+    with pytest.raises(SystemExit, match="trained for encoder 'sentence-transformers/sentence-t5-xl'.*uses 'minilm'"):
+        sample.main(sample.get_args(["--ckpt", str(foreign)]))

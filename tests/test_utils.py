@@ -1,0 +1,67 @@
+"""utils.py: argument types with stated ranges, one-line errors, and checkpoint writes."""
+import argparse
+
+import pytest
+import torch
+
+from utils import ArgumentParser, Checkpoint, atomic_save, bounded, count, run_cli
+
+
+def test_count_accepts_suffixes_and_rejects_junk():
+    assert count("100k") == 100_000 and count("2.5M") == 2_500_000 and count("300") == 300
+    for bad in ["ten", "1.5", "-3", "0", "5g", "", "nan", "inf"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            count(bad)
+
+
+def test_bounded_checks_kind_range_and_finiteness():
+    unit = bounded(float, 0, 1, low_open=True)
+    assert unit("1") == 1.0 and unit("0.5") == 0.5
+    for bad, why in [("0", "out of range (accepted: (0, 1])"), ("1.5", "out of range"), ("nan", "out of range"),
+                     ("-inf", "out of range"), ("x", "'x' is not a number (accepted: (0, 1])")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=__import__("re").escape(why)):
+            unit(bad)
+    assert bounded(int, 1)("7") == 7
+    with pytest.raises(argparse.ArgumentTypeError, match="'2.5' is not a whole number"):
+        bounded(int, 1)("2.5")
+    with pytest.raises(argparse.ArgumentTypeError, match="'big' is not a count"):
+        bounded(count, 1, 10)("big")  # counts keep their own message
+    with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
+        bounded(count, 1, 10)("1k")
+
+
+def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
+    p = ArgumentParser(prog="x.py")
+    p.add_argument("--steps", type=count, default=1)
+    with pytest.raises(SystemExit) as exit_info:
+        p.parse_args(["--steps", "lots"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: argument --steps: 'lots' is not a count (accepted: 300, 20k, 1.5M) (see python x.py --help)\n"
+
+    def fails():
+        raise SystemExit("error: something precise")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fails)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: something precise\n"
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    import safetensors.torch
+    path = tmp_path / "t.safetensors"
+    atomic_save({"a": torch.ones(3)}, path)
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        atomic_save({"a": torch.zeros(3)}, path)
+    assert torch.equal(safetensors.torch.load_file(str(path))["a"], torch.ones(3))
+
+
+def test_checkpoint_reads_one_group_of_tensors_at_a_time(trained):
+    ckpt = Checkpoint(trained / "out")
+    stats = ckpt.tensors("stats")
+    assert set(stats) == {"mu", "s"} and stats["mu"].shape == (384,)
+    assert all(k.startswith("net.") or k.startswith("noise_levels.") for k in ckpt.tensors("prior_ema"))

@@ -1,0 +1,233 @@
+"""The plumbing every script shares: the command line, devices and precision, and the checkpoint.
+
+Command line: an ArgumentParser whose errors are one line with exit code 2, argument types that
+check their range when arguments are parsed (counts such as 100k, bounded numbers), and run_cli,
+which turns an `error: ...` raised anywhere into that same one line.
+
+Checkpoint: one self-describing directory (--out / --ckpt) holding everything sample.py needs:
+
+    checkpoint.safetensors   weights (prior, its EMA, decoder), latent statistics, optimiser state,
+                             the torch RNG; the run's config (JSON) and step in its metadata
+    config.json              a copy of the config, for reading
+    tokenizer/               the decoder's tokenizer
+    probes.safetensors       linear probes and the guides built on them (guide.py)
+    log.jsonl                losses and throughput, one line per step
+
+Tensors are stored with safetensors and configs as JSON: loading never unpickles. Every file is
+written to a temporary name and renamed into place, so a kill during a save keeps the last one.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from decoder import Decoder, DecoderConfig, load_tokenizer
+from diffusion import Prior, PriorConfig
+
+CHECKPOINT = "checkpoint.safetensors"
+
+# ----------------------------------------------------------------------------- command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit code 2, as argparse does)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
+def run_cli(fn):
+    """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) becomes one line
+    on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above."""
+    try:
+        fn()
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+def count(text):
+    """'100k' -> 100000, '2.5M' -> 2500000, '300' -> 300: a positive whole number."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (accepted: 300, 20k, 1.5M)")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite number of `kind` (int, float or count) in [low, high] (or open ends).
+
+    bounded(float, 0, 1, low_open=True) accepts (0, 1]; the error names the accepted range."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    accepted = f"{lo or '(-inf'}, {hi or 'inf)'}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (accepted: {accepted})") from None
+        if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range (accepted: {accepted})")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "number")  # argparse names the type in its messages
+    return parse
+
+
+def pick_device(name):
+    """--device auto|cpu|cuda|mps -> a device string; auto takes CUDA, then MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU is visible (accepted: auto, cpu, cuda, mps)")
+    return name
+
+
+def native_bf16(device):
+    """Whether `device` runs bf16 matrix products natively (else autocast to bf16 would be slower)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":  # AVX512-BF16 (e.g. AMD Zen 4, Intel Cooper Lake) or AMX (Intel Sapphire Rapids)
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def use_bf16(precision, device):
+    """precision "auto" | "fp32" | "bf16" -> whether to run under bf16 autocast."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+def autocast(device, bf16):
+    """bf16 autocast on `device` when bf16, else a context that changes nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def atomic_save(tensors, path, metadata=None):
+    """safetensors file written to PATH.tmp, then renamed: a kill during the save leaves the old file."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_config(prior_config: PriorConfig, decoder_config: DecoderConfig, encoder, lm_config, eos_id, train):
+    """The checkpoint's config: everything needed to rebuild the models without a download."""
+    return dict(encoder=encoder, prior=asdict(prior_config), decoder=asdict(decoder_config), lm_config=lm_config,
+                bos_id=eos_id, eos_id=eos_id, train=train)
+
+
+def build_models(config, pretrained_lm=False):
+    """(Prior, Decoder) from a checkpoint config; pretrained_lm loads GPT-2's weights by name."""
+    prior = Prior(PriorConfig(**config["prior"]))
+    decoder = Decoder(DecoderConfig(**config["decoder"]), config["lm_config"], config["bos_id"], config["eos_id"],
+                      pretrained=pretrained_lm)
+    return prior, decoder
+
+
+def save_checkpoint(out, config, step, models, optimizers, extra_tensors, data_state=None):
+    """models {name: module}, optimizers {name: optimizer}: one safetensors file plus config.json."""
+    tensors = dict(extra_tensors)
+    for name, model in models.items():
+        seen = set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() not in seen:  # tied weights (GPT-2's lm_head = wte) are stored once
+                seen.add(v.data_ptr())
+                tensors[f"{name}.{k}"] = v
+    meta = {"config": json.dumps(config), "step": str(step), "data": json.dumps(data_state)}
+    for name, opt in optimizers.items():
+        state = opt.state_dict()
+        tensors.update({f"{name}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
+        meta[f"{name}.param_groups"] = json.dumps(state["param_groups"])
+    tensors["rng.torch"] = torch.get_rng_state()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / "config.json", json.dumps(dict(config, step=step), indent=2))
+    atomic_save(tensors, Path(out) / CHECKPOINT, meta)
+
+
+class Checkpoint:
+    """A checkpoint file opened for reading: config, step and metadata at once; tensors on demand,
+    one group at a time (so resuming a large run never holds every tensor twice)."""
+
+    def __init__(self, out):
+        from safetensors import safe_open
+        self.path = Path(out) / CHECKPOINT
+        if not self.path.exists():
+            raise SystemExit(f"error: no checkpoint at {self.path}; train one with `python train.py --out {out}`")
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                self.meta = f.metadata() or {}
+                self.keys = list(f.keys())
+            self.config = json.loads(self.meta["config"])
+            self.step = int(self.meta["step"])
+        except Exception as err:  # truncated file, bad header, missing metadata
+            self.fail(f"is unreadable or incomplete ({type(err).__name__}: {err}); retrain or restore it")
+
+    def fail(self, why):
+        raise SystemExit(f"error: checkpoint {self.path} {why}") from None
+
+    def tensors(self, prefix):
+        """{key without `prefix.`: tensor} for the keys under `prefix.`."""
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                return {k[len(prefix) + 1:]: f.get_tensor(k) for k in self.keys if k.startswith(prefix + ".")}
+        except Exception as err:
+            self.fail(f"is unreadable or incomplete ({type(err).__name__}: {err}); retrain or restore it")
+
+    def load_model(self, model, name):
+        """Load the weights stored under `name.` into model; a mismatch is a one-line error."""
+        try:
+            missing, unexpected = model.load_state_dict(self.tensors(name), strict=False)
+        except RuntimeError as err:
+            lines = str(err).strip().splitlines()
+            self.fail(f"does not match its config ({name}: {lines[1 if len(lines) > 1 else 0].strip()})")
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            self.fail(f"does not match its config ({name}: missing {sorted(set(missing) - tied)[:3]}, "
+                      f"unexpected {sorted(unexpected)[:3]})")
+
+    def load_optimizer(self, opt, name):
+        state = {}
+        for key, value in self.tensors(name).items():
+            i, k = key.split(".", 1)
+            state.setdefault(int(i), {})[k] = value
+        opt.load_state_dict({"state": state, "param_groups": json.loads(self.meta[f"{name}.param_groups"])})
+
+
+def load_for_inference(out, device="cpu"):
+    """Rebuild (config, EMA prior, decoder, tokenizer, mu, s) from a checkpoint directory alone."""
+    ckpt = Checkpoint(out)
+    prior, decoder = build_models(ckpt.config)
+    ckpt.load_model(prior, "prior_ema")
+    ckpt.load_model(decoder, "decoder")
+    tokenizer = load_tokenizer(str(Path(out) / "tokenizer"))
+    stats = ckpt.tensors("stats")
+    return ckpt.config, prior.to(device).eval(), decoder.to(device).eval(), tokenizer, \
+        stats["mu"].to(device), stats["s"].to(device)
