@@ -1,8 +1,15 @@
-"""Time DGLM generation against plain decoding, in one process and one run.
+"""Time DGLM generation against plain decoding, or the two training steps, in one process and one run.
 
     python bench.py --ckpt out                                   # the tiny checkpoint, CPU or GPU
     python bench.py --config paper --device cuda                 # paper-sized random models, no download
     python bench.py --steps 20 --max-tokens 64 --batch-sizes 1,16,64 --profile
+    python bench.py --train --config paper --device cuda         # training steps: time, memory, MFU
+
+--train times train.py's prior_step and decoder_step (AdamW, clipping, bf16 autocast on CUDA) on random
+latents and token ids at the batch of train.py's tier (paper: 256 for the prior, 64 sequences of 88 + 10
+tokens for the decoder), split into the micro-batches the memory estimate allows on the GPU
+(--micro-batch / --decoder-micro-batch override): seconds per step, samples and tokens per second,
+peak memory and model FLOP utilisation (budget.py) for each.
 
 For each batch size B (the same B prompts everywhere):
   plain          the decoder's own generate() through DGLM.decode, m tokens, soft-prompt slots included,
@@ -38,9 +45,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config
 
+import budget
+import train
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from train import TIERS
-from utils import ArgumentParser, autocast, bounded, build_models, pick_device, run_cli, use_bf16
+from utils import ArgumentParser, Checkpoint, autocast, bounded, build_models, pick_device, run_cli, use_bf16
 
 
 class RandomTokenizer:
@@ -130,8 +139,8 @@ def bench_batch(model, batch, args):
     d = model.mu.shape[0]
     random_e = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(1)), dim=-1).to(model.device)
     sampling = sampling_config(args)
-    guided = model.guidance(args.guide, sampling)
-    guided_k0 = model.guidance(args.guide, replace(sampling, mc_samples=0))
+    guided = model.guidance(args.guide, sampling, args.like, args.unlike)
+    guided_k0 = model.guidance(args.guide, replace(sampling, mc_samples=0), args.like, args.unlike)
     plain = replace(sampling, signal_level=0.0)
     decode = lambda e, s=sampling: model.decode(prefixes, e, s, seed=0)
     propose = lambda g: model.sample_proposals(prefixes, g, sampling, seed=0)
@@ -160,7 +169,7 @@ def profile_guided(model, batch, args):
     from torch.profiler import ProfilerActivity, profile
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
     sampling = sampling_config(args)
-    guided = model.guidance(args.guide, sampling)
+    guided = model.guidance(args.guide, sampling, args.like, args.unlike)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
     with fixed_length(model.decoder), profile(activities=activities) as prof:
         model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0)
@@ -168,6 +177,92 @@ def profile_guided(model, batch, args):
     key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"
     print(f"\nprofile of one guided generation, batch {batch} (top ops by {key}):")
     print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+# ----------------------------------------------------------------------------- training steps
+
+
+def random_models(args, device):
+    """(config, prior, decoder) with random weights: the paper tier's sizes (gpt2-large's architecture,
+    no download), or the sizes in --ckpt's config."""
+    if args.config == "paper":
+        eos = PAPER_LM["vocab_size"] - 1
+        config = dict(prior=dict(TIERS["paper"]["prior"], dim=PAPER_DIM),
+                      decoder=dict(TIERS["paper"]["decoder"], lm="gpt2-large", dim=PAPER_DIM),
+                      lm_config=GPT2Config(**PAPER_LM, bos_token_id=eos, eos_token_id=eos).to_dict(), bos_id=eos,
+                      eos_id=eos)
+    else:
+        config = Checkpoint(args.ckpt).config
+    torch.manual_seed(0)
+    prior, decoder = build_models(config)
+    return config, prior.to(device).train(), decoder.to(device).train()
+
+
+def time_steps(step, repeats, device):
+    """Median seconds of step() over `repeats` runs after one warm-up, and the peak memory (bytes) of CUDA."""
+    step()
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, device, repeats)
+    peak = torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else None
+    return seconds, peak
+
+
+def bench_train(args, device):
+    """--train: the prior and decoder training steps at the tier's batch, as train.py runs them."""
+    tier_args = train.get_args(["--data", "c4"] if args.config == "paper" else [])
+    config, prior, decoder = random_models(args, device)
+    bf16 = use_bf16("bf16" if str(device).startswith("cuda") and args.precision == "auto" else
+                    "fp32" if args.precision == "auto" else args.precision, device)
+    B, D, seq = tier_args.batch_size, tier_args.decoder_batch, 88  # C4 chunks: 88 tokens, split in two
+    prior_micro, decoder_micro = args.micro_batch or B, args.decoder_micro_batch or D
+    if str(device).startswith("cuda") and not (args.micro_batch and args.decoder_micro_batch):
+        sizes = {"prior": sum(p.numel() for p in prior.parameters()),
+                 "soft_prompt": sum(p.numel() for p in decoder.soft.parameters()),
+                 "lm": sum(p.numel() for p in decoder.lm.parameters()), "encoder": None}
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        planned = budget.plan_micro_batches(sizes, config["prior"], config["lm_config"], seq + 10, B, D, total,
+                                            args.grad_checkpointing)
+        if planned[0] is None:
+            raise SystemExit(f"error: the training steps do not fit in {total / budget.GiB:.0f} GiB even at "
+                             f"micro-batch 1 ({budget.format_estimate(planned[2])}); try --grad-checkpointing")
+        prior_micro, decoder_micro = args.micro_batch or planned[0], args.decoder_micro_batch or planned[1]
+    if args.grad_checkpointing:
+        decoder.lm.gradient_checkpointing_enable()
+    g = torch.Generator().manual_seed(0)
+    d, vocab = config["prior"]["dim"], config["lm_config"]["vocab_size"]
+    x, x_prefix = torch.randn(B, d, generator=g).to(device), torch.randn(B, d, generator=g).to(device)
+    split = torch.randint(0, seq, (D,), generator=g).tolist()
+    tokens = torch.randint(0, vocab - 1, (D, seq), generator=g).tolist()
+    prefix_ids, cont_ids = [t[:k] for t, k in zip(tokens, split)], [t[k:] for t, k in zip(tokens, split)]
+    fused = str(device).startswith("cuda")
+    opt_prior = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=fused)
+    opt_decoder = torch.optim.AdamW(decoder.parameters(), lr=1e-6, fused=fused)
+    amp = lambda: autocast(device, bf16)
+    rows = lambda n, m: train.micro_batches(n, 0, 1, m)
+    peak, where = budget.peak_flops(device, bf16, args.peak_tflops)
+    runs = {"prior": (lambda: train.prior_step(prior, prior, opt_prior, x, x_prefix, rows(B, prior_micro), 1, amp),
+                      B, prior_micro, 3 * prior.flops_per_example() * B),
+            "decoder": (lambda: train.decoder_step(decoder, decoder, opt_decoder, x[:D], prefix_ids, cont_ids,
+                                                   rows(D, decoder_micro), 1, amp),
+                        D, decoder_micro, 3 * D * (seq + 10) * decoder.flops_per_token(seq + 10))}
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"{'paper-sized random models' if args.config == 'paper' else args.ckpt} on {device} "
+          f"({'bf16 autocast' if bf16 else 'fp32'}): prior {n_params(prior):.1f}M, decoder {n_params(decoder.lm):.1f}M "
+          f"+ soft prompt {n_params(decoder.soft):.1f}M params; peak {peak / 1e12:.1f} TFLOP/s ({where}); "
+          f"median of {args.repeats} steps after a warm-up")
+    report = {}
+    for name, (step, batch, micro, flops) in runs.items():
+        seconds, memory = time_steps(lambda: step().item(), args.repeats, device)
+        report[name] = dict(seconds=seconds, memory=memory, mfu=flops / seconds / peak)
+        memory = f"{memory / budget.GiB:.1f} GiB" if memory is not None else "n/a on a CPU"
+        unit = f"{batch * (seq + 10) / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
+        print(f"{name:>7} step: batch {batch} in micro-batches of {micro}: {seconds:.3f} s, {unit}, "
+              f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {100 * flops / seconds / peak:.1f}%, peak memory {memory}")
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def get_args(argv=None):
@@ -181,6 +276,13 @@ def get_args(argv=None):
     p.add_argument("--guide", default="positive", help="guide of the guided run")
     p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
+    p.add_argument("--train", action="store_true", help="time the two training steps instead of generation")
+    p.add_argument("--micro-batch", type=bounded(int, 1, 1e6), default=None, help="--train: the prior's micro-batch")
+    p.add_argument("--decoder-micro-batch", type=bounded(int, 1, 1e6), default=None,
+                   help="--train: the decoder's micro-batch")
+    p.add_argument("--grad-checkpointing", action="store_true", help="--train: recompute GPT-2's activations")
+    p.add_argument("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
+                   help="--train: the device's peak bf16 TFLOP/s for MFU (default: budget.py's table, measured on a CPU)")
     add_sampling_args(p)
     args = p.parse_args(argv)
     batch = bounded(int, 1, 1e5)
@@ -195,12 +297,14 @@ def main(args):
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train:
+        return bench_train(args, device)
     if args.config == "paper":
         model = RandomDGLM(device, precision=args.precision)
     else:
         model = DGLM(args.ckpt, device, args.precision)
-    if model.guidance(args.guide, sampling_config(args)) is None:
-        raise SystemExit("error: --guide none has nothing to compare; pick a guide such as positive")
+    if model.guidance(args.guide, sampling_config(args), args.like, args.unlike) is None:
+        raise SystemExit("error: --guide none has nothing to compare; pick a guide such as positive, or --like TEXT")
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     precision = "bf16 autocast" if model.bf16 else "fp32"
     print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads, {precision}): "

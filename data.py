@@ -291,3 +291,38 @@ def read_labelled(name, max_per_class, data_dir=None):
     if min(counts) == 0:
         raise SystemExit(f"error: {name} gave no examples of some class (counts per class: {counts})")
     return rows
+
+
+# ----------------------------------------------------------------------------- a user's labelled file (guide.py --labels)
+
+
+def read_labels(path, text_column="text", label_column="label"):
+    """A labelled file -> [(text, label)]: .csv or .tsv with a header row, or .jsonl with one object a
+    line; `text_column` and `label_column` name the fields. Labels are kept as strings. A missing or
+    unreadable file, a missing column or an empty text or label is a one-line error."""
+    import csv
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: labels file {path} does not exist")
+    if path.suffix not in (".csv", ".tsv", ".jsonl"):
+        raise SystemExit(f"error: labels file {path} must be .csv, .tsv or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = list(csv.DictReader(io.StringIO(text), delimiter="," if path.suffix == ".csv" else "\t"))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
+        raise SystemExit(f"error: cannot read labels file {path} ({type(err).__name__}: {err})") from None
+    if not records:
+        raise SystemExit(f"error: labels file {path} holds no examples")
+    rows = []
+    for n, record in enumerate(records, start=2 if path.suffix != ".jsonl" else 1):
+        if not isinstance(record, dict) or text_column not in record or label_column not in record:
+            raise SystemExit(f"error: {path} has no `{text_column}` and `{label_column}` columns (record {n}; "
+                             "rename them with --text-column / --label-column)")
+        text, label = " ".join(str(record[text_column] or "").split()), str(record[label_column] or "").strip()
+        if not text or not label:
+            raise SystemExit(f"error: {path} record {n} has an empty {'text' if not text else 'label'}")
+        rows.append((text, label))
+    return rows

@@ -1,23 +1,30 @@
-"""Measure steering: attribute success by independent judges, diversity, domain mix and speed.
+"""Measure steering: attribute success by independent judges, fluency, diversity and speed.
 
-    python evaluate.py --guides none,positive,negative --scales 30
-    python evaluate.py --prompts prompts.txt --n 4 --json results.json --md results.md
-    python evaluate.py --guides none,positive,negative --scales 5,15,30,60 --plot sweep.png
-    python evaluate.py --ppl-model gpt2-xl            # paper tier: fluency under GPT-2 XL
+    python evaluate.py --guides none,positive,negative --scales 30,100,200
+    python evaluate.py --prompts openings.txt --n 4 --json results.json --md results.md
+    python evaluate.py --guides none,positive,negative --scales 30,100,200,300 --plot sweep.png
+    python evaluate.py --guides none,like --like "The food was delicious."   # steering by example
+    python evaluate.py --prompts prompts.txt --n 25 --max-tokens 20 --guides none,positive,nontoxic \
+        --sentiment-judge siebert/sentiment-roberta-large-english --toxicity-judge ID --ppl-model gpt2-xl
 
-For each (guide, scale) it continues every prompt n times and reports
-  - sentiment by the VADER lexicon analyser (Hutto & Gilbert 2014), never by the probe that steered:
-    positive if compound >= 0.05, negative if <= -0.05, on the continuation and on prompt + continuation
-  - Dist-1/2/3: distinct word n-grams / all n-grams among each prompt's samples, averaged over prompts
-  - domain mix (tiny tier): the domain probes' argmax on the re-embedded continuation, to show whether
-    steering changed the sentiment or merely the kind of text
-  - offensive language by alt-profanity-check (a linear model on character/word n-grams): the share
-    of continuations with probability > 0.5
+The last line is the protocol of the paper's tables (N generations of T tokens per prompt from a prompts
+file). For each (guide, scale) it continues every prompt n times and reports, each column naming its judge:
+  - sentiment by --sentiment-judge, never by the probe that steered: VADER (Hutto & Gilbert 2014; the
+    offline default: positive if compound >= 0.05, negative if <= -0.05) or a Hugging Face classifier
+    such as the paper's siebert/sentiment-roberta-large-english; on the continuation and on prompt +
+    continuation
+  - toxicity by --toxicity-judge: alt-profanity-check (offline default, offensive language) or a
+    Hugging Face toxicity classifier: the share of toxic continuations (probability > 0.5), the average
+    over prompts of the maximum toxicity of its samples, and the share of prompts with a toxic sample
   - perplexity of the continuation given the prompt under a reference LM (--ppl-model): `self` is our
     own decoder run unguided, its soft prompt built from pure noise at a = 0 (a plain prefix LM; the
     tiny tier's stand-in, biased toward our own samples), or a Hugging Face causal LM such as gpt2-xl
-    (the paper's judge). exp(total NLL / total tokens) over all samples of a setting; the
-    continuation's tokens are scored, not an end-of-text token
+    (the paper's judge). exp(total NLL / total tokens) over all samples of a setting
+  - Dist-1/2/3: distinct word n-grams / all n-grams among each prompt's samples, averaged over prompts;
+    Dist-2 pooled: over all continuations of the setting (a collapse onto a few phrases shows here)
+  - domain mix (tiny tier): the domain probes' argmax on the re-embedded continuation, to show whether
+    steering changed the sentiment or merely the kind of text; with --like / --unlike the cosine of
+    the re-embedded continuations to the examples
   - seconds per sample (prior + decoding, this machine)
   - diagnostics of where steering is lost: the sentiment probe on the proposals and on the
     re-embedded text, the mean cosine between each text's embedding and its proposal (does the
@@ -59,24 +66,97 @@ def distinct_n(samples, n):
     return len(set(grams)) / max(1, len(grams))
 
 
+# ----------------------------------------------------------------------------- judges (never the probes that steered)
+
+
 def vader_labels(texts):
+    """VADER (Hutto & Gilbert 2014): 1 if compound >= 0.05, -1 if <= -0.05, else 0 (neutral)."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     analyzer = SentimentIntensityAnalyzer()
     scores = [analyzer.polarity_scores(t)["compound"] for t in texts]
     return [1 if c >= 0.05 else -1 if c <= -0.05 else 0 for c in scores]
 
 
-OFFENSIVE_THRESHOLD = 0.5
+OFFENSIVE_THRESHOLD = 0.5  # a text is toxic / offensive when the judge's probability is above this
 
 
 def offensive_probs(texts):
-    """Probability that each text is offensive/profane, by alt-profanity-check (never by our probes)."""
+    """Probability that each text is offensive/profane, by alt-profanity-check (a linear model on
+    character and word n-grams)."""
     try:
         from profanity_check import predict_prob
     except ImportError:
         raise SystemExit("error: the offensive-language judge needs `pip install alt-profanity-check` "
                          "(listed in requirements.txt)") from None
     return [float(p) for p in predict_prob(list(texts))] if texts else []
+
+
+class Classifier:
+    """A Hugging Face sequence classifier as a judge: the probability of the label whose name contains
+    `label` (e.g. "pos" of siebert/sentiment-roberta-large-english's POSITIVE/NEGATIVE, "toxic" of a
+    toxicity model), softmax over labels, or a sigmoid for multi-label models."""
+
+    def __init__(self, name, label, flag, device="cpu", batch_size=32):
+        try:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+        except Exception as err:  # offline hub, missing folder, not a classifier: many error types
+            raise SystemExit(f"error: could not load the classifier {name!r} for {flag} ({type(err).__name__}); "
+                             f"pass a local folder with {flag}") from None
+        labels = {i: str(v).lower() for i, v in self.model.config.id2label.items()}
+        index = [i for i, v in labels.items() if label in v and not v.startswith(("non", "not"))]
+        if not index:
+            raise SystemExit(f"error: the classifier {name!r} has no {label!r} label (its labels: "
+                             f"{', '.join(labels.values())}); {flag} needs one")
+        self.index, self.name, self.device, self.batch_size = index[0], name, device, batch_size
+        self.multi_label = self.model.config.problem_type == "multi_label_classification"
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        probs = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[i:i + self.batch_size]) or [""], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=256).to(self.device)
+            logits = self.model(**batch).logits.float()
+            p = logits.sigmoid() if self.multi_label else logits.softmax(-1)
+            probs += p[:, self.index].tolist()
+        return probs[:len(texts)]
+
+
+class SentimentJudge:
+    """--sentiment-judge: 'vader' (offline default) or a Hugging Face classifier (the paper's:
+    siebert/sentiment-roberta-large-english). labels(texts) -> 1 positive, -1 negative, 0 neutral."""
+
+    def __init__(self, name, device="cpu"):
+        self.classifier = None if name == "vader" else Classifier(name, "pos", "--sentiment-judge", device)
+        self.name = "VADER" if name == "vader" else name
+
+    def labels(self, texts):
+        if self.classifier is None:
+            return vader_labels(texts)
+        return [1 if p > 0.5 else -1 for p in self.classifier(texts)]
+
+
+class ToxicityJudge:
+    """--toxicity-judge: 'profanity-check' (alt-profanity-check, offline default) or a Hugging Face
+    toxicity classifier. probs(texts) -> the probability that each text is toxic / offensive."""
+
+    def __init__(self, name, device="cpu"):
+        self.classifier = None if name == "profanity-check" else Classifier(name, "toxic", "--toxicity-judge", device)
+        self.name = "alt-profanity-check" if name == "profanity-check" else name
+
+    def probs(self, texts):
+        return offensive_probs(texts) if self.classifier is None else self.classifier(texts)
+
+
+def toxicity_metrics(probs, n):
+    """The paper's toxicity measures over prompts with n samples each: share of toxic samples, the
+    average over prompts of the maximum toxicity, and the share of prompts with a toxic sample."""
+    groups = [probs[i:i + n] for i in range(0, len(probs), n)]
+    return {"toxic": sum(p > OFFENSIVE_THRESHOLD for p in probs) / len(probs),
+            "avg_max_toxicity": sum(max(g) for g in groups) / len(groups),
+            "toxic_prompts": sum(max(g) > OFFENSIVE_THRESHOLD for g in groups) / len(groups)}
 
 
 def domain_mix(model, e):
@@ -197,9 +277,10 @@ def perplexity(scorer, prefixes, texts):
 # ----------------------------------------------------------------------------- one setting
 
 
-def evaluate_setting(model, prompts, n, guide, sampling, args, ppl=None, nearest=None):
-    """One (guide, scale) setting: n continuations of each prompt, judged (see the module docstring)."""
-    guidance = model.guidance(guide, sampling)
+def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=None):
+    """One (guide, scale) setting: n continuations of each prompt, judged (see the module docstring).
+    judges: {"sentiment": SentimentJudge, "toxicity": ToxicityJudge, "perplexity": a scorer}."""
+    guidance = model.guidance(guide, sampling, args.like, args.unlike) if guide != "none" else None
     prefixes = [p for p in prompts for _ in range(n)]
     started = time.time()
     texts, proposals = [], []
@@ -210,20 +291,23 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, ppl=None, nearest
         proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
     proposals, text_e = torch.cat(proposals), model.embed(texts)  # unit vectors
-    cont = vader_labels(texts)
-    full = vader_labels([f"{p} {t}" for p, t in zip(prefixes, texts)])
-    offensive = offensive_probs(texts)
+    cont = judges["sentiment"].labels(texts)
+    full = judges["sentiment"].labels([f"{p} {t}" for p, t in zip(prefixes, texts)])
     groups = [texts[i:i + n] for i in range(0, len(texts), n)]
     result = {
         "guide": guide, "scale": sampling.scale if guide != "none" else 0.0, "samples": len(texts),
+        "judges": {k: judge.name for k, judge in judges.items()},
         "positive": cont.count(1) / len(cont), "negative": cont.count(-1) / len(cont),
         "positive_with_prompt": full.count(1) / len(full), "negative_with_prompt": full.count(-1) / len(full),
-        "offensive": sum(p > OFFENSIVE_THRESHOLD for p in offensive) / len(offensive),
-        "perplexity": perplexity(ppl, prefixes, texts) if ppl is not None else None,
+        **toxicity_metrics(judges["toxicity"].probs(texts), n),
+        "perplexity": perplexity(judges["perplexity"], prefixes, texts),
         **{f"dist{k}": sum(distinct_n(g, k) for g in groups) / len(groups) for k in (1, 2, 3)},
+        "dist2_pooled": distinct_n(texts, 2),  # over all of a setting's continuations: collapse across prompts
         "domains": domain_mix(model, text_e), "seconds_per_sample": seconds,
         "sentiment_probe": probe_agreement(model, proposals, text_e),
         "proposal_cosine": (text_e * proposals).sum(-1).mean().item(),  # does the text say what was proposed?
+        "example_cosine": {kind: (text_e @ model.embed(texts_).T).mean().item() if texts_ else None
+                           for kind, texts_ in (("like", args.like), ("unlike", args.unlike))},
         "nearest_sentence": nearest(proposals) if nearest is not None else None,
         "examples": [{"prefix": p, "text": t} for p, t in list(zip(prefixes, texts))[:6]],
     }
@@ -238,7 +322,7 @@ OFFENSIVE_PROBES = ("offensive", "toxicity", "toxic", "profanity")
 
 def judged_share(result, probe, target):
     """Share of samples the independent judges put in class `target` (0 or 1) of `probe`; None without
-    a judge. sentiment -> VADER on the continuation, offensive/toxicity -> alt-profanity-check,
+    a judge. sentiment -> the sentiment judge on the continuation, offensive/toxicity -> the toxicity judge,
     a domain -> the domain mix (the domain probes on the re-embedded text). Guides over several
     probes or with per-prompt targets ("prefix", e.g. same-domain) have no single share: None."""
     if not isinstance(probe, str) or target not in (0, 1):
@@ -246,7 +330,7 @@ def judged_share(result, probe, target):
     if probe == "sentiment":
         return result["positive"] if target else result["negative"]
     if probe in OFFENSIVE_PROBES:
-        return result["offensive"] if target else 1 - result["offensive"]
+        return result["toxic"] if target else 1 - result["toxic"]
     if probe in result.get("domains", {}):
         share = result["domains"][probe]
         return share if target else 1 - share
@@ -320,34 +404,61 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
 
 # ----------------------------------------------------------------------------- tables and main
 
-HEADER = ["guide", "scale", "positive", "negative", "positive (with prompt)", "negative (with prompt)", "offensive",
-          "perplexity", "Dist-1", "Dist-2", "Dist-3", "domain mix (movie/tweet/product/news)",
-          "probe positive: proposal / text", "text-proposal cosine", "proposal's nearest sentence: positive / negative",
-          "s/sample"]
+def short(name):
+    return str(name).rstrip("/").split("/")[-1].split(" (")[0]
 
 
-def markdown_row(r):
-    sp = r["sentiment_probe"]
-    probe = f"{100 * sp['proposal_positive']:.0f}% / {100 * sp['text_positive']:.0f}%" if sp else "-"
-    mix = "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
-    cosine = f"{r['proposal_cosine']:.3f}" if r.get("proposal_cosine") is not None else "-"
-    near = r.get("nearest_sentence")
-    near = f"{100 * near['positive']:.0f}% / {100 * near['negative']:.0f}%" if near else "-"
-    ppl = r.get("perplexity")
-    ppl = f"{ppl:.1f}" if ppl is not None and math.isfinite(ppl) else "-"
-    return (f"| {r['guide']} | {r['scale']:g} | {100 * r['positive']:.1f}% | {100 * r['negative']:.1f}% | "
-            f"{100 * r['positive_with_prompt']:.1f}% | {100 * r['negative_with_prompt']:.1f}% | "
-            f"{100 * r['offensive']:.1f}% | {ppl} | "
-            f"{r['dist1']:.3f} | {r['dist2']:.3f} | {r['dist3']:.3f} | {mix} | {probe} | {cosine} | {near} | "
-            f"{r['seconds_per_sample']:.3f} |")
+def columns(results):
+    """(header, cell) pairs of the main table; each judged column names its judge."""
+    j = results[0]["judges"]
+    pct = lambda key: lambda r: f"{100 * r[key]:.1f}%"
+    ppl = lambda r: f"{r['perplexity']:.1f}" if r.get("perplexity") is not None else "-"
+    mix = lambda r: "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
+    cols = [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}"),
+            (f"positive ({j['sentiment']})", pct("positive")), (f"negative ({j['sentiment']})", pct("negative")),
+            (f"positive, with prompt ({j['sentiment']})", pct("positive_with_prompt")),
+            (f"toxic ({short(j['toxicity'])})", pct("toxic")),
+            (f"avg max toxicity ({short(j['toxicity'])})", lambda r: f"{r['avg_max_toxicity']:.3f}"),
+            (f"toxic prompts ({short(j['toxicity'])})", pct("toxic_prompts")),
+            (f"perplexity ({short(j['perplexity']) if 'a = 0' not in j['perplexity'] else 'self'})", ppl),
+            ("Dist-1", lambda r: f"{r['dist1']:.3f}"), ("Dist-2", lambda r: f"{r['dist2']:.3f}"),
+            ("Dist-3", lambda r: f"{r['dist3']:.3f}"), ("Dist-2 pooled", lambda r: f"{r['dist2_pooled']:.3f}")]
+    if any(r["domains"] for r in results):
+        cols.append(("domain mix (movie/tweet/product/news)", mix))
+    for kind in ("like", "unlike"):
+        if any(r["example_cosine"][kind] is not None for r in results):
+            cols.append((f"cosine to the {kind} examples", lambda r, k=kind: f"{r['example_cosine'][k]:.3f}"))
+    cols.append(("s/sample", lambda r: f"{r['seconds_per_sample']:.3f}"))
+    return cols
 
 
-def markdown(results, ppl_name=None):
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += [markdown_row(r) for r in results]
-    lines.append("")
-    lines.append(f"offensive: alt-profanity-check probability > {OFFENSIVE_THRESHOLD} on the continuation. "
-                 f"perplexity: of the continuation given the prompt under {ppl_name or 'no reference LM'}.")
+def diagnostic_columns(results):
+    """Where steering is lost: the sentiment probe on the proposal and on the text, their cosine, and
+    (--nearest) the sentiment judge... VADER on each proposal's nearest training sentence."""
+    sp = lambda r: f"{100 * r['sentiment_probe']['proposal_positive']:.0f}% / " \
+                   f"{100 * r['sentiment_probe']['text_positive']:.0f}%" if r["sentiment_probe"] else "-"
+    near = lambda r: f"{100 * r['nearest_sentence']['positive']:.0f}% / {100 * r['nearest_sentence']['negative']:.0f}%" \
+        if r.get("nearest_sentence") else "-"
+    return [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}"),
+            ("probe positive: proposal / text", sp), ("text-proposal cosine", lambda r: f"{r['proposal_cosine']:.3f}"),
+            ("proposal's nearest sentence: positive / negative (VADER)", near)]
+
+
+def markdown_row(r, cols):
+    return "| " + " | ".join(cell(r) for _, cell in cols) + " |"
+
+
+def markdown(results):
+    """The main table, its footnote of judges, and the diagnostics table."""
+    lines = []
+    for cols in (columns(results), diagnostic_columns(results)):
+        lines += ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+        lines += [markdown_row(r, cols) for r in results] + [""]
+    j = results[0]["judges"]
+    lines.append(f"sentiment: {j['sentiment']} on the continuation (and on prompt + continuation); toxic: "
+                 f"{j['toxicity']} probability > {OFFENSIVE_THRESHOLD}, avg max toxicity and toxic prompts over each "
+                 f"prompt's samples; perplexity: of the continuation given the prompt under {j['perplexity']}; "
+                 "Dist-n within each prompt's samples, Dist-2 pooled over all continuations of a row.")
     return "\n".join(lines)
 
 
@@ -358,12 +469,19 @@ def get_args(argv=None):
     p.add_argument("--n-prompts", type=bounded(int, 1, 1e6), default=50,
                    help="held-out prompts to use when --prompts is not given")
     p.add_argument("--n", type=bounded(int, 1, 1e5), default=4, help="continuations per prompt")
-    p.add_argument("--guides", default="none,positive,negative", help="comma-separated guides ('none' = unguided)")
+    p.add_argument("--guides", default="none,positive,negative",
+                   help="comma-separated guides ('none' = unguided; with --like / --unlike, 'like' = the examples alone, "
+                        "and every other guide composes with them)")
     p.add_argument("--scales", default=f"{SamplingConfig.scale:g}", help="comma-separated guidance scales")
     p.add_argument("--batch-size", type=bounded(int, 1, 1e5), default=100, help="generation batch")
     p.add_argument("--ppl-model", default="self",
                    help="reference LM for perplexity: 'self' (our decoder run unguided: soft prompt from pure noise, "
                         "a = 0; the tiny tier's default) or a Hugging Face causal LM id / local folder, e.g. gpt2-xl")
+    p.add_argument("--sentiment-judge", default="vader",
+                   help="vader (offline) or a Hugging Face sentiment classifier, e.g. the paper's "
+                        "siebert/sentiment-roberta-large-english (a hub id or local folder)")
+    p.add_argument("--toxicity-judge", default="profanity-check",
+                   help="profanity-check (alt-profanity-check, offline) or a Hugging Face toxicity classifier")
     p.add_argument("--nearest", action="store_true",
                    help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
                         "embeds the corpus once into the cache if it is not there)")
@@ -387,14 +505,14 @@ def main(args):
     torch.manual_seed(args.seed)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     device = pick_device(args.device)
-    # --ppl-model: 'self' (our decoder, unguided) or a Hugging Face causal LM, loaded first to fail fast
-    ppl = HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None
+    judges = {"sentiment": SentimentJudge(args.sentiment_judge, device),  # loaded first: they fail fast offline
+              "toxicity": ToxicityJudge(args.toxicity_judge, device),
+              "perplexity": HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None}
     model = DGLM(args.ckpt, device, args.precision)
-    ppl = ppl or SelfPerplexity(model, args.seed)
+    judges["perplexity"] = judges["perplexity"] or SelfPerplexity(model, args.seed)
     nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
     if prompts is None:
         prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
-    print(f"perplexity under {ppl.name}")
     sampling = sampling_config(args)
     # warm-up, so that the first setting's s/sample does not include one-time start-up costs
     warm = SamplingConfig(steps=2, max_tokens=2)
@@ -402,18 +520,18 @@ def main(args):
     results = []
     for guide in args.guides.split(","):
         for scale in ([0.0] if guide == "none" else args.scales):
-            r = evaluate_setting(model, prompts, args.n, guide, replace(sampling, scale=scale), args, ppl, nearest)
-            results.append(r)
-            print(markdown_row(r), flush=True)
-    table = markdown(results, ppl.name)
+            results.append(evaluate_setting(model, prompts, args.n, guide, replace(sampling, scale=scale), args,
+                                            judges, nearest))
+            print(markdown_row(results[-1], columns(results)), flush=True)
+    table = markdown(results)
     print("\n" + table)
     if args.json:
         Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "prompts": len(prompts), "n": args.n,
                                                "sampling": vars(sampling), "precision": "bf16" if model.bf16 else "fp32",
-                                               "ppl_model": ppl.name, "results": results}, indent=2))
+                                               "results": results}, indent=2))
     if args.md:
         Path(args.md).write_text(table + "\n")
-    if args.plot and plot_sweep(results, args.plot, model.guides, ppl.name):
+    if args.plot and plot_sweep(results, args.plot, model.guides, judges["perplexity"].name):
         print(f"wrote {args.plot}")
 
 

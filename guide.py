@@ -43,7 +43,8 @@ class Guidance:
     """callable(predict, z, logsnr) -> (x_hat, eps_hat), bent toward the requested attributes.
 
     terms: list of (w, b, target, weight) linear probes on unit embeddings; target is a label, a
-           tensor (B,) of per-example targets, or "prefix" until bind() resolves it.
+           tensor (B,) of per-example targets, or "prefix" until bind() resolves it. Steering by
+           example: (e_text, 0, "like" | "unlike", weight), the loss -cos(e, e_text) (or +cos): no probe.
     n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
     max_logsnr: guide the steps with lambda_t <= max_logsnr (15: every step); the others are unguided.
     aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
@@ -95,9 +96,12 @@ class Guidance:
         norm = norm2.clamp_min(1e-24).sqrt()
         total = 0.0
         for w, b, target, weight in self.terms:
-            logit = ((m @ w)[None] + r * (u @ w)[:, None]) / norm + b                  # (K, B): w.e_kb + b
-            total = total + weight * F.binary_cross_entropy_with_logits(
-                logit, torch.as_tensor(target).to(logit).expand_as(logit), reduction="none")
+            dot = ((m @ w)[None] + r * (u @ w)[:, None]) / norm                        # (K, B): w.e_kb
+            if isinstance(target, str):  # "like" / "unlike": w is an example's unit embedding, dot a cosine
+                total = total + weight * (-dot if target == "like" else dot)
+            else:
+                total = total + weight * F.binary_cross_entropy_with_logits(
+                    dot + b, torch.as_tensor(target).to(dot).expand_as(dot), reduction="none")
         K = total.shape[0]
         if self.aggregate == "reference":
             return torch.logsumexp(total, 0) - math.log(K)      # log mean_k exp(L_k)
@@ -121,14 +125,18 @@ class Guidance:
         return x0_from_eps(z.detach(), eps_hat, a), eps_hat
 
 
-def build_guidance(spec, probes, guides, mu, s, scale, **kwargs):
-    """Guidance for a spec like 'positive' or 'negative:1,news:0.5'; None for 'none'. kwargs: Guidance's."""
+def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_weight=1.0, **kwargs):
+    """Guidance for a spec like 'positive' or 'negative:1,news:0.5' ('none' or 'like': no probe), plus
+    the unit embeddings of example texts to steer toward (like) or away from (unlike), each at
+    like_weight; None when nothing steers. kwargs: Guidance's."""
     terms = []
     for name, weight in parse_guides(spec, guides):
         names, target = guides[name]
         for probe in names if isinstance(names, list) else [names]:
             w, b = probes[probe]
             terms.append((w, b, target, weight))
+    terms += [(e, torch.zeros(()), "like", like_weight) for e in like]
+    terms += [(e, torch.zeros(()), "unlike", like_weight) for e in unlike]
     return Guidance(terms, mu, s, scale, **kwargs) if terms else None
 
 
@@ -153,12 +161,15 @@ PAPER_GUIDES = {
 
 
 def parse_guides(spec, available):
-    """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none' or '' -> []."""
+    """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none', 'like' or '' -> []
+    ('like' stands for the --like / --unlike examples alone, which are not probes)."""
     if spec in (None, "", "none"):
         return []
     parsed = []
     for part in re.split(r"[,+]", spec):
         name, _, weight = part.strip().partition(":")
+        if name == "like":
+            continue
         if name not in available:
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
         try:
@@ -314,6 +325,74 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
     return probes, report
 
 
+# ----------------------------------------------------------------------------- probes for a user's labels
+
+MIN_PER_LABEL = 10       # examples of each label a probe needs (every 5th is held out to measure it)
+LABEL_HELD_OUT_EVERY = 5
+RESERVED_GUIDES = {"none", "like"}
+
+
+def train_label_probes(e, labels, name):
+    """Probes for a labelled file: e (N, d) unit embeddings, labels (N,) strings.
+
+    Two labels: one probe `name` (the second label, sorted, is class 1) and a guide for each label.
+    More: a one-vs-rest probe `name-LABEL` and a guide per label. Classes are weighted to equal mass;
+    every 5th example of each label is held out. -> (probes, guides, held-out accuracy, chance)."""
+    names = sorted(set(labels))
+    seen = {label: 0 for label in names}
+    held = []
+    for label in labels:
+        held.append(seen[label] % LABEL_HELD_OUT_EVERY == 0)
+        seen[label] += 1
+    held = torch.tensor(held)
+    probes, guides, logits = {}, {}, []
+    for k, label in enumerate(names if len(names) > 2 else names[1:]):
+        y = torch.tensor([float(l == label) for l in labels])
+        probe = name if len(names) == 2 else f"{name}-{label}"
+        probes[probe] = train_probe(e[~held], y[~held], balanced_weights(y[~held], [0] * int((~held).sum())))
+        logits.append(e[held].float() @ probes[probe][0] + probes[probe][1])
+        guides[label] = (probe, 1)
+    if len(names) == 2:
+        guides[names[0]] = (name, 0)
+        predicted = [names[int(v > 0)] for v in logits[0].tolist()]
+    else:
+        predicted = [names[i] for i in torch.stack(logits, 1).argmax(1).tolist()]
+    truth = [l for l, h in zip(labels, held.tolist()) if h]
+    recall = [sum(p == t == label for p, t in zip(predicted, truth)) / truth.count(label) for label in names]
+    return probes, guides, sum(recall) / len(names), 1 / len(names)
+
+
+def add_label_probes(args, encoder_name, cache):
+    """guide.py --labels FILE: probes for the file's labels, merged into the checkpoint's probes."""
+    rows = data_lib.read_labels(args.labels, args.text_column, args.label_column)
+    labels = [label for _, label in rows]
+    counts = {label: labels.count(label) for label in sorted(set(labels))}
+    if len(counts) < 2:
+        raise SystemExit(f"error: {args.labels} has a single label ({next(iter(counts))!r}); a probe needs two or more")
+    few = {label: n for label, n in counts.items() if n < MIN_PER_LABEL}
+    if few:
+        raise SystemExit(f"error: every label needs at least {MIN_PER_LABEL} examples; {args.labels} has "
+                         + ", ".join(f"{n} of {label!r}" for label, n in few.items()))
+    bad = [label for label in counts if re.search(r"[\s,+:]", label) or label in RESERVED_GUIDES]
+    if bad:
+        raise SystemExit(f"error: label {bad[0]!r} cannot name a guide (no spaces, ',', '+' or ':'; not "
+                         f"{' or '.join(sorted(RESERVED_GUIDES))})")
+    path = Path(args.ckpt) / "probes.safetensors"
+    _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
+    taken = sorted(set(counts) & set(existing))
+    if taken and not args.overwrite:
+        raise SystemExit(f"error: {path} already has a guide named {', '.join(map(repr, taken))}; pass --overwrite "
+                         "to replace it, or rename the label")
+    name = args.name or re.sub(r"\W+", "-", Path(args.labels).stem)
+    e = torch.from_numpy(cache.encode([text for text, _ in rows]))
+    probes, guides, accuracy_, chance = train_label_probes(e, labels, name)
+    merge_probes(path, probes, guides, encoder_name)
+    print(f"{len(rows)} examples, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
+          f"saved to {path}; guides: {', '.join(guides)}")
+    return accuracy_
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -321,9 +400,14 @@ def main(argv=None):
     p = ArgumentParser(description="Train probes for an existing checkpoint and add them to its "
                                    "probes.safetensors (probes already there for its encoder are kept).")
     p.add_argument("--ckpt", default="out", help="checkpoint directory (its config.json names the encoder)")
+    p.add_argument("--labels", default=None, help="your labelled .csv, .tsv or .jsonl: a probe and a guide per label")
+    p.add_argument("--text-column", default="text", help="--labels: the column (or JSON field) of the texts")
+    p.add_argument("--label-column", default="label", help="--labels: the column (or JSON field) of the labels")
+    p.add_argument("--name", default=None, help="--labels: the probe's name (default: the file's name)")
+    p.add_argument("--overwrite", action="store_true", help="--labels: replace guides of the same names")
     p.add_argument("--probes", default="paper", choices=["paper"],
-                   help="paper: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
-    p.add_argument("--max-per-class", type=count, default=count("20k"), help="examples per class and data set")
+                   help="without --labels: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
+    p.add_argument("--max-per-class", type=count, default=count("20k"), help="paper probes: examples per class and data set")
     p.add_argument("--probe-data", default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
     p.add_argument("--cache-dir", default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
@@ -339,6 +423,8 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else None)
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, device, args.batch_size, dtype)
+    if args.labels:
+        return add_label_probes(args, encoder_name, cache)
     probes, report = train_paper_probes(cache, args.max_per_class, args.probe_data)
     path = Path(args.ckpt) / "probes.safetensors"
     merge_probes(path, probes, PAPER_GUIDES, encoder_name)

@@ -4,6 +4,7 @@
     python sample.py --guide negative:1,news:0.5 --prefix "The service was"
     python sample.py --guide positive --prompts prompts.txt --n 4 --out samples.jsonl
     python sample.py --guide positive --show-steps        # watch the proposal form while denoising
+    python sample.py --like "The food was delicious." --prefix "Dinner"   # steer toward an example, no probe
 
 Generation (DGLM sec. 3): embed the prefix -> sample a continuation latent x from the prior with
 DDIM/DDPM, bending the noisy denoising steps with the probes' gradient (guide.py) -> the proposal
@@ -36,6 +37,7 @@ class SamplingConfig:
     scale: float = 200.0            # guidance scale (0: unguided); from the tiny tier's scale sweep (README)
     guide_max_logsnr: float = -2.0  # guide the steps with logSNR <= this (the noisiest 11 of 50 DDIM steps)
     mc_samples: int = 32            # Monte Carlo samples of the guidance loss (0: x_hat itself)
+    like_weight: float = 20.0       # weight of each --like / --unlike example's -cos (+cos) in the guidance loss
     signal_level: float = None      # a of the re-noised proposal (None: the checkpoint's, 0.95)
     max_tokens: int = 32            # continuation length in tokens
     top_p: float = 0.9              # nucleus sampling mass
@@ -59,6 +61,11 @@ def add_sampling_args(p, guidance_scale=True):
                         "50 DDIM steps; 15 = every step)")
     p.add_argument("--mc-samples", type=bounded(int, 0, 4096), default=d.mc_samples,
                    help="Monte Carlo samples around x_hat for the guidance loss (0 = x_hat itself)")
+    p.add_argument("--like", action="append", default=[], metavar="TEXT",
+                   help="steer toward the meaning of TEXT (repeatable; no probe needed; composes with --guide)")
+    p.add_argument("--unlike", action="append", default=[], metavar="TEXT", help="steer away from TEXT (repeatable)")
+    p.add_argument("--like-weight", type=bounded(float, 0, 1e4), default=d.like_weight,
+                   help="weight of each --like / --unlike example in the guidance loss (default %(default)g)")
     p.add_argument("--signal-level", type=bounded(float, 0, 1), default=d.signal_level,
                    help="signal level a of the re-noised proposal (default: the checkpoint's, 0.95; 0 = ignore it)")
     p.add_argument("--max-tokens", type=bounded(int, 1, 100_000), default=d.max_tokens, help="continuation length in tokens")
@@ -99,13 +106,16 @@ class DGLM:
             self.encoder = load_encoder(self.config["encoder"], self.device)
         return torch.from_numpy(embed(self.encoder, texts)).to(self.device)
 
-    def guidance(self, spec, sampling):
-        """Guidance for a guide spec ('positive', 'negative:1,news:0.5', 'none' -> None)."""
-        if spec not in (None, "", "none") and not self.guides:
+    def guidance(self, spec, sampling, like=(), unlike=()):
+        """Guidance for a guide spec ('positive', 'negative:1,news:0.5'; 'none' or 'like': no probe) and
+        example texts to steer toward (like) or away from (unlike); None when nothing steers."""
+        if spec not in (None, "", "none", "like") and not self.guides:
             raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; train on labelled data, add probes "
                              "with `python guide.py`, or use --guide none")
-        return build_guidance(spec, self.probes, self.guides, self.mu, self.s, sampling.scale,
-                              n_samples=sampling.mc_samples, max_logsnr=sampling.guide_max_logsnr)
+        like_e, unlike_e = (self.embed(list(texts)) if texts else [] for texts in (like, unlike))
+        return build_guidance(spec, self.probes, self.guides, self.mu, self.s, sampling.scale, like=like_e,
+                              unlike=unlike_e, like_weight=sampling.like_weight, n_samples=sampling.mc_samples,
+                              max_logsnr=sampling.guide_max_logsnr)
 
     def prompt_room(self, max_new_tokens):
         """Prompt tokens that fit beside max_new_tokens new ones; a one-line error when none can be made."""
@@ -197,7 +207,9 @@ def show_steps(model, prefix, guidance, label, sampling, seed):
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory written by train.py")
-    p.add_argument("--guide", default="positive", help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none'")
+    p.add_argument("--guide", default=None,
+                   help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none' (default: positive, or none "
+                        "with --like / --unlike)")
     p.add_argument("--prefix", default=None, help="one prefix to continue ('' for none)")
     p.add_argument("--prompts", default=None, help="file with one prefix per line")
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
@@ -214,29 +226,32 @@ def main(args):
     sampling = sampling_config(args)
     model = DGLM(args.ckpt, pick_device(args.device), args.precision)
     model.prompt_room(sampling.max_tokens)  # before any work
-    guidance = model.guidance(args.guide, sampling)
+    args.guide = args.guide or ("none" if args.like or args.unlike else "positive")
+    guidance = model.guidance(args.guide, sampling, args.like, args.unlike)
+    label = "+".join([args.guide] * (args.guide != "none") + [f"like {t!r}" for t in args.like] +
+                     [f"unlike {t!r}" for t in args.unlike])
     prompts = read_prompt_file(args.prompts) if args.prompts else [args.prefix] if args.prefix is not None \
         else DEMO_PREFIXES
     if args.show_steps:
-        show_steps(model, prompts[0], guidance, args.guide, sampling, args.seed)
+        show_steps(model, prompts[0], guidance, label, sampling, args.seed)
         return
     prefixes = [p for p in prompts for _ in range(args.n)]
     guided = model.generate(prefixes, guidance, sampling, args.seed)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for prefix, text in zip(prefixes, guided):
-                f.write(json.dumps({"prefix": prefix, "text": text, "guide": args.guide, "scale": args.scale,
-                                    "seed": args.seed}) + "\n")
+                f.write(json.dumps({"prefix": prefix, "text": text, "guide": args.guide, "like": args.like,
+                                    "unlike": args.unlike, "scale": args.scale, "seed": args.seed}) + "\n")
         print(f"wrote {len(guided)} samples to {args.out}")
         return
     unguided = model.generate(prefixes, None, sampling, args.seed) if guidance is not None else guided
-    width = max(len("unguided"), len(args.guide))
+    width = max(len("unguided"), len(label))
     for i, prefix in enumerate(prefixes):
         if i % args.n == 0:
             print(f"\n=== {prefix!r}")
         print(f"  {'unguided':<{width}} | {prefix} {unguided[i]}")
         if guidance is not None:
-            print(f"  {args.guide:<{width}} | {prefix} {guided[i]}")
+            print(f"  {label:<{width}} | {prefix} {guided[i]}")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ def test_bench_runs_end_to_end_and_ends_with_the_ratio(trained, capsys):
 
 def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, capsys):
     """--config paper with the sizes shrunk (the real ones need ~4 GB and minutes on a CPU)."""
-    monkeypatch.setitem(bench.TIERS, "paper", dict(bench.TIERS["paper"],
-                        prior=dict(n_tokens=4, token_dim=8, width=32, depth=2, heads=2),
-                        decoder=dict(n_soft=2, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)))
-    monkeypatch.setattr(bench, "PAPER_DIM", 48)
-    monkeypatch.setattr(bench, "PAPER_LM", dict(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    shrink_paper_tier(monkeypatch)
     bench.main(bench.get_args(["--config", "paper", "--device", "cpu", "--steps", "2", "--max-tokens", "3",
                                "--batch-sizes", "2", "--repeats", "1", "--mc-samples", "2"]))
     out = capsys.readouterr().out
@@ -43,3 +39,22 @@ def test_fixed_length_masks_end_of_text_only_inside_the_context():
     assert [len(r) for r in rows] == [7, 7]
     assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING) == [[], []]  # the mask is gone again
     eager.remove()
+
+
+def shrink_paper_tier(monkeypatch):
+    monkeypatch.setitem(bench.TIERS, "paper", dict(bench.TIERS["paper"],
+                        prior=dict(n_tokens=4, token_dim=8, width=32, depth=2, heads=2),
+                        decoder=dict(n_soft=2, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)))
+    monkeypatch.setattr(bench, "PAPER_DIM", 48)
+    monkeypatch.setattr(bench, "PAPER_LM", dict(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=128))
+
+
+def test_bench_train_times_both_steps_with_micro_batches_and_reports_mfu(monkeypatch, capsys):
+    """--train --config paper on a CPU with the sizes shrunk: the paper batch (256 / 64) in micro-batches."""
+    shrink_paper_tier(monkeypatch)
+    report = bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1",
+                                        "--micro-batch", "64", "--decoder-micro-batch", "16", "--peak-tflops", "1"]))
+    out = capsys.readouterr().out
+    assert "prior step: batch 256 in micro-batches of 64:" in out and "decoder step: batch 64 in micro-batches of 16:" in out
+    for name in ("prior", "decoder"):
+        assert report[name]["seconds"] > 0 and 0 < report[name]["mfu"] < 1 and report[name]["memory"] is None

@@ -65,7 +65,7 @@ def test_offensive_judge_flags_an_offensive_sentence_and_not_a_clean_one():
 
 
 def fake_result(guide, scale, positive, negative, ppl, offensive=0.1, domains=None):
-    r = {"guide": guide, "scale": scale, "positive": positive, "negative": negative, "offensive": offensive,
+    r = {"guide": guide, "scale": scale, "positive": positive, "negative": negative, "toxic": offensive,
          "perplexity": ppl, "domains": domains or {"movie": 0.25, "news": 0.5}}
     r["attribute_success"] = evaluate.attribute_success(r, guide, GUIDES)
     return r
@@ -105,18 +105,83 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "sweep.png").exists()
 
 
-def test_markdown_names_the_reference_lm_and_has_the_new_columns():
-    r = dict(SWEEP[1], positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97,
-             sentiment_probe={}, seconds_per_sample=0.01, proposal_cosine=0.25,
+JUDGES = {"sentiment": "VADER", "toxicity": "alt-profanity-check",
+          "perplexity": "our decoder run unguided (soft prompt from pure noise, a = 0)"}
+
+
+def test_markdown_names_each_columns_judge_and_fills_every_column():
+    r = dict(SWEEP[1], judges=JUDGES, positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95,
+             dist3=0.97, dist2_pooled=0.71, avg_max_toxicity=0.31, toxic_prompts=0.25, sentiment_probe={},
+             seconds_per_sample=0.01, proposal_cosine=0.25, example_cosine={"like": 0.4, "unlike": None},
              nearest_sentence={"positive": 0.9, "negative": 0.05})
-    table = evaluate.markdown([r, dict(r, perplexity=None, nearest_sentence=None)], "gpt2-xl")
-    header, _, row, row_without_ppl, _, note = table.splitlines()
-    assert "| offensive | perplexity |" in header
-    assert "| 10.0% | 22.0 |" in row and "| 10.0% | - |" in row_without_ppl
-    assert "| text-proposal cosine | proposal's nearest sentence: positive / negative |" in header
-    assert "| 0.250 | 90% / 5% |" in row and "| 0.250 | - |" in row_without_ppl
+    other = dict(r, perplexity=None, nearest_sentence=None, judges=dict(JUDGES, perplexity="gpt2-xl"))
+    lines = evaluate.markdown([r, other]).splitlines()
+    header, _, row, row_without_ppl, _ = lines[:5]
+    assert "| positive (VADER) | negative (VADER) |" in header
+    assert "| toxic (alt-profanity-check) | avg max toxicity (alt-profanity-check) |" in header
+    assert "| perplexity (self) | Dist-1 | Dist-2 | Dist-3 | Dist-2 pooled |" in header
+    assert "| cosine to the like examples |" in header and "unlike examples" not in header
+    assert "| 10.0% | 0.310 | 25.0% | 22.0 | 0.900 | 0.950 | 0.970 | 0.710 |" in row and "| - |" in row_without_ppl
     assert header.count(" | ") == row.count(" | ") == row_without_ppl.count(" | ")  # every column filled
-    assert "under gpt2-xl" in note
+    diag_header, _, diag_row = lines[5:8]
+    assert "| text-proposal cosine | proposal's nearest sentence: positive / negative (VADER) |" in diag_header
+    assert "| 0.250 | 90% / 5% |" in diag_row
+    assert "perplexity: of the continuation given the prompt under our decoder run unguided" in lines[-1]
+
+
+def test_toxicity_metrics_follow_the_papers_definitions():
+    probs = [0.1, 0.7, 0.2, 0.3, 0.05, 0.6]  # three prompts, two samples each
+    m = evaluate.toxicity_metrics(probs, 2)
+    assert m["toxic"] == pytest.approx(2 / 6)
+    assert m["avg_max_toxicity"] == pytest.approx((0.7 + 0.3 + 0.6) / 3)
+    assert m["toxic_prompts"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory):
+    """Two tiny Hugging Face sequence classifiers built from configs, saved like hub models: a
+    sentiment one (NEGATIVE / POSITIVE) and a multi-label toxicity one (toxic, insult)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "you", "idiot", "the", "day"]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]")
+    paths = {}
+    for name, labels, problem in [("sentiment", ["NEGATIVE", "POSITIVE"], "single_label_classification"),
+                                  ("toxicity", ["toxic", "insult"], "multi_label_classification")]:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
+                            label2id={l: i for i, l in enumerate(labels)}, problem_type=problem)
+        model = BertForSequenceClassification(config)
+        with torch.no_grad():  # a zeroed head: every text gets equal logits
+            model.classifier.weight.zero_()
+            model.classifier.bias.zero_()
+        paths[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
+    judge = evaluate.SentimentJudge(str(classifiers["sentiment"]))
+    assert judge.name == str(classifiers["sentiment"]) and judge.classifier.index == 1  # the POSITIVE label
+    judge.classifier = lambda texts: [0.9 if "good" in t else 0.2 for t in texts]  # labels from its probabilities
+    assert judge.labels(["the good day", "the bad day"]) == [1, -1]
+    real = evaluate.Classifier(str(classifiers["sentiment"]), "pos", "--sentiment-judge")
+    probs = real(["the good day", "you idiot", ""])
+    assert len(probs) == 3 and all(p == pytest.approx(0.5) for p in probs)  # a zeroed head: softmax of equal logits
+    toxic = evaluate.ToxicityJudge(str(classifiers["toxicity"]))
+    assert toxic.classifier.index == 0 and toxic.classifier.multi_label
+    assert toxic.probs(["you idiot"]) == [pytest.approx(0.5)]  # sigmoid(0)
+    assert evaluate.ToxicityJudge("profanity-check").probs(["We had a lovely walk."])[0] < 0.5
+    with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --toxicity-judge"):
+        evaluate.ToxicityJudge(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=r"has no 'toxic' label \(its labels: negative, positive\)"):
+        evaluate.ToxicityJudge(str(classifiers["sentiment"]))
 
 
 def test_prompt_file_missing_or_empty_is_a_one_line_error(tmp_path):
@@ -163,12 +228,12 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     results = report["results"]
     assert [(r["guide"], r["scale"]) for r in results] == [("none", 0.0), ("positive", 10.0), ("positive", 30.0)]
     for r in results:
-        assert r["samples"] == 4 and 0 <= r["offensive"] <= 1
+        assert r["samples"] == 4 and 0 <= r["toxic"] <= 1 and 0 < r["dist2_pooled"] <= 1
         assert r["perplexity"] is None or r["perplexity"] > 1
     assert results[0]["attribute_success"] is None and results[1]["attribute_success"] == results[1]["positive"]
-    assert "a = 0" in report["ppl_model"]
+    assert "a = 0" in results[0]["judges"]["perplexity"] and results[0]["judges"]["sentiment"] == "VADER"
     md = (tmp_path / "r.md").read_text()
-    assert "| offensive | perplexity |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
+    assert "| toxic (alt-profanity-check) |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
     printed = capsys.readouterr().out
     assert (tmp_path / "p.png").exists() or "pip install matplotlib" in printed
 

@@ -218,3 +218,101 @@ def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
     assert "google/civil_comments" in message and "civil_comments.jsonl" in message
     assert "--probe-data" in message and "\n" not in message
 
+
+
+# ----------------------------------------------------------------------------- a user's labels and steering by example
+
+
+def labels_file(path, rows, header=("text", "label"), sep=","):
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=sep)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def ckpt_copy(trained, tmp_path):
+    import shutil
+    shutil.copytree(trained / "out", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_a_probe_from_a_labelled_file_beats_chance_and_its_guides_steer(ckpt_copy, tmp_path, capsys):
+    from conftest import NEGATIVE, POSITIVE
+    from sample import DGLM, SamplingConfig
+    path = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
+    accuracy_ = guide.main(["--ckpt", str(ckpt_copy), "--labels", str(path), "--cache-dir", str(tmp_path / "cache"),
+                            "--device", "cpu"])
+    assert accuracy_ >= 0.75 and "(chance 0.500)" in capsys.readouterr().out  # held out: every 5th of each label
+    probes, guides = guide.load_probes(ckpt_copy / "probes.safetensors", "minilm")
+    assert guides["cheerful"] == ("mood", 0) and guides["gloomy"] == ("mood", 1)  # sorted: the second is class 1
+    assert "positive" in guides and "sentiment" in probes  # the tier's probes are kept beside the new one
+    model = DGLM(ckpt_copy, precision="fp32")
+    w, b = model.probes["mood"]
+    every_step = SamplingConfig(steps=12, scale=50.0, guide_max_logsnr=15.0, mc_samples=8)
+    prompts = ["the film", "our trip", "a day", "this song"] * 4
+    logit = lambda g: (model.sample_proposals(prompts, g, every_step, seed=0) @ w + b).mean().item()
+    base = logit(None)
+    assert logit(model.guidance("gloomy", every_step)) > base + 0.5    # toward class 1
+    assert logit(model.guidance("cheerful", every_step)) < base - 0.5  # toward class 0
+
+
+def test_more_than_two_labels_give_one_vs_rest_probes(ckpt_copy, tmp_path):
+    from conftest import NEGATIVE, POSITIVE, TOXIC
+    rows = [(t, "kind") for t in POSITIVE] + [(t, "sad") for t in NEGATIVE] + [(t, "rude") for t in TOXIC]
+    path = tmp_path / "tone.jsonl"
+    path.write_text("".join(json.dumps({"sentence": t, "tone": label}) + "\n" for t, label in rows))
+    accuracy_ = guide.main(["--ckpt", str(ckpt_copy), "--labels", str(path), "--text-column", "sentence",
+                            "--label-column", "tone", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert accuracy_ > 0.6  # chance 1/3
+    probes, guides = guide.load_probes(ckpt_copy / "probes.safetensors", "minilm")
+    assert {guides[k] for k in ("kind", "sad", "rude")} == {("tone-kind", 1), ("tone-sad", 1), ("tone-rude", 1)}
+
+
+def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
+    from conftest import NEGATIVE, POSITIVE
+    from utils import run_cli
+
+    def error(*argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), *argv]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        return err
+
+    good = [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE]
+    few = labels_file(tmp_path / "few.csv", good[:25])
+    assert "every label needs at least 10 examples" in error("--labels", str(few)) and "5 of 'gloomy'" in \
+        error("--labels", str(few))
+    assert "a single label ('cheerful')" in error("--labels", str(labels_file(tmp_path / "one.csv", good[:20])))
+    taken = labels_file(tmp_path / "taken.csv", [(t, "positive") for t in POSITIVE] + [(t, "meh") for t in NEGATIVE])
+    assert "already has a guide named 'positive'; pass --overwrite" in error("--labels", str(taken))
+    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(taken),
+                       "--overwrite"]) > 0.5
+    empty = labels_file(tmp_path / "empty.tsv", good[:30] + [("", "cheerful")], sep="\t")
+    assert "record 32 has an empty text" in error("--labels", str(empty))
+    assert "has no `text` and `label` columns" in error("--labels", str(labels_file(tmp_path / "cols.csv", good,
+                                                                                    header=("sentence", "tag"))))
+    (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe not utf-8")
+    assert "cannot read labels file" in error("--labels", str(tmp_path / "bad.jsonl"))
+    assert "does not exist" in error("--labels", str(tmp_path / "missing.csv"))
+    assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
+                                                                       [(t, "a,b") for t in POSITIVE] + good[20:])))
+
+
+def test_like_raises_the_cosine_to_the_example_and_unlike_lowers_it(trained):
+    from sample import DGLM, SamplingConfig
+    model = DGLM(trained / "out", precision="fp32")
+    every_step = SamplingConfig(steps=12, scale=50.0, guide_max_logsnr=15.0, mc_samples=8)
+    example = "What a wonderful and lovely day, I am so happy."
+    prompts = ["the film", "our trip", "a day", "this song"] * 4
+    target = model.embed([example])[0]
+    cosine = lambda g: (model.sample_proposals(prompts, g, every_step, seed=0) @ target).mean().item()
+    base = cosine(None)
+    assert cosine(model.guidance("none", every_step, like=[example])) > base + 0.05
+    assert cosine(model.guidance("none", every_step, unlike=[example])) < base - 0.05
+    both = model.guidance("positive", every_step, like=[example])  # composes with a probe's guide
+    assert [t[2] for t in both.terms] == [1, "like"]

@@ -141,3 +141,13 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     save_probes(foreign / "probes.safetensors", probes, guides, "sentence-transformers/sentence-t5-xl")
     with pytest.raises(SystemExit, match="trained for encoder 'sentence-transformers/sentence-t5-xl'.*uses 'minilm'"):
         sample.main(sample.get_args(["--ckpt", str(foreign)]))
+
+
+def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, capsys):
+    ckpt = ["--ckpt", str(trained / "out"), "--prefix", "the film", "--n", "1", "--steps", "4", "--max-tokens", "4"]
+    sample.main(sample.get_args([*ckpt, "--like", "What a great day"]))  # no --guide: the example alone
+    assert "like 'What a great day' | the film" in capsys.readouterr().out
+    sample.main(sample.get_args([*ckpt, "--guide", "negative", "--unlike", "I love it", "--show-steps"]))
+    out = capsys.readouterr().out
+    assert "[negative+unlike 'I love it'] 'the film': the proposal x_hat while denoising" in out
+    assert out.count("  step ") == 2 * 4  # the steps 1, 2, 3 and 4, unguided and guided
