@@ -212,8 +212,7 @@ def bench_train(args, device):
     """--train: the prior and decoder training steps at the tier's batch, as train.py runs them."""
     tier_args = train.get_args(["--data", "c4"] if args.config == "paper" else [])
     config, prior, decoder = random_models(args, device)
-    bf16 = use_bf16("bf16" if str(device).startswith("cuda") and args.precision == "auto" else
-                    "fp32" if args.precision == "auto" else args.precision, device)
+    bf16 = use_bf16(args.precision, device)
     B, D, seq = tier_args.batch_size, tier_args.decoder_batch, 88  # C4 chunks: 88 tokens, split in two
     prior_micro, decoder_micro = args.micro_batch or B, args.decoder_micro_batch or D
     if str(device).startswith("cuda") and not (args.micro_batch and args.decoder_micro_batch):

@@ -34,8 +34,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
                      window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, autocast, bounded, build_models, count, model_config,
-                   pick_device, run_cli, save_checkpoint, use_bf16)
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, autocast, bounded, build_models, count, keep_freed_memory,
+                   model_config, pick_device, run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -98,7 +98,8 @@ def get_args(argv=None):
     add("--stop-at", type=count, default=None, help="save and stop after this step, as if interrupted")
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+        help="auto: bf16 autocast (and a bf16 encoder) where the hardware computes bf16 natively (CUDA, "
+             "AVX512-BF16/AMX CPUs), else fp32")
     add("--micro-batch", type=count, default=None,
         help="prior micro-batch per process (default: the whole batch, or what the memory estimate allows on CUDA)")
     add("--decoder-micro-batch", type=count, default=None, help="decoder micro-batch per process (default: as above)")
@@ -471,7 +472,7 @@ def load_data(args, ckpt, dist):
         dist.barrier()
     tokenizer = load_tokenizer(str(Path(args.out) / "tokenizer")) if ckpt or not dist.is_main else         load_tokenizer(args.lm) if args.lm != TINY_LM else None
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, args.encode_device,
-                           dtype="bf16" if args.encode_device.startswith("cuda") else None)
+                           dtype="bf16" if args.bf16 else None)
     if args.data != "c4":
         window, tokenizer = read_corpus(args, tokenizer, cache, args.max_len)
         return window, None, tokenizer, cache
@@ -538,8 +539,8 @@ def setup(args):
     if args.batch_size % dist.world or args.decoder_batch % dist.world:
         raise SystemExit(f"error: --batch-size {args.batch_size} and --decoder-batch {args.decoder_batch} must be "
                          f"multiples of the {dist.world} processes")
-    precision = ("bf16" if dist.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
-    args.bf16, args.encode_device = use_bf16(precision, dist.device), dist.device
+    args.bf16, args.encode_device = use_bf16(args.precision, dist.device), dist.device
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the same seed in every process: the batch's noise is drawn alike everywhere

@@ -115,6 +115,21 @@ def use_bf16(precision, device):
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse (Linux). By default it returns every block over 32 MB to
+    the kernel, and a training step that allocates such blocks (the logits and their gradient) page-
+    faults them back each time: on a small CPU that costs up to a third of the run in kernel time."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def autocast(device, bf16):
     """bf16 autocast on `device` when bf16, else a context that changes nothing."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)

@@ -164,9 +164,11 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
     import subprocess
     import sys
     shutil.copytree(trained / "cache", tmp_path / "cache")
+    # fp32: in bf16 a matrix product's rounding depends on its shape, and the shapes differ by design
     common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
-              "--decoder-batch", "8", "--warmup", "2", "--steps", "4", "--save-every", "100", "--device", "cpu"]
-    run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100")
+              "--decoder-batch", "8", "--warmup", "2", "--steps", "4", "--save-every", "100", "--device", "cpu",
+              "--precision", "fp32"]
+    run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100", "--precision", "fp32")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *common,
@@ -180,8 +182,10 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
     for a, b in zip(one, two):
         assert a["prior"] == pytest.approx(b["prior"], rel=1e-4) and a["decoder"] == pytest.approx(b["decoder"], rel=1e-4)
     w1, w2 = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
+    # AdamW's first steps divide by |g|: a rounding-level difference in a near-zero gradient moves a weight by
+    # up to lr * 1e-2 (summation order differs with micro-batches and processes)
     for key in ["prior.net.merge.weight", "decoder.soft.out.weight", "decoder.lm.transformer.h.0.attn.c_attn.weight"]:
-        torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(w1[key], w2[key], atol=5e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- the run and its checkpoint
