@@ -9,10 +9,10 @@
 
 The last line is the protocol of the paper's tables (N generations of T tokens per prompt from a prompts
 file). For each (guide, scale) it continues every prompt n times and reports, each column naming its judge:
-  - sentiment by --sentiment-judge, never by the probe that steered: VADER (Hutto & Gilbert 2014; the
-    offline default: positive if compound >= 0.05, negative if <= -0.05) or a Hugging Face classifier
-    such as the paper's siebert/sentiment-roberta-large-english; on the continuation and on prompt +
-    continuation
+  - sentiment by each --sentiment-judge, never by the probe that steered: VADER (Hutto & Gilbert 2014)
+    and TextBlob (the offline defaults, two lexicons: positive if the score >= 0.05, negative if <=
+    -0.05) or a Hugging Face classifier such as the paper's siebert/sentiment-roberta-large-english;
+    on the continuation (and, by the first judge, on prompt + continuation)
   - toxicity by --toxicity-judge: alt-profanity-check (offline default, offensive language) or a
     Hugging Face toxicity classifier: the share of toxic continuations (probability > 0.5), the average
     over prompts of the maximum toxicity of its samples, and the share of prompts with a toxic sample
@@ -124,17 +124,30 @@ class Classifier:
         return probs[:len(texts)]
 
 
+def textblob_labels(texts):
+    """TextBlob's pattern lexicon (De Smedt & Daelemans 2012; it also reads negation and intensifiers):
+    1 if polarity >= 0.05, -1 if <= -0.05, else 0."""
+    try:
+        from textblob import TextBlob
+    except ImportError:
+        raise SystemExit("error: the TextBlob judge needs `pip install textblob` (listed in requirements.txt)") from None
+    scores = [TextBlob(t).sentiment.polarity for t in texts]
+    return [1 if c >= 0.05 else -1 if c <= -0.05 else 0 for c in scores]
+
+
 class SentimentJudge:
-    """--sentiment-judge: 'vader' (offline default) or a Hugging Face classifier (the paper's:
-    siebert/sentiment-roberta-large-english). labels(texts) -> 1 positive, -1 negative, 0 neutral."""
+    """A --sentiment-judge: 'vader' or 'textblob' (offline lexicons) or a Hugging Face classifier (the
+    paper's: siebert/sentiment-roberta-large-english). labels(texts) -> 1 positive, -1 negative, 0 neutral."""
+
+    LEXICONS = {"vader": ("VADER", vader_labels), "textblob": ("TextBlob", textblob_labels)}
 
     def __init__(self, name, device="cpu"):
-        self.classifier = None if name == "vader" else Classifier(name, "pos", "--sentiment-judge", device)
-        self.name = "VADER" if name == "vader" else name
+        self.classifier = None if name in self.LEXICONS else Classifier(name, "pos", "--sentiment-judge", device)
+        self.name, self.lexicon = self.LEXICONS.get(name, (name, None))
 
     def labels(self, texts):
         if self.classifier is None:
-            return vader_labels(texts)
+            return self.lexicon(texts)
         return [1 if p > 0.5 else -1 for p in self.classifier(texts)]
 
 
@@ -291,13 +304,17 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=N
         proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
     proposals, text_e = torch.cat(proposals), model.embed(texts)  # unit vectors
-    cont = judges["sentiment"].labels(texts)
-    full = judges["sentiment"].labels([f"{p} {t}" for p, t in zip(prefixes, texts)])
+    by_judge = {}
+    for judge in judges["sentiment"]:
+        labels = judge.labels(texts)
+        by_judge[judge.name] = {"positive": labels.count(1) / len(labels), "negative": labels.count(-1) / len(labels)}
+    full = judges["sentiment"][0].labels([f"{p} {t}" for p, t in zip(prefixes, texts)])
     groups = [texts[i:i + n] for i in range(0, len(texts), n)]
     result = {
         "guide": guide, "scale": sampling.scale if guide != "none" else 0.0, "samples": len(texts),
-        "judges": {k: judge.name for k, judge in judges.items()},
-        "positive": cont.count(1) / len(cont), "negative": cont.count(-1) / len(cont),
+        "judges": {"sentiment": [j.name for j in judges["sentiment"]], "toxicity": judges["toxicity"].name,
+                   "perplexity": judges["perplexity"].name},
+        **next(iter(by_judge.values())), "sentiment": by_judge,  # positive / negative: by the first judge
         "positive_with_prompt": full.count(1) / len(full), "negative_with_prompt": full.count(-1) / len(full),
         **toxicity_metrics(judges["toxicity"].probs(texts), n),
         "perplexity": perplexity(judges["perplexity"], prefixes, texts),
@@ -340,7 +357,7 @@ def judged_share(result, probe, target):
 def guide_target(name, guides):
     """Guide name -> (probe, target label), from the checkpoint's guides or the name itself."""
     if name in guides:
-        return tuple(guides[name])
+        return tuple(guides[name][:2])
     return {"positive": ("sentiment", 1), "negative": ("sentiment", 0), "nontoxic": ("toxicity", 0)}.get(name, (name, 1))
 
 
@@ -414,9 +431,11 @@ def columns(results):
     pct = lambda key: lambda r: f"{100 * r[key]:.1f}%"
     ppl = lambda r: f"{r['perplexity']:.1f}" if r.get("perplexity") is not None else "-"
     mix = lambda r: "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
-    cols = [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}"),
-            (f"positive ({j['sentiment']})", pct("positive")), (f"negative ({j['sentiment']})", pct("negative")),
-            (f"positive, with prompt ({j['sentiment']})", pct("positive_with_prompt")),
+    cols = [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}")]
+    for name in j["sentiment"]:
+        cols += [(f"{label} ({name})", lambda r, n=name, l=label: f"{100 * r['sentiment'][n][l]:.1f}%")
+                 for label in ("positive", "negative")]
+    cols += [(f"positive, with prompt ({j['sentiment'][0]})", pct("positive_with_prompt")),
             (f"toxic ({short(j['toxicity'])})", pct("toxic")),
             (f"avg max toxicity ({short(j['toxicity'])})", lambda r: f"{r['avg_max_toxicity']:.3f}"),
             (f"toxic prompts ({short(j['toxicity'])})", pct("toxic_prompts")),
@@ -455,7 +474,8 @@ def markdown(results):
         lines += ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
         lines += [markdown_row(r, cols) for r in results] + [""]
     j = results[0]["judges"]
-    lines.append(f"sentiment: {j['sentiment']} on the continuation (and on prompt + continuation); toxic: "
+    lines.append(f"sentiment: {', '.join(j['sentiment'])} on the continuation ({j['sentiment'][0]} also on prompt + "
+                 f"continuation; the first judge gives attribute success); toxic: "
                  f"{j['toxicity']} probability > {OFFENSIVE_THRESHOLD}, avg max toxicity and toxic prompts over each "
                  f"prompt's samples; perplexity: of the continuation given the prompt under {j['perplexity']}; "
                  "Dist-n within each prompt's samples, Dist-2 pooled over all continuations of a row.")
@@ -477,9 +497,10 @@ def get_args(argv=None):
     p.add_argument("--ppl-model", default="self",
                    help="reference LM for perplexity: 'self' (our decoder run unguided: soft prompt from pure noise, "
                         "a = 0; the tiny tier's default) or a Hugging Face causal LM id / local folder, e.g. gpt2-xl")
-    p.add_argument("--sentiment-judge", default="vader",
-                   help="vader (offline) or a Hugging Face sentiment classifier, e.g. the paper's "
-                        "siebert/sentiment-roberta-large-english (a hub id or local folder)")
+    p.add_argument("--sentiment-judge", default="vader,textblob",
+                   help="comma-separated judges: vader, textblob (offline lexicons) or a Hugging Face sentiment "
+                        "classifier, e.g. the paper's siebert/sentiment-roberta-large-english (a hub id or local "
+                        "folder); the first gives attribute success")
     p.add_argument("--toxicity-judge", default="profanity-check",
                    help="profanity-check (alt-profanity-check, offline) or a Hugging Face toxicity classifier")
     p.add_argument("--nearest", action="store_true",
@@ -505,7 +526,8 @@ def main(args):
     torch.manual_seed(args.seed)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     device = pick_device(args.device)
-    judges = {"sentiment": SentimentJudge(args.sentiment_judge, device),  # loaded first: they fail fast offline
+    judges = {"sentiment": [SentimentJudge(name.strip(), device) for name in args.sentiment_judge.split(",")],
+              # the judges are loaded first: they fail fast offline
               "toxicity": ToxicityJudge(args.toxicity_judge, device),
               "perplexity": HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None}
     model = DGLM(args.ckpt, device, args.precision)

@@ -131,10 +131,10 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
     like_weight; None when nothing steers. kwargs: Guidance's."""
     terms = []
     for name, weight in parse_guides(spec, guides):
-        names, target = guides[name]
+        names, target, *strength = guides[name]  # a guide may carry a default strength (1 without)
         for probe in names if isinstance(names, list) else [names]:
             w, b = probes[probe]
-            terms.append((w, b, target, weight))
+            terms.append((w, b, target, weight * (strength[0] if strength else 1.0)))
     terms += [(e, torch.zeros(()), "like", like_weight) for e in like]
     terms += [(e, torch.zeros(()), "unlike", like_weight) for e in unlike]
     return Guidance(terms, mu, s, scale, **kwargs) if terms else None
@@ -142,12 +142,14 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
 
 # ----------------------------------------------------------------------------- guides
 
-# Guide name -> (probe or list of probes, target label). "negative" is the sentiment probe asked for
-# label 0. Target "prefix" holds an attribute where the prefix has it: each probe's target is its own
+# Guide name -> (probe or list of probes, target label[, strength]). "negative" is the sentiment probe asked
+# for label 0. Target "prefix" holds an attribute where the prefix has it: each probe's target is its own
 # probability on the prefix's embedding, so e.g. `positive,same-domain` changes the sentiment and
-# keeps the kind of text (composition is the point of plug-and-play control).
+# keeps the kind of text (composition is the point of plug-and-play control). The strength multiplies a
+# guide's weight: the tiny decoder leans positive, so at a scale where negative steers, a full-strength
+# positive overshoots (repeated "love", "great"; README, "Steering"), and its guide pulls half as hard.
 TINY_GUIDES = {
-    "positive": ("sentiment", 1), "negative": ("sentiment", 0),
+    "positive": ("sentiment", 1, 0.5), "negative": ("sentiment", 0),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
@@ -219,8 +221,6 @@ def accuracy(w, b, e, y):
 
 
 SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
-
-
 def train_tiny_probes(train_e, train_rows, test_e, test_rows):
     """Sentiment (balanced within each domain) and one-vs-rest domain probes for the tiny corpus.
 
@@ -236,7 +236,7 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows):
 
     e, y, domains = sentiment_set(train_e, train_rows)
     probes["sentiment"] = train_probe(e, y, balanced_weights(y, domains))
-    te, ty, tdomains = sentiment_set(test_e, test_rows)
+    te, ty, _ = sentiment_set(test_e, test_rows)
     report["sentiment"] = accuracy(*probes["sentiment"], te, ty)
     for domain in sorted({r["domain"] for r in train_rows}):
         y = torch.tensor([float(r["domain"] == domain) for r in train_rows])

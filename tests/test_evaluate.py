@@ -17,10 +17,12 @@ SENTENCES = ["the cat sat on the warm mat today", "a small dog ran fast in the g
              "the bright sun rose over the quiet hills", "my old phone battery died again this morning"]
 
 
-def test_distinct_n_and_vader_judge():
+def test_distinct_n_and_the_lexicon_judges():
     assert evaluate.distinct_n(["a b a b", "a b c"], 1) == pytest.approx(3 / 7)
     assert evaluate.distinct_n(["a b a b", "a b c"], 2) == pytest.approx(3 / 5)
-    assert evaluate.vader_labels(["What a wonderful, happy day!", "This is awful and sad.", "The table is brown."]) == [1, -1, 0]
+    texts = ["What a wonderful, happy day!", "This is awful and sad.", "The table is brown."]
+    assert evaluate.vader_labels(texts) == [1, -1, 0] and evaluate.textblob_labels(texts) == [1, -1, 0]
+    assert evaluate.SentimentJudge("textblob").labels(["The movie was not bad."]) == [1]  # it reads negation
 
 
 def test_self_perplexity_is_lower_on_text_the_decoder_was_fit_on_than_on_shuffled_text():
@@ -105,19 +107,22 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "sweep.png").exists()
 
 
-JUDGES = {"sentiment": "VADER", "toxicity": "alt-profanity-check",
+JUDGES = {"sentiment": ["VADER", "TextBlob"], "toxicity": "alt-profanity-check",
           "perplexity": "our decoder run unguided (soft prompt from pure noise, a = 0)"}
 
 
 def test_markdown_names_each_columns_judge_and_fills_every_column():
-    r = dict(SWEEP[1], judges=JUDGES, positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95,
+    r = dict(SWEEP[1], judges=JUDGES, sentiment={"VADER": {"positive": 0.4, "negative": 0.1},
+                                                  "TextBlob": {"positive": 0.3, "negative": 0.2}},
+             positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95,
              dist3=0.97, dist2_pooled=0.71, avg_max_toxicity=0.31, toxic_prompts=0.25, sentiment_probe={},
              seconds_per_sample=0.01, proposal_cosine=0.25, example_cosine={"like": 0.4, "unlike": None},
              nearest_sentence={"positive": 0.9, "negative": 0.05})
     other = dict(r, perplexity=None, nearest_sentence=None, judges=dict(JUDGES, perplexity="gpt2-xl"))
     lines = evaluate.markdown([r, other]).splitlines()
     header, _, row, row_without_ppl, _ = lines[:5]
-    assert "| positive (VADER) | negative (VADER) |" in header
+    assert "| positive (VADER) | negative (VADER) | positive (TextBlob) | negative (TextBlob) |" in header
+    assert "| 40.0% | 10.0% | 30.0% | 20.0% |" in row
     assert "| toxic (alt-profanity-check) | avg max toxicity (alt-profanity-check) |" in header
     assert "| perplexity (self) | Dist-1 | Dist-2 | Dist-3 | Dist-2 pooled |" in header
     assert "| cosine to the like examples |" in header and "unlike examples" not in header
@@ -231,7 +236,8 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
         assert r["samples"] == 4 and 0 <= r["toxic"] <= 1 and 0 < r["dist2_pooled"] <= 1
         assert r["perplexity"] is None or r["perplexity"] > 1
     assert results[0]["attribute_success"] is None and results[1]["attribute_success"] == results[1]["positive"]
-    assert "a = 0" in results[0]["judges"]["perplexity"] and results[0]["judges"]["sentiment"] == "VADER"
+    assert "a = 0" in results[0]["judges"]["perplexity"] and results[0]["judges"]["sentiment"] == ["VADER", "TextBlob"]
+    assert results[1]["positive"] == results[1]["sentiment"]["VADER"]["positive"]
     md = (tmp_path / "r.md").read_text()
     assert "| toxic (alt-profanity-check) |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
     printed = capsys.readouterr().out

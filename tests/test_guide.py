@@ -316,3 +316,10 @@ def test_like_raises_the_cosine_to_the_example_and_unlike_lowers_it(trained):
     assert cosine(model.guidance("none", every_step, unlike=[example])) < base - 0.05
     both = model.guidance("positive", every_step, like=[example])  # composes with a probe's guide
     assert [t[2] for t in both.terms] == [1, "like"]
+
+
+def test_a_guides_strength_multiplies_its_weight():
+    probes = {n: (torch.randn(8), torch.tensor(0.0)) for n in ["sentiment", "movie", "tweet", "product", "news"]}
+    g = build_guidance("positive:2,negative", probes, guide.TINY_GUIDES, torch.zeros(8), torch.ones(8), 1.0,
+                       n_samples=0, max_logsnr=15.0)
+    assert [t[3] for t in g.terms] == [2 * guide.TINY_GUIDES["positive"][2], 1.0]
