@@ -12,7 +12,7 @@ A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = 
 Several attributes compose by summing their losses. The decoder never sees the probe.
 
 Guidance acts on the noisy steps only, while lambda_t <= max_logsnr (sample.py's default -2:
-a_t < 0.12, the first 11 of 50 DDIM steps); the cleaner steps run the plain denoiser. The attribute
+a_t < 0.12, the first 22% of the steps); the cleaner steps run the plain denoiser. The attribute
 is settled while the proposal is still forming, so guiding those steps steers about as well as
 guiding all of them (README, "Guidance interval") for a fraction of the backward passes.
 
