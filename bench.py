@@ -5,9 +5,10 @@
     python bench.py --steps 20 --max-tokens 64 --batch-sizes 1,16,64 --profile
     python bench.py --train --config paper --device cuda         # training steps: time, memory, MFU
 
---train times train.py's prior_step and decoder_step (AdamW, clipping, bf16 autocast on CUDA) on random
-latents and token ids at the batch of train.py's tier (paper: 256 for the prior, 64 sequences of 88 + 10
-tokens for the decoder), split into the micro-batches the memory estimate allows on the GPU
+--train times train.py's prior_step and decoder_step (AdamW, clipping, bf16 autocast where native) on
+random latents and token ids at the batch of train.py's tier (paper: 256 for the prior, 64 sequences of
+88 + 10 tokens for the decoder; tiny, --config ckpt: 256 and 32 of 48 + 10), split into the micro-batches
+the memory estimate allows on the GPU
 (--micro-batch / --decoder-micro-batch override): seconds per step, samples and tokens per second,
 peak memory and model FLOP utilisation (budget.py) for each.
 
@@ -20,14 +21,14 @@ For each batch size B (the same B prompts everywhere):
   DGLM unguided  DGLM.sample_proposals (embed the prompts, k DDIM steps of the prior) + DGLM.decode
   DGLM guided    the same with probe guidance (--guide at --scale, K = 32 Monte Carlo samples, as
                  sample.py uses): the denoiser's forward and backward on the guided steps
-                 (logSNR <= --guide-max-logsnr: 9 of 40 by default), its forward alone on the others
+                 (logSNR <= --guide-max-logsnr: 6 of 25 by default), its forward alone on the others
 and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
 Every row decodes exactly m tokens: while benchmarking, a forward hook on the LM head masks the
 end-of-text logit, so an early end cannot make one side cheaper (generate() itself is unchanged).
 Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run. Both
 sides run at the same precision, sample.DGLM's: bf16 autocast where the hardware has native bf16
 (CUDA, AVX512-BF16/AMX CPUs), else fp32; --precision overrides. The last line is
-`ratio guided/plain = X.XX` at the last batch size (defaults: DDIM 40 steps, 32 tokens, batch 64).
+`ratio guided/plain = X.XX` at the last batch size (defaults: DDIM 25 steps, 32 tokens, batch 64).
 
 --config paper builds the paper's sizes with random weights (prior 12 x 768 over 32 tokens;
 gpt2-large's architecture, 36 x 1280, vocab 50257; soft prompt 6 x 768), random prompt token ids
@@ -49,7 +50,8 @@ import budget
 import train
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from train import TIERS
-from utils import ArgumentParser, Checkpoint, autocast, bounded, build_models, pick_device, run_cli, use_bf16
+from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, keep_freed_memory, pick_device,
+                   run_cli, use_bf16)
 
 
 class RandomTokenizer:
@@ -210,10 +212,12 @@ def time_steps(step, repeats, device):
 
 def bench_train(args, device):
     """--train: the prior and decoder training steps at the tier's batch, as train.py runs them."""
+    keep_freed_memory()  # as train.py does
     tier_args = train.get_args(["--data", "c4"] if args.config == "paper" else [])
     config, prior, decoder = random_models(args, device)
     bf16 = use_bf16(args.precision, device)
-    B, D, seq = tier_args.batch_size, tier_args.decoder_batch, 88  # C4 chunks: 88 tokens, split in two
+    B, D = tier_args.batch_size, tier_args.decoder_batch
+    seq = min(88, tier_args.max_len)  # tokens per text: C4 chunks have 88, the tiny tier's texts at most 48
     prior_micro, decoder_micro = args.micro_batch or B, args.decoder_micro_batch or D
     if str(device).startswith("cuda") and not (args.micro_batch and args.decoder_micro_batch):
         sizes = {"prior": sum(p.numel() for p in prior.parameters()),

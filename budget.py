@@ -6,6 +6,7 @@
               a training step (forward + backward); model FLOP utilisation = achieved FLOP/s over the
               device's peak bf16 FLOP/s (a table of common GPUs, --peak-tflops, or on a CPU a measured
               large matrix product)
+  describe_run  what train.py prints first: tier, encoder, language model, sizes, and the memory plan
   memory      an estimate of peak GPU memory: fp32 weights, gradients and AdamW moments of what is
               trained, the prior's EMA, the frozen encoder in bf16, autocast's bf16 weight copies,
               and the activations of one micro-batch (Korthikanti et al. 2022: about 34 s b h bytes
@@ -14,8 +15,13 @@
               the paper's; it is split into the largest micro-batches that fit.
 """
 import time
+from dataclasses import asdict
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from decoder import SoftPromptGenerator
+from diffusion import Prior
 
 # Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); longest match wins.
 PEAK_BF16_TFLOPS = {
@@ -143,3 +149,35 @@ def plan_micro_batches(sizes, prior_config, lm_config, seq_len, prior_batch, dec
 def format_estimate(parts):
     return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items() if k != "total") + \
         f" -> total {parts['total'] / GiB:.1f} GiB"
+
+
+def describe_run(args, prior_config, decoder_config, lm_config, device=None, world=1):
+    """Print the tier, encoder, language model and model sizes, then the memory plan.
+
+    On CUDA (or for each size of --gpu-memory) the estimate of peak GPU memory is printed beside the
+    device's memory, with the micro-batches that fit; one line ends the run when even micro-batch 1
+    does not. Sets --micro-batch / --decoder-micro-batch when they were not given."""
+    sizes = {"prior": count_params(lambda: Prior(prior_config)),
+             "soft_prompt": count_params(lambda: SoftPromptGenerator(decoder_config, lm_config["n_embd"])),
+             "lm": count_params(lambda: GPT2LMHeadModel(GPT2Config(**lm_config))),
+             "encoder": encoder_params(args.encoder)}
+    million = lambda n: "?" if n is None else f"{n / 1e6:.1f}M"
+    print(f"tier {args.tier} | encoder {args.encoder} ({million(sizes['encoder'])}) | language model {args.lm} "
+          f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
+    per_process = (args.batch_size // world, args.decoder_batch // world)
+    gpus = [g * GiB for g in args.gpu_memory or []]
+    if device is not None and str(device).startswith("cuda"):
+        gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
+    for total in gpus:
+        prior_micro, decoder_micro, estimate = plan_micro_batches(
+            sizes, asdict(prior_config), lm_config, args.max_len + decoder_config.n_soft + 2, *per_process, total,
+            args.grad_checkpointing)
+        if prior_micro is None:
+            raise SystemExit(f"error: training does not fit in {total / GiB:.0f} GiB of GPU memory even at "
+                             f"micro-batch 1 (estimate {format_estimate(estimate)}); try "
+                             "--grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
+        print(f"GPU {total / GiB:.0f} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
+              f"{decoder_micro} of {per_process[1]} per process; estimate {format_estimate(estimate)}")
+        args.micro_batch = args.micro_batch or prior_micro
+        args.decoder_micro_batch = args.decoder_micro_batch or decoder_micro
+    return sizes

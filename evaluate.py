@@ -24,7 +24,8 @@ file). For each (guide, scale) it continues every prompt n times and reports, ea
     Dist-2 pooled: over all continuations of the setting (a collapse onto a few phrases shows here)
   - domain mix (tiny tier): the domain probes' argmax on the re-embedded continuation, to show whether
     steering changed the sentiment or merely the kind of text; with --like / --unlike the cosine of
-    the re-embedded continuations to the examples
+    the re-embedded continuations to the examples; with --match REGEX the share of continuations the
+    rule matches (a judge for an attribute of your own, independent of its probe)
   - seconds per sample (prior + decoding, this machine)
   - diagnostics of where steering is lost: the sentiment probe on the proposals and on the
     re-embedded text, the mean cosine between each text's embedding and its proposal (does the
@@ -313,7 +314,7 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=N
     result = {
         "guide": guide, "scale": sampling.scale if guide != "none" else 0.0, "samples": len(texts),
         "judges": {"sentiment": [j.name for j in judges["sentiment"]], "toxicity": judges["toxicity"].name,
-                   "perplexity": judges["perplexity"].name},
+                   "perplexity": judges["perplexity"].name, "match": args.match},
         **next(iter(by_judge.values())), "sentiment": by_judge,  # positive / negative: by the first judge
         "positive_with_prompt": full.count(1) / len(full), "negative_with_prompt": full.count(-1) / len(full),
         **toxicity_metrics(judges["toxicity"].probs(texts), n),
@@ -326,6 +327,7 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=N
         "example_cosine": {kind: (text_e @ model.embed(texts_).T).mean().item() if texts_ else None
                            for kind, texts_ in (("like", args.like), ("unlike", args.unlike))},
         "nearest_sentence": nearest(proposals) if nearest is not None else None,
+        "match": sum(bool(re.search(args.match, t)) for t in texts) / len(texts) if args.match else None,
         "examples": [{"prefix": p, "text": t} for p, t in list(zip(prefixes, texts))[:6]],
     }
     result["attribute_success"] = attribute_success(result, guide, model.guides)
@@ -444,6 +446,8 @@ def columns(results):
             ("Dist-3", lambda r: f"{r['dist3']:.3f}"), ("Dist-2 pooled", lambda r: f"{r['dist2_pooled']:.3f}")]
     if any(r["domains"] for r in results):
         cols.append(("domain mix (movie/tweet/product/news)", mix))
+    if results[0].get("match") is not None:
+        cols.append((f"matches /{results[0]['judges']['match']}/", pct("match")))
     for kind in ("like", "unlike"):
         if any(r["example_cosine"][kind] is not None for r in results):
             cols.append((f"cosine to the {kind} examples", lambda r, k=kind: f"{r['example_cosine'][k]:.3f}"))
@@ -503,6 +507,9 @@ def get_args(argv=None):
                         "folder); the first gives attribute success")
     p.add_argument("--toxicity-judge", default="profanity-check",
                    help="profanity-check (alt-profanity-check, offline) or a Hugging Face toxicity classifier")
+    p.add_argument("--match", default=None, metavar="REGEX",
+                   help="a rule as a judge: also report the share of continuations REGEX matches (re.search), "
+                        "e.g. for an attribute of your own labels")
     p.add_argument("--nearest", action="store_true",
                    help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
                         "embeds the corpus once into the cache if it is not there)")
@@ -514,6 +521,11 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p, guidance_scale=False)
     args = p.parse_args(argv)
+    if args.match is not None:
+        try:
+            re.compile(args.match)
+        except re.error as err:
+            p.error(f"argument --match: {args.match!r} is not a regular expression ({err})")
     scale = bounded(float, 0, 1e6)
     try:
         args.scales = [scale(v) for v in args.scales.split(",")]

@@ -20,7 +20,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +33,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
                      window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, autocast, bounded, build_models, count, keep_freed_memory,
-                   model_config, pick_device, run_cli, save_checkpoint, use_bf16)
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, count,
+                   keep_freed_memory, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -106,7 +105,7 @@ def get_args(argv=None):
     add("--grad-checkpointing", action="store_true", help="recompute GPT-2's activations in the backward pass")
     add("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
         help="the device's peak bf16 TFLOP/s for MFU (default: a table of GPUs; measured on a CPU)")
-    add("--gpu-memory", default=None, help="with --sizes: GiB of GPUs to plan for, e.g. 24,40,80")
+    add("--gpu-memory", default=None, help="with --sizes: GiB of the GPUs to plan for, e.g. 24,40,80")
     add("--compile", action="store_true", help="torch.compile the denoiser and the language model")
     add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
     add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
@@ -125,7 +124,14 @@ def get_args(argv=None):
     tier = first.tier if first.tier in TIERS else "paper" if first.data == "c4" and first.lm != TINY_LM else "tiny"
     p.set_defaults(tier=tier, encoder=TIERS[tier].get("encoder", TINY_ENCODER), lm=TIERS[tier].get("lm", TINY_LM),
                    **TIERS[tier].get("train", {}))  # --help shows the tier's defaults
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.gpu_memory is not None:
+        gib = bounded(float, 1, 1e4)
+        try:
+            args.gpu_memory = [gib(g) for g in args.gpu_memory.split(",")]
+        except argparse.ArgumentTypeError as err:
+            p.error(f"argument --gpu-memory: {err}")
+    return args
 
 
 def model_configs(args, dim):
@@ -220,15 +226,56 @@ class Window:
                 [self.cont_ids[i] for i in idx])
 
 
+class Corpus:
+    """A corpus read whole (tiny, a file): one Window, trained on for as many epochs as the steps need."""
+
+    def __init__(self, window):
+        self.window = window
+
+    def batch(self, step):
+        return self.window.batch(step)
+
+    def state(self):
+        return None  # batches are a function of the seed and the step: nothing else to resume
+
+
 class C4Windows:
     """--data c4: consecutive windows of --window examples of the stream. Each is embedded once
     (stored on disk by encoder.window_embeddings) and prepared in a background thread while the
     previous window trains; the time training waits for it is reported."""
 
-    def __init__(self, args, tokenizer, cache, room, is_main):
-        self.args, self.tokenizer, self.cache, self.room, self.is_main = args, tokenizer, cache, room, is_main
+    def __init__(self, args, tokenizer, cache, room, dist, state=None):
+        self.args, self.tokenizer, self.cache, self.room, self.dist = args, tokenizer, cache, room, dist
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.next = None  # (start step, future of the next window)
+        self.next = None  # the future of the next window
+        self.started, self.log = time.time(), None
+        state = state or {"start": 0, "position": None}
+        self.window = self.load(state["start"], state["position"])
+
+    def batch(self, step):
+        """The batch of `step`, moving on to the next window (prepared in the background) when due."""
+        if step >= self.window.end:
+            began = time.time()
+            nxt = self.next.result() if self.dist.is_main else None
+            self.dist.barrier()  # the other processes read the window the main one has just stored
+            self.window = nxt or self.load(self.window.end, self.window.next_position)
+            self.prefetch()
+            self.report(time.time() - began)
+        return self.window.batch(step)
+
+    def state(self):
+        """Where the current window starts (step and stream position): --resume rebuilds it from this."""
+        return {"start": self.window.start, "position": self.window.position}
+
+    def report(self, waited):
+        wall = time.time() - self.started
+        if self.dist.is_main:
+            tqdm.write(f"C4 window from step {self.window.start}: {len(self.window.examples)} texts, prepared in "
+                       f"{self.window.seconds:.0f} s in the background; training waited {waited:.1f} s "
+                       f"({100 * waited / wall:.1f}% of the wall time); embedding cache "
+                       f"{disk_usage(self.cache.dir) / 1e9:.2f} GB on disk")
+        if self.log:
+            self.log.write(self.window.start, window_seconds=self.window.seconds, window_wait_seconds=waited)
 
     def load(self, start, position):
         """The window that starts at `position` of the stream and at step `start`."""
@@ -245,21 +292,10 @@ class C4Windows:
         window.next_position, window.seconds = next_position, time.time() - began
         return window
 
-    def prefetch(self, window):
-        """Start preparing the window after `window` (the main process only: the others read its file)."""
-        if self.is_main:
-            self.next = (window.end, self.pool.submit(self.load, window.end, window.next_position))
-
-    def following(self, window, barrier):
-        """The window after `window`, and the seconds training waited for it."""
-        began = time.time()
-        if self.is_main:
-            nxt = self.next[1].result()
-        barrier()  # the other processes read the window the main one has just stored
-        if not self.is_main:
-            nxt = self.load(window.end, window.next_position)
-        self.prefetch(nxt)
-        return nxt, time.time() - began
+    def prefetch(self):
+        """Start preparing the next window (the main process only: the others read its file)."""
+        if self.dist.is_main:
+            self.next = self.pool.submit(self.load, self.window.end, self.window.next_position)
 
 
 def read_corpus(args, tokenizer, cache, room):
@@ -379,42 +415,6 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
-def describe_run(args, prior_config, decoder_config, lm_config, device=None, world=1):
-    """Print the tier, encoder, language model and model sizes, then the memory plan.
-
-    On CUDA (or for each size of --gpu-memory) the estimate of peak GPU memory is printed beside the
-    device's memory, with the micro-batches that fit; one line ends the run when even micro-batch 1
-    does not. Sets --micro-batch / --decoder-micro-batch when they were not given."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from decoder import SoftPromptGenerator
-    from diffusion import Prior
-    sizes = {"prior": budget.count_params(lambda: Prior(prior_config)),
-             "soft_prompt": budget.count_params(lambda: SoftPromptGenerator(decoder_config, lm_config["n_embd"])),
-             "lm": budget.count_params(lambda: GPT2LMHeadModel(GPT2Config(**lm_config))),
-             "encoder": budget.encoder_params(args.encoder)}
-    million = lambda n: "?" if n is None else f"{n / 1e6:.1f}M"
-    print(f"tier {args.tier} | encoder {args.encoder} ({million(sizes['encoder'])}) | language model {args.lm} "
-          f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
-    per_process = (args.batch_size // world, args.decoder_batch // world)
-    gpus = [float(g) * budget.GiB for g in args.gpu_memory.split(",")] if args.gpu_memory else []
-    if device is not None and str(device).startswith("cuda"):
-        gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
-    for total in gpus:
-        prior_micro, decoder_micro, estimate = budget.plan_micro_batches(
-            sizes, asdict(prior_config), lm_config, args.max_len + decoder_config.n_soft + 2, *per_process, total,
-            args.grad_checkpointing)
-        if prior_micro is None:
-            raise SystemExit(f"error: training does not fit in {total / budget.GiB:.0f} GiB of GPU memory even at "
-                             f"micro-batch 1 (estimate {budget.format_estimate(estimate)}); try "
-                             "--grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
-        print(f"GPU {total / budget.GiB:.0f} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
-              f"{decoder_micro} of {per_process[1]} per process; estimate {budget.format_estimate(estimate)}")
-        args.micro_batch = args.micro_batch or prior_micro
-        args.decoder_micro_batch = args.decoder_micro_batch or decoder_micro
-    return sizes
-
-
 def preflight(args):
     """Try every download a run needs and name each one that fails, in one line, before any work."""
     from transformers import AutoConfig
@@ -466,22 +466,21 @@ def check_args(args, out):
 
 
 def load_data(args, ckpt, dist):
-    """-> (the first Window, the C4 windows or None, tokenizer, embedding cache). The main process
-    goes first (it fills the embedding cache and trains the tokenizer), the others read its work."""
+    """-> (Corpus or C4Windows, tokenizer, embedding cache). The main process goes first (it fills the
+    embedding cache and trains the tokenizer), the others read its work."""
     if not dist.is_main:
         dist.barrier()
-    tokenizer = load_tokenizer(str(Path(args.out) / "tokenizer")) if ckpt or not dist.is_main else         load_tokenizer(args.lm) if args.lm != TINY_LM else None
+    tokenizer = load_tokenizer(str(Path(args.out) / "tokenizer")) if ckpt or not dist.is_main else \
+        load_tokenizer(args.lm) if args.lm != TINY_LM else None
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, args.encode_device,
                            dtype="bf16" if args.bf16 else None)
     if args.data != "c4":
         window, tokenizer = read_corpus(args, tokenizer, cache, args.max_len)
-        return window, None, tokenizer, cache
-    state = (json.loads(ckpt.meta.get("data", "null")) if ckpt else None) or {"start": 0, "position": None}
-    c4 = C4Windows(args, tokenizer, cache, args.max_len, dist.is_main)
-    window = c4.load(state["start"], state["position"])
-    print(f"C4 window from step {window.start}: {len(window.examples)} texts, prepared in {window.seconds:.0f} s; "
-          f"embedding cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk (fp16)")
-    return window, c4, tokenizer, cache
+        return Corpus(window), tokenizer, cache
+    c4 = C4Windows(args, tokenizer, cache, args.max_len, dist, json.loads(ckpt.meta.get("data", "null")) if ckpt else None)
+    print(f"C4 window from step {c4.window.start}: {len(c4.window.examples)} texts, prepared in "
+          f"{c4.window.seconds:.0f} s; embedding cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk (fp16)")
+    return c4, tokenizer, cache
 
 
 class Models:
@@ -531,7 +530,7 @@ def new_config(args, window, tokenizer):
 
 
 def setup(args):
-    """Everything before the loop: checks, devices, data, models, probes. -> (dist, run, window, c4, tokenizer, cache)."""
+    """Everything before the loop: checks, devices, data, models, probes. -> (dist, run, data, tokenizer, cache)."""
     out = Path(args.out)
     check_args(args, out)
     preflight(args)
@@ -550,11 +549,12 @@ def setup(args):
         preview = ckpt.config if ckpt else None
         prior_config, decoder_config = (PriorConfig(**preview["prior"]), DecoderConfig(**preview["decoder"])) \
             if preview else model_configs(args, 768 if args.tier == "paper" else 384)
-        describe_run(args, prior_config, decoder_config, preview["lm_config"] if preview else
-                     lm_config_for(args, decoder_config), dist.device, dist.world)
+        lm_config = preview["lm_config"] if preview else lm_config_for(args, decoder_config)
+        budget.describe_run(args, prior_config, decoder_config, lm_config, dist.device, dist.world)
     if ckpt is None and args.overwrite and dist.is_main:
         (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
-    window, c4, tokenizer, cache = load_data(args, ckpt, dist)
+    data, tokenizer, cache = load_data(args, ckpt, dist)
+    window = data.window
     config = ckpt.config if ckpt else new_config(args, window, tokenizer)
     n_positions = config["lm_config"]["n_positions"]
     if args.max_len + config["decoder"]["n_soft"] + 2 > n_positions:
@@ -576,121 +576,103 @@ def setup(args):
     if args.compile:
         run.prior.net.compile()
         run.decoder.lm.compile()
-    return dist, run, window, c4, tokenizer, cache
+    return dist, run, data, tokenizer, cache
+
+
+class Progress:
+    """What a run reports: the progress bar, out/log.jsonl (losses every step, throughput every
+    --log-every steps), a NaN check, and the reconstruction cosine at each save."""
+
+    def __init__(self, args, dist, run, data, prior_rows, decoder_rows, tokenizer, cache, started):
+        self.args, self.dist, self.run, self.tokenizer, self.cache, self.started = args, dist, run, tokenizer, cache, started
+        self.n_soft = run.decoder.config.n_soft
+        self.held_texts = [ex["text"] for ex in data.window.held_out[:64]]
+        self.log = LossLog(Path(args.out) / "log.jsonl", run.step) if dist.is_main else None
+        peak = budget.peak_flops(dist.device, args.bf16, args.peak_tflops)[0] if dist.is_main else None
+        self.meter = budget.Throughput(run.prior, run.decoder, peak and peak * dist.world)
+        if hasattr(data, "prefetch"):
+            data.log = self.log
+            data.prefetch()
+        if dist.is_main:
+            size = lambda rows: rows[0].stop - rows[0].start
+            print(f"training on {dist.device} x {dist.world} ({'bf16 autocast' if args.bf16 else 'fp32'}); per process "
+                  f"micro-batches: prior {len(prior_rows)} x {size(prior_rows)}, decoder {len(decoder_rows)} x "
+                  f"{size(decoder_rows)}")
+
+    def steps(self):
+        self.bar = tqdm(range(self.run.step, self.args.steps), initial=self.run.step, total=self.args.steps,
+                        dynamic_ncols=True, disable=not self.dist.is_main)
+        return self.bar
+
+    def update(self, step, losses, t_prior, t_decoder, prefix_ids, cont_ids):
+        if not all(map(math.isfinite, losses)):
+            if self.dist.is_main:
+                print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step}; stopped "
+                      f"without saving, the last good checkpoint in {self.args.out}/ is kept (try a lower learning "
+                      "rate, then --resume)", file=sys.stderr)
+            raise SystemExit(1)
+        self.bar.set_postfix_str(f"prior {losses[0]:.3f} | decoder {losses[1]:.3f}")
+        self.meter.add(t_prior, t_decoder, self.args.batch_size,
+                       [len(p) + len(c) + self.n_soft + 2 for p, c in zip(prefix_ids, cont_ids)])
+        throughput = self.meter.report() if step % self.args.log_every == 0 or step == self.args.steps else None
+        if self.log:
+            lr_scale = self.run.opt_prior.param_groups[0]["lr"] / self.run.opt_prior.param_groups[0]["peak_lr"]
+            self.log.write(step, prior=losses[0], decoder=losses[1], lr_scale=lr_scale, **(throughput or {}))
+            if throughput:
+                tqdm.write(f"step {step}: {budget.format_throughput(throughput)}")
+
+    def reconstruction(self, step, losses=None, final=False):
+        """Embed held-out texts -> decode from the clean latent -> re-embed: the mean cosine."""
+        if not self.dist.is_main or not self.held_texts:
+            return
+        texts = self.held_texts if final else self.held_texts[:32]
+        cos, decoded = reconstruction_cosine(self.run.decoder, self.tokenizer, self.cache, texts, self.run.mu,
+                                             self.run.s, self.dist.device)
+        if not final:
+            tqdm.write(f"step {step}: prior {losses[0]:.3f} | decoder {losses[1]:.3f} | reconstruction cosine {cos:.3f}")
+            return
+        print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(texts)}): {cos:.3f}")
+        for original, text in list(zip(texts, decoded))[:3]:
+            print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
+        print(f"done in {(time.time() - self.started) / 60:.1f} min; checkpoint in {self.args.out}/")
 
 
 def main(args):
     started = time.time()
     if args.sizes:  # the run's sizes and memory plan, from configs alone
         prior_config, decoder_config = model_configs(args, 768 if args.tier == "paper" else 384)
-        return describe_run(args, prior_config, decoder_config, lm_config_for(args, decoder_config))
-    dist, run, window, c4, tokenizer, cache = setup(args)
-    out, prior, decoder = Path(args.out), run.prior, run.decoder
-    runners = dist.wrap(prior), dist.wrap(decoder)  # EMA, saving and logging use the plain modules
+        return budget.describe_run(args, prior_config, decoder_config, lm_config_for(args, decoder_config))
+    dist, run, data, tokenizer, cache = setup(args)
+    runners = dist.wrap(run.prior), dist.wrap(run.decoder)  # EMA, saving and logging use the plain modules
     prior_rows = micro_batches(args.batch_size, dist.rank, dist.world, args.micro_batch or args.batch_size)
     decoder_rows = micro_batches(args.decoder_batch, dist.rank, dist.world, args.decoder_micro_batch or args.decoder_batch)
-    amp = lambda: autocast(dist.device, args.bf16)
-    n_soft, D = run.decoder.config.n_soft, args.decoder_batch
-    held_texts = [ex["text"] for ex in window.held_out[:64]]
-    log = LossLog(out / "log.jsonl", run.step) if dist.is_main else None
-    peak = budget.peak_flops(dist.device, args.bf16, args.peak_tflops)[0] if dist.is_main else None
-    meter = budget.Throughput(prior, decoder, peak and peak * dist.world)
-    save = lambda step: dist.is_main and run.save(out, step, {"start": window.start, "position": window.position}
-                                                  if c4 else None)
-    if c4:
-        c4.prefetch(window)
-    if dist.is_main:
-        size = lambda rows: rows[0].stop - rows[0].start
-        print(f"training on {dist.device} x {dist.world} ({'bf16 autocast' if args.bf16 else 'fp32'}); per process "
-              f"micro-batches: prior {len(prior_rows)} x {size(prior_rows)}, decoder {len(decoder_rows)} x "
-              f"{size(decoder_rows)}")
-    bar = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, dynamic_ncols=True,
-               disable=not dist.is_main)
-    prior.train(), decoder.train()
-    for step in bar:
-        if step >= window.end:  # --data c4: on to the next window, prepared in the background
-            window, waited = c4.following(window, dist.barrier)
-            report_window(window, waited, started, cache.dir, log)
-        e_prefix, e_cont, prefix_ids, cont_ids = window.batch(step)
-        x, x_prefix = standardize(e_cont.to(dist.device), run.mu, run.s), standardize(e_prefix.to(dist.device), run.mu, run.s)
-        lr_scale = cosine_lr(step, args.steps, args.warmup)
-        run.set_lr(lr_scale)
+    amp, D = (lambda: autocast(dist.device, args.bf16)), args.decoder_batch
+    progress = Progress(args, dist, run, data, prior_rows, decoder_rows, tokenizer, cache, started)
+    save = lambda step: dist.is_main and run.save(args.out, step, data.state())
+    run.prior.train(), run.decoder.train()
+    for step in progress.steps():
+        e_prefix, e_cont, prefix_ids, cont_ids = data.batch(step)  # C4: the next window when this one is done
+        x, x_prefix = (standardize(e.to(dist.device), run.mu, run.s) for e in (e_cont, e_prefix))
+        run.set_lr(cosine_lr(step, args.steps, args.warmup))
 
         t0 = time.perf_counter()  # 1. the prior on the whole batch, then its EMA
-        losses = [dist.sum(prior_step(prior, runners[0], run.opt_prior, x, x_prefix, prior_rows, dist.world, amp))]
-        ema_update(run.ema, prior, min(args.ema, (1 + step) / (10 + step)))
+        losses = [dist.sum(prior_step(run.prior, runners[0], run.opt_prior, x, x_prefix, prior_rows, dist.world, amp))]
+        ema_update(run.ema, run.prior, min(args.ema, (1 + step) / (10 + step)))
         t1 = time.perf_counter()  # 2. the decoder on the first rows of the same batch (.item() synchronised both)
-        losses.append(dist.sum(decoder_step(decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D],
+        losses.append(dist.sum(decoder_step(run.decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D],
                                             cont_ids[:D], decoder_rows, dist.world, amp)))
-        meter.add(t1 - t0, time.perf_counter() - t1, args.batch_size,
-                  [len(p) + len(c) + n_soft + 2 for p, c in zip(prefix_ids[:D], cont_ids[:D])])
 
-        stop_unless_finite(losses, step, out, dist)  # 3. log, save
-        bar.set_postfix_str(f"prior {losses[0]:.3f} | decoder {losses[1]:.3f}")
-        throughput = meter.report() if (step + 1) % args.log_every == 0 or step + 1 == args.steps else None
-        if log:
-            log.write(step + 1, prior=losses[0], decoder=losses[1], lr_scale=lr_scale, **(throughput or {}))
-            if throughput:
-                tqdm.write(f"step {step + 1}: {budget.format_throughput(throughput)}")
-        if args.stop_at is not None and step + 1 == args.stop_at:
+        progress.update(step + 1, losses, t1 - t0, time.perf_counter() - t1, prefix_ids[:D], cont_ids[:D])  # 3. log
+        if step + 1 == args.stop_at:
             save(step + 1)
             print(f"stopped at step {step + 1} (--stop-at); continue with --resume") if dist.is_main else None
             return dist.finish()
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-            if dist.is_main and held_texts:
-                cos, _ = reconstruction_cosine(decoder, tokenizer, cache, held_texts[:32], run.mu, run.s, dist.device)
-                tqdm.write(f"step {step + 1}: prior {losses[0]:.3f} | decoder {losses[1]:.3f} | "
-                           f"reconstruction cosine {cos:.3f}")
+            progress.reconstruction(step + 1, losses)
     save(args.steps)
-    if dist.is_main:
-        final_report(decoder, tokenizer, cache, held_texts, run.mu, run.s, dist.device, started, out)
+    progress.reconstruction(args.steps, final=True)
     dist.finish()
-
-
-def stop_unless_finite(losses, step, out, dist):
-    if not all(map(math.isfinite, losses)):
-        if dist.is_main:
-            print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step + 1}; "
-                  f"stopped without saving, the last good checkpoint in {out}/ is kept (try a lower "
-                  "learning rate, then --resume)", file=sys.stderr)
-        raise SystemExit(1)
-
-
-def report_window(window, waited, started, cache_dir, log):
-    wall = time.time() - started
-    tqdm.write(f"C4 window from step {window.start}: {len(window.examples)} texts, prepared in {window.seconds:.0f} s "
-               f"in the background; training waited {waited:.1f} s ({100 * waited / wall:.1f}% of the wall time); "
-               f"embedding cache {disk_usage(cache_dir) / 1e9:.2f} GB on disk")
-    if log:
-        log.write(window.start, window_seconds=window.seconds, window_wait_seconds=waited)
-
-
-def final_report(decoder, tokenizer, cache, held_texts, mu, s, device, started, out):
-    if held_texts:
-        cos, decoded = reconstruction_cosine(decoder, tokenizer, cache, held_texts, mu, s, device)
-        print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(held_texts)}): {cos:.3f}")
-        for original, text in list(zip(held_texts, decoded))[:3]:
-            print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
-    print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint in {out}/")
-
-
-class LossLog:
-    """out/log.jsonl: one line of losses (and, every --log-every steps, throughput) per step. On
-    --resume the lines after the checkpoint's step are dropped: the log of an uninterrupted run."""
-
-    def __init__(self, path, start_step):
-        self.path = Path(path)
-        lines = self.path.read_text().splitlines() if start_step and self.path.exists() else []
-        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(l + "\n" for l in kept))
-        self.file = open(self.path, "a")
-
-    def write(self, step, **values):
-        rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
-        self.file.write(json.dumps(dict(step=step, **rounded)) + "\n")
-        self.file.flush()
 
 
 if __name__ == "__main__":

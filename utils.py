@@ -246,3 +246,21 @@ def load_for_inference(out, device="cpu"):
     stats = ckpt.tensors("stats")
     return ckpt.config, prior.to(device).eval(), decoder.to(device).eval(), tokenizer, \
         stats["mu"].to(device), stats["s"].to(device)
+
+
+class LossLog:
+    """out/log.jsonl: one line of losses (and, every --log-every steps, throughput) per step. On
+    --resume the lines after the checkpoint's step are dropped: the log of an uninterrupted run."""
+
+    def __init__(self, path, start_step):
+        self.path = Path(path)
+        lines = self.path.read_text().splitlines() if start_step and self.path.exists() else []
+        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(l + "\n" for l in kept))
+        self.file = open(self.path, "a")
+
+    def write(self, step, **values):
+        rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
+        self.file.write(json.dumps(dict(step=step, **rounded)) + "\n")
+        self.file.flush()

@@ -226,7 +226,7 @@ def ckpt(trained):
 def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("the film was\nour trip\n")
     args = ["--ckpt", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"), "--guides", "none,positive",
-            "--scales", "10,30", "--n", "2", "--steps", "3", "--max-tokens", "6", "--mc-samples", "4",
+            "--scales", "10,30", "--n", "2", "--steps", "3", "--max-tokens", "6", "--mc-samples", "4", "--match", ".",
             "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md"), "--plot", str(tmp_path / "p.png")]
     evaluate.main(evaluate.get_args(args))
     report = json.loads((tmp_path / "r.json").read_text())
@@ -234,12 +234,13 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     assert [(r["guide"], r["scale"]) for r in results] == [("none", 0.0), ("positive", 10.0), ("positive", 30.0)]
     for r in results:
         assert r["samples"] == 4 and 0 <= r["toxic"] <= 1 and 0 < r["dist2_pooled"] <= 1
+        assert r["match"] == sum(bool(e["text"]) for e in r["examples"]) / 4  # "." matches every non-empty text
         assert r["perplexity"] is None or r["perplexity"] > 1
     assert results[0]["attribute_success"] is None and results[1]["attribute_success"] == results[1]["positive"]
     assert "a = 0" in results[0]["judges"]["perplexity"] and results[0]["judges"]["sentiment"] == ["VADER", "TextBlob"]
     assert results[1]["positive"] == results[1]["sentiment"]["VADER"]["positive"]
     md = (tmp_path / "r.md").read_text()
-    assert "| toxic (alt-profanity-check) |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
+    assert "| toxic (alt-profanity-check) |" in md and "| matches /./ |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
     printed = capsys.readouterr().out
     assert (tmp_path / "p.png").exists() or "pip install matplotlib" in printed
 
@@ -284,3 +285,12 @@ def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(t
     # the corpus embeddings are cached: a second judge needs no encoder
     monkeypatch.setattr(encoder, "load_encoder", lambda *a, **k: pytest.fail("re-encoded a cached corpus"))
     assert torch.equal(evaluate.NearestSentence(model, tmp_path).bank, judge.bank)
+
+
+def test_bad_evaluation_input_is_one_line(capsys):
+    from conftest import cli_error
+    for argv, message in [(["--match", "(unclosed"], "argument --match: '(unclosed' is not a regular expression"),
+                          (["--scales", "10,nan"], "argument --scales: 'nan' is out of range"),
+                          (["--n", "0"], "argument --n: '0' is out of range")]:
+        err = cli_error(evaluate, argv, capsys)
+        assert err.count("\n") == 1 and message in err, err

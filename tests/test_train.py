@@ -65,6 +65,7 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--prior-lr", "nan"], "out of range"),
         (["--ema", "1"], "out of range (accepted: [0, 1))"),
         (["--batch-size", "-4"], "is not a count"),
+        (["--sizes", "--gpu-memory", "24,lots"], "argument --gpu-memory: 'lots' is not a number"),
         (["--data", str(empty), *out], "holds no texts"),
         (["--data", str(tmp_path / "missing.txt"), *out], "does not exist"),
         (["--data", str(tmp_path), *out], "is a directory"),
