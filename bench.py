@@ -50,8 +50,8 @@ import budget
 import train
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from train import TIERS
-from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, keep_freed_memory, pick_device,
-                   run_cli, use_bf16)
+from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, comma_list, keep_freed_memory,
+                   pick_device, run_cli, use_bf16)
 
 
 class RandomTokenizer:
@@ -275,7 +275,8 @@ def get_args(argv=None):
                    help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--repeats", type=bounded(int, 1, 1000), default=5, help="timed runs per measurement (the median is reported)")
-    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes; the last one gives the final ratio")
+    p.add_argument("--batch-sizes", type=comma_list(bounded(int, 1, 1e5)), default="1,64",
+                   help="comma-separated batch sizes; the last one gives the final ratio")
     p.add_argument("--guide", default="positive", help="guide of the guided run")
     p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
@@ -287,13 +288,7 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
                    help="--train: the device's peak bf16 TFLOP/s for MFU (default: budget.py's table, measured on a CPU)")
     add_sampling_args(p)
-    args = p.parse_args(argv)
-    batch = bounded(int, 1, 1e5)
-    try:
-        args.batch_sizes = [batch(b) for b in args.batch_sizes.split(",")]
-    except argparse.ArgumentTypeError as err:
-        p.error(f"argument --batch-sizes: {err}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(args):

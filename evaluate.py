@@ -49,7 +49,7 @@ import data as data_lib
 from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
-from utils import ArgumentParser, bounded, pick_device, run_cli
+from utils import ArgumentParser, bounded, comma_list, pick_device, run_cli
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -496,7 +496,8 @@ def get_args(argv=None):
     p.add_argument("--guides", default="none,positive,negative",
                    help="comma-separated guides ('none' = unguided; with --like / --unlike, 'like' = the examples alone, "
                         "and every other guide composes with them)")
-    p.add_argument("--scales", default=f"{SamplingConfig.scale:g}", help="comma-separated guidance scales")
+    p.add_argument("--scales", type=comma_list(bounded(float, 0, 1e6)), default=f"{SamplingConfig.scale:g}",
+                   help="comma-separated guidance scales")
     p.add_argument("--batch-size", type=bounded(int, 1, 1e5), default=100, help="generation batch")
     p.add_argument("--ppl-model", default="self",
                    help="reference LM for perplexity: 'self' (our decoder run unguided: soft prompt from pure noise, "
@@ -526,11 +527,6 @@ def get_args(argv=None):
             re.compile(args.match)
         except re.error as err:
             p.error(f"argument --match: {args.match!r} is not a regular expression ({err})")
-    scale = bounded(float, 0, 1e6)
-    try:
-        args.scales = [scale(v) for v in args.scales.split(",")]
-    except argparse.ArgumentTypeError as err:
-        p.error(f"argument --scales: {err}")
     return args
 
 

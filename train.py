@@ -33,8 +33,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
                      window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, count,
-                   keep_freed_memory, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list,
+                   count, keep_freed_memory, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -105,7 +105,8 @@ def get_args(argv=None):
     add("--grad-checkpointing", action="store_true", help="recompute GPT-2's activations in the backward pass")
     add("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
         help="the device's peak bf16 TFLOP/s for MFU (default: a table of GPUs; measured on a CPU)")
-    add("--gpu-memory", default=None, help="with --sizes: GiB of the GPUs to plan for, e.g. 24,40,80")
+    add("--gpu-memory", type=comma_list(bounded(float, 1, 1e4)), default=None,
+        help="with --sizes: GiB of the GPUs to plan for, e.g. 24,40,80")
     add("--compile", action="store_true", help="torch.compile the denoiser and the language model")
     add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
     add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
@@ -124,14 +125,7 @@ def get_args(argv=None):
     tier = first.tier if first.tier in TIERS else "paper" if first.data == "c4" and first.lm != TINY_LM else "tiny"
     p.set_defaults(tier=tier, encoder=TIERS[tier].get("encoder", TINY_ENCODER), lm=TIERS[tier].get("lm", TINY_LM),
                    **TIERS[tier].get("train", {}))  # --help shows the tier's defaults
-    args = p.parse_args(argv)
-    if args.gpu_memory is not None:
-        gib = bounded(float, 1, 1e4)
-        try:
-            args.gpu_memory = [gib(g) for g in args.gpu_memory.split(",")]
-        except argparse.ArgumentTypeError as err:
-            p.error(f"argument --gpu-memory: {err}")
-    return args
+    return p.parse_args(argv)
 
 
 def model_configs(args, dim):

@@ -88,6 +88,15 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def comma_list(kind):
+    """An argparse type: comma-separated values, each parsed by `kind` (e.g. a bounded number)."""
+    def parse(text):
+        return [kind(v.strip()) for v in str(text).split(",")]
+
+    parse.__name__ = "list"
+    return parse
+
+
 def pick_device(name):
     """--device auto|cpu|cuda|mps -> a device string; auto takes CUDA, then MPS, then the CPU."""
     if name == "auto":

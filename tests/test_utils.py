@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from utils import ArgumentParser, Checkpoint, atomic_save, bounded, count, run_cli
+from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, run_cli
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -28,6 +28,13 @@ def test_bounded_checks_kind_range_and_finiteness():
         bounded(count, 1, 10)("big")  # counts keep their own message
     with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
         bounded(count, 1, 10)("1k")
+
+
+def test_comma_list_parses_each_value_with_its_kind():
+    scales = comma_list(bounded(float, 0, 10))
+    assert scales("1,2.5, 3") == [1.0, 2.5, 3.0]
+    with pytest.raises(argparse.ArgumentTypeError, match="'nan' is out of range"):
+        scales("1,nan")
 
 
 def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
