@@ -8,8 +8,8 @@ Per step (DGLM sec. 3, 4.1), on a batch of (prefix, continuation) embeddings:
   1. prior:   v-MSE of the diffusion model p(x_c | x_p) on the standardised continuation latent
   2. decoder: next-token loss of GPT-2 on [prefix][soft prompt(noised x_c, a)][continuation]
 The file reads top to bottom: the config (tiers and flags), the data (batches, C4 windows), the two
-steps, then main(): what the run is, the data, the models, the loop. Everything sample.py needs is
-written to --out (utils.py describes the directory).
+steps, the run (setup: checks, data, models, probes; Progress: what it reports), and last main(), the
+loop. Everything sample.py needs is written to --out (utils.py describes the directory).
 """
 import argparse
 import concurrent.futures
@@ -169,6 +169,7 @@ class Batches:
     def __init__(self, lengths, batch_size, seed):
         self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
         self.per_epoch = max(1, len(lengths) // batch_size)
+        self.current = (None, None)  # (e, epoch e's batches): computed once per epoch, not per step
 
     def epoch(self, e):
         rng = np.random.default_rng([self.seed, e])
@@ -181,7 +182,10 @@ class Batches:
         return [rng.permutation(batches[i]) for i in rng.permutation(len(batches))]
 
     def get(self, step):
-        return self.epoch(step // self.per_epoch)[step % self.per_epoch]
+        e = step // self.per_epoch
+        if self.current[0] != e:
+            self.current = (e, self.epoch(e))
+        return self.current[1][step % self.per_epoch]
 
 
 def cosine_lr(step, total, warmup, floor=0.1):
