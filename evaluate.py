@@ -457,7 +457,7 @@ def columns(results):
 
 def diagnostic_columns(results):
     """Where steering is lost: the sentiment probe on the proposal and on the text, their cosine, and
-    (--nearest) the sentiment judge... VADER on each proposal's nearest training sentence."""
+    (--nearest) VADER on each proposal's nearest training sentence."""
     sp = lambda r: f"{100 * r['sentiment_probe']['proposal_positive']:.0f}% / " \
                    f"{100 * r['sentiment_probe']['text_positive']:.0f}%" if r["sentiment_probe"] else "-"
     near = lambda r: f"{100 * r['nearest_sentence']['positive']:.0f}% / {100 * r['nearest_sentence']['negative']:.0f}%" \

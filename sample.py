@@ -38,7 +38,7 @@ class SamplingConfig:
     guide_max_logsnr: float = -2.0  # guide the steps with logSNR <= this (the noisiest 22%: 6 of 25 DDIM steps)
     mc_samples: int = 32            # Monte Carlo samples of the guidance loss (0: x_hat itself)
     like_weight: float = 20.0       # weight of each --like / --unlike example's -cos (+cos) in the guidance loss
-    signal_level: float = None      # a of the re-noised proposal (None: the checkpoint's, 0.95)
+    signal_level: float | None = None  # a of the re-noised proposal (None: the checkpoint's, 0.95)
     max_tokens: int = 32            # continuation length in tokens
     top_p: float = 0.9              # nucleus sampling mass
     temperature: float = 0.7        # 0: greedy
