@@ -45,7 +45,7 @@ TIERS = {
     "paper": dict(encoder="sentence-transformers/sentence-t5-xl", lm="gpt2-large",
                   prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
                   decoder=dict(soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12, hidden_cond=False),
-                  train=dict(decoder_batch=64, decoder_lr=5e-6, ema=0.9999, max_prefix_frac=1.0, max_len=128,
+                  train=dict(steps=250_000, decoder_batch=64, decoder_lr=5e-6, ema=0.9999, max_prefix_frac=1.0, max_len=128,
                              warmup=1000)),
 }
 # GPT-2 architectures, so that --sizes and the memory estimate need no download
@@ -59,9 +59,7 @@ TEACHING_SWITCHES = {  # flag -> (config part, field, value): each turns one des
 }
 
 
-def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
+def data_flags(add):
     add("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl file")
     add("--tier", default=None, choices=list(TIERS), help="sizes and defaults (default: paper for --data c4, else tiny)")
     add("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
@@ -69,6 +67,18 @@ def get_args(argv=None):
     add("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder (default: %(default)s)")
     add("--out", default="out", help="checkpoint directory")
     add("--cache-dir", default="cache", help="where the corpus and the embedding cache live")
+    add("--max-prefix-frac", type=bounded(float, 0, 1), default=0.5,
+        help="prefix length ~ U{0..frac*(words-1)} (default %(default)g)")
+    add("--max-len", type=bounded(count, 2, 1e5), default=48,
+        help="prefix + continuation tokens per text, longer ones are cut (default %(default)s)")
+    add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
+    add("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
+    add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
+    add("--probe-data", default=None, help="local copies of the paper probes' data sets (see guide.py)")
+    add("--probe-examples", type=count, default=count("20k"), help="paper probes: examples per class and data set")
+
+
+def optimisation_flags(add):
     add("--steps", type=count, default=count("2400"), help="training steps, e.g. 3000 or 100k")
     add("--batch-size", type=bounded(count, 1, 1e6), default=256, help="global prior batch (default %(default)s)")
     add("--decoder-batch", type=bounded(count, 1, 1e6), default=32,
@@ -81,15 +91,9 @@ def get_args(argv=None):
     add("--warmup", type=bounded(int, 0, 1e9), default=100, help="linear warm-up steps (default %(default)s)")
     add("--ema", type=bounded(float, 0, 1, high_open=True), default=0.995,
         help="EMA decay of the prior used for sampling (default %(default)g)")
-    add("--max-prefix-frac", type=bounded(float, 0, 1), default=0.5,
-        help="prefix length ~ U{0..frac*(words-1)} (default %(default)g)")
-    add("--max-len", type=bounded(count, 2, 1e5), default=48,
-        help="prefix + continuation tokens per text, longer ones are cut (default %(default)s)")
-    add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
-    add("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
-    add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
-    add("--probe-data", default=None, help="local copies of the paper probes' data sets (see guide.py)")
-    add("--probe-examples", type=count, default=count("20k"), help="paper probes: examples per class and data set")
+
+
+def run_flags(add):
     add("--save-every", type=count, default=500, help="checkpoint every this many steps")
     add("--log-every", type=count, default=200, help="throughput report every this many steps")
     add("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -111,6 +115,9 @@ def get_args(argv=None):
     add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
     add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
     add("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
+
+
+def teaching_flags(add):
     add("--no-noise-augmentation", action="store_true",
         help="teaching switch: train the decoder on clean proposals and decode them clean (a = 1)")
     add("--no-loss-weight", action="store_true", help="teaching switch: every noise level weighs the same in the prior's loss")
@@ -118,6 +125,15 @@ def get_args(argv=None):
         help="teaching switch: noise levels from the cosine schedule instead of the adaptive importance sampler")
     add("--no-null-prefix", action="store_true",
         help="teaching switch: never train the null prefix (no classifier-free guidance)")
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, flags in (("data: what the run learns from and where it writes", data_flags),
+                         ("optimisation: how long and how fast each model learns", optimisation_flags),
+                         ("run: saving, resuming, devices, memory and speed", run_flags),
+                         ("teaching switches: each turns one of the paper's design choices off", teaching_flags)):
+        flags(p.add_argument_group(title).add_argument)
     pre = argparse.ArgumentParser(add_help=False)  # the tier first: its defaults are the parser's
     for flag in ("--data", "--tier", "--lm"):
         pre.add_argument(flag)
