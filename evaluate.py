@@ -28,9 +28,10 @@ file). For each (guide, scale) it continues every prompt n times and reports, ea
     rule matches (a judge for an attribute of your own, independent of its probe)
   - seconds per sample (prior + decoding, this machine)
   - diagnostics of where steering is lost: the sentiment probe on the proposals and on the
-    re-embedded text, the mean cosine between each text's embedding and its proposal (does the
-    decoder write what the prior proposed?), and with --nearest VADER on each proposal's nearest
-    training sentence
+    re-embedded text, its mean logit on the proposals (how far guidance pushed them), the proposals'
+    spread (mean pairwise cosine: does guidance collapse them onto one point?), the mean cosine
+    between each text's embedding and its proposal (does the decoder write what the prior
+    proposed?), and with --nearest VADER on each proposal's nearest training sentence
 Default prompts: the first words of held-out sentences of the tiny corpus (never trained on).
 --plot FILE.png draws attribute success against perplexity, one curve per guide over the scales
 (needs matplotlib, an optional extra: pip install matplotlib).
@@ -185,12 +186,23 @@ def domain_mix(model, e):
 
 def probe_agreement(model, proposals, text_embeddings):
     """Share the sentiment probe calls positive, on the proposals and on the re-embedded text: a
-    diagnostic of where steering is lost (prior vs decoder); the judge above is VADER, not this."""
+    diagnostic of where steering is lost (prior vs decoder); the judge above is VADER, not this. Also
+    the probe's mean logit on the proposals: how far guidance pushed them (real sentences lie within
+    a few units of 0)."""
     if "sentiment" not in model.probes:
         return {}
     w, b = model.probes["sentiment"]
     return {"proposal_positive": (proposals @ w + b > 0).float().mean().item(),
-            "text_positive": (text_embeddings @ w + b > 0).float().mean().item()}
+            "text_positive": (text_embeddings @ w + b > 0).float().mean().item(),
+            "proposal_logit": (proposals @ w + b).mean().item()}
+
+
+def proposal_spread(e):
+    """Mean cosine between two different proposals of a setting, from unit vectors e (n, d):
+    sum_{i != j} e_i.e_j / (n (n - 1)) = (|sum_i e_i|^2 - n) / (n (n - 1)). Near 0 for proposals
+    spread over the sphere, 1 when guidance collapses them onto one point."""
+    n = len(e)
+    return ((e.sum(0).pow(2).sum() - n) / (n * (n - 1))).item() if n > 1 else None
 
 
 class NearestSentence:
@@ -324,6 +336,7 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=N
         "domains": domain_mix(model, text_e), "seconds_per_sample": seconds,
         "sentiment_probe": probe_agreement(model, proposals, text_e),
         "proposal_cosine": (text_e * proposals).sum(-1).mean().item(),  # does the text say what was proposed?
+        "proposal_spread": proposal_spread(proposals.float()),
         "example_cosine": {kind: (text_e @ model.embed(texts_).T).mean().item() if texts_ else None
                            for kind, texts_ in (("like", args.like), ("unlike", args.unlike))},
         "nearest_sentence": nearest(proposals) if nearest is not None else None,
@@ -456,14 +469,19 @@ def columns(results):
 
 
 def diagnostic_columns(results):
-    """Where steering is lost: the sentiment probe on the proposal and on the text, their cosine, and
-    (--nearest) VADER on each proposal's nearest training sentence."""
+    """Where steering is lost: the sentiment probe on the proposal and on the text, how far guidance
+    pushed the proposals and how much it collapsed them, the text-proposal cosine, and (--nearest)
+    VADER on each proposal's nearest training sentence."""
     sp = lambda r: f"{100 * r['sentiment_probe']['proposal_positive']:.0f}% / " \
                    f"{100 * r['sentiment_probe']['text_positive']:.0f}%" if r["sentiment_probe"] else "-"
+    logit = lambda r: f"{r['sentiment_probe']['proposal_logit']:+.1f}" if r["sentiment_probe"] else "-"
+    spread = lambda r: f"{r['proposal_spread']:.3f}" if r.get("proposal_spread") is not None else "-"
     near = lambda r: f"{100 * r['nearest_sentence']['positive']:.0f}% / {100 * r['nearest_sentence']['negative']:.0f}%" \
         if r.get("nearest_sentence") else "-"
     return [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}"),
-            ("probe positive: proposal / text", sp), ("text-proposal cosine", lambda r: f"{r['proposal_cosine']:.3f}"),
+            ("probe positive: proposal / text", sp), ("probe logit of the proposals (mean)", logit),
+            ("proposal spread (mean pairwise cosine)", spread),
+            ("text-proposal cosine", lambda r: f"{r['proposal_cosine']:.3f}"),
             ("proposal's nearest sentence: positive / negative (VADER)", near)]
 
 

@@ -116,7 +116,8 @@ def test_markdown_names_each_columns_judge_and_fills_every_column():
                                                   "TextBlob": {"positive": 0.3, "negative": 0.2}},
              positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95,
              dist3=0.97, dist2_pooled=0.71, avg_max_toxicity=0.31, toxic_prompts=0.25, sentiment_probe={},
-             seconds_per_sample=0.01, proposal_cosine=0.25, example_cosine={"like": 0.4, "unlike": None},
+             seconds_per_sample=0.01, proposal_cosine=0.25, proposal_spread=0.123,
+             example_cosine={"like": 0.4, "unlike": None},
              nearest_sentence={"positive": 0.9, "negative": 0.05})
     other = dict(r, perplexity=None, nearest_sentence=None, judges=dict(JUDGES, perplexity="gpt2-xl"))
     lines = evaluate.markdown([r, other]).splitlines()
@@ -130,8 +131,17 @@ def test_markdown_names_each_columns_judge_and_fills_every_column():
     assert header.count(" | ") == row.count(" | ") == row_without_ppl.count(" | ")  # every column filled
     diag_header, _, diag_row = lines[5:8]
     assert "| text-proposal cosine | proposal's nearest sentence: positive / negative (VADER) |" in diag_header
-    assert "| 0.250 | 90% / 5% |" in diag_row
+    assert "| proposal spread (mean pairwise cosine) | text-proposal cosine |" in diag_header
+    assert "| 0.123 | 0.250 | 90% / 5% |" in diag_row
     assert "perplexity: of the continuation given the prompt under our decoder run unguided" in lines[-1]
+
+
+def test_proposal_spread_is_the_mean_pairwise_cosine():
+    e = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1)
+    pairs = [(e[i] @ e[j]).item() for i in range(7) for j in range(7) if i != j]
+    assert evaluate.proposal_spread(e) == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert evaluate.proposal_spread(e[:1].repeat(5, 1)) == pytest.approx(1.0, abs=1e-6)  # collapsed
+    assert evaluate.proposal_spread(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)        # orthogonal
 
 
 def test_toxicity_metrics_follow_the_papers_definitions():
