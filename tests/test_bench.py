@@ -42,7 +42,7 @@ def test_fixed_length_masks_end_of_text_only_inside_the_context():
 
 
 def shrink_paper_tier(monkeypatch):
-    monkeypatch.setitem(bench.TIERS, "paper", dict(bench.TIERS["paper"],
+    monkeypatch.setitem(bench.train.TIERS, "paper", dict(bench.train.TIERS["paper"],
                         prior=dict(n_tokens=4, token_dim=8, width=32, depth=2, heads=2),
                         decoder=dict(n_soft=2, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)))
     monkeypatch.setattr(bench, "PAPER_DIM", 48)
