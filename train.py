@@ -156,6 +156,16 @@ def model_configs(args, dim):
     return PriorConfig(**parts["prior"]), DecoderConfig(**parts["decoder"])
 
 
+def planned_configs(args, ckpt=None):
+    """(PriorConfig, DecoderConfig, GPT-2 config) of a run before its data is read: the checkpoint's,
+    or the tier's at its encoder's usual width (768 for the paper tier, else 384)."""
+    if ckpt:
+        c = ckpt.config
+        return PriorConfig(**c["prior"]), DecoderConfig(**c["decoder"]), c["lm_config"]
+    prior_config, decoder_config = model_configs(args, 768 if args.tier == "paper" else 384)
+    return prior_config, decoder_config, lm_config_for(args, decoder_config)
+
+
 def lm_config_for(args, decoder_config, tokenizer=None):
     """The language model's GPT2Config as a dict: the tiny tier's from DecoderConfig, else the hub's."""
     if args.lm == TINY_LM:
@@ -335,22 +345,28 @@ def micro_batches(n, rank, world, micro):
     return [slice(a, min(a + micro, hi)) for a in range(lo, hi, micro)]
 
 
-def accumulate(runner, last):
-    """Gradient sync only on the last micro-batch (DDP's no_sync; a plain module always 'syncs')."""
-    return contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
+def backward_in_parts(runner, opt, rows, world, amp, loss_of):
+    """Fresh gradients of the whole batch from its micro-batches: loss_of(rows) is each part's share of
+    the batch's loss, so the parts' gradients add up to the whole batch's. DDP syncs gradients only on
+    the last part (no_sync before it). Returns this process's share of the loss."""
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, r in enumerate(rows):
+        last = i == len(rows) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
+        with sync, amp():
+            loss = loss_of(r)
+        (loss * world).backward()  # DDP averages gradients over processes; the parts' losses add up
+        total += loss.detach()
+    return total
 
 
 def prior_step(prior, runner, opt, x, x_prefix, rows, world, amp):
     """One AdamW step of the prior on a batch of latents x, x_prefix (B, d). runner: the prior or its
     DDP wrapper; rows: this process's micro-batches. Returns this process's share of the mean loss."""
     noise = prior.draw_noise(len(x), x.device)  # the whole batch's, identical in every process
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for i, r in enumerate(rows):
-        with accumulate(runner, i == len(rows) - 1), amp():
-            loss = runner(x[r], x_prefix[r], {k: v[r] for k, v in noise.items()}).sum() / len(x)
-        (loss * world).backward()  # DDP averages gradients over processes; the parts' losses add up
-        total += loss.detach()
+    total = backward_in_parts(runner, opt, rows, world, amp,
+                              lambda r: runner(x[r], x_prefix[r], {k: v[r] for k, v in noise.items()}).sum() / len(x))
     prior.noise_levels.update()  # the importance sampler learns from the whole batch's losses
     torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
     opt.step()
@@ -361,13 +377,9 @@ def decoder_step(decoder, runner, opt, x, prefix_ids, cont_ids, rows, world, amp
     """One AdamW step of the decoder; the loss is the batch's total NLL over its total token count."""
     noise = decoder.draw_noise(len(x), x.device)
     n_tokens = sum(len(p) + len(c) + 1 for p, c in zip(prefix_ids, cont_ids))  # + eos
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for i, r in enumerate(rows):
-        with accumulate(runner, i == len(rows) - 1), amp():
-            loss = runner(prefix_ids[r], cont_ids[r], x[r], {k: v[r] for k, v in noise.items()}, n_tokens)
-        (loss * world).backward()
-        total += loss.detach()
+    total = backward_in_parts(runner, opt, rows, world, amp,
+                              lambda r: runner(prefix_ids[r], cont_ids[r], x[r], {k: v[r] for k, v in noise.items()},
+                                               n_tokens))
     torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
     opt.step()
     return total
@@ -560,11 +572,7 @@ def setup(args):
     random.seed(args.seed)
     ckpt = Checkpoint(out) if args.resume else None
     if dist.is_main:  # first what the run is, and whether it fits
-        preview = ckpt.config if ckpt else None
-        prior_config, decoder_config = (PriorConfig(**preview["prior"]), DecoderConfig(**preview["decoder"])) \
-            if preview else model_configs(args, 768 if args.tier == "paper" else 384)
-        lm_config = preview["lm_config"] if preview else lm_config_for(args, decoder_config)
-        budget.describe_run(args, prior_config, decoder_config, lm_config, dist.device, dist.world)
+        budget.describe_run(args, *planned_configs(args, ckpt), dist.device, dist.world)
     if ckpt is None and args.overwrite and dist.is_main:
         (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
     data, tokenizer, cache = load_data(args, ckpt, dist)
@@ -654,8 +662,7 @@ class Progress:
 def main(args):
     started = time.time()
     if args.sizes:  # the run's sizes and memory plan, from configs alone
-        prior_config, decoder_config = model_configs(args, 768 if args.tier == "paper" else 384)
-        return budget.describe_run(args, prior_config, decoder_config, lm_config_for(args, decoder_config))
+        return budget.describe_run(args, *planned_configs(args))
     dist, run, data, tokenizer, cache = setup(args)
     runners = dist.wrap(run.prior), dist.wrap(run.decoder)  # EMA, saving and logging use the plain modules
     prior_rows = micro_batches(args.batch_size, dist.rank, dist.world, args.micro_batch or args.batch_size)
