@@ -140,12 +140,19 @@ def open_c4(path=None):
     path = path or os.environ.get(C4_PATH_ENV)
     if path:
         return load_dataset("json", data_files=c4_files(path), split="train", streaming=True)
+    return stream_from_hub("allenai/c4", "en", offline=f"point --c4-path (or ${C4_PATH_ENV}) at a local copy of its "
+                           "en/*.json.gz files, or pass a local .txt/.jsonl with --data PATH, or use --data tiny")
+
+
+def stream_from_hub(hub_id, *config, offline):
+    """The train split of a Hugging Face data set, streamed; when the hub cannot be reached, one line
+    ending with `offline`, what to do instead."""
+    from datasets import load_dataset
     try:
-        return load_dataset("allenai/c4", "en", split="train", streaming=True)
+        return load_dataset(hub_id, *config, split="train", streaming=True)
     except Exception as err:  # datasets raises many kinds of connection errors
-        raise SystemExit(f"error: could not stream allenai/c4 from the Hugging Face hub ({type(err).__name__}); "
-                         f"offline, point --c4-path (or ${C4_PATH_ENV}) at a local copy of its en/*.json.gz files, "
-                         "or pass a local .txt/.jsonl with --data PATH, or use --data tiny") from None
+        raise SystemExit(f"error: could not stream {hub_id} from the Hugging Face hub ({type(err).__name__}); "
+                         f"offline, {offline}") from None
 
 
 def c4_chunks(text, tokenizer, chunk=128, keep=88, max_tokens_per_char=0.25):
@@ -269,12 +276,8 @@ def open_probe_source(name, data_dir=None):
         path = os.path.join(data_dir or "", name + suffix)
         if data_dir and os.path.exists(path):
             return load_dataset(builder, data_files=path, split="train", streaming=True)
-    try:
-        return load_dataset(hub_id, split="train", streaming=True)
-    except Exception as err:  # datasets raises many kinds of connection errors
-        raise SystemExit(f"error: could not stream {hub_id} from the Hugging Face hub ({type(err).__name__}); "
-                         f"offline, save its train split as DIR/{name}.jsonl (one record per line, the hub's "
-                         "field names) and pass --probe-data DIR") from None
+    return stream_from_hub(hub_id, offline=f"save its train split as DIR/{name}.jsonl (one record per line, the "
+                           "hub's field names) and pass --probe-data DIR")
 
 
 def read_labelled(name, max_per_class, data_dir=None):
