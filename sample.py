@@ -23,7 +23,8 @@ import torch
 
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
-from utils import ArgumentParser, autocast, bounded, load_for_inference, pick_device, run_cli, use_bf16
+from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, pick_device, run_cli,
+                   use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
@@ -61,9 +62,10 @@ def add_sampling_args(p, guidance_scale=True):
                         "25 DDIM steps; 15 = every step)")
     p.add_argument("--mc-samples", type=bounded(int, 0, 4096), default=d.mc_samples,
                    help="Monte Carlo samples around x_hat for the guidance loss (0 = x_hat itself)")
-    p.add_argument("--like", action="append", default=[], metavar="TEXT",
+    p.add_argument("--like", action="append", default=[], metavar="TEXT", type=nonempty_text,
                    help="steer toward the meaning of TEXT (repeatable; no probe needed; composes with --guide)")
-    p.add_argument("--unlike", action="append", default=[], metavar="TEXT", help="steer away from TEXT (repeatable)")
+    p.add_argument("--unlike", action="append", default=[], metavar="TEXT", type=nonempty_text,
+                   help="steer away from TEXT (repeatable)")
     p.add_argument("--like-weight", type=bounded(float, 0, 1e4), default=d.like_weight,
                    help="weight of each --like / --unlike example in the guidance loss (default %(default)g)")
     p.add_argument("--signal-level", type=bounded(float, 0, 1), default=d.signal_level,

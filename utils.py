@@ -97,6 +97,13 @@ def comma_list(kind):
     return parse
 
 
+def nonempty_text(value):
+    """An argparse type: a text with something in it (an example to steer by, say)."""
+    if not str(value).strip():
+        raise argparse.ArgumentTypeError("is empty (give a sentence)")
+    return value
+
+
 def pick_device(name):
     """--device auto|cpu|cuda|mps -> a device string; auto takes CUDA, then MPS, then the CPU."""
     if name == "auto":

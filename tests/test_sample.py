@@ -108,6 +108,8 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (["--top-p", "0"], "argument --top-p: '0' is out of range"),
         (["--best-of", "0"], "argument --best-of: '0' is out of range"),
         (["--n", "1e9"], "argument --n: '1e9' is not a whole number"),
+        (["--like", " "], "argument --like: is empty (give a sentence)"),
+        (["--unlike", ""], "argument --unlike: is empty"),
         ([*ckpt, "--max-tokens", "100000"], "--max-tokens 100000 does not fit the decoder's context"),
         ([*ckpt, "--prompts", str(tmp_path / "missing.txt")], "prompt file"),
     ]
