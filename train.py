@@ -14,6 +14,7 @@ loop. Everything sample.py needs is written to --out (utils.py describes the dir
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import json
 import math
 import os
@@ -416,6 +417,7 @@ class Distributed:
                 self.device = f"cuda:{local_rank}"
             torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
         self.is_main = self.rank == 0
+        self.runners = []  # the DDP wrappers of wrap(), freed by finish()
 
     def barrier(self):
         if self.world > 1:
@@ -428,16 +430,23 @@ class Distributed:
             torch.distributed.all_reduce(value)
         return value.item()
 
-    def wrap(self, model):
-        """The module that runs the steps: DDP averages gradients over processes."""
-        if self.world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[torch.cuda.current_device()] if self.device.startswith("cuda") else None)
+    def wrap(self, *models):
+        """The modules that run the steps (a list this object owns): DDP averages gradients over processes."""
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [torch.cuda.current_device()] if self.device.startswith("cuda") else None
+            models = [DDP(model, device_ids=ids) for model in models]
+        self.runners = list(models)
+        return self.runners
 
     def finish(self):
+        """Free the DDP wrappers while the process group is alive, wait for every process, then end the
+        group. (A wrapper freed after destroy_process_group ends the gloo group on the main thread, with
+        the GIL held, while a gloo worker thread may wait for the GIL to free a tensor: a hang at exit.)"""
         if self.world > 1:
-            self.barrier()
+            self.runners.clear()  # main's `runners` is this list: the wrappers are freed here
+            gc.collect()
+            self.barrier()  # waiting releases the GIL, so the workers finish freeing what they hold
             torch.distributed.destroy_process_group()
 
 
@@ -664,7 +673,7 @@ def main(args):
     if args.sizes:  # the run's sizes and memory plan, from configs alone
         return budget.describe_run(args, *planned_configs(args))
     dist, run, data, tokenizer, cache = setup(args)
-    runners = dist.wrap(run.prior), dist.wrap(run.decoder)  # EMA, saving and logging use the plain modules
+    runners = dist.wrap(run.prior, run.decoder)  # EMA, saving and logging use the plain modules
     prior_rows = micro_batches(args.batch_size, dist.rank, dist.world, args.micro_batch or args.batch_size)
     decoder_rows = micro_batches(args.decoder_batch, dist.rank, dist.world, args.decoder_micro_batch or args.decoder_batch)
     amp, D = (lambda: autocast(dist.device, args.bf16)), args.decoder_batch

@@ -189,6 +189,19 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
         torch.testing.assert_close(w1[key], w2[key], atol=5e-5, rtol=1e-4)
 
 
+def test_finish_frees_the_ddp_wrappers_before_it_ends_the_process_group(monkeypatch):
+    # freed after destroy_process_group, a wrapper ends the gloo group with the GIL held: a rare hang at exit
+    import weakref
+    dist = train.Distributed("cpu")
+    runners = dist.wrap(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    alive = lambda refs=[weakref.ref(r) for r in runners]: any(ref() is not None for ref in refs)
+    dist.world, events = 2, []  # as under torchrun, with the collective calls recorded instead of run
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append(("barrier", alive())))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: events.append(("destroy", alive())))
+    dist.finish()
+    assert events == [("barrier", False), ("destroy", False)] and runners == []
+
+
 # ----------------------------------------------------------------------------- the run and its checkpoint
 
 
