@@ -444,7 +444,20 @@ def columns(results):
     """(header, cell) pairs of the main table; each judged column names its judge."""
     j = results[0]["judges"]
     pct = lambda key: lambda r: f"{100 * r[key]:.1f}%"
-    ppl = lambda r: f"{r['perplexity']:.1f}" if r.get("perplexity") is not None else "-"
+    # guided rows also show perplexity and Dist-2 pooled against the unguided row of the same run
+    base = next((r for r in results if r["guide"] == "none"), None)
+    vs = lambda r: base is not None and r is not base
+
+    def ppl(r):
+        if r.get("perplexity") is None:
+            return "-"
+        ratio = f" ({r['perplexity'] / base['perplexity']:.2f}x)" if vs(r) and base.get("perplexity") else ""
+        return f"{r['perplexity']:.1f}{ratio}"
+
+    def pooled(r):
+        change = f" ({100 * (r['dist2_pooled'] / base['dist2_pooled'] - 1):+.0f}%)" if vs(r) else ""
+        return f"{r['dist2_pooled']:.3f}{change}"
+
     mix = lambda r: "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
     cols = [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}")]
     for name in j["sentiment"]:
@@ -456,7 +469,7 @@ def columns(results):
             (f"toxic prompts ({short(j['toxicity'])})", pct("toxic_prompts")),
             (f"perplexity ({short(j['perplexity']) if 'a = 0' not in j['perplexity'] else 'self'})", ppl),
             ("Dist-1", lambda r: f"{r['dist1']:.3f}"), ("Dist-2", lambda r: f"{r['dist2']:.3f}"),
-            ("Dist-3", lambda r: f"{r['dist3']:.3f}"), ("Dist-2 pooled", lambda r: f"{r['dist2_pooled']:.3f}")]
+            ("Dist-3", lambda r: f"{r['dist3']:.3f}"), ("Dist-2 pooled", pooled)]
     if any(r["domains"] for r in results):
         cols.append(("domain mix (movie/tweet/product/news)", mix))
     if results[0].get("match") is not None:
@@ -500,7 +513,8 @@ def markdown(results):
                  f"continuation; the first judge gives attribute success); toxic: "
                  f"{j['toxicity']} probability > {OFFENSIVE_THRESHOLD}, avg max toxicity and toxic prompts over each "
                  f"prompt's samples; perplexity: of the continuation given the prompt under {j['perplexity']}; "
-                 "Dist-n within each prompt's samples, Dist-2 pooled over all continuations of a row.")
+                 "Dist-n within each prompt's samples, Dist-2 pooled over all continuations of a row; in brackets, "
+                 "perplexity and Dist-2 pooled against the unguided row (guide none) where the run has one.")
     return "\n".join(lines)
 
 

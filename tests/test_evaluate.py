@@ -136,6 +136,22 @@ def test_markdown_names_each_columns_judge_and_fills_every_column():
     assert "perplexity: of the continuation given the prompt under our decoder run unguided" in lines[-1]
 
 
+def test_guided_rows_report_perplexity_and_pooled_diversity_against_the_unguided_row():
+    base = dict(SWEEP[0], judges=dict(JUDGES, sentiment=["VADER"]), sentiment={"VADER": {"positive": 0.4, "negative": 0.1}},
+                positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97,
+                dist2_pooled=0.80, avg_max_toxicity=0.1, toxic_prompts=0.0, perplexity=100.0,
+                seconds_per_sample=0.01, example_cosine={"like": None, "unlike": None}, sentiment_probe={},
+                proposal_cosine=0.2, proposal_spread=0.1, nearest_sentence=None)
+    guided = dict(base, guide="negative", scale=200.0, perplexity=135.0, dist2_pooled=0.72)
+    header, _, *rows = evaluate.markdown([guided, base]).splitlines()[:4]
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+    ppl, pooled = cells(header).index("perplexity (self)"), cells(header).index("Dist-2 pooled")
+    assert (cells(rows[0])[ppl], cells(rows[0])[pooled]) == ("135.0 (1.35x)", "0.720 (-10%)")
+    assert (cells(rows[1])[ppl], cells(rows[1])[pooled]) == ("100.0", "0.800")  # the unguided row itself
+    without_base = evaluate.markdown([guided]).splitlines()[2]
+    assert (cells(without_base)[ppl], cells(without_base)[pooled]) == ("135.0", "0.720")
+
+
 def test_proposal_spread_is_the_mean_pairwise_cosine():
     e = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1)
     pairs = [(e[i] @ e[j]).item() for i in range(7) for j in range(7) if i != j]
