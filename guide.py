@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
-from encoder import DTYPES, EmbeddingCache, cache_dir_for
+from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
 from utils import ArgumentParser, bounded, count, pick_device, run_cli
 
 # ----------------------------------------------------------------------------- guidance
@@ -412,7 +412,7 @@ def main(argv=None):
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
     p.add_argument("--cache-dir", default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 on cuda)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
     config_path = Path(args.ckpt) / "config.json"
@@ -421,8 +421,8 @@ def main(argv=None):
                          f"train one with `python train.py --out {args.ckpt}`")
     encoder_name = json.loads(config_path.read_text())["encoder"]
     device = pick_device(args.device)
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else None)
-    cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, device, args.batch_size, dtype)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, device, args.batch_size,
+                           args.dtype or default_dtype(device))
     if args.labels:
         return add_label_probes(args, encoder_name, cache)
     probes, report = train_paper_probes(cache, args.max_per_class, args.probe_data)

@@ -88,3 +88,8 @@ def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="could not load the sentence encoder 'someone/not-here'.*--encoder"):
         encoder_lib.load_encoder("someone/not-here")
+
+
+def test_the_encoder_runs_in_bf16_by_default_only_where_the_device_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(encoder_lib, "native_bf16", lambda device: device == "cuda")
+    assert encoder_lib.default_dtype("cuda") == "bf16" and encoder_lib.default_dtype("cpu") is None
