@@ -327,13 +327,15 @@ def read_corpus(args, tokenizer, cache, room):
     """--data tiny or a file -> (one Window over the whole corpus, tokenizer); trains the tiny BPE."""
     rows = data_lib.load_corpus(args.data, args.cache_dir)
     train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
+    began = time.time()
     if tokenizer is None:
         tokenizer = train_tokenizer([ex["text"] for ex in train], args.vocab_size) if args.lm == TINY_LM \
             else load_tokenizer(args.lm)
-    examples = train + held_out
+    examples, tokenized = train + held_out, time.time()
     e_cont = cache.encode([ex["continuation"] for ex in examples])
     e_prefix = cache.encode([ex["prefix"] for ex in examples])
-    print(f"data: {len(train)} training texts, {len(held_out)} held out; {len(cache)} texts in the embedding cache")
+    print(f"data: {len(train)} training texts, {len(held_out)} held out; {len(cache)} texts in the embedding cache "
+          f"(tokenizer {tokenized - began:.0f} s, embedding {time.time() - tokenized:.0f} s)")
     return Window(examples, e_prefix, e_cont, tokenizer, room, args.batch_size, args.seed), tokenizer
 
 
@@ -633,6 +635,7 @@ class Progress:
     def steps(self):
         self.bar = tqdm(range(self.run.step, self.args.steps), initial=self.run.step, total=self.args.steps,
                         dynamic_ncols=True, disable=not self.dist.is_main)
+        self.first_step, self.loop_started, self.step_seconds = self.run.step, time.time(), [0.0, 0.0]
         return self.bar
 
     def update(self, step, losses, t_prior, t_decoder, prefix_ids, cont_ids):
@@ -643,6 +646,8 @@ class Progress:
                       "rate, then --resume)", file=sys.stderr)
             raise SystemExit(1)
         self.bar.set_postfix_str(f"prior {losses[0]:.3f} | decoder {losses[1]:.3f}")
+        self.step_seconds[0] += t_prior
+        self.step_seconds[1] += t_decoder
         self.meter.add(t_prior, t_decoder, self.args.batch_size,
                        [len(p) + len(c) + self.n_soft + 2 for p, c in zip(prefix_ids, cont_ids)])
         throughput = self.meter.report() if step % self.args.log_every == 0 or step == self.args.steps else None
@@ -665,7 +670,12 @@ class Progress:
         print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(texts)}): {cos:.3f}")
         for original, text in list(zip(texts, decoded))[:3]:
             print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
-        print(f"done in {(time.time() - self.started) / 60:.1f} min; checkpoint in {self.args.out}/")
+        total, before = time.time() - self.started, self.loop_started - self.started
+        prior, decoder = self.step_seconds
+        print(f"done in {total / 60:.1f} min: {before:.0f} s before the first step (data, embedding, models, probes), "
+              f"{prior:.0f} s in {self.args.steps - self.first_step} prior steps, {decoder:.0f} s in as many decoder "
+              f"steps, {total - before - prior - decoder:.0f} s around them (batches, logging, saving, reconstruction); "
+              f"checkpoint in {self.args.out}/")
 
 
 def main(args):

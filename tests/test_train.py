@@ -253,6 +253,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_
     assert all(torch.isfinite(v).all() for v in tensors_of(tmp_path / "out").values() if v.is_floating_point())
 
 
+def test_a_run_ends_by_saying_where_its_wall_time_went(corpus, trained, tmp_path, monkeypatch, capsys):
+    import re
+    import time
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    real_step = train.prior_step
+    monkeypatch.setattr(train, "prior_step", lambda *a: (time.sleep(0.4), real_step(*a))[1])  # 4 steps: >= 1.6 s
+    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "4", "--save-every", "4")
+    out = capsys.readouterr().out
+    assert re.search(r"data: .* \(tokenizer \d+ s, embedding \d+ s\)", out)
+    done = re.search(r"done in [\d.]+ min: (\d+) s before the first step .*, (\d+) s in 4 prior steps, (\d+) s in as "
+                     r"many decoder steps, (\d+) s around them", out)
+    assert done and int(done[2]) >= 2  # the prior's own seconds, not the sleep-free decoder's
+
+
 def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_path):
     shutil.copytree(trained / "cache", tmp_path / "cache")
     shutil.copytree(trained / "out", tmp_path / "out")
