@@ -242,7 +242,8 @@ def main(argv=None):
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=256, help="texts per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--c4-path", default=None, help="local copy of C4 en (*.json.gz) instead of the hub")
     p.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer (hub id or folder) for the C4 preparation")
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (fixes the prefix split)")

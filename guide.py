@@ -412,7 +412,8 @@ def main(argv=None):
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
     p.add_argument("--cache-dir", default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
     config_path = Path(args.ckpt) / "config.json"

@@ -137,8 +137,8 @@ def test_markdown_names_each_columns_judge_and_fills_every_column():
 
 
 def test_guided_rows_report_perplexity_and_pooled_diversity_against_the_unguided_row():
-    base = dict(SWEEP[0], judges=dict(JUDGES, sentiment=["VADER"]), sentiment={"VADER": {"positive": 0.4, "negative": 0.1}},
-                positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97,
+    base = dict(SWEEP[0], judges=dict(JUDGES, sentiment=["VADER"]),
+                sentiment={"VADER": {"positive": 0.4, "negative": 0.1}}, positive_with_prompt=0.5, negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97,
                 dist2_pooled=0.80, avg_max_toxicity=0.1, toxic_prompts=0.0, perplexity=100.0,
                 seconds_per_sample=0.01, example_cosine={"like": None, "unlike": None}, sentiment_probe={},
                 proposal_cosine=0.2, proposal_spread=0.1, nearest_sentence=None)
