@@ -455,7 +455,8 @@ def columns(results):
         return f"{r['perplexity']:.1f}{ratio}"
 
     def pooled(r):
-        change = f" ({100 * (r['dist2_pooled'] / base['dist2_pooled'] - 1):+.0f}%)" if vs(r) else ""
+        change = f" ({100 * (r['dist2_pooled'] / base['dist2_pooled'] - 1):+.0f}%)" \
+            if vs(r) and base["dist2_pooled"] > 0 else ""  # 0: no bigrams at all (one-word continuations)
         return f"{r['dist2_pooled']:.3f}{change}"
 
     mix = lambda r: "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"

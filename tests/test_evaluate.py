@@ -150,6 +150,8 @@ def test_guided_rows_report_perplexity_and_pooled_diversity_against_the_unguided
     assert (cells(rows[1])[ppl], cells(rows[1])[pooled]) == ("100.0", "0.800")  # the unguided row itself
     without_base = evaluate.markdown([guided]).splitlines()[2]
     assert (cells(without_base)[ppl], cells(without_base)[pooled]) == ("135.0", "0.720")
+    no_bigrams = evaluate.markdown([guided, dict(base, dist2_pooled=0.0)]).splitlines()[2]  # e.g. --max-tokens 1
+    assert cells(no_bigrams)[pooled] == "0.720"
 
 
 def test_proposal_spread_is_the_mean_pairwise_cosine():
