@@ -85,6 +85,11 @@ def embed(model, texts, batch_size=128, show_progress=False):
                      normalize_embeddings=True, show_progress_bar=show_progress).astype(np.float32)
     if next(model.parameters()).dtype != torch.float32:
         e /= np.linalg.norm(e, axis=1, keepdims=True)  # normalised in half precision: |e| only ~1 +- 1e-2
+    bad = np.flatnonzero(~np.isfinite(e).all(1))
+    if len(bad):  # e.g. mean pooling over no tokens: an empty text and a tokenizer that adds none
+        raise SystemExit(f"error: the sentence encoder gave non-finite embeddings for {len(bad)} of {len(e)} texts "
+                         f"(the first: {list(texts)[bad[0]]!r}); training on them would turn the loss into nan. "
+                         "Check that its tokenizer gives every text, the empty one too, at least one token")
     return e
 
 

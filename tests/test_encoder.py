@@ -93,3 +93,16 @@ def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch)
 def test_the_encoder_runs_in_bf16_by_default_only_where_the_device_computes_it_natively(monkeypatch):
     monkeypatch.setattr(encoder_lib, "native_bf16", lambda device: device == "cuda")
     assert encoder_lib.default_dtype("cuda") == "bf16" and encoder_lib.default_dtype("cpu") is None
+
+
+def test_non_finite_embeddings_are_refused_in_one_line_naming_a_text():
+    class MeanPoolingOverNoTokens:  # what a tokenizer that gives "" no token does to mean pooling
+        def encode(self, texts, **kwargs):
+            return np.array([[np.nan, np.nan] if not t else [0.6, 0.8] for t in texts], dtype=np.float32)
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+    assert encoder_lib.embed(MeanPoolingOverNoTokens(), ["a", "b"]).shape == (2, 2)
+    with pytest.raises(SystemExit, match=r"non-finite embeddings for 1 of 3 texts \(the first: ''\)"):
+        encoder_lib.embed(MeanPoolingOverNoTokens(), ["a", "", "b"])
