@@ -670,12 +670,21 @@ class Progress:
         print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(texts)}): {cos:.3f}")
         for original, text in list(zip(texts, decoded))[:3]:
             print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
+        if str(self.dist.device).startswith("cuda"):
+            print(peak_gpu_memory(self.dist.device))
         total, before = time.time() - self.started, self.loop_started - self.started
         prior, decoder = self.step_seconds
         print(f"done in {total / 60:.1f} min: {before:.0f} s before the first step (data, embedding, models, probes), "
               f"{prior:.0f} s in {self.args.steps - self.first_step} prior steps, {decoder:.0f} s in as many decoder "
               f"steps, {total - before - prior - decoder:.0f} s around them (batches, logging, saving, reconstruction); "
               f"checkpoint in {self.args.out}/")
+
+
+def peak_gpu_memory(device):
+    """The run's peak CUDA memory, to hold against the estimate printed at the start (budget.py)."""
+    gib = lambda n: f"{n / 2 ** 30:.1f} GiB"
+    return (f"peak GPU memory: {gib(torch.cuda.max_memory_allocated(device))} allocated, "
+            f"{gib(torch.cuda.max_memory_reserved(device))} reserved (the estimate at the start also counts the CUDA context)")
 
 
 def main(args):

@@ -267,6 +267,12 @@ def test_a_run_ends_by_saying_where_its_wall_time_went(corpus, trained, tmp_path
     assert done and int(done[2]) >= 2  # the prior's own seconds, not the sleep-free decoder's
 
 
+def test_a_cuda_run_reports_its_peak_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 30 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 33.5 * 2 ** 30)
+    assert train.peak_gpu_memory("cuda").startswith("peak GPU memory: 30.0 GiB allocated, 33.5 GiB reserved")
+
+
 def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_path):
     shutil.copytree(trained / "cache", tmp_path / "cache")
     shutil.copytree(trained / "out", tmp_path / "out")
