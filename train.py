@@ -684,7 +684,8 @@ def peak_gpu_memory(device):
     """The run's peak CUDA memory, to hold against the estimate printed at the start (budget.py)."""
     gib = lambda n: f"{n / 2 ** 30:.1f} GiB"
     return (f"peak GPU memory: {gib(torch.cuda.max_memory_allocated(device))} allocated, "
-            f"{gib(torch.cuda.max_memory_reserved(device))} reserved (the estimate at the start also counts the CUDA context)")
+            f"{gib(torch.cuda.max_memory_reserved(device))} reserved (the estimate at the start also counts the "
+            "CUDA context)")
 
 
 def main(args):
