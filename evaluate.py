@@ -350,6 +350,7 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=N
 # ----------------------------------------------------------------------------- attribute success and the sweep plot
 
 OFFENSIVE_PROBES = ("offensive", "toxicity", "toxic", "profanity")
+SENTIMENT_PROBES = ("sentiment", "sentiment_no_negation")
 
 
 def judged_share(result, probe, target):
@@ -359,7 +360,7 @@ def judged_share(result, probe, target):
     probes or with per-prompt targets ("prefix", e.g. same-domain) have no single share: None."""
     if not isinstance(probe, str) or target not in (0, 1):
         return None
-    if probe == "sentiment":
+    if probe in SENTIMENT_PROBES:
         return result["positive"] if target else result["negative"]
     if probe in OFFENSIVE_PROBES:
         return result["toxic"] if target else 1 - result["toxic"]

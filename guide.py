@@ -142,14 +142,15 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
 
 # ----------------------------------------------------------------------------- guides
 
-# Guide name -> (probe or list of probes, target label[, strength]). "negative" is the sentiment probe asked
-# for label 0. Target "prefix" holds an attribute where the prefix has it: each probe's target is its own
-# probability on the prefix's embedding, so e.g. `positive,same-domain` changes the sentiment and
-# keeps the kind of text (composition is the point of plug-and-play control). The strength multiplies a
-# guide's weight: the tiny decoder leans positive, so at a scale where negative steers, a full-strength
-# positive overshoots (repeated "love", "great"; README, "Steering"), and its guide pulls half as hard.
+# Guide name -> (probe or list of probes, target label[, strength]). "negative" is a sentiment probe asked
+# for label 0 (on the tiny tier the one blind to negation, see train_tiny_probes). Target "prefix" holds an
+# attribute where the prefix has it: each probe's target is its own probability on the prefix's embedding,
+# so e.g. `positive,same-domain` changes the sentiment and keeps the kind of text (composition is the point
+# of plug-and-play control). The strength multiplies a guide's weight: the tiny decoder leans positive, so
+# at a scale where negative steers, a full-strength positive overshoots (repeated "love", "great"; README,
+# "Steering"), and its guide pulls half as hard.
 TINY_GUIDES = {
-    "positive": ("sentiment", 1, 0.5), "negative": ("sentiment", 0),
+    "positive": ("sentiment", 1, 0.5), "negative": ("sentiment_no_negation", 0),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
@@ -220,12 +221,44 @@ def accuracy(w, b, e, y):
     return ((e.float() @ w + b > 0).float() == y.float()).float().mean().item()
 
 
+# A text is negated by putting "not" after its first auxiliary verb ("The plot was thin." -> "The plot was
+# not thin."); texts that already hold a negation are left out.
+AUXILIARY = re.compile(r"\b(is|was|are|were|do|does|did|can|will|would|could|should)\b", re.I)
+NEGATION = re.compile(r"n't\b|\b(not|no|never|nothing|none|nobody|nor|cannot)\b", re.I)
+
+
+def negation_direction(texts, encode, n=2000):
+    """The encoder's direction of negation: the mean change of a text's embedding when it is negated, over
+    up to n of `texts`, as a unit vector. encode: list of texts -> (N, d) embeddings."""
+    plain = [t for t in texts if AUXILIARY.search(t) and not NEGATION.search(t)][:n]
+    if not plain:
+        raise SystemExit("error: no text with an auxiliary verb to negate; cannot find the negation direction")
+    negated = [AUXILIARY.sub(lambda m: m.group(0) + " not", t, count=1) for t in plain]
+    d = (torch.as_tensor(encode(negated)) - torch.as_tensor(encode(plain))).float().mean(0)
+    return d / d.norm()
+
+
+def without_direction(w, d):
+    """w with its component along the unit vector d removed, rescaled to w's norm (so that a guide's scale
+    means the same push): the probe can no longer be moved along d."""
+    w_perp = w - (w @ d) * d
+    return w_perp * (w.norm() / w_perp.norm())
+
+
 SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
-def train_tiny_probes(train_e, train_rows, test_e, test_rows):
+def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     """Sentiment (balanced within each domain) and one-vs-rest domain probes for the tiny corpus.
 
     Returns {name: (w, b)} and {name: held-out accuracy}. The sentiment probe's classes are weighted
     so that each domain holds as much positive as negative mass: it cannot score by naming a domain.
+
+    MiniLM puts a sentence and its negation close together ("The movie was bad." / "... not bad.", cosine
+    0.90), and the corpus's negative sentences hold more negations, so the sentiment direction also points
+    along negation (cosine about -0.4): pushed negative, a proposal gains "no" and "not", and the decoder
+    writes negated negatives ("no problems") that read positive. `sentiment_no_negation` is the same probe
+    with the negation direction (encode: texts -> embeddings, to embed negated copies) projected out; the
+    `negative` guide steers with it (README, "Steering"). `positive` keeps the whole probe: pushed positive,
+    a proposal loses negations, which does no harm, and without that part it steers a little less.
     """
     probes, report = {}, {}
 
@@ -238,6 +271,10 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows):
     probes["sentiment"] = train_probe(e, y, balanced_weights(y, domains))
     te, ty, _ = sentiment_set(test_e, test_rows)
     report["sentiment"] = accuracy(*probes["sentiment"], te, ty)
+    w, b = probes["sentiment"]
+    probes["sentiment_no_negation"] = without_direction(w, negation_direction(
+        [r["continuation"] for r in train_rows], encode)), b.clone()
+    report["sentiment_no_negation"] = accuracy(*probes["sentiment_no_negation"], te, ty)
     for domain in sorted({r["domain"] for r in train_rows}):
         y = torch.tensor([float(r["domain"] == domain) for r in train_rows])
         probes[domain] = train_probe(train_e, y, balanced_weights(y, [0] * len(y)))

@@ -470,16 +470,16 @@ def preflight(args):
                          "local copies with the flags named, or train the offline tiny tier (--data tiny)")
 
 
-def train_probes(args, window, out, cache_dir):
+def train_probes(args, window, out, cache):
     """The tier's probes, before the long loop, into out/probes.safetensors: the tiny corpus's labels
     (sentiment, domains) or the paper's data sets (sentiment, toxicity, topics). -> report or None."""
     if window.examples and "rating" in window.examples[0] and window.held_out:
-        probes, report = train_tiny_probes(window.e_cont, window.examples, window.held_out_e_cont, window.held_out)
+        probes, report = train_tiny_probes(window.e_cont, window.examples, window.held_out_e_cont, window.held_out,
+                                           lambda texts: cache.encode(texts, show_progress=False))
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
         return None
-    cache = EmbeddingCache(cache_dir, args.encoder, args.encode_device, dtype="bf16" if args.bf16 else None)
     try:
         probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
     except SystemExit as err:
@@ -601,7 +601,7 @@ def setup(args):
     if ckpt:
         print(f"resumed from {out} at step {run.step}")
     if dist.is_main and not (out / "probes.safetensors").exists():
-        report = train_probes(args, window, out, cache.dir)
+        report = train_probes(args, window, out, cache)
         if report:
             print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
     if dist.is_main:

@@ -81,6 +81,7 @@ def test_attribute_success_reads_the_judge_of_the_guides_target():
     r = fake_result("none", 0.0, 0.3, 0.2, 10.0)
     assert evaluate.attribute_success(r, "positive", GUIDES) == 0.3
     assert evaluate.attribute_success(r, "negative:2", GUIDES) == 0.2
+    assert evaluate.attribute_success(r, "negative", {"negative": ("sentiment_no_negation", 0)}) == 0.2
     assert evaluate.attribute_success(r, "news", GUIDES) == 0.5
     assert evaluate.attribute_success(r, "clean", GUIDES) == pytest.approx(0.9)
     assert evaluate.attribute_success(r, "offensive", {}) == 0.1

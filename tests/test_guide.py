@@ -6,10 +6,11 @@ import torch
 
 import data
 import guide
-from conftest import HELD_OUT, TOPIC_HELD_OUT
+from conftest import HELD_OUT, NEGATIVE, POSITIVE, TOPIC_HELD_OUT
 from diffusion import Prior, PriorConfig
-from encoder import unstandardize
-from guide import Guidance, accuracy, balanced_weights, build_guidance, parse_guides, train_probe
+from encoder import embed, unstandardize
+from guide import (Guidance, accuracy, balanced_weights, build_guidance, negation_direction, parse_guides,
+                   train_probe, without_direction)
 from sample import SamplingConfig
 
 GUIDE_MAX_LOGSNR = SamplingConfig.guide_max_logsnr
@@ -20,6 +21,28 @@ def test_probe_beats_chance_on_held_out_sentences(sentiment_embeddings):
     held = torch.arange(len(y)) % 4 == 0
     w, b = train_probe(e[~held], y[~held])
     assert accuracy(w, b, e[held], y[held]) >= 0.8  # chance is 0.5
+
+
+
+def test_without_the_negation_direction_negating_a_sentence_flips_the_probe(encoder, sentiment_embeddings):
+    """MiniLM moves every sentence the same way when "not" is added, so a sentiment probe calls "not sad"
+    as negative as "sad"; with that common direction projected out, negation reads as a flip."""
+    e, y = sentiment_embeddings
+    w, _ = train_probe(e, y)
+    encode = lambda texts: torch.from_numpy(embed(encoder, texts))
+    d = negation_direction(POSITIVE + NEGATIVE, encode)
+    w_perp = without_direction(w, d)
+    assert abs(float(w_perp @ d)) < 1e-4 and float(w_perp.norm()) == pytest.approx(float(w.norm()))
+
+    def shift(probe, sentences):  # mean change of the probe's logit when each sentence is negated
+        negated = [s.replace(" was ", " was not ").replace(" were ", " were not ") for s in sentences]
+        return float(((encode(negated) - encode(sentences)) @ probe).mean())
+    good = ["The movie was good.", "The hotel was clean.", "The staff were friendly.", "The price was fair."]
+    bad = ["The ending was sad.", "The food was cold.", "The service was slow.", "The plot was thin."]
+    assert shift(w, bad) < 0 < shift(w_perp, bad)  # "not sad": more negative, then less
+    assert shift(w_perp, good) < 0  # "not good" still reads less positive
+    with pytest.raises(SystemExit, match="no text with an auxiliary verb"):
+        negation_direction(["Great day!", "Not again."], encode)
 
 
 def test_balanced_weights_give_each_group_and_label_equal_mass():
