@@ -229,10 +229,11 @@ NEGATION = re.compile(r"n't\b|\b(not|no|never|nothing|none|nobody|nor|cannot)\b"
 
 def negation_direction(texts, encode, n=2000):
     """The encoder's direction of negation: the mean change of a text's embedding when it is negated, over
-    up to n of `texts`, as a unit vector. encode: list of texts -> (N, d) embeddings."""
+    up to n of `texts`, as a unit vector; None if no text can be negated by the rule above.
+    encode: list of texts -> (N, d) embeddings."""
     plain = [t for t in texts if AUXILIARY.search(t) and not NEGATION.search(t)][:n]
     if not plain:
-        raise SystemExit("error: no text with an auxiliary verb to negate; cannot find the negation direction")
+        return None
     negated = [AUXILIARY.sub(lambda m: m.group(0) + " not", t, count=1) for t in plain]
     d = (torch.as_tensor(encode(negated)) - torch.as_tensor(encode(plain))).float().mean(0)
     return d / d.norm()
@@ -272,8 +273,11 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     te, ty, _ = sentiment_set(test_e, test_rows)
     report["sentiment"] = accuracy(*probes["sentiment"], te, ty)
     w, b = probes["sentiment"]
-    probes["sentiment_no_negation"] = without_direction(w, negation_direction(
-        [r["continuation"] for r in train_rows], encode)), b.clone()
+    d = negation_direction([r["continuation"] for r in train_rows], encode)
+    if d is None:
+        print("note: no training text to negate (no English auxiliary verb); sentiment_no_negation is the whole "
+              "sentiment probe")
+    probes["sentiment_no_negation"] = (w.clone() if d is None else without_direction(w, d)), b.clone()
     report["sentiment_no_negation"] = accuracy(*probes["sentiment_no_negation"], te, ty)
     for domain in sorted({r["domain"] for r in train_rows}):
         y = torch.tensor([float(r["domain"] == domain) for r in train_rows])

@@ -41,9 +41,19 @@ def test_without_the_negation_direction_negating_a_sentence_flips_the_probe(enco
     bad = ["The ending was sad.", "The food was cold.", "The service was slow.", "The plot was thin."]
     assert shift(w, bad) < 0 < shift(w_perp, bad)  # "not sad": more negative, then less
     assert shift(w_perp, good) < 0  # "not good" still reads less positive
-    with pytest.raises(SystemExit, match="no text with an auxiliary verb"):
-        negation_direction(["Great day!", "Not again."], encode)
+    assert negation_direction(["Great day!", "It is not again."], encode) is None  # nothing to negate
 
+
+
+def test_tiny_probes_keep_the_whole_sentiment_probe_when_no_text_can_be_negated(capsys):
+    label = torch.tensor([i % 2 for i in range(40)], dtype=torch.float32)
+    e = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    e[:, 0] += 4 * label - 2
+    rows = [{"rating": 4 * y - 2, "domain": "ab"[i // 2 % 2], "continuation": ["sad day", "great day"][int(y)]}
+            for i, y in enumerate(label.tolist())]
+    probes, report = guide.train_tiny_probes(e, rows, e, rows, encode=lambda texts: pytest.fail("nothing to negate"))
+    assert torch.equal(probes["sentiment_no_negation"][0], probes["sentiment"][0]) and report["sentiment"] > 0.9
+    assert "no training text to negate" in capsys.readouterr().out
 
 def test_balanced_weights_give_each_group_and_label_equal_mass():
     y = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0, 0.0])
@@ -342,7 +352,8 @@ def test_like_raises_the_cosine_to_the_example_and_unlike_lowers_it(trained):
 
 
 def test_a_guides_strength_multiplies_its_weight():
-    probes = {n: (torch.randn(8), torch.tensor(0.0)) for n in ["sentiment", "movie", "tweet", "product", "news"]}
+    probes = {n: (torch.randn(8), torch.tensor(0.0))
+              for n in ["sentiment", "sentiment_no_negation", "movie", "tweet", "product", "news"]}
     g = build_guidance("positive:2,negative", probes, guide.TINY_GUIDES, torch.zeros(8), torch.ones(8), 1.0,
                        n_samples=0, max_logsnr=15.0)
     assert [t[3] for t in g.terms] == [2 * guide.TINY_GUIDES["positive"][2], 1.0]

@@ -419,17 +419,19 @@ def test_paper_tier_probes_are_part_of_the_run_or_a_warning(probe_data, tmp_path
     warning that names the command that adds the probes later, and training goes on."""
     from types import SimpleNamespace
 
+    from encoder import EmbeddingCache
     from guide import load_probes
     args = get_args(["--data", "c4", "--encoder", "minilm", "--probe-data", str(probe_data)])
     args.encode_device, args.bf16 = "cpu", False
     window = SimpleNamespace(examples=[{"text": "a", "prefix": "", "continuation": "a"}], held_out=[])
-    report = train.train_probes(args, window, tmp_path, tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", "minilm")
+    report = train.train_probes(args, window, tmp_path, cache)
     assert set(report) == {"sentiment", "toxicity", "world", "sports", "business", "scitech"}
     assert "nontoxic" in load_probes(tmp_path / "probes.safetensors", "minilm")[1]
     (tmp_path / "probes.safetensors").unlink()
     args.probe_data = str(tmp_path / "nowhere")
     capsys.readouterr()
-    assert train.train_probes(args, window, tmp_path, tmp_path / "cache") is None
+    assert train.train_probes(args, window, tmp_path, cache) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: no probes (could not stream stanfordnlp/sst2")
     assert f"add them later with `python guide.py --ckpt {tmp_path} --probes paper`" in err
