@@ -23,7 +23,6 @@ def test_probe_beats_chance_on_held_out_sentences(sentiment_embeddings):
     assert accuracy(w, b, e[held], y[held]) >= 0.8  # chance is 0.5
 
 
-
 def test_without_the_negation_direction_negating_a_sentence_flips_the_probe(encoder, sentiment_embeddings):
     """MiniLM moves every sentence the same way when "not" is added, so a sentiment probe calls "not sad"
     as negative as "sad"; with that common direction projected out, negation reads as a flip."""
@@ -44,7 +43,6 @@ def test_without_the_negation_direction_negating_a_sentence_flips_the_probe(enco
     assert negation_direction(["Great day!", "It is not again."], encode) is None  # nothing to negate
 
 
-
 def test_tiny_probes_keep_the_whole_sentiment_probe_when_no_text_can_be_negated(capsys):
     label = torch.tensor([i % 2 for i in range(40)], dtype=torch.float32)
     e = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
@@ -54,6 +52,7 @@ def test_tiny_probes_keep_the_whole_sentiment_probe_when_no_text_can_be_negated(
     probes, report = guide.train_tiny_probes(e, rows, e, rows, encode=lambda texts: pytest.fail("nothing to negate"))
     assert torch.equal(probes["sentiment_no_negation"][0], probes["sentiment"][0]) and report["sentiment"] > 0.9
     assert "no training text to negate" in capsys.readouterr().out
+
 
 def test_balanced_weights_give_each_group_and_label_equal_mass():
     y = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0, 0.0])
