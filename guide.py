@@ -239,11 +239,11 @@ def negation_direction(texts, encode, n=2000):
     return d / d.norm()
 
 
-def without_direction(w, d):
-    """w with its component along the unit vector d removed, rescaled to w's norm (so that a guide's scale
-    means the same push): the probe can no longer be moved along d."""
-    w_perp = w - (w @ d) * d
-    return w_perp * (w.norm() / w_perp.norm())
+def probe_without(e, y, sample_weight, d):
+    """A probe (train_probe) fitted on the embeddings e with the unit direction d projected out: it can
+    neither read nor push along d."""
+    e = e.float()
+    return train_probe(e - (e @ d)[:, None] * d, y, sample_weight)
 
 
 SENTIMENT_MARGIN = 0.5  # tiny corpus: rating > +0.5 is positive, < -0.5 negative, between is left out
@@ -256,10 +256,12 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     MiniLM puts a sentence and its negation close together ("The movie was bad." / "... not bad.", cosine
     0.90), and the corpus's negative sentences hold more negations, so the sentiment direction also points
     along negation (cosine about -0.4): pushed negative, a proposal gains "no" and "not", and the decoder
-    writes negated negatives ("no problems") that read positive. `sentiment_no_negation` is the same probe
-    with the negation direction (encode: texts -> embeddings, to embed negated copies) projected out; the
-    `negative` guide steers with it (README, "Steering"). `positive` keeps the whole probe: pushed positive,
-    a proposal loses negations, which does no harm, and without that part it steers a little less.
+    writes negated negatives ("no problems") that read positive. `sentiment_no_negation` is the sentiment
+    probe fitted on the embeddings with the negation direction projected out (encode: texts -> embeddings,
+    to embed negated copies), so it cannot push along it, rescaled to the whole probe's norm so that a
+    guide's scale means the same push; the `negative` guide steers with it (README, "Steering").
+    `positive` keeps the whole probe: pushed positive, a proposal loses negations, which does no harm, and
+    without that part it steers a little less.
     """
     probes, report = {}, {}
 
@@ -277,7 +279,11 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     if d is None:
         print("note: no training text to negate (no English auxiliary verb); sentiment_no_negation is the whole "
               "sentiment probe")
-    probes["sentiment_no_negation"] = (w.clone() if d is None else without_direction(w, d)), b.clone()
+        probes["sentiment_no_negation"] = w.clone(), b.clone()
+    else:
+        w_n, b_n = probe_without(e, y, balanced_weights(y, domains), d)
+        k = w.norm() / w_n.norm()
+        probes["sentiment_no_negation"] = w_n * k, b_n * k  # the same decision boundary, the whole probe's norm
     report["sentiment_no_negation"] = accuracy(*probes["sentiment_no_negation"], te, ty)
     for domain in sorted({r["domain"] for r in train_rows}):
         y = torch.tensor([float(r["domain"] == domain) for r in train_rows])
