@@ -271,7 +271,8 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
         return e[keep], y, [rows[i]["domain"] for i in keep]
 
     e, y, domains = sentiment_set(train_e, train_rows)
-    probes["sentiment"] = train_probe(e, y, balanced_weights(y, domains))
+    weights = balanced_weights(y, domains)
+    probes["sentiment"] = train_probe(e, y, weights)
     te, ty, _ = sentiment_set(test_e, test_rows)
     report["sentiment"] = accuracy(*probes["sentiment"], te, ty)
     w, b = probes["sentiment"]
@@ -281,7 +282,7 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
               "sentiment probe")
         probes["sentiment_no_negation"] = w.clone(), b.clone()
     else:
-        w_n, b_n = probe_without(e, y, balanced_weights(y, domains), d)
+        w_n, b_n = probe_without(e, y, weights, d)
         k = w.norm() / w_n.norm()
         probes["sentiment_no_negation"] = w_n * k, b_n * k  # the same decision boundary, the whole probe's norm
     report["sentiment_no_negation"] = accuracy(*probes["sentiment_no_negation"], te, ty)
