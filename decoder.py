@@ -235,13 +235,14 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, prefix_ids, x, *, a=None, max_new_tokens, top_p, temperature, repetition_penalty,
-                 generator=None):
+                 min_new_tokens=0, generator=None):
         """Sample continuations of token-id lists `prefix_ids` given standardised latents x (B, d).
 
         x is re-noised at signal level `a` (default config.inference_a); top-p sampling with a
         CTRL-style repetition penalty on the prefix's and the generated tokens (not on bos, the
-        padding or the slots); temperature 0 decodes greedily. Returns token-id lists. Prefixes too
-        long for the context keep their last tokens.
+        padding or the slots); temperature 0 decodes greedily; end-of-text cannot be drawn before
+        min_new_tokens tokens. Returns token-id lists. Prefixes too long for the context keep their
+        last tokens.
         """
         B, device = len(prefix_ids), x.device
         a = torch.full((B,), self.config.inference_a if a is None else a, device=device)
@@ -258,8 +259,10 @@ class Decoder(nn.Module):
         seen[rows, ids[rows, cols]] = True
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = logits[:, -1].float()
+            if step < min_new_tokens:
+                logits[:, self.eos_id] = float("-inf")
             if repetition_penalty != 1.0:  # CTRL: divide a positive logit, multiply a negative one
                 penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
                 logits = torch.where(seen, penalised, logits)

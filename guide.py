@@ -148,9 +148,9 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
 # so e.g. `positive,same-domain` changes the sentiment and keeps the kind of text (composition is the point
 # of plug-and-play control). The strength multiplies a guide's weight: the tiny decoder leans positive, so
 # at a scale where negative steers, a full-strength positive overshoots (repeated "love", "great"; README,
-# "Steering"), and its guide pulls half as hard.
+# "Steering"), and its guide pulls at 0.4 of that strength.
 TINY_GUIDES = {
-    "positive": ("sentiment", 1, 0.5), "negative": ("sentiment_no_negation", 0),
+    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }

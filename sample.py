@@ -41,6 +41,7 @@ class SamplingConfig:
     like_weight: float = 20.0       # weight of each --like / --unlike example's -cos (+cos) in the guidance loss
     signal_level: float | None = None  # a of the re-noised proposal (None: the checkpoint's, 0.95)
     max_tokens: int = 32            # continuation length in tokens
+    min_tokens: int = 16            # no end-of-text before this many tokens (about the data's length: README)
     top_p: float = 0.9              # nucleus sampling mass
     temperature: float = 0.7        # 0: greedy
     repetition_penalty: float = 1.2  # CTRL-style, on the prompt's and the generated tokens
@@ -71,6 +72,8 @@ def add_sampling_args(p, guidance_scale=True):
     p.add_argument("--signal-level", type=bounded(float, 0, 1), default=d.signal_level,
                    help="signal level a of the re-noised proposal (default: the checkpoint's, 0.95; 0 = ignore it)")
     p.add_argument("--max-tokens", type=bounded(int, 1, 100_000), default=d.max_tokens, help="continuation length in tokens")
+    p.add_argument("--min-tokens", type=bounded(int, 0, 100_000), default=None,
+                   help=f"no end-of-text before this many tokens (default: {d.min_tokens}, or --max-tokens if smaller)")
     p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=d.top_p, help="nucleus sampling mass")
     p.add_argument("--temperature", type=bounded(float, 0, 100), default=d.temperature, help="sampling temperature (0 = greedy)")
     p.add_argument("--repetition-penalty", type=bounded(float, 1, 100), default=d.repetition_penalty,
@@ -82,8 +85,15 @@ def add_sampling_args(p, guidance_scale=True):
 
 
 def sampling_config(args):
-    """SamplingConfig from parsed arguments (options a script did not add keep their defaults)."""
-    return SamplingConfig(**{k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__ if hasattr(args, k)})
+    """SamplingConfig from parsed arguments (options a script did not add keep their defaults). The
+    default --min-tokens shrinks to a smaller --max-tokens; one given explicitly must fit in it."""
+    values = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__ if hasattr(args, k)}
+    max_tokens = values.get("max_tokens", SamplingConfig.max_tokens)
+    if values.get("min_tokens") is None:
+        values["min_tokens"] = min(SamplingConfig.min_tokens, max_tokens)
+    elif values["min_tokens"] > max_tokens:
+        raise SystemExit(f"error: --min-tokens {values['min_tokens']} is more than --max-tokens {max_tokens}")
+    return SamplingConfig(**values)
 
 
 class DGLM:
@@ -164,6 +174,7 @@ class DGLM:
         with autocast(self.device, self.bf16):
             ids = self.decoder.generate(self.prefix_ids(list(prefix_texts) * n, sampling.max_tokens), x,
                                         a=sampling.signal_level, max_new_tokens=sampling.max_tokens,
+                                        min_new_tokens=sampling.min_tokens,
                                         top_p=sampling.top_p, temperature=sampling.temperature,
                                         repetition_penalty=sampling.repetition_penalty, generator=gen)
         texts = [self.tokenizer.decode(i).strip() for i in ids]

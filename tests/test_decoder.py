@@ -120,6 +120,22 @@ def test_fit_length_trims_prefix_first():
     assert fit_length([1, 2], [3, 4, 5, 6, 7], 4) == ([], [3, 4, 5, 6])
 
 
+def test_min_new_tokens_holds_end_of_text_back_then_lets_it_end():
+    """Here end-of-text is always the likeliest token: greedy decoding ends at once, unless min_new_tokens
+    masks it, and then it ends right after that many tokens (the next best, token 5)."""
+    dec = tiny_decoder(12)
+    bias = torch.full((12,), -30.0)
+    bias[dec.eos_id], bias[5] = 2.0, 1.0
+    hook = dec.lm.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, logits: logits * 0 + bias.to(logits.dtype))
+    x = torch.randn(2, 32)
+    assert dec.generate([[3], []], x, max_new_tokens=6, repetition_penalty=1.0, **GREEDY) == [[], []]
+    assert dec.generate([[3], []], x, max_new_tokens=6, repetition_penalty=1.0, min_new_tokens=3,
+                        **GREEDY) == [[5, 5, 5], [5, 5, 5]]
+    assert dec.generate([[3]], x[:1], max_new_tokens=2, repetition_penalty=1.0, min_new_tokens=4, **GREEDY) == [[5, 5]]
+    hook.remove()
+
+
 def test_repetition_penalty_spares_end_of_text_bos_and_padding():
     """bos and the left padding are the eos token: a penalty that counted them would always push
     end-of-text down. Here eos (logit 2.0) narrowly beats token 5 (1.9): with the penalty 1.2 on the

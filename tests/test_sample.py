@@ -93,6 +93,14 @@ def test_prompts_longer_than_the_context_are_cut_and_max_tokens_beyond_it_refuse
         sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--max-tokens", "100000", "--steps", "2"]))
 
 
+def test_min_tokens_defaults_to_16_and_shrinks_to_a_smaller_max_tokens():
+    config = lambda *argv: sample.sampling_config(sample.get_args(list(argv)))
+    assert (config().min_tokens, config().max_tokens) == (16, 32)
+    assert config("--max-tokens", "8").min_tokens == 8
+    assert config("--min-tokens", "0").min_tokens == 0
+    assert config("--min-tokens", "20", "--max-tokens", "20").min_tokens == 20
+
+
 def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     ckpt = ["--ckpt", str(trained / "out")]
     cases = [
@@ -107,6 +115,8 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (["--top-p", "2"], "argument --top-p: '2' is out of range (accepted: (0, 1])"),
         (["--top-p", "0"], "argument --top-p: '0' is out of range"),
         (["--best-of", "0"], "argument --best-of: '0' is out of range"),
+        (["--min-tokens", "-1"], "argument --min-tokens: '-1' is out of range"),
+        ([*ckpt, "--min-tokens", "40"], "--min-tokens 40 is more than --max-tokens 32"),
         (["--n", "1e9"], "argument --n: '1e9' is not a whole number"),
         (["--like", " "], "argument --like: is empty (give a sentence)"),
         (["--unlike", ""], "argument --unlike: is empty"),
