@@ -23,8 +23,8 @@ For each batch size B (the same B prompts everywhere):
                  sample.py uses): the denoiser's forward and backward on the guided steps
                  (logSNR <= --guide-max-logsnr: 6 of 25 by default), its forward alone on the others
 and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
-Every row decodes exactly m tokens: while benchmarking, a forward hook on the LM head masks the
-end-of-text logit, so an early end cannot make one side cheaper (generate() itself is unchanged).
+Every row decodes exactly m tokens: the bench holds end-of-text back for all m (--min-tokens m), so
+an early end cannot make one side cheaper.
 Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run. Both
 sides run at the same precision, sample.DGLM's: bf16 autocast where the hardware has native bf16
 (CUDA, AVX512-BF16/AMX CPUs), else fp32; --precision overrides. The last line is
@@ -36,7 +36,6 @@ and random prompt embeddings: no encoder, tokenizer or hub access, so the senten
 (sentence-t5-xl on the paper tier) is not included there.
 """
 import argparse
-import contextlib
 import statistics
 import time
 import zlib
@@ -106,16 +105,9 @@ class RandomDGLM(DGLM):
         return F.normalize(torch.randn(len(texts), self.mu.shape[0], generator=g), dim=-1).to(self.device)
 
 
-@contextlib.contextmanager
-def fixed_length(decoder):
-    """Mask the end-of-text logit, so generate() always decodes max_new_tokens tokens."""
-    eos = torch.tensor([decoder.eos_id])
-    hook = decoder.lm.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, logits: logits.index_fill(-1, eos.to(logits.device), float("-inf")))
-    try:
-        yield
-    finally:
-        hook.remove()
+def fixed_length(args):
+    """The sampling options of args with end-of-text held back for all --max-tokens tokens."""
+    return replace(sampling_config(args), min_tokens=args.max_tokens)
 
 
 def sync(device):
@@ -139,7 +131,7 @@ def bench_batch(model, batch, args):
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
     d = model.mu.shape[0]
     random_e = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(1)), dim=-1).to(model.device)
-    sampling = sampling_config(args)
+    sampling = fixed_length(args)
     guided = model.guidance(args.guide, sampling, args.like, args.unlike)
     guided_k0 = model.guidance(args.guide, replace(sampling, mc_samples=0), args.like, args.unlike)
     plain = replace(sampling, signal_level=0.0)
@@ -154,25 +146,25 @@ def bench_batch(model, batch, args):
         "prior_guided": lambda: propose(guided),
         "prior_guided_k0": lambda: propose(guided_k0),
     }
-    with fixed_length(model.decoder):
-        with autocast(model.device, model.bf16):
-            ids = model.decoder.generate(model.prefix_ids(prefixes, args.max_tokens), random_e,
-                                         max_new_tokens=args.max_tokens, top_p=sampling.top_p,
-                                         temperature=sampling.temperature, repetition_penalty=sampling.repetition_penalty)
-        assert all(len(row) == args.max_tokens for row in ids), "a row ended early despite the masked end-of-text"
-        for fn in runs.values():  # warm-up once per shape
-            fn()
-        return {name: timed(fn, model.device, args.repeats) for name, fn in runs.items()}
+    with autocast(model.device, model.bf16):
+        ids = model.decoder.generate(model.prefix_ids(prefixes, args.max_tokens), random_e,
+                                     max_new_tokens=args.max_tokens, min_new_tokens=sampling.min_tokens,
+                                     top_p=sampling.top_p, temperature=sampling.temperature,
+                                     repetition_penalty=sampling.repetition_penalty)
+    assert all(len(row) == args.max_tokens for row in ids), "a row ended early despite the masked end-of-text"
+    for fn in runs.values():  # warm-up once per shape
+        fn()
+    return {name: timed(fn, model.device, args.repeats) for name, fn in runs.items()}
 
 
 def profile_guided(model, batch, args):
     """torch.profiler over one guided generation: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
-    sampling = sampling_config(args)
+    sampling = fixed_length(args)
     guided = model.guidance(args.guide, sampling, args.like, args.unlike)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
-    with fixed_length(model.decoder), profile(activities=activities) as prof:
+    with profile(activities=activities) as prof:
         model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0)
         sync(model.device)
     key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"

@@ -28,16 +28,17 @@ def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, 
     assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", out.strip().splitlines()[-1])
 
 
-def test_fixed_length_masks_end_of_text_only_inside_the_context():
+def test_fixed_length_holds_end_of_text_back_for_every_token_whatever_min_tokens_says():
     dec = tiny_decoder(12)
     eager = dec.lm.get_output_embeddings().register_forward_hook(  # an LM that wants to end at once
         lambda module, inputs, logits: logits.index_add(-1, torch.tensor([dec.eos_id]), torch.full_like(logits[..., :1], 100.0)))
     x, gen = torch.randn(2, 32), lambda: torch.Generator().manual_seed(0)
     assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING) == [[], []]
-    with bench.fixed_length(dec):
-        rows = dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING)
+    sampling = bench.fixed_length(bench.get_args(["--max-tokens", "7", "--min-tokens", "2"]))
+    assert (sampling.min_tokens, sampling.max_tokens) == (7, 7)
+    rows = dec.generate([[1], [2, 3]], x, max_new_tokens=7, min_new_tokens=sampling.min_tokens, generator=gen(), **SAMPLING)
     assert [len(r) for r in rows] == [7, 7]
-    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING) == [[], []]  # the mask is gone again
+    assert dec.generate([[1], [2, 3]], x, max_new_tokens=7, generator=gen(), **SAMPLING) == [[], []]  # the default: 0
     eager.remove()
 
 

@@ -1,4 +1,6 @@
 """decoder.py: the soft-prompt layout, the training loss and scoring, generation, the repetition penalty."""
+import contextlib
+
 import pytest
 import torch
 
@@ -120,20 +122,30 @@ def test_fit_length_trims_prefix_first():
     assert fit_length([1, 2], [3, 4, 5, 6, 7], 4) == ([], [3, 4, 5, 6])
 
 
+@contextlib.contextmanager
+def fixed_logits(dec, bias):
+    """The decoder's next-token logits replaced by `bias` (V,) at every position; `bias` may change inside."""
+    hook = dec.lm.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, logits: logits * 0 + bias.to(logits.dtype))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def test_min_new_tokens_holds_end_of_text_back_then_lets_it_end():
     """Here end-of-text is always the likeliest token: greedy decoding ends at once, unless min_new_tokens
     masks it, and then it ends right after that many tokens (the next best, token 5)."""
     dec = tiny_decoder(12)
     bias = torch.full((12,), -30.0)
     bias[dec.eos_id], bias[5] = 2.0, 1.0
-    hook = dec.lm.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, logits: logits * 0 + bias.to(logits.dtype))
     x = torch.randn(2, 32)
-    assert dec.generate([[3], []], x, max_new_tokens=6, repetition_penalty=1.0, **GREEDY) == [[], []]
-    assert dec.generate([[3], []], x, max_new_tokens=6, repetition_penalty=1.0, min_new_tokens=3,
-                        **GREEDY) == [[5, 5, 5], [5, 5, 5]]
-    assert dec.generate([[3]], x[:1], max_new_tokens=2, repetition_penalty=1.0, min_new_tokens=4, **GREEDY) == [[5, 5]]
-    hook.remove()
+    with fixed_logits(dec, bias):
+        assert dec.generate([[3], []], x, max_new_tokens=6, repetition_penalty=1.0, **GREEDY) == [[], []]
+        assert dec.generate([[3], []], x, max_new_tokens=6, repetition_penalty=1.0, min_new_tokens=3,
+                            **GREEDY) == [[5, 5, 5], [5, 5, 5]]
+        assert dec.generate([[3]], x[:1], max_new_tokens=2, repetition_penalty=1.0, min_new_tokens=4,
+                            **GREEDY) == [[5, 5]]
 
 
 def test_repetition_penalty_spares_end_of_text_bos_and_padding():
@@ -143,16 +155,14 @@ def test_repetition_penalty_spares_end_of_text_bos_and_padding():
     dec = tiny_decoder(12)
     bias = torch.full((12,), -30.0)
     bias[dec.eos_id], bias[5] = 2.0, 1.9
-    hook = dec.lm.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, logits: logits * 0 + bias.to(logits.dtype))
     x = torch.randn(3, 32)
     prompts = [[3], [], [1, 2, 4]]  # different lengths: the shorter ones are left-padded with eos
-    assert dec.generate(prompts, x, max_new_tokens=4, repetition_penalty=1.2, **GREEDY) == [[], [], []]
-    bias[7] = 2.5
-    out = dec.generate([[7], [3, 7]], x[:2], max_new_tokens=1, repetition_penalty=1.5, **GREEDY)
-    assert out == [[], []]  # 7 (2.5 / 1.5 = 1.67) lost to eos (2.0); without the penalty 7 would win
-    assert dec.generate([[7]], x[:1], max_new_tokens=1, repetition_penalty=1.0, **GREEDY) == [[7]]
-    hook.remove()
+    with fixed_logits(dec, bias):
+        assert dec.generate(prompts, x, max_new_tokens=4, repetition_penalty=1.2, **GREEDY) == [[], [], []]
+        bias[7] = 2.5
+        out = dec.generate([[7], [3, 7]], x[:2], max_new_tokens=1, repetition_penalty=1.5, **GREEDY)
+        assert out == [[], []]  # 7 (2.5 / 1.5 = 1.67) lost to eos (2.0); without the penalty 7 would win
+        assert dec.generate([[7]], x[:1], max_new_tokens=1, repetition_penalty=1.0, **GREEDY) == [[7]]
 
 
 # ----------------------------------------------------------------------------- Decoder.score
