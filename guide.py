@@ -176,9 +176,13 @@ def parse_guides(spec, available):
         if name not in available:
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
         try:
-            parsed.append((name, float(weight) if weight else 1.0))
+            value = float(weight) if weight else 1.0
         except ValueError:
             raise SystemExit(f"error: guide weight {weight!r} in {part!r} is not a number (use name:weight)") from None
+        if not 0 <= value <= 1e4:  # also refuses nan and inf, which would turn every step's noise into nan
+            raise SystemExit(f"error: guide weight {weight!r} in {part!r} is out of range (accepted: [0, 10000]; "
+                             "to steer the other way, use the opposite guide)")
+        parsed.append((name, value))
     return parsed
 
 

@@ -191,9 +191,9 @@ class DGLM:
 
 def read_prompt_file(path):
     """One prompt per line; a missing, unreadable or empty file is a one-line error."""
+    if not Path(path).is_file():  # Path("") is ".", a folder
+        raise SystemExit(f"error: prompt file {path!r} does not exist")
     path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: prompt file {path} does not exist")
     try:
         prompts = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     except UnicodeDecodeError as err:
@@ -243,7 +243,7 @@ def main(args):
     guidance = model.guidance(args.guide, sampling, args.like, args.unlike)
     label = "+".join([args.guide] * (args.guide != "none") + [f"like {t!r}" for t in args.like] +
                      [f"unlike {t!r}" for t in args.unlike])
-    prompts = read_prompt_file(args.prompts) if args.prompts else [args.prefix] if args.prefix is not None \
+    prompts = read_prompt_file(args.prompts) if args.prompts is not None else [args.prefix] if args.prefix is not None \
         else DEMO_PREFIXES
     if args.show_steps:
         show_steps(model, prompts[0], guidance, label, sampling, args.seed)

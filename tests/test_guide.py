@@ -72,6 +72,10 @@ def test_parse_guides():
         parse_guides("happy", available)
     with pytest.raises(SystemExit, match="not a number"):
         parse_guides("news:lots", available)
+    for weight in ("inf", "nan", "-1", "1e5"):
+        with pytest.raises(SystemExit, match="out of range"):
+            parse_guides(f"positive:{weight}", available)
+    assert parse_guides("positive:0", available) == [("positive", 0.0)]
 
 
 def _toy(dim=16):

@@ -122,6 +122,8 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (["--unlike", ""], "argument --unlike: is empty"),
         ([*ckpt, "--max-tokens", "100000"], "--max-tokens 100000 does not fit the decoder's context"),
         ([*ckpt, "--prompts", str(tmp_path / "missing.txt")], "prompt file"),
+        ([*ckpt, "--prompts", ""], "prompt file '' does not exist"),  # not the demo prompts in its place
+        ([*ckpt, "--guide", "positive:inf"], "guide weight 'inf' in 'positive:inf' is out of range"),
     ]
     for argv, message in cases:
         lines = cli_error(sample, argv, capsys).strip().splitlines()
