@@ -520,6 +520,13 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def guide_name(text):
+    """An argparse type: one entry of --guides, which may not be empty (an empty one would run unguided)."""
+    if not text:
+        raise argparse.ArgumentTypeError("holds an empty guide name (give e.g. none,positive,negative)")
+    return text
+
+
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory")
@@ -527,7 +534,7 @@ def get_args(argv=None):
     p.add_argument("--n-prompts", type=bounded(int, 1, 1e6), default=50,
                    help="held-out prompts to use when --prompts is not given")
     p.add_argument("--n", type=bounded(int, 1, 1e5), default=4, help="continuations per prompt")
-    p.add_argument("--guides", default="none,positive,negative",
+    p.add_argument("--guides", type=comma_list(guide_name), default="none,positive,negative",
                    help="comma-separated guides ('none' = unguided; with --like / --unlike, 'like' = the examples alone, "
                         "and every other guide composes with them)")
     p.add_argument("--scales", type=comma_list(bounded(float, 0, 1e6)), default=f"{SamplingConfig.scale:g}",
@@ -566,7 +573,7 @@ def get_args(argv=None):
 
 def main(args):
     torch.manual_seed(args.seed)
-    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    prompts = read_prompt_file(args.prompts) if args.prompts is not None else None
     device = pick_device(args.device)
     judges = {"sentiment": [SentimentJudge(name.strip(), device) for name in args.sentiment_judge.split(",")],
               # the judges are loaded first: they fail fast offline
@@ -582,7 +589,7 @@ def main(args):
     warm = SamplingConfig(steps=2, max_tokens=2)
     model.decode(prompts[:1], model.sample_proposals(prompts[:1], None, warm, 0), warm, 0)
     results = []
-    for guide in args.guides.split(","):
+    for guide in args.guides:
         for scale in ([0.0] if guide == "none" else args.scales):
             results.append(evaluate_setting(model, prompts, args.n, guide, replace(sampling, scale=scale), args,
                                             judges, nearest))

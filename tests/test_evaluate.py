@@ -323,3 +323,13 @@ def test_bad_evaluation_input_is_one_line(capsys):
                           (["--n", "0"], "argument --n: '0' is out of range")]:
         err = cli_error(evaluate, argv, capsys)
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_an_empty_guide_or_prompt_file_name_is_refused_not_run_as_something_else(capsys):
+    for guides in ("", "none,,positive"):
+        with pytest.raises(SystemExit):
+            evaluate.get_args(["--guides", guides])
+        assert "argument --guides: holds an empty guide name" in capsys.readouterr().err
+    assert evaluate.get_args(["--guides", "none, positive"]).guides == ["none", "positive"]
+    with pytest.raises(SystemExit, match=r"^error: prompt file '' does not exist"):  # not the held-out prompts
+        evaluate.main(evaluate.get_args(["--prompts", ""]))
