@@ -79,8 +79,16 @@ def prepare_tiny(cache_dir):
 
 
 def read_jsonl(path):
+    """JSON lines -> a list; a line that is not JSON is a ValueError naming the line."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"line {n} is not JSON ({err.msg})") from None
+    return rows
 
 
 def write_jsonl(path, rows):
@@ -100,10 +108,13 @@ def load_local(path):
         raise SystemExit(f"error: data file {path} does not exist (accepted: tiny, c4, a .txt or .jsonl file)")
     try:
         if path.suffix == ".jsonl":
-            rows = [r for r in read_jsonl(path) if str(r.get("text", "")).strip()]
+            rows = read_jsonl(path)
+            if not all(isinstance(r, dict) for r in rows):
+                raise ValueError("every line must be a JSON object with a `text` field")
+            rows = [r for r in rows if str(r.get("text", "")).strip()]
         else:
             rows = [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # UnicodeDecodeError is one too
         raise SystemExit(f"error: cannot read {path}: {err}") from None
     if not rows:
         raise SystemExit(f"error: {path} holds no texts (expected one per line, or a `text` field per JSON line)")
@@ -246,8 +257,9 @@ def make_examples(rows, seed, max_prefix_frac):
         prefix, continuation = split_text(row["text"], rng, max_prefix_frac)
         example = dict(row, prefix=prefix, continuation=continuation)
         (held_out if is_held_out(row["text"]) else train).append(example)
-    if not train:
-        raise SystemExit("error: no training texts left after holding out the evaluation split")
+    if len(train) < 2:  # the latents' per-dimension std needs two; anything useful needs thousands
+        raise SystemExit(f"error: {len(train)} training text(s) left after holding out the evaluation split; "
+                         "training needs at least 2 (thousands to learn anything)")
     return train, held_out
 
 

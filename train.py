@@ -34,8 +34,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
                      window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list,
-                   count, keep_freed_memory, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, checkpoint_tokenizer,
+                   comma_list, count, keep_freed_memory, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -507,7 +507,7 @@ def load_data(args, ckpt, dist):
     embedding cache and trains the tokenizer), the others read its work."""
     if not dist.is_main:
         dist.barrier()
-    tokenizer = load_tokenizer(str(Path(args.out) / "tokenizer")) if ckpt or not dist.is_main else \
+    tokenizer = checkpoint_tokenizer(args.out) if ckpt or not dist.is_main else \
         load_tokenizer(args.lm) if args.lm != TINY_LM else None
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, args.encode_device,
                            dtype="bf16" if args.bf16 else None)

@@ -252,13 +252,22 @@ class Checkpoint:
         opt.load_state_dict({"state": state, "param_groups": json.loads(self.meta[f"{name}.param_groups"])})
 
 
+def checkpoint_tokenizer(out):
+    """The tokenizer train.py saved beside a checkpoint; a one-line error when its folder is missing."""
+    folder = Path(out) / "tokenizer"
+    if not folder.is_dir():
+        raise SystemExit(f"error: {out} has no tokenizer/ folder (train.py writes it beside {CHECKPOINT}); "
+                         "copy the whole checkpoint folder")
+    return load_tokenizer(str(folder))
+
+
 def load_for_inference(out, device="cpu"):
     """Rebuild (config, EMA prior, decoder, tokenizer, mu, s) from a checkpoint directory alone."""
     ckpt = Checkpoint(out)
     prior, decoder = build_models(ckpt.config)
     ckpt.load_model(prior, "prior_ema")
     ckpt.load_model(decoder, "decoder")
-    tokenizer = load_tokenizer(str(Path(out) / "tokenizer"))
+    tokenizer = checkpoint_tokenizer(out)
     stats = ckpt.tensors("stats")
     return ckpt.config, prior.to(device).eval(), decoder.to(device).eval(), tokenizer, \
         stats["mu"].to(device), stats["s"].to(device)

@@ -41,9 +41,22 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
         data.load_local(tmp_path / "missing.txt")
     with pytest.raises(SystemExit, match="is a directory; pass a .txt or .jsonl file"):
         data.load_local(tmp_path)
-    (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match="cannot read"):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{not json\n')
+    with pytest.raises(SystemExit, match="cannot read .*bad.jsonl: line 3 is not JSON"):
         data.load_local(tmp_path / "bad.jsonl")
+    (tmp_path / "list.jsonl").write_text('{"text": "fine"}\n["a list"]\n')
+    with pytest.raises(SystemExit, match="every line must be a JSON object with a `text` field"):
+        data.load_local(tmp_path / "list.jsonl")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match="cannot read"):
+        data.load_local(tmp_path / "latin1.txt")
+
+
+def test_training_needs_two_texts():
+    with pytest.raises(SystemExit, match="1 training text.* needs at least 2"):
+        data.make_examples([{"text": "hello world, one text only"}], 0, 1.0)
+    train, held_out = data.make_examples([{"text": f"text number {i} of a few"} for i in range(20)], 0, 1.0)
+    assert len(train) + len(held_out) == 20 and len(train) >= 2
 
 
 def test_tiny_corpus_checksum_is_verified(tmp_path):

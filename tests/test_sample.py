@@ -155,6 +155,11 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     save_probes(foreign / "probes.safetensors", probes, guides, "sentence-transformers/sentence-t5-xl")
     with pytest.raises(SystemExit, match="trained for encoder 'sentence-transformers/sentence-t5-xl'.*uses 'minilm'"):
         sample.main(sample.get_args(["--ckpt", str(foreign)]))
+    partial = tmp_path / "partial"  # the checkpoint file copied without the folders beside it
+    shutil.copytree(trained / "out", partial)
+    shutil.rmtree(partial / "tokenizer")
+    with pytest.raises(SystemExit, match="has no tokenizer/ folder .*copy the whole checkpoint folder"):
+        sample.main(sample.get_args(["--ckpt", str(partial)]))
 
 
 def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, capsys):
