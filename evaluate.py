@@ -50,7 +50,7 @@ import data as data_lib
 from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
-from utils import ArgumentParser, bounded, comma_list, pick_device, run_cli
+from utils import ArgumentParser, bounded, comma_list, output_file, pick_device, run_cli
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -555,11 +555,11 @@ def get_args(argv=None):
     p.add_argument("--nearest", action="store_true",
                    help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
                         "embeds the corpus once into the cache if it is not there)")
-    p.add_argument("--plot", default=None, help="write a PNG of attribute success against perplexity (needs matplotlib)")
+    p.add_argument("--plot", type=output_file, default=None, help="write a PNG of attribute success against perplexity (needs matplotlib)")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
-    p.add_argument("--json", default=None, help="write all results (with examples) to this JSON file")
-    p.add_argument("--md", default=None, help="write the Markdown table to this file")
+    p.add_argument("--json", type=output_file, default=None, help="write all results (with examples) to this JSON file")
+    p.add_argument("--md", type=output_file, default=None, help="write the Markdown table to this file")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p, guidance_scale=False)
     args = p.parse_args(argv)

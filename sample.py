@@ -23,8 +23,8 @@ import torch
 
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
-from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, pick_device, run_cli,
-                   use_bf16)
+from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, output_file, pick_device,
+                   run_cli, use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
@@ -228,7 +228,7 @@ def get_args(argv=None):
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
-    p.add_argument("--out", default=None, help="write JSON lines {prefix, text, guide, scale, seed} here")
+    p.add_argument("--out", type=output_file, default=None, help="write JSON lines {prefix, text, guide, scale, seed} here")
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p)

@@ -491,6 +491,8 @@ def train_probes(args, window, out, cache):
 
 
 def check_args(args, out):
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the checkpoint")
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
         raise SystemExit(f"error: {out}/ already holds a checkpoint; continue it with --resume, "
                          "train into another --out, or pass --overwrite to replace it")

@@ -97,6 +97,19 @@ def comma_list(kind):
     return parse
 
 
+def output_file(value):
+    """An argparse type: a file to write at the end of a run, checked before the run's work begins."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}' is a folder (give a file name)")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}': the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"'{value}': the folder {str(folder)!r} is not writable")
+    return value
+
+
 def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
     if not str(value).strip():

@@ -282,6 +282,9 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
     assert (tmp_path / "out" / "checkpoint.safetensors").read_bytes() == before
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2", "--overwrite")
     assert Checkpoint(tmp_path / "out").step == 2
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="--out .*a-file is a file; give a folder"):
+        run_train(corpus, tmp_path, tmp_path / "a-file", "--steps", "2")
 
 
 # Runs train.py's own CLI in a child process; checkpoint writes go through safetensors' save_file,

@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, run_cli
+from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, output_file, run_cli
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -35,6 +35,14 @@ def test_comma_list_parses_each_value_with_its_kind():
     assert scales("1,2.5, 3") == [1.0, 2.5, 3.0]
     with pytest.raises(argparse.ArgumentTypeError, match="'nan' is out of range"):
         scales("1,nan")
+
+
+def test_output_file_is_checked_before_the_work_that_fills_it(tmp_path):
+    assert output_file(str(tmp_path / "results.json")) == str(tmp_path / "results.json")
+    with pytest.raises(argparse.ArgumentTypeError, match="the folder .*nowhere' does not exist"):
+        output_file(str(tmp_path / "nowhere" / "results.json"))
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+        output_file(str(tmp_path))
 
 
 def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
