@@ -555,7 +555,8 @@ def get_args(argv=None):
     p.add_argument("--nearest", action="store_true",
                    help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
                         "embeds the corpus once into the cache if it is not there)")
-    p.add_argument("--plot", type=output_file, default=None, help="write a PNG of attribute success against perplexity (needs matplotlib)")
+    p.add_argument("--plot", type=output_file, default=None,
+                   help="write a PNG of attribute success against perplexity (needs matplotlib)")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
     p.add_argument("--json", type=output_file, default=None, help="write all results (with examples) to this JSON file")

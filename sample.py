@@ -228,7 +228,8 @@ def get_args(argv=None):
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
-    p.add_argument("--out", type=output_file, default=None, help="write JSON lines {prefix, text, guide, scale, seed} here")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="write JSON lines {prefix, text, guide, scale, seed} here")
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p)

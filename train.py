@@ -34,8 +34,9 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
                      window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, checkpoint_tokenizer,
-                   comma_list, count, keep_freed_memory, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models,
+                   checkpoint_tokenizer, comma_list, count, keep_freed_memory, model_config, pick_device, run_cli,
+                   save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
