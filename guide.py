@@ -129,28 +129,44 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
     """Guidance for a spec like 'positive' or 'negative:1,news:0.5' ('none' or 'like': no probe), plus
     the unit embeddings of example texts to steer toward (like) or away from (unlike), each at
     like_weight; None when nothing steers. kwargs: Guidance's."""
-    terms = []
-    for name, weight in parse_guides(spec, guides):
-        names, target, *strength = guides[name]  # a guide may carry a default strength (1 without)
-        for probe in names if isinstance(names, list) else [names]:
-            w, b = probes[probe]
-            terms.append((w, b, target, weight * (strength[0] if strength else 1.0)))
+    terms = probe_terms(spec, probes, guides)
     terms += [(e, torch.zeros(()), "like", like_weight) for e in like]
     terms += [(e, torch.zeros(()), "unlike", like_weight) for e in unlike]
     return Guidance(terms, mu, s, scale, **kwargs) if terms else None
 
 
+def probe_terms(spec, probes, guides, outer=1.0):
+    """A guide spec -> [(w, b, target, weight)], one term per probe. A guide may carry a strength, which
+    multiplies its weight (1 without), and other guides it holds as it steers (a spec), which come in at
+    their weights relative to its own. A guide over several probes uses those there are (a corpus of two
+    domains has two domain probes)."""
+    terms = []
+    for name, weight in parse_guides(spec, guides):
+        names, target, *extra = guides[name]
+        weight *= outer * (extra[0] if extra else 1.0)
+        present = [n for n in (names if isinstance(names, list) else [names]) if n in probes]
+        if not present:
+            raise SystemExit(f"error: guide {name!r} needs the probe {names!r}, which these probes lack")
+        terms += [(*probes[n], target, weight) for n in present]
+        if len(extra) > 1:
+            terms += probe_terms(extra[1], probes, guides, weight)
+    return terms
+
+
 # ----------------------------------------------------------------------------- guides
 
-# Guide name -> (probe or list of probes, target label[, strength]). "negative" is a sentiment probe asked
-# for label 0 (on the tiny tier the one blind to negation, see train_tiny_probes). Target "prefix" holds an
-# attribute where the prefix has it: each probe's target is its own probability on the prefix's embedding,
-# so e.g. `positive,same-domain` changes the sentiment and keeps the kind of text (composition is the point
-# of plug-and-play control). The strength multiplies a guide's weight: the tiny decoder leans positive, so
-# at a scale where negative steers, a full-strength positive overshoots (repeated "love", "great"; README,
-# "Steering"), and its guide pulls at 0.4 of that strength.
+# Guide name -> (probe or list of probes, target label[, strength[, guides it holds]]). "negative" is a
+# sentiment probe asked for label 0 (on the tiny tier the one blind to negation, see train_tiny_probes).
+# Target "prefix" holds an attribute where the prefix has it: each probe's target is its own probability on
+# the prefix's embedding, so e.g. `positive,same-domain` changes the sentiment and keeps the kind of text
+# (composition is the point of plug-and-play control). The strength multiplies a guide's weight: the tiny
+# decoder leans positive, so at a scale where negative steers, a full-strength positive overshoots
+# (repeated "love", "great"; README, "Steering"), and its guide pulls at 0.4 of that strength. The tiny
+# tier's negative guide holds the prefix's domain at a quarter of its own pull: left alone it drifts into
+# the corpus's negative tweets ("sucks", hashtags) whatever the prefix, text the decoder finds unlikely
+# after a review's opening; held, it stays in the prefix's register, which lets it pull harder.
 TINY_GUIDES = {
-    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0),
+    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0, 1.25, "same-domain:0.25"),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }

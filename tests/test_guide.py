@@ -357,6 +357,26 @@ def test_like_raises_the_cosine_to_the_example_and_unlike_lowers_it(trained):
 def test_a_guides_strength_multiplies_its_weight():
     probes = {n: (torch.randn(8), torch.tensor(0.0))
               for n in ["sentiment", "sentiment_no_negation", "movie", "tweet", "product", "news"]}
-    g = build_guidance("positive:2,negative", probes, guide.TINY_GUIDES, torch.zeros(8), torch.ones(8), 1.0,
+    g = build_guidance("positive:2,movie", probes, guide.TINY_GUIDES, torch.zeros(8), torch.ones(8), 1.0,
                        n_samples=0, max_logsnr=15.0)
     assert [t[3] for t in g.terms] == [2 * guide.TINY_GUIDES["positive"][2], 1.0]
+
+
+def test_a_guide_holds_the_guides_it_names_at_weights_relative_to_its_own(tmp_path):
+    probes = {n: (torch.randn(8), torch.tensor(0.0))
+              for n in ["sentiment", "sentiment_no_negation", "movie", "tweet", "product", "news"]}
+    guides = {"negative": ("sentiment_no_negation", 0, 1.25, "same-domain:0.25"),
+              "same-domain": (["movie", "tweet", "product", "news"], "prefix")}
+    terms = lambda spec, g=guides: [(t[2], t[3]) for t in guide.probe_terms(spec, probes, g)]
+    assert terms("negative") == [(0, 1.25)] + [("prefix", 0.3125)] * 4
+    assert terms("negative:2") == [(0, 2.5)] + [("prefix", 0.625)] * 4  # the hold follows the guide's weight
+    assert terms("negative+same-domain") == [(0, 1.25)] + [("prefix", 0.3125)] * 4 + [("prefix", 1.0)] * 4
+    assert terms("negative:0") == [(0, 0.0)] + [("prefix", 0.0)] * 4
+    guide.save_probes(tmp_path / "probes.safetensors", probes, guides, "enc")  # the definition survives the file
+    _, loaded = guide.load_probes(tmp_path / "probes.safetensors", "enc")
+    assert terms("negative", loaded) == terms("negative")
+    del probes["product"], probes["news"]  # a corpus of two domains: the hold uses the two domain probes
+    assert terms("negative") == [(0, 1.25)] + [("prefix", 0.3125)] * 2
+    del probes["sentiment_no_negation"]
+    with pytest.raises(SystemExit, match="guide 'negative' needs the probe 'sentiment_no_negation'"):
+        terms("negative")
