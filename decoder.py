@@ -38,6 +38,10 @@ import torch.nn.functional as F
 from diffusion import Block, RMSNorm, logsnr_cosine, q_sample, timestep_embedding
 
 TINY_LM = "tiny"
+# Training pads a batch's length to a multiple of PAD_LENGTH and its scored positions to one of PAD_SCORED,
+# so that few tensor shapes recur: on a CPU, oneDNN builds and keeps kernels for every new shape, and with
+# each batch's own shapes the process's memory grew all run long and every step, the prior's too, slowed.
+PAD_LENGTH, PAD_SCORED = 8, 64
 
 
 @dataclass
@@ -140,6 +144,8 @@ class Decoder(nn.Module):
         k = self.config.n_soft
         rows = [[self.bos_id] + p + [-1] * k + c for p, c in zip(prefix_ids, continuation_ids)]
         T = max(len(r) for r in rows)
+        if not left_pad:  # training (see PAD_LENGTH); generation keeps its own length
+            T = -(-T // PAD_LENGTH) * PAD_LENGTH
         ids = torch.full((len(rows), T), self.eos_id, dtype=torch.long)
         attn = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -203,8 +209,11 @@ class Decoder(nn.Module):
         h, _ = self._hidden(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn)
         targets = ids[:, 1:]                                       # position t predicts token t + 1 ...
         scored = ~(slots | (attn == 0))[:, 1:]                     # ... unless that is a slot or padding
-        logits = self.lm.lm_head(h[:, :-1][scored])                # (tokens, V): the vocabulary only where scored
-        nll = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+        rows = scored.flatten().nonzero().squeeze(1)               # the vocabulary only where scored, plus
+        pad = (~scored).flatten().nonzero().squeeze(1)[:(-len(rows)) % PAD_SCORED]  # unscored rows (PAD_LENGTH)
+        logits = self.lm.lm_head(h[:, :-1].flatten(0, 1)[torch.cat([rows, pad])])      # (tokens + pad, V)
+        labels = torch.cat([targets.flatten()[rows], torch.full_like(pad, -100)])      # -100: not in the loss
+        nll = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
         return nll / n_tokens
 
     @torch.no_grad()

@@ -46,7 +46,7 @@ def test_layout_puts_slots_between_prefix_and_continuation_and_masks_them():
     ids, slots, attn = dec._layout([[5, 6], []], [[7, 8, 9], [10]], left_pad=False)
     assert ids[0].tolist()[:3] == [0, 5, 6] and slots[0, 3:7].all() and ids[0, 7:10].tolist() == [7, 8, 9]
     assert ids[1, 0].item() == 0 and slots[1, 1:5].all() and ids[1, 5].item() == 10
-    assert attn[1].tolist() == [1] * 6 + [0] * 4
+    assert attn[1].tolist() == [1] * 6 + [0] * 10  # training pads to a multiple of PAD_LENGTH (8)
     soft = torch.randn(2, 4, 64)
     emb = dec._embed(ids, slots, soft)
     torch.testing.assert_close(emb[0, 3:7], soft[0])
@@ -54,6 +54,19 @@ def test_layout_puts_slots_between_prefix_and_continuation_and_masks_them():
     # ids, slots, attn = left padded for generation: the last row element is always the last slot
     ids, slots, attn = dec._layout([[5, 6], []], [[], []], left_pad=True)
     assert slots[:, -1].all() and attn[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
+
+
+def test_padding_to_few_shapes_leaves_the_loss_as_it_was(monkeypatch):
+    torch.manual_seed(0)
+    dec = small_decoder(50).eval()
+    prefixes, continuations = [[5, 6], [], [7] * 9], [[7, 8, 9], [10], [11, 12]]
+    x = torch.randn(3, 384)
+    noise = dec.draw_noise(3, "cpu")
+    padded = dec(prefixes, continuations, x, noise)
+    monkeypatch.setattr(decoder_module, "PAD_LENGTH", 1)
+    monkeypatch.setattr(decoder_module, "PAD_SCORED", 1)
+    assert dec._layout(prefixes, continuations, left_pad=False)[0].shape[1] == 1 + 9 + 4 + 2
+    torch.testing.assert_close(padded, dec(prefixes, continuations, x, noise))
 
 
 @pytest.mark.parametrize("hidden_cond", [False, True])
