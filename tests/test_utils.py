@@ -1,5 +1,6 @@
 """utils.py: argument types with stated ranges, one-line errors, and checkpoint writes."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -43,6 +44,15 @@ def test_output_file_is_checked_before_the_work_that_fills_it(tmp_path):
         output_file(str(tmp_path / "nowhere" / "results.json"))
     with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
         output_file(str(tmp_path))
+    assert not (tmp_path / "results.json").exists()  # the check leaves no empty file behind
+    (tmp_path / "old.json").write_text("kept")
+    assert output_file(str(tmp_path / "old.json")) and (tmp_path / "old.json").read_text() == "kept"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_output_file_refuses_a_folder_that_takes_no_files_even_as_root():
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot be written"):
+        output_file("/proc/dglm-results.md")
 
 
 def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
