@@ -210,7 +210,7 @@ class Decoder(nn.Module):
         targets = ids[:, 1:]                                       # position t predicts token t + 1 ...
         scored = ~(slots | (attn == 0))[:, 1:]                     # ... unless that is a slot or padding
         rows = scored.flatten().nonzero().squeeze(1)               # the vocabulary only where scored, plus
-        pad = (~scored).flatten().nonzero().squeeze(1)[:(-len(rows)) % PAD_SCORED]  # unscored rows (PAD_LENGTH)
+        pad = rows.new_zeros((-len(rows)) % PAD_SCORED)            # copies of row 0 up to PAD_SCORED's multiple
         logits = self.lm.lm_head(h[:, :-1].flatten(0, 1)[torch.cat([rows, pad])])      # (tokens + pad, V)
         labels = torch.cat([targets.flatten()[rows], torch.full_like(pad, -100)])      # -100: not in the loss
         nll = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
