@@ -93,9 +93,9 @@ def test_prompts_longer_than_the_context_are_cut_and_max_tokens_beyond_it_refuse
         sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--max-tokens", "100000", "--steps", "2"]))
 
 
-def test_min_tokens_defaults_to_16_and_shrinks_to_a_smaller_max_tokens():
+def test_min_tokens_defaults_to_24_and_shrinks_to_a_smaller_max_tokens():
     config = lambda *argv: sample.sampling_config(sample.get_args(list(argv)))
-    assert (config().min_tokens, config().max_tokens) == (16, 32)
+    assert (config().min_tokens, config().max_tokens) == (24, 32)
     assert config("--max-tokens", "8").min_tokens == 8
     assert config("--min-tokens", "0").min_tokens == 0
     assert config("--min-tokens", "20", "--max-tokens", "20").min_tokens == 20
