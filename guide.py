@@ -189,6 +189,8 @@ def parse_guides(spec, available):
         name, _, weight = part.strip().partition(":")
         if name == "like":
             continue
+        if not name:
+            raise SystemExit(f"error: empty guide name in {spec!r} (use name[:weight], joined by ',' or '+')")
         if name not in available:
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
         try:

@@ -131,6 +131,8 @@ def pick_device(name):
         return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA GPU is visible (accepted: auto, cpu, cuda, mps)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SystemExit("error: --device mps but this PyTorch sees no Apple GPU (accepted: auto, cpu, cuda, mps)")
     return name
 
 

@@ -70,6 +70,9 @@ def test_parse_guides():
     assert parse_guides("none", available) == []
     with pytest.raises(SystemExit, match="unknown guide 'happy'.*available: news, positive"):
         parse_guides("happy", available)
+    for spec in ("positive+", ",news", "positive,,news"):
+        with pytest.raises(SystemExit, match="empty guide name"):
+            parse_guides(spec, available)
     with pytest.raises(SystemExit, match="not a number"):
         parse_guides("news:lots", available)
     for weight in ("inf", "nan", "-1", "1e5"):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, output_file, run_cli
+from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, output_file, pick_device, run_cli
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -69,6 +69,15 @@ def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(fails)
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: something precise\n"
+
+
+def test_pick_device_refuses_a_device_that_is_not_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
+    for name in ("cuda", "mps"):
+        with pytest.raises(SystemExit, match=f"--device {name} but"):
+            pick_device(name)
 
 
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
