@@ -494,6 +494,15 @@ def train_probes(args, window, out, cache):
 def check_args(args, out):
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder for the checkpoint")
+    made = not out.exists()
+    try:  # a real write before the data work, not os.access (root passes it for folders such as /proc)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-check").touch()
+        (out / ".write-check").unlink()
+        if made:
+            out.rmdir()
+    except OSError as err:
+        raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
         raise SystemExit(f"error: {out}/ already holds a checkpoint; continue it with --resume, "
                          "train into another --out, or pass --overwrite to replace it")

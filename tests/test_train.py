@@ -285,6 +285,8 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(SystemExit, match="--out .*a-file is a file; give a folder"):
         run_train(corpus, tmp_path, tmp_path / "a-file", "--steps", "2")
+    with pytest.raises(SystemExit, match="cannot write the checkpoint folder --out .*a-file/out"):
+        run_train(corpus, tmp_path, tmp_path / "a-file" / "out", "--steps", "2")
 
 
 # Runs train.py's own CLI in a child process; checkpoint writes go through safetensors' save_file,
