@@ -109,6 +109,7 @@ class DGLM:
         self.bf16 = use_bf16(precision, device)
         self.config, self.prior, self.decoder, self.tokenizer, self.mu, self.s = load_for_inference(ckpt, device)
         self.encoder = None  # loaded on first use, after cheap checks such as the guide names
+        self.warned_long_prompts = False  # said once, not for every setting decoded from the same prompts
         probe_path = self.ckpt / "probes.safetensors"
         self.probes, self.guides = load_probes(probe_path, self.config["encoder"]) if probe_path.exists() else ({}, {})
 
@@ -142,7 +143,8 @@ class DGLM:
         """Token ids of the prompts, cut to the context left after max_new_tokens (with a warning)."""
         room = self.prompt_room(max_new_tokens)
         ids = self.tokenizer(list(prefix_texts), add_special_tokens=False)["input_ids"]
-        if any(len(i) > room for i in ids):
+        if any(len(i) > room for i in ids) and not self.warned_long_prompts:
+            self.warned_long_prompts = True
             print(f"warning: prompts longer than {room} tokens are cut to their last {room} tokens "
                   f"(the decoder's context is {self.decoder.max_len} positions)", file=sys.stderr)
         return [i[len(i) - room:] for i in ids]

@@ -83,11 +83,11 @@ def test_best_of_keeps_each_rows_candidate_closest_to_its_proposal(trained):
 def test_prompts_longer_than_the_context_are_cut_and_max_tokens_beyond_it_refused(trained, tmp_path, capsys):
     prompts = tmp_path / "long.txt"
     prompts.write_text(" ".join(["the film was good"] * 200) + "\nshort one\n")
-    out_file = tmp_path / "s.jsonl"
     sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--prompts", str(prompts), "--n", "1",
-                                 "--steps", "3", "--out", str(out_file)]))
-    assert "warning: prompts longer than 87 tokens are cut to their last 87 tokens" in capsys.readouterr().err
-    assert len(out_file.read_text().splitlines()) == 2
+                                 "--steps", "3", "--guide", "positive"]))
+    out = capsys.readouterr()  # the unguided and the guided rows are decoded from the same cut prompts: one warning
+    assert out.err.count("warning: prompts longer than 87 tokens are cut to their last 87 tokens") == 1
+    assert out.out.count("=== ") == 2 and out.out.count("  positive | ") == 2
     with pytest.raises(SystemExit, match=r"--max-tokens 100000 does not fit the decoder's context of 128 positions "
                                          r"\(at most 119 new tokens"):
         sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--max-tokens", "100000", "--steps", "2"]))
