@@ -59,6 +59,10 @@ TEACHING_SWITCHES = {  # flag -> (config part, field, value): each turns one des
     "no_adaptive_noise": ("prior", "adaptive_noise", False),
     "no_null_prefix": ("prior", "p_uncond", 0.0),
 }
+# What a run is: --resume refuses a flag that changes one of these (the seed, say, would re-split the data).
+RUN_SETTINGS = ("data", "tier", "encoder", "lm", "max_prefix_frac", "max_len", "vocab_size", "window", "batch_size",
+                "decoder_batch", "seed", *TEACHING_SWITCHES)
+NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16")  # flags of one invocation, not of the run
 
 
 def data_flags(add):
@@ -98,7 +102,8 @@ def optimisation_flags(add):
 def run_flags(add):
     add("--save-every", type=count, default=500, help="checkpoint every this many steps")
     add("--log-every", type=count, default=200, help="throughput report every this many steps")
-    add("--resume", action="store_true", help="continue from the checkpoint in --out")
+    add("--resume", action="store_true",
+        help="continue the run in --out; its flags are the defaults, and a larger --steps trains on")
     add("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     add("--stop-at", type=count, default=None, help="save and stop after this step, as if interrupted")
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
@@ -137,13 +142,26 @@ def get_args(argv=None):
                          ("teaching switches: each turns one of the paper's design choices off", teaching_flags)):
         flags(p.add_argument_group(title).add_argument)
     pre = argparse.ArgumentParser(add_help=False)  # the tier first: its defaults are the parser's
-    for flag in ("--data", "--tier", "--lm"):
+    for flag in ("--data", "--tier", "--lm", "--out"):
         pre.add_argument(flag)
+    pre.add_argument("--resume", action="store_true")
     first, _ = pre.parse_known_args(argv)
-    tier = first.tier if first.tier in TIERS else "paper" if first.data == "c4" and first.lm != TINY_LM else "tiny"
+    out = first.out or p.get_default("out")
+    trained = Checkpoint(out).config["train"] if first.resume else {}  # how the run to resume was trained
+    tier = trained.get("tier") or (first.tier if first.tier in TIERS else
+                                   "paper" if first.data == "c4" and first.lm != TINY_LM else "tiny")
     p.set_defaults(tier=tier, encoder=TIERS[tier].get("encoder", TINY_ENCODER), lm=TIERS[tier].get("lm", TINY_LM),
                    **TIERS[tier].get("train", {}))  # --help shows the tier's defaults
-    return p.parse_args(argv)
+    # A resumed run continues as it was trained: its flags are the defaults; learning rates, --steps and the
+    # like may change, what the run is (RUN_SETTINGS) may not.
+    p.set_defaults(**{k: v for k, v in trained.items() if k not in NOT_RESUMED})
+    args = p.parse_args(argv)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
+               for k in RUN_SETTINGS if k in trained and getattr(args, k) != trained[k]]
+    if changed:
+        raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
+                         f"it: {', '.join(changed)}; leave them out, or start a new run with another --out")
+    return args
 
 
 def model_configs(args, dim):
@@ -573,9 +591,13 @@ def new_config(args, window, tokenizer):
     """The checkpoint config of a new run (utils.model_config), sized for the encoder's width."""
     prior_config, decoder_config = model_configs(args, window.e_cont.shape[1])
     decoder_config.vocab_size = len(tokenizer)
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")}
     return model_config(prior_config, decoder_config, args.encoder, lm_config_for(args, decoder_config, tokenizer),
-                        tokenizer.eos_token_id, settings)
+                        tokenizer.eos_token_id, train_settings(args))
+
+
+def train_settings(args):
+    """The run's flags as its checkpoint keeps them (config["train"]): the defaults of a later --resume."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")}
 
 
 def setup(args):
@@ -594,6 +616,9 @@ def setup(args):
     torch.manual_seed(args.seed)  # the same seed in every process: the batch's noise is drawn alike everywhere
     random.seed(args.seed)
     ckpt = Checkpoint(out) if args.resume else None
+    if ckpt and args.steps <= ckpt.step:
+        raise SystemExit(f"error: the run in {out} is already at step {ckpt.step}; --resume trains on to --steps, "
+                         f"so give more than {ckpt.step} (e.g. --steps {2 * ckpt.step})")
     if dist.is_main:  # first what the run is, and whether it fits
         budget.describe_run(args, *planned_configs(args, ckpt), dist.device, dist.world)
     if ckpt is None and args.overwrite and dist.is_main:
@@ -601,6 +626,8 @@ def setup(args):
     data, tokenizer, cache = load_data(args, ckpt, dist)
     window = data.window
     config = ckpt.config if ckpt else new_config(args, window, tokenizer)
+    if ckpt:
+        config["train"] = train_settings(args)  # a resumed run's flags (a larger --steps, say), for the next --resume
     n_positions = config["lm_config"]["n_positions"]
     if args.max_len + config["decoder"]["n_soft"] + 2 > n_positions:
         raise SystemExit(f"error: --max-len {args.max_len} does not fit the language model's context of {n_positions} "

@@ -229,9 +229,23 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
     shutil.copytree(trained / "cache", tmp_path / "cache")
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "6", "--save-every", "3", "--stop-at", "3")
     assert Checkpoint(tmp_path / "out").step == 3
-    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "6", "--save-every", "3", "--resume")
+    resume = lambda *flags: train.main(train.get_args(["--out", str(tmp_path / "out"), "--resume", *flags]))
+    assert train.get_args(["--out", str(tmp_path / "out"), "--resume"]).cache_dir == str(tmp_path / "cache")
+    with pytest.raises(SystemExit, match=r"would change it: --batch-size 32 \(trained with 16\), "
+                                         r"--seed 1 \(trained with 0\); leave them out"):
+        resume("--seed", "1", "--batch-size", "32")
+    resume()  # the data, cache, batch sizes, learning rates, --steps 6 and --save-every 3 come from the checkpoint
     assert Checkpoint(tmp_path / "out").step == 6
     assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
+    with pytest.raises(SystemExit, match="already at step 6; --resume trains on to --steps, so give more than 6"):
+        resume()
+    before = tensors_of(tmp_path / "out")
+    with pytest.raises(SystemExit, match="already at step 6"):
+        resume("--steps", "4")
+    assert_same_weights(tensors_of(tmp_path / "out"), before)
+    resume("--steps", "7", "--decoder-lr", "1e-3")  # a longer run; the checkpoint keeps its flags for the next --resume
+    ckpt = Checkpoint(tmp_path / "out")
+    assert ckpt.step == 7 and ckpt.config["train"]["steps"] == 7 and ckpt.config["train"]["decoder_lr"] == 1e-3
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_path, monkeypatch, capsys):
