@@ -765,4 +765,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args()))
+    run_cli(lambda: main(get_args()), interrupted="interrupted: the last checkpoint saved in --out (every --save-every "
+                                                  "steps) is kept; continue it with python train.py --resume")

@@ -42,9 +42,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
 
 
-def run_cli(fn):
+def run_cli(fn, interrupted="interrupted"):
     """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) becomes one line
-    on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above."""
+    on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above;
+    Ctrl-C prints `interrupted` (what is kept, for a script that saves) and exits with 130."""
     try:
         fn()
     except SystemExit as err:
@@ -52,6 +53,9 @@ def run_cli(fn):
             print(err.code, file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def count(text):

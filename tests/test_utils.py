@@ -70,6 +70,12 @@ def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
         run_cli(fails)
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: something precise\n"
 
+    def ctrl_c():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(ctrl_c, interrupted="interrupted: kept")
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "\ninterrupted: kept\n"
+
 
 def test_pick_device_refuses_a_device_that_is_not_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
