@@ -185,10 +185,14 @@ class DGLM:
         cosine = (self.embed(texts).view(n, B, -1) * e[None]).sum(-1)  # (n, B); unit vectors
         return [texts[k * B + b] for b, k in enumerate(cosine.argmax(0).tolist())]
 
-    def generate(self, prefix_texts, guidance, sampling, seed):
-        """Continuations of the prompts (one each); the same seed gives the same noise guided or not."""
-        e = self.sample_proposals(prefix_texts, guidance, sampling, seed)
-        return self.decode(prefix_texts, e, sampling, seed)
+    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100):
+        """Continuations of the prompts (one each), batch_size rows at a time (the batch from row i seeded
+        seed + i, as in evaluate.py); the same seed gives the same noise guided or not."""
+        texts = []
+        for i in range(0, len(prefix_texts), batch_size):
+            chunk = list(prefix_texts[i:i + batch_size])
+            texts += self.decode(chunk, self.sample_proposals(chunk, guidance, sampling, seed + i), sampling, seed + i)
+        return texts
 
 
 def read_prompt_file(path):
@@ -228,6 +232,8 @@ def get_args(argv=None):
     p.add_argument("--prefix", default=None, help="one prefix to continue ('' for none)")
     p.add_argument("--prompts", default=None, help="file with one prefix per line")
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
+    p.add_argument("--batch-size", type=bounded(int, 1, 100_000), default=100,
+                   help="rows generated at once (prompts x --n in batches of this many; less memory when smaller)")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", type=output_file, default=None,
@@ -252,7 +258,7 @@ def main(args):
         show_steps(model, prompts[0], guidance, label, sampling, args.seed)
         return
     prefixes = [p for p in prompts for _ in range(args.n)]
-    guided = model.generate(prefixes, guidance, sampling, args.seed)
+    guided = model.generate(prefixes, guidance, sampling, args.seed, args.batch_size)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for prefix, text in zip(prefixes, guided):
@@ -260,7 +266,7 @@ def main(args):
                                     "unlike": args.unlike, "scale": args.scale, "seed": args.seed}) + "\n")
         print(f"wrote {len(guided)} samples to {args.out}")
         return
-    unguided = model.generate(prefixes, None, sampling, args.seed) if guidance is not None else guided
+    unguided = model.generate(prefixes, None, sampling, args.seed, args.batch_size) if guidance is not None else guided
     width = max(len("unguided"), len(label))
     for i, prefix in enumerate(prefixes):
         if i % args.n == 0:

@@ -44,6 +44,14 @@ def test_the_same_seed_gives_the_same_text_in_one_process_and_across_processes(t
     assert texts != model.generate(["the film", "the film"], model.guidance("positive", FAST), FAST, seed=4)
 
 
+def test_generation_runs_in_batches_each_seeded_by_its_first_row(trained):
+    model = DGLM(trained / "out", precision="fp32")
+    prompts, g = ["the film", "our trip", "a day", "the food", "it"], model.guidance("positive", FAST)
+    batched = model.generate(prompts, g, FAST, seed=3, batch_size=2)  # rows 0-1, 2-3 and 4: seeds 3, 5 and 7
+    assert batched == (model.generate(prompts[:2], g, FAST, seed=3) + model.generate(prompts[2:4], g, FAST, seed=5) +
+                       model.generate(prompts[4:], g, FAST, seed=7))
+
+
 def test_bf16_precision_runs_the_networks_in_bf16_and_agrees_with_fp32(trained):
     bf16, fp32 = DGLM(trained / "out", precision="bf16"), DGLM(trained / "out", precision="fp32")
     seen = []
