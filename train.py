@@ -512,13 +512,11 @@ def train_probes(args, window, out, cache):
 def check_args(args, out):
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder for the checkpoint")
-    made = not out.exists()
     try:  # a real write before the data work, not os.access (root passes it for folders such as /proc)
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-check").touch()
-        (out / ".write-check").unlink()
-        if made:
-            out.rmdir()
+        check = out / f".write-check-{os.getpid()}"  # one per process under torchrun
+        check.touch()
+        check.unlink()
     except OSError as err:
         raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
