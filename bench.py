@@ -21,14 +21,14 @@ For each batch size B (the same B prompts everywhere):
   DGLM unguided  DGLM.sample_proposals (embed the prompts, k DDIM steps of the prior) + DGLM.decode
   DGLM guided    the same with probe guidance (--guide at --scale, K = 32 Monte Carlo samples, as
                  sample.py uses): the denoiser's forward and backward on the guided steps
-                 (logSNR <= --guide-max-logsnr: 6 of 25 by default), its forward alone on the others
+                 (logSNR <= --guide-max-logsnr: 4 of 15 by default), its forward alone on the others
 and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
 Every row decodes exactly m tokens: the bench holds end-of-text back for all m (--min-tokens m), so
 an early end cannot make one side cheaper.
 Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run. Both
 sides run at the same precision, sample.DGLM's: bf16 autocast where the hardware has native bf16
 (CUDA, AVX512-BF16/AMX CPUs), else fp32; --precision overrides. The last line is
-`ratio guided/plain = X.XX` at the last batch size (defaults: DDIM 25 steps, 32 tokens, batch 64).
+`ratio guided/plain = X.XX` at the last batch size (defaults: DDIM 15 steps, 32 tokens, batch 64).
 
 --config paper builds the paper's sizes with random weights (prior 12 x 768 over 32 tokens;
 gpt2-large's architecture, 36 x 1280, vocab 50257; soft prompt 6 x 768), random prompt token ids
