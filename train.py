@@ -20,6 +20,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -512,11 +513,9 @@ def train_probes(args, window, out, cache):
 def check_args(args, out):
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder for the checkpoint")
+    where = next(p for p in (out, *out.parents) if p.exists())  # out, or the folder it will be made in
     try:  # a real write before the data work, not os.access (root passes it for folders such as /proc)
-        out.mkdir(parents=True, exist_ok=True)
-        check = out / f".write-check-{os.getpid()}"  # one per process under torchrun
-        check.touch()
-        check.unlink()
+        os.rmdir(tempfile.mkdtemp(dir=where))
     except OSError as err:
         raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
