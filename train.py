@@ -146,9 +146,10 @@ def get_args(argv=None):
     for flag in ("--data", "--tier", "--lm", "--out"):
         pre.add_argument(flag)
     pre.add_argument("--resume", action="store_true")
+    pre.add_argument("-h", "--help", action="store_true")
     first, _ = pre.parse_known_args(argv)
     out = first.out or p.get_default("out")
-    trained = Checkpoint(out).config["train"] if first.resume else {}  # how the run to resume was trained
+    trained = Checkpoint(out).config["train"] if first.resume and not first.help else {}  # how it was trained
     tier = trained.get("tier") or (first.tier if first.tier in TIERS else
                                    "paper" if first.data == "c4" and first.lm != TINY_LM else "tiny")
     p.set_defaults(tier=tier, encoder=TIERS[tier].get("encoder", TINY_ENCODER), lm=TIERS[tier].get("lm", TINY_LM),
