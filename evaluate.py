@@ -310,10 +310,8 @@ def evaluate_setting(model, prompts, n, guide, sampling, args, judges, nearest=N
     prefixes = [p for p in prompts for _ in range(n)]
     started = time.time()
     texts, proposals = [], []
-    for i in range(0, len(prefixes), args.batch_size):
-        chunk = prefixes[i:i + args.batch_size]
-        e = model.sample_proposals(chunk, guidance, sampling, args.seed + i)
-        texts += model.decode(chunk, e, sampling, args.seed + i)
+    for e, chunk_texts in model.generate_in_batches(prefixes, guidance, sampling, args.seed, args.batch_size):
+        texts += chunk_texts
         proposals.append(e)
     seconds = (time.time() - started) / len(prefixes)
     proposals, text_e = torch.cat(proposals), model.embed(texts)  # unit vectors

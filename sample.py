@@ -186,14 +186,18 @@ class DGLM:
         cosine = (self.embed(texts).view(n, B, -1) * e[None]).sum(-1)  # (n, B); unit vectors
         return [texts[k * B + b] for b, k in enumerate(cosine.argmax(0).tolist())]
 
-    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100):
-        """Continuations of the prompts (one each), batch_size rows at a time (the batch from row i seeded
-        seed + i, as in evaluate.py); the same seed gives the same noise guided or not."""
-        texts = []
+    def generate_in_batches(self, prefix_texts, guidance, sampling, seed, batch_size=100):
+        """Yield (proposals e (b, d), continuations) for batch_size rows at a time, the batch from row i
+        seeded seed + i; the same seed gives the same noise guided or not."""
         for i in range(0, len(prefix_texts), batch_size):
             chunk = list(prefix_texts[i:i + batch_size])
-            texts += self.decode(chunk, self.sample_proposals(chunk, guidance, sampling, seed + i), sampling, seed + i)
-        return texts
+            e = self.sample_proposals(chunk, guidance, sampling, seed + i)
+            yield e, self.decode(chunk, e, sampling, seed + i)
+
+    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100):
+        """Continuations of the prompts (one each), batch_size rows at a time (generate_in_batches)."""
+        return [text for _, texts in self.generate_in_batches(prefix_texts, guidance, sampling, seed, batch_size)
+                for text in texts]
 
 
 def read_prompt_file(path):

@@ -129,13 +129,12 @@ def nonempty_text(value):
 
 def pick_device(name):
     """--device auto|cpu|cuda|mps -> a device string; auto takes CUDA, then MPS, then the CPU."""
+    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA GPU is visible (accepted: auto, cpu, cuda, mps)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not has_mps:
         raise SystemExit("error: --device mps but this PyTorch sees no Apple GPU (accepted: auto, cpu, cuda, mps)")
     return name
 
