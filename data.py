@@ -333,9 +333,10 @@ def read_labels(path, text_column="text", label_column="label"):
         raise SystemExit(f"error: labels file {path} holds no examples")
     rows = []
     for n, record in enumerate(records, start=2 if path.suffix != ".jsonl" else 1):
-        if not isinstance(record, dict) or text_column not in record or label_column not in record:
-            raise SystemExit(f"error: {path} has no `{text_column}` and `{label_column}` columns (record {n}; "
-                             "rename them with --text-column / --label-column)")
+        missing = [c for c in (text_column, label_column) if not isinstance(record, dict) or c not in record]
+        if missing:
+            raise SystemExit(f"error: {path} has no {' or '.join(f'`{c}`' for c in missing)} column (record {n}; "
+                             "name the columns with --text-column / --label-column)")
         text, label = " ".join(str(record[text_column] or "").split()), str(record[label_column] or "").strip()
         if not text or not label:
             raise SystemExit(f"error: {path} record {n} has an empty {'text' if not text else 'label'}")

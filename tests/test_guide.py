@@ -327,14 +327,21 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     assert "every label needs at least 10 examples" in error("--labels", str(few)) and "5 of 'gloomy'" in \
         error("--labels", str(few))
     assert "a single label ('cheerful')" in error("--labels", str(labels_file(tmp_path / "one.csv", good[:20])))
+    # a file named after a probe the tier's guides read would replace that probe under them
+    clash = labels_file(tmp_path / "sentiment.csv", [(t, "sunny") for t in POSITIVE] + [(t, "grey") for t in NEGATIVE])
+    assert "probe named 'sentiment', which the guide(s) positive use" in error("--labels", str(clash), "--overwrite")
+    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(clash),
+                       "--name", "weather"]) > 0.5
+    probes, guides = guide.load_probes(ckpt_copy / "probes.safetensors", "minilm")
+    assert guides["positive"][0] == "sentiment" and guides["sunny"] == ("weather", 1)
     taken = labels_file(tmp_path / "taken.csv", [(t, "positive") for t in POSITIVE] + [(t, "meh") for t in NEGATIVE])
     assert "already has a guide named 'positive'; pass --overwrite" in error("--labels", str(taken))
     assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(taken),
                        "--overwrite"]) > 0.5
     empty = labels_file(tmp_path / "empty.tsv", good[:30] + [("", "cheerful")], sep="\t")
     assert "record 32 has an empty text" in error("--labels", str(empty))
-    assert "has no `text` and `label` columns" in error("--labels", str(labels_file(tmp_path / "cols.csv", good,
-                                                                                    header=("sentence", "tag"))))
+    assert "has no `text` or `label` column" in error("--labels", str(labels_file(tmp_path / "cols.csv", good,
+                                                                                 header=("sentence", "tag"))))
     (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe not utf-8")
     assert "cannot read labels file" in error("--labels", str(tmp_path / "bad.jsonl"))
     assert "does not exist" in error("--labels", str(tmp_path / "missing.csv"))
