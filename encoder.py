@@ -56,7 +56,11 @@ def load_encoder(name, device="cpu", dtype=None):
     in fp16, so prefer bf16 for sentence-t5.
     """
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
     path = resolve_encoder_path(name)
+    bars = hf_logging.is_progress_bar_enabled()
+    if os.path.isdir(path):  # a local model loads in a blink: no "Loading weights" bar on every run
+        hf_logging.disable_progress_bar()
     try:
         with torch.random.fork_rng(devices=[]):  # building the modules draws random numbers: keep training's RNG as it was
             model = SentenceTransformer(path, device=device)
@@ -65,6 +69,9 @@ def load_encoder(name, device="cpu", dtype=None):
             f"error: could not load the sentence encoder {name!r} ({type(err).__name__}); "
             "without internet pass a local sentence-transformers folder with --encoder, "
             f"or use the offline tiny tier (--encoder {TINY_ENCODER})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
