@@ -59,12 +59,12 @@ def run_cli(fn, interrupted="interrupted"):
 
 
 def count(text):
-    """'100k' -> 100000, '2.5M' -> 2500000, '300' -> 300: a positive whole number."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", str(text))
+    """'100k' -> 100000, '2.5M' -> 2500000, '1e5' -> 100000, '300' -> 300: a positive whole number."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([kKmM]?)\s*", str(text))
     if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (accepted: 300, 20k, 1.5M)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (accepted: 300, 20k, 1.5M, 1e5)")
     value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
-    if value < 1 or value != int(value):
+    if not math.isfinite(value) or value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
     return int(value)
 

@@ -10,7 +10,8 @@ from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, 
 
 def test_count_accepts_suffixes_and_rejects_junk():
     assert count("100k") == 100_000 and count("2.5M") == 2_500_000 and count("300") == 300
-    for bad in ["ten", "1.5", "-3", "0", "5g", "", "nan", "inf"]:
+    assert count("1e5") == 100_000 and count("2.4E3") == 2400
+    for bad in ["ten", "1.5", "-3", "0", "5g", "", "nan", "inf", "1e400", "1e-3", "1.5e0"]:
         with pytest.raises(argparse.ArgumentTypeError):
             count(bad)
 
@@ -62,7 +63,7 @@ def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
         p.parse_args(["--steps", "lots"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == "error: argument --steps: 'lots' is not a count (accepted: 300, 20k, 1.5M) (see python x.py --help)\n"
+    assert err == "error: argument --steps: 'lots' is not a count (accepted: 300, 20k, 1.5M, 1e5) (see python x.py --help)\n"
 
     def fails():
         raise SystemExit("error: something precise")
