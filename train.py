@@ -161,8 +161,11 @@ def get_args(argv=None):
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
                for k in RUN_SETTINGS if k in trained and getattr(args, k) != trained[k]]
     if changed:
+        moved = "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4")
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
-                         f"it: {', '.join(changed)}; leave them out, or start a new run with another --out")
+                         f"it: {', '.join(changed)}; leave them out, or start a new run with another --out"
+                         + (f" (a data file that moved: put it back at {trained['data']}, or link it there)" if moved
+                            else ""))
     return args
 
 

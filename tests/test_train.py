@@ -234,6 +234,8 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
     with pytest.raises(SystemExit, match=r"would change it: --batch-size 32 \(trained with 16\), "
                                          r"--seed 1 \(trained with 0\); leave them out"):
         resume("--seed", "1", "--batch-size", "32")
+    with pytest.raises(SystemExit, match=r"--data elsewhere.txt \(trained with .*\); .*a data file that moved: put it back"):
+        resume("--data", "elsewhere.txt")
     resume()  # the data, cache, batch sizes, learning rates, --steps 6 and --save-every 3 come from the checkpoint
     assert Checkpoint(tmp_path / "out").step == 6
     assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
