@@ -451,17 +451,16 @@ def add_label_probes(args, encoder_name, cache):
     _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
     taken = sorted(set(counts) & set(existing))
     if taken and not args.overwrite:
-        raise SystemExit(f"error: {path} already has {'a guide' if len(taken) == 1 else 'guides'} named {', '.join(map(repr, taken))}; pass --overwrite "
-                         "to replace it, or rename the label")
+        raise SystemExit(f"error: {path} already has {'a guide' if len(taken) == 1 else 'guides'} named "
+                         f"{', '.join(map(repr, taken))}; pass --overwrite to replace it, or rename the label")
     name = args.name or re.sub(r"\W+", "-", Path(args.labels).stem)
-    new_probes = [name] if len(counts) == 2 else [f"{name}-{label}" for label in counts]
-    uses = lambda v: {v[0]} if isinstance(v[0], str) else set(v[0])  # the probes a guide reads
-    relying = {g: sorted(uses(v) & set(new_probes)) for g, v in existing.items() if g not in counts}
-    relying = {g: clash for g, clash in relying.items() if clash}
+    new_probes = {name} if len(counts) == 2 else {f"{name}-{label}" for label in counts}
+    reads = lambda v: {v[0]} if isinstance(v[0], str) else set(v[0])  # the probes a guide reads
+    relying = sorted(g for g, v in existing.items() if g not in counts and reads(v) & new_probes)
     if relying:  # replacing the probe would silently change what those guides steer toward
-        clash = sorted({p for c in relying.values() for p in c})
+        clash = sorted(set().union(*(reads(existing[g]) for g in relying)) & new_probes)
         raise SystemExit(f"error: {path} already has a probe named {', '.join(map(repr, clash))}, which the guide(s) "
-                         f"{', '.join(sorted(relying))} use; name the new probe with --name")
+                         f"{', '.join(relying)} use; name the new probe with --name")
     e = torch.from_numpy(cache.encode([text for text, _ in rows]))
     probes, guides, accuracy_, chance = train_label_probes(e, labels, name)
     merge_probes(path, probes, guides, encoder_name)
