@@ -203,11 +203,12 @@ class DGLM:
 def read_prompt_file(path):
     """One prompt per line; a missing, unreadable or empty file is a one-line error."""
     if not Path(path).is_file():  # Path("") is ".", a folder
-        raise SystemExit(f"error: prompt file {path!r} does not exist")
+        raise SystemExit(f"error: prompt file {path!r} " + ("is a folder" if path and Path(path).is_dir() else
+                                                             "does not exist"))
     path = Path(path)
     try:
         prompts = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    except UnicodeDecodeError as err:
+    except (UnicodeDecodeError, OSError) as err:
         raise SystemExit(f"error: cannot read prompt file {path} ({err})") from None
     if not prompts:
         raise SystemExit(f"error: prompt file {path} is empty (expected one prompt per line)")

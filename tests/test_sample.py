@@ -131,6 +131,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         ([*ckpt, "--max-tokens", "100000"], "--max-tokens 100000 does not fit the decoder's context"),
         ([*ckpt, "--prompts", str(tmp_path / "missing.txt")], "prompt file"),
         ([*ckpt, "--prompts", ""], "prompt file '' does not exist"),  # not the demo prompts in its place
+        ([*ckpt, "--prompts", str(tmp_path)], "is a folder"),
         ([*ckpt, "--guide", "positive:inf"], "guide weight 'inf' in 'positive:inf' is out of range"),
         (["--out", str(tmp_path / "nowhere" / "samples.jsonl")], "nowhere' does not exist"),  # before sampling
     ]
