@@ -318,7 +318,7 @@ def read_labels(path, text_column="text", label_column="label"):
     import csv
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: labels file {path} does not exist")
+        raise SystemExit(f"error: labels file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
     if path.suffix not in (".csv", ".tsv", ".jsonl"):
         raise SystemExit(f"error: labels file {path} must be .csv, .tsv or .jsonl")
     try:

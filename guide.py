@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import ArgumentParser, bounded, count, pick_device, run_cli
+from utils import ArgumentParser, bounded, count, pick_device, refuse_a_file, run_cli
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -493,6 +493,7 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
+    refuse_a_file(args.ckpt)
     config_path = Path(args.ckpt) / "config.json"
     if not config_path.exists():
         raise SystemExit(f"error: no checkpoint config at {config_path}; "

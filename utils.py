@@ -226,6 +226,12 @@ def save_checkpoint(out, config, step, models, optimizers, extra_tensors, data_s
     atomic_save(tensors, Path(out) / CHECKPOINT, meta)
 
 
+def refuse_a_file(out):
+    """A checkpoint is the folder train.py wrote; its checkpoint.safetensors alone is a one-line error."""
+    if Path(out).is_file():
+        raise SystemExit(f"error: {out} is a file; a checkpoint is the folder train.py wrote (try {Path(out).parent})")
+
+
 class Checkpoint:
     """A checkpoint file opened for reading: config, step and metadata at once; tensors on demand,
     one group at a time (so resuming a large run never holds every tensor twice)."""
@@ -233,6 +239,7 @@ class Checkpoint:
     def __init__(self, out):
         from safetensors import safe_open
         self.path = Path(out) / CHECKPOINT
+        refuse_a_file(out)
         if not self.path.exists():
             raise SystemExit(f"error: no checkpoint at {self.path}; train one with `python train.py --out {out}`")
         try:

@@ -345,6 +345,7 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe not utf-8")
     assert "cannot read labels file" in error("--labels", str(tmp_path / "bad.jsonl"))
     assert "does not exist" in error("--labels", str(tmp_path / "missing.csv"))
+    assert "is a folder" in error("--labels", str(tmp_path))
     assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
                                                                        [(t, "a,b") for t in POSITIVE] + good[20:])))
 

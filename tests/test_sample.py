@@ -114,6 +114,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     cases = [
         ([*ckpt, "--guide", "joyful"], "unknown guide 'joyful' (available:"),
         (["--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["--ckpt", str(trained / "out" / "checkpoint.safetensors")], "is a file; a checkpoint is the folder"),
         (["--scale", "big"], "argument --scale: 'big' is not a number (accepted: [0, 1e+06])"),
         (["--scale", "nan"], "argument --scale: 'nan' is out of range"),
         (["--scale", "inf"], "argument --scale: 'inf' is out of range"),
