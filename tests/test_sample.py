@@ -171,6 +171,11 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     shutil.rmtree(partial / "tokenizer")
     with pytest.raises(SystemExit, match="has no tokenizer/ folder .*copy the whole checkpoint folder"):
         sample.main(sample.get_args(["--ckpt", str(partial)]))
+    unlabelled = tmp_path / "unlabelled"  # trained on a data file without labels: no probes, so only --like steers
+    shutil.copytree(trained / "out", unlabelled)
+    (unlabelled / "probes.safetensors").unlink()
+    with pytest.raises(SystemExit, match="has no probes.safetensors; add probes with `python guide.py --ckpt .* --labels"):
+        sample.main(sample.get_args(["--ckpt", str(unlabelled), "--guide", "positive"]))
 
 
 def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, capsys):
