@@ -503,6 +503,8 @@ def train_probes(args, window, out, cache):
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
+        print(f"no probes: {args.data} has no labels; add them with `python guide.py --ckpt {out} --labels FILE`, "
+              "or steer by example with `sample.py --like TEXT`")
         return None
     try:
         probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
