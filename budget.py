@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from decoder import SoftPromptGenerator
+from decoder import SoftPromptGenerator, gpt2_flops_per_token
 from diffusion import Prior
 
 # Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); longest match wins.
@@ -45,6 +45,18 @@ def count_params(build):
 def encoder_params(name):
     """Known size of a sentence encoder by (the end of) its name, else None."""
     return next((n for key, n in ENCODER_PARAMS.items() if str(name).rstrip("/").endswith(key)), None)
+
+
+def step_flops(prior_config, lm_config, seq_len, prior_batch, decoder_batch, encoder_params=None, embed_len=0):
+    """Analytic FLOPs of one training step, sequences at their longest (seq_len tokens for the decoder):
+    the prior's and the decoder's forward + backward (3x the forward), and, with encoder_params, the
+    forward pass of the frozen encoder over the prior_batch new texts of embed_len tokens that a C4 step
+    brings (each window's texts are embedded once; about 2 FLOPs per parameter and token)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        prior = Prior(prior_config)
+    lm = gpt2_flops_per_token(lm_config["n_layer"], lm_config["n_embd"], lm_config["vocab_size"], seq_len)
+    return {"prior": 3 * prior_batch * prior.flops_per_example(), "decoder": 3 * decoder_batch * seq_len * lm,
+            "embedding": 2 * (encoder_params or 0) * embed_len * prior_batch}
 
 
 def peak_flops(device, bf16, given_tflops=None):
@@ -164,14 +176,29 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
     million = lambda n: "?" if n is None else f"{n / 1e6:.1f}M"
     print(f"tier {args.tier} | encoder {args.encoder} ({million(sizes['encoder'])}) | language model {args.lm} "
           f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
+    seq_len = args.max_len + decoder_config.n_soft + 2
+    flops = step_flops(prior_config, lm_config, seq_len, args.batch_size, args.decoder_batch,
+                       sizes["encoder"] if args.data == "c4" else None, args.max_len)
+    train, embed = args.steps * (flops["prior"] + flops["decoder"]), args.steps * flops["embedding"]
+    line = (f"compute (analytic, at --max-len): {flops['prior'] + flops['decoder']:.1e} FLOPs a training step "
+            f"(prior {flops['prior']:.1e}, decoder {flops['decoder']:.1e})")
+    if embed:  # C4: every text is new, so each step brings --batch-size texts to embed
+        line += f", and {flops['embedding']:.1e} to embed its {args.batch_size} new C4 texts"
+    line += f"; {args.steps} steps: {train:.1e} + {embed:.1e} FLOPs" if embed else f"; {args.steps} steps: {train:.1e} FLOPs"
+    peak = peak_flops(device, True, args.peak_tflops)[0] if args.peak_tflops or str(device).startswith("cuda") else None
+    if peak:  # an estimate until a GPU run measures the MFU (train.py's throughput lines)
+        hours = lambda flop, gpus: f"{flop / (0.4 * peak * gpus) / 3600:.1f} h"
+        line += f"; at 40% MFU about {hours(train, world)} of training steps"
+        if embed:
+            line += f" and {hours(embed, 1)} of embedding on the main process's GPU, in the background"
+    print(line)
     per_process = (args.batch_size // world, args.decoder_batch // world)
     gpus = [g * GiB for g in args.gpu_memory or []]
     if device is not None and str(device).startswith("cuda"):
         gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
     for total in gpus:
         prior_micro, decoder_micro, estimate = plan_micro_batches(
-            sizes, asdict(prior_config), lm_config, args.max_len + decoder_config.n_soft + 2, *per_process, total,
-            args.grad_checkpointing)
+            sizes, asdict(prior_config), lm_config, seq_len, *per_process, total, args.grad_checkpointing)
         if prior_micro is None:
             raise SystemExit(f"error: training does not fit in {total / GiB:.0f} GiB of GPU memory even at "
                              f"micro-batch 1 (estimate {format_estimate(estimate)}); try "

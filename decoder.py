@@ -292,13 +292,17 @@ class Decoder(nn.Module):
         return result
 
     def flops_per_token(self, context):
-        """Forward FLOPs per token of GPT-2 at sequence length `context` (2 per multiply-add): the
-        weight matrices of every layer, attention over the context (q k^T and the weighted sum of v,
-        counted over the whole context as is usual for MFU) and the LM head; the soft-prompt generator
-        (a few small matrices per example) is left out."""
         c = self.lm.config
-        layer = 2 * 12 * c.n_embd ** 2 + 2 * 2 * context * c.n_embd
-        return c.n_layer * layer + 2 * c.n_embd * c.vocab_size
+        return gpt2_flops_per_token(c.n_layer, c.n_embd, c.vocab_size, context)
+
+
+def gpt2_flops_per_token(n_layer, n_embd, vocab_size, context):
+    """Forward FLOPs per token of GPT-2 at sequence length `context` (2 per multiply-add): the weight
+    matrices of every layer, attention over the context (q k^T and the weighted sum of v, counted over
+    the whole context as is usual for MFU) and the LM head; the soft-prompt generator (a few small
+    matrices per example) is left out."""
+    layer = 2 * 12 * n_embd ** 2 + 2 * 2 * context * n_embd
+    return n_layer * layer + 2 * n_embd * vocab_size
 
 
 def fit_length(prefix_ids, continuation_ids, room):

@@ -32,6 +32,17 @@ def test_the_decoders_analytic_flops_per_token_match_gpt2_counted():
     assert decoder.flops_per_token(T) * 2 * T == pytest.approx(counted, rel=0.01)
 
 
+def test_step_flops_count_the_three_models_and_the_texts_a_c4_step_embeds():
+    config = PriorConfig(dim=48, n_tokens=6, token_dim=16, width=64, depth=4, heads=4)
+    decoder = tiny_decoder(300, dim=16)
+    lm = decoder.lm.config.to_dict()
+    flops = budget.step_flops(config, lm, 20, 8, 4)
+    assert flops["prior"] == 3 * 8 * Prior(config).flops_per_example()        # forward + backward, per example
+    assert flops["decoder"] == 3 * 4 * 20 * decoder.flops_per_token(20)       # per token of each sequence
+    assert flops["embedding"] == 0                                             # a corpus is embedded once, up front
+    assert budget.step_flops(config, lm, 20, 8, 4, encoder_params=1e6, embed_len=16)["embedding"] == 2 * 1e6 * 16 * 8
+
+
 def test_memory_estimate_grows_with_the_micro_batch_and_checkpointing_saves_activations():
     sizes = {"prior": 119e6, "soft_prompt": 57e6, "lm": 774e6, "encoder": 1.24e9}
     prior = dict(n_tokens=32, width=768, depth=12)
