@@ -6,7 +6,8 @@
               a training step (forward + backward); model FLOP utilisation = achieved FLOP/s over the
               device's peak bf16 FLOP/s (a table of common GPUs, --peak-tflops, or on a CPU a measured
               large matrix product)
-  describe_run  what train.py prints first: tier, encoder, language model, sizes, and the memory plan
+  step_flops  one training step's FLOPs, and the frozen encoder's over the new texts a C4 step brings
+  describe_run  what train.py prints first: tier, encoder, language model, sizes, compute, the memory plan
   memory      an estimate of peak GPU memory: fp32 weights, gradients and AdamW moments of what is
               trained, the prior's EMA, the frozen encoder in bf16, autocast's bf16 weight copies,
               and the activations of one micro-batch (Korthikanti et al. 2022: about 34 s b h bytes
