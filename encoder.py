@@ -250,6 +250,9 @@ def main(argv=None):
     p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl file")
     p.add_argument("--max-texts", type=count, default=count("200k"), help="--data c4: examples to encode")
     p.add_argument("--window", type=count, default=count("200k"), help="--data c4: train.py's --window")
+    p.add_argument("--first-window", type=bounded(int, 0, 1e9), default=0,
+                   help="--data c4: read past this many windows first (so several GPUs can each fill their own "
+                        "range of windows at once)")
     p.add_argument("--cache-dir", default="cache", help="train.py's --cache-dir")
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=256, help="texts per forward pass")
@@ -274,6 +277,9 @@ def main(argv=None):
         return
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     position, done = None, 0
+    for _ in range(args.first_window):  # read, not embedded: the stream has no index to jump by
+        _, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window,
+                                         args.max_prefix_frac or 1.0)
     while done < args.max_texts:
         examples, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window,
                                                 args.max_prefix_frac or 1.0)  # whole windows, as train.py reads them

@@ -82,6 +82,15 @@ def test_encoder_cli_fills_the_windows_that_training_reads(c4_copy, tiny_t5, tmp
         examples, position = data.c4_window(tokenizer, root, 0, position, 4, 1.0)
         e_prefix, _ = encoder_lib.window_embeddings(examples, directory, lambda *a, **k: pytest.fail("re-encoded"))
         assert e_prefix.shape == (4, 24)
+    for w in directory.glob("window-*.safetensors"):
+        w.unlink()
+    encoder_lib.main(["--data", "c4", "--c4-path", str(root), "--tokenizer", str(tmp_path / "tok"), "--window", "4",
+                      "--first-window", "1", "--max-texts", "4", "--cache-dir", str(tmp_path / "cache"),
+                      "--encoder", tiny_t5, "--device", "cpu"])  # the second window alone, as another GPU would
+    _, position = data.c4_window(tokenizer, root, 0, None, 4, 1.0)
+    second, _ = data.c4_window(tokenizer, root, 0, position, 4, 1.0)
+    assert encoder_lib.window_embeddings(second, directory, lambda *a, **k: pytest.fail("re-encoded"))[0].shape == (4, 24)
+    assert len(list(directory.glob("window-*.safetensors"))) == 1  # the first one was only read
 
 
 def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch):
