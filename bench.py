@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config
 
 import budget
+import data as data_lib
 import train
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, comma_list, keep_freed_memory,
@@ -208,7 +209,7 @@ def bench_train(args, device):
     config, prior, decoder = random_models(args, device)
     bf16 = use_bf16(args.precision, device)
     B, D = tier_args.batch_size, tier_args.decoder_batch
-    seq = min(88, tier_args.max_len)  # tokens per text: C4 chunks have 88, the tiny tier's texts at most 48
+    seq = min(data_lib.C4_TOKENS, tier_args.max_len)  # tokens per text: C4 chunks have 88, the tiny tier's at most 48
     prior_micro, decoder_micro = args.micro_batch or B, args.decoder_micro_batch or D
     if str(device).startswith("cuda") and not (args.micro_batch and args.decoder_micro_batch):
         sizes = {"prior": sum(p.numel() for p in prior.parameters()),

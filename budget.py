@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from data import C4_TOKENS
 from decoder import SoftPromptGenerator, gpt2_flops_per_token
 from diffusion import Prior
 
@@ -177,11 +178,12 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
     million = lambda n: "?" if n is None else f"{n / 1e6:.1f}M"
     print(f"tier {args.tier} | encoder {args.encoder} ({million(sizes['encoder'])}) | language model {args.lm} "
           f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
-    seq_len = args.max_len + decoder_config.n_soft + 2
-    flops = step_flops(prior_config, lm_config, seq_len, args.batch_size, args.decoder_batch,
-                       sizes["encoder"] if args.data == "c4" else None, args.max_len)
+    seq_len = args.max_len + decoder_config.n_soft + 2  # the longest sequence, for memory
+    text_len = min(C4_TOKENS, args.max_len) if args.data == "c4" else args.max_len  # C4's texts, for compute
+    flops = step_flops(prior_config, lm_config, text_len + decoder_config.n_soft + 2, args.batch_size,
+                       args.decoder_batch, sizes["encoder"] if args.data == "c4" else None, text_len)
     train, embed = args.steps * (flops["prior"] + flops["decoder"]), args.steps * flops["embedding"]
-    line = (f"compute (analytic, at --max-len): {flops['prior'] + flops['decoder']:.1e} FLOPs a training step "
+    line = (f"compute (analytic, texts of {text_len} tokens): {flops['prior'] + flops['decoder']:.1e} FLOPs a training step "
             f"(prior {flops['prior']:.1e}, decoder {flops['decoder']:.1e})")
     if embed:  # C4: every text is new, so each step brings --batch-size texts to embed
         line += f", and {flops['embedding']:.1e} to embed its {args.batch_size} new C4 texts"

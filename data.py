@@ -166,7 +166,10 @@ def stream_from_hub(hub_id, *config, offline):
                          f"offline, {offline}") from None
 
 
-def c4_chunks(text, tokenizer, chunk=128, keep=88, max_tokens_per_char=0.25):
+C4_TOKENS = 88  # GPT-2 tokens kept of each 128-token window of a C4 document (the paper's preparation)
+
+
+def c4_chunks(text, tokenizer, chunk=128, keep=C4_TOKENS, max_tokens_per_char=0.25):
     """One C4 document -> the texts of its training chunks, as the paper prepares C4.
 
     Documents with more than `max_tokens_per_char` GPT-2 tokens per character are dropped: tables,
@@ -193,7 +196,7 @@ class C4Examples:
     each passes its rank and the world size and streams its own part (and keeps its own position).
     """
 
-    def __init__(self, tokenizer, path=None, seed=0, position=None, chunk=128, keep=88,
+    def __init__(self, tokenizer, path=None, seed=0, position=None, chunk=128, keep=C4_TOKENS,
                  max_tokens_per_char=0.25, max_prefix_frac=1.0, rank=0, world_size=1):
         self.tokenizer, self.path, self.seed = tokenizer, path, seed
         self.chunk, self.keep, self.max_tokens_per_char = chunk, keep, max_tokens_per_char

@@ -91,8 +91,8 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     out = capsys.readouterr().out
     assert "tier paper | encoder sentence-transformers/sentence-t5-xl (1240.0M) | language model gpt2-large (774.0M)" \
            " | prior 119.3M | soft prompt 57.2M" in out
-    # gpt2-large's 138-token sequences, 64 a step, against sentence-T5 XL over the 256 new texts of 128 tokens
-    assert "decoder 4.2e+13), and 8.1e+13 to embed its 256 new C4 texts" in out
+    # gpt2-large's 98-token sequences, 64 a step, against sentence-T5 XL over the 256 new texts of 88 tokens
+    assert "decoder 2.9e+13), and 5.6e+13 to embed its 256 new C4 texts" in out
     plans = [line for line in out.splitlines() if line.startswith("GPU ")]
     assert [p.split(":")[0] for p in plans] == ["GPU 24 GiB", "GPU 40 GiB", "GPU 80 GiB"]
     micro = [int(p.split("decoder ")[1].split(" of")[0]) for p in plans]
