@@ -50,8 +50,8 @@ def encoder_params(name):
 
 
 def step_flops(prior_config, lm_config, seq_len, prior_batch, decoder_batch, encoder_params=None, embed_len=0):
-    """Analytic FLOPs of one training step, sequences at their longest (seq_len tokens for the decoder):
-    the prior's and the decoder's forward + backward (3x the forward), and, with encoder_params, the
+    """Analytic FLOPs of one training step, the decoder's sequences of seq_len tokens: the prior's and
+    the decoder's forward + backward (3x the forward), and, with encoder_params, the
     forward pass of the frozen encoder over the prior_batch new texts of embed_len tokens that a C4 step
     brings (each window's texts are embedded once; about 2 FLOPs per parameter and token)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -165,8 +165,31 @@ def format_estimate(parts):
         f" -> total {parts['total'] / GiB:.1f} GiB"
 
 
+def compute_line(args, prior_config, decoder_config, lm_config, encoder_params, device, world):
+    """What train.py prints about compute: FLOPs a step and in all, C4's embedding apart, and hours at
+    40% MFU where the peak is known (CUDA or --peak-tflops); an estimate until a GPU run measures it."""
+    c4 = args.data == "c4"
+    text_len = min(C4_TOKENS, args.max_len) if c4 else args.max_len
+    flops = step_flops(prior_config, lm_config, text_len + decoder_config.n_soft + 2, args.batch_size,
+                       args.decoder_batch, encoder_params if c4 else None, text_len)
+    step = flops["prior"] + flops["decoder"]
+    line = (f"compute (analytic, texts of {text_len} tokens): {step:.1e} FLOPs a training step (prior "
+            f"{flops['prior']:.1e}, decoder {flops['decoder']:.1e})")
+    if flops["embedding"]:  # C4: every text is new, so each step brings --batch-size texts to embed
+        line += f", and {flops['embedding']:.1e} to embed its {args.batch_size} new C4 texts"
+    line += f"; {args.steps} steps: {args.steps * step:.1e}" + \
+        (f" + {args.steps * flops['embedding']:.1e} FLOPs" if flops["embedding"] else " FLOPs")
+    peak = peak_flops(device, True, args.peak_tflops)[0] if args.peak_tflops or str(device).startswith("cuda") else None
+    if peak:
+        hours = lambda flop, gpus: f"{args.steps * flop / (0.4 * peak * gpus) / 3600:.1f} h"
+        line += f"; at 40% MFU about {hours(step, world)} of training steps"
+        if flops["embedding"]:
+            line += f" and {hours(flops['embedding'], 1)} of embedding on the main process's GPU, in the background"
+    return line
+
+
 def describe_run(args, prior_config, decoder_config, lm_config, device=None, world=1):
-    """Print the tier, encoder, language model and model sizes, then the memory plan.
+    """Print the tier, encoder, language model and model sizes, the compute (compute_line), then the memory plan.
 
     On CUDA (or for each size of --gpu-memory) the estimate of peak GPU memory is printed beside the
     device's memory, with the micro-batches that fit; one line ends the run when even micro-batch 1
@@ -179,22 +202,7 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
     print(f"tier {args.tier} | encoder {args.encoder} ({million(sizes['encoder'])}) | language model {args.lm} "
           f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
     seq_len = args.max_len + decoder_config.n_soft + 2  # the longest sequence, for memory
-    text_len = min(C4_TOKENS, args.max_len) if args.data == "c4" else args.max_len  # C4's texts, for compute
-    flops = step_flops(prior_config, lm_config, text_len + decoder_config.n_soft + 2, args.batch_size,
-                       args.decoder_batch, sizes["encoder"] if args.data == "c4" else None, text_len)
-    train, embed = args.steps * (flops["prior"] + flops["decoder"]), args.steps * flops["embedding"]
-    line = (f"compute (analytic, texts of {text_len} tokens): {flops['prior'] + flops['decoder']:.1e} FLOPs a training step "
-            f"(prior {flops['prior']:.1e}, decoder {flops['decoder']:.1e})")
-    if embed:  # C4: every text is new, so each step brings --batch-size texts to embed
-        line += f", and {flops['embedding']:.1e} to embed its {args.batch_size} new C4 texts"
-    line += f"; {args.steps} steps: {train:.1e} + {embed:.1e} FLOPs" if embed else f"; {args.steps} steps: {train:.1e} FLOPs"
-    peak = peak_flops(device, True, args.peak_tflops)[0] if args.peak_tflops or str(device).startswith("cuda") else None
-    if peak:  # an estimate until a GPU run measures the MFU (train.py's throughput lines)
-        hours = lambda flop, gpus: f"{flop / (0.4 * peak * gpus) / 3600:.1f} h"
-        line += f"; at 40% MFU about {hours(train, world)} of training steps"
-        if embed:
-            line += f" and {hours(embed, 1)} of embedding on the main process's GPU, in the background"
-    print(line)
+    print(compute_line(args, prior_config, decoder_config, lm_config, sizes["encoder"], device, world))
     per_process = (args.batch_size // world, args.decoder_batch // world)
     gpus = [g * GiB for g in args.gpu_memory or []]
     if device is not None and str(device).startswith("cuda"):
