@@ -184,7 +184,7 @@ def compute_line(args, prior_config, decoder_config, lm_config, encoder_params, 
         hours = lambda flop, gpus: f"{args.steps * flop / (0.4 * peak * gpus) / 3600:.1f} h"
         line += f"; at 40% MFU about {hours(step, world)} of training steps"
         if flops["embedding"]:
-            line += f" and {hours(flops['embedding'], 1)} of embedding on the main process's GPU, in the background"
+            line += f" and {hours(flops['embedding'], world)} of embedding, in the background"
     return line
 
 

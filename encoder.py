@@ -187,30 +187,63 @@ def project_to_sphere(x, mu, s):
 # ----------------------------------------------------------------------------- C4 windows
 
 
+def window_file(examples, directory):
+    """-> (the window's texts: prefixes then continuations, DIRECTORY/window-<digest of them>.safetensors)."""
+    texts = [ex["prefix"] for ex in examples] + [ex["continuation"] for ex in examples]
+    digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:24]
+    return texts, Path(directory) / f"window-{digest}.safetensors"
+
+
+def save_fp16(emb, path):
+    """Store (n, d) embeddings in fp16 (half the disk of fp32; the rounding, below 1e-3 of a component,
+    is far below the prior's noise), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"emb": np.ascontiguousarray(emb, dtype=np.float16)}, str(tmp))
+    os.replace(tmp, path)
+
+
 def window_embeddings(examples, directory, encode, show_progress=False):
     """(prefix_e, continuation_e), each (n, d) float32, of a window of examples {prefix, continuation}.
 
-    Read from DIRECTORY/<digest>.safetensors when an earlier run (or `python encoder.py --data c4`)
-    stored this window, else computed with encode(texts) and stored there in fp16 (half the disk of
-    fp32; the rounding, below 1e-3 of a component, is far below the prior's noise). The file name is
-    a digest of the window's texts, so only that file is read: memory never grows with the window.
+    Read from DIRECTORY/window-<digest>.safetensors when an earlier run (or `python encoder.py --data
+    c4`, or the processes of this one: embed_share) stored this window, else computed with
+    encode(texts) and stored there in fp16. The file name is a digest of the window's texts, so only
+    that file is read: memory never grows with the window.
     """
-    texts = [ex["prefix"] for ex in examples] + [ex["continuation"] for ex in examples]
-    digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:24]
-    path = Path(directory) / f"window-{digest}.safetensors"
-    if path.exists():
-        emb = load_file(str(path))["emb"]
-    else:
+    texts, path = window_file(examples, directory)
+    if not path.exists():
         unique = list(dict.fromkeys(texts))  # empty prefixes and repeats are embedded once
         rows = dict(zip(unique, encode(unique, show_progress)))
-        emb = np.stack([rows[t] for t in texts]).astype(np.float16)  # what a later run reads back, to the bit
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"emb": emb}, str(tmp))
-        os.replace(tmp, path)
-    emb = emb.astype(np.float32)
+        save_fp16(np.stack([rows[t] for t in texts]), path)
+    emb = load_file(str(path))["emb"].astype(np.float32)  # what a later run reads back, to the bit
     n = len(examples)
     return emb[:n], emb[n:]
+
+
+def embed_share(examples, directory, encode, rank, world):
+    """Under torchrun each process embeds every world-th distinct text of a window (its share, stored
+    beside the window's file) unless the window or the share is stored already; join_shares then makes
+    the file. A run that stops leaves the shares of the window it was preparing, for its --resume."""
+    texts, path = window_file(examples, directory)
+    share = path.with_name(f"{path.stem}.share-{rank}-of-{world}.safetensors")  # kept by a run that stopped
+    if not path.exists() and not share.exists():
+        save_fp16(encode(list(dict.fromkeys(texts))[rank::world], False), share)
+
+
+def join_shares(examples, directory, world):
+    """The window's file from the shares of its `world` processes (removed after), as window_embeddings
+    would have stored it in one process."""
+    texts, path = window_file(examples, directory)
+    if path.exists():
+        return
+    unique, rows = list(dict.fromkeys(texts)), {}
+    shares = [path.with_name(f"{path.stem}.share-{rank}-of-{world}.safetensors") for rank in range(world)]
+    for rank, share in enumerate(shares):
+        rows.update(zip(unique[rank::world], load_file(str(share))["emb"]))
+    save_fp16(np.stack([rows[t] for t in texts]), path)
+    for share in shares:
+        share.unlink()
 
 
 def disk_usage(directory):

@@ -32,8 +32,8 @@ import budget
 import data as data_lib
 from decoder import TINY_LM, DecoderConfig, encode_continuation, fit_length, load_tokenizer, train_tokenizer
 from diffusion import PriorConfig, ema_update, make_ema
-from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, latent_stats, standardize,
-                     window_embeddings)
+from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, embed_share, join_shares, latent_stats,
+                     standardize, window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models,
                    checkpoint_tokenizer, comma_list, count, keep_freed_memory, model_config, pick_device, run_cli,
@@ -255,11 +255,11 @@ class Window:
     """
 
     def __init__(self, examples, e_prefix, e_cont, tokenizer, room, batch_size, seed, start=0, position=None):
-        held = np.array([data_lib.is_held_out(ex["text"]) for ex in examples], dtype=bool)
+        self.held = held = np.array([data_lib.is_held_out(ex["text"]) for ex in examples], dtype=bool)
         self.examples = [ex for ex, h in zip(examples, held) if not h]
         self.held_out = [ex for ex, h in zip(examples, held) if h]
-        self.e_prefix, self.e_cont = torch.from_numpy(e_prefix[~held]), torch.from_numpy(e_cont[~held])
-        self.held_out_e_cont = torch.from_numpy(e_cont[held])
+        if e_prefix is not None:  # else set_embeddings, once they are ready (C4 under torchrun)
+            self.set_embeddings(e_prefix, e_cont)
         prefix_ids = tokenizer([ex["prefix"] for ex in self.examples], add_special_tokens=False)["input_ids"]
         pairs = [fit_length(p, encode_continuation(tokenizer, ex["continuation"]), room)
                  for p, ex in zip(prefix_ids, self.examples)]
@@ -267,6 +267,11 @@ class Window:
         self.batches = Batches([len(p) + len(c) for p, c in pairs], batch_size, seed)
         self.start, self.position = start, position  # position: where this window starts in the C4 stream
         self.end = math.inf  # a corpus read whole; a C4 window ends after one pass (C4Windows.load)
+
+    def set_embeddings(self, e_prefix, e_cont):
+        """The unit embeddings (n, d) of every example, in the order given; held-out rows set apart."""
+        self.e_prefix, self.e_cont = torch.from_numpy(e_prefix[~self.held]), torch.from_numpy(e_cont[~self.held])
+        self.held_out_e_cont = torch.from_numpy(e_cont[self.held])
 
     def batch(self, step):
         """-> e_prefix (B, d), e_cont (B, d), prefix_ids, cont_ids of the batch of `step`."""
@@ -291,7 +296,9 @@ class Corpus:
 class C4Windows:
     """--data c4: consecutive windows of --window examples of the stream. Each is embedded once
     (stored on disk by encoder.window_embeddings) and prepared in a background thread while the
-    previous window trains; the time training waits for it is reported."""
+    previous window trains; the time training waits for it is reported. Under torchrun every process
+    prepares the next window and embeds its share of the texts (encoder.embed_share); the main process
+    joins the shares into the window's file at the switch."""
 
     def __init__(self, args, tokenizer, cache, room, dist, state=None):
         self.args, self.tokenizer, self.cache, self.room, self.dist = args, tokenizer, cache, room, dist
@@ -305,9 +312,14 @@ class C4Windows:
         """The batch of `step`, moving on to the next window (prepared in the background) when due."""
         if step >= self.window.end:
             began = time.time()
-            nxt = self.next.result() if self.dist.is_main else None
-            self.dist.barrier()  # the other processes read the window the main one has just stored
-            self.window = nxt or self.load(self.window.end, self.window.next_position)
+            nxt = self.next.result()
+            if self.dist.world > 1:
+                self.dist.barrier()  # every process has stored its share of the window's embeddings
+                if self.dist.is_main:
+                    join_shares(nxt.source, self.cache.dir, self.dist.world)
+                self.dist.barrier()  # the window's file is whole
+                nxt.set_embeddings(*window_embeddings(nxt.source, self.cache.dir, self.cache.embed))
+            self.window = nxt
             self.prefetch()
             self.report(time.time() - began)
         return self.window.batch(step)
@@ -326,25 +338,28 @@ class C4Windows:
         if self.log:
             self.log.write(self.window.start, window_seconds=self.window.seconds, window_wait_seconds=waited)
 
-    def load(self, start, position):
-        """The window that starts at `position` of the stream and at step `start`."""
+    def load(self, start, position, share=False):
+        """The window that starts at `position` of the stream and at step `start`; with share, only this
+        process's share of its embeddings is computed (set_embeddings follows once they are joined)."""
         began = time.time()
         examples, next_position = data_lib.c4_window(self.tokenizer, self.args.c4_path, self.args.seed, position,
                                                      self.args.window, self.args.max_prefix_frac)
         if len(examples) < self.args.batch_size:
             raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs "
                              f"{self.args.batch_size})")
-        e_prefix, e_cont = window_embeddings(examples, self.cache.dir, self.cache.embed)
+        if share:
+            embed_share(examples, self.cache.dir, self.cache.embed, self.dist.rank, self.dist.world)
+        e_prefix, e_cont = (None, None) if share else window_embeddings(examples, self.cache.dir, self.cache.embed)
         window = Window(examples, e_prefix, e_cont, self.tokenizer, self.room, self.args.batch_size, self.args.seed,
                         start, position)
+        window.source = examples
         window.end = start + window.batches.per_epoch
         window.next_position, window.seconds = next_position, time.time() - began
         return window
 
     def prefetch(self):
-        """Start preparing the next window (the main process only: the others read its file)."""
-        if self.dist.is_main:
-            self.next = self.pool.submit(self.load, self.window.end, self.window.next_position)
+        """Start preparing the next window (under torchrun in every process, each embedding its share)."""
+        self.next = self.pool.submit(self.load, self.window.end, self.window.next_position, self.dist.world > 1)
 
 
 def read_corpus(args, tokenizer, cache, room):

@@ -94,7 +94,7 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     # gpt2-large's 98-token sequences, 64 a step, against sentence-T5 XL over the 256 new texts of 88 tokens
     assert "decoder 2.9e+13), and 5.6e+13 to embed its 256 new C4 texts" in out
     train.main(get_args(["--data", "c4", "--sizes", "--steps", "100k", "--peak-tflops", "989"]))
-    assert "at 40% MFU about 2.4 h of training steps and 3.9 h of embedding" in capsys.readouterr().out
+    assert "at 40% MFU about 2.4 h of training steps and 3.9 h of embedding, in the background" in capsys.readouterr().out
     plans = [line for line in out.splitlines() if line.startswith("GPU ")]
     assert [p.split(":")[0] for p in plans] == ["GPU 24 GiB", "GPU 40 GiB", "GPU 80 GiB"]
     micro = [int(p.split("decoder ")[1].split(" of")[0]) for p in plans]
@@ -416,6 +416,45 @@ def test_train_on_c4_through_windows_resumes_exactly(c4_run):
     meta, meta_straight = Checkpoint(tmp / "resumed").meta, Checkpoint(tmp / "straight").meta
     assert meta["data"] == meta_straight["data"] and json.loads(meta["data"])["start"] == 4  # a third window
     assert_same_weights(tensors_of(tmp / "resumed"), tensors_of(tmp / "straight"), ("prior.", "decoder.", "opt_"))
+
+
+def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tmp_path):
+    """Under torchrun each process embeds its share of the next window; the joined file equals the one
+    process's, and so does the training."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import load_file
+    tmp, run = c4_run
+    shutil.copytree(tmp / "gpt2", tmp_path / "gpt2")  # without dropout: its masks are drawn per process
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(dict(config, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)))
+    flags = ["--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--steps", "6", "--window", "5",
+             "--lm", str(tmp_path / "gpt2")]
+    run(tmp_path / "one", *flags)
+    one = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
+    shutil.rmtree(tmp_path / "cache")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(29500 + (os.getpid() + 1) % 1000), str(ROOT / "train.py"), "--data", "c4", "--tier",
+                             "tiny", "--c4-path", str(tmp / "c4"), "--encoder", tiny_t5,
+                             "--out", str(tmp_path / "two"), "--batch-size", "4", "--decoder-batch", "2",
+                             "--save-every", "100", "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")
+           if ".share-" not in f.name}
+    # each process's share of the window being prepared when the run ended (the others were joined, then removed)
+    shares = sorted(f.name.split(".") for f in (tmp_path / "cache").rglob("*.share-*"))
+    assert [s[1] for s in shares] == ["share-0-of-2", "share-1-of-2"] and shares[0][0] == shares[1][0]
+    assert len(one) >= 3 and set(two) <= set(one) and shares[0][0] + ".safetensors" not in two
+    for name in two:  # the same texts embedded in other batches: equal to fp16 rounding
+        np.testing.assert_allclose(two[name].astype(np.float32), one[name].astype(np.float32), atol=2e-3)
+    losses = lambda out: [r[k] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "prior" in r
+                          for k in ("prior", "decoder")]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
 def test_host_memory_holds_one_window_at_a_time(c4_run, tiny_t5, monkeypatch):
