@@ -128,11 +128,16 @@ class EmbeddingCache:
         for row, key in enumerate(shard["keys"]):
             self.index[key.tobytes()] = (len(self.shards) - 1, row)
 
-    def embed(self, texts, show_progress=False):
-        """Encode without caching (e.g. generated text): (len(texts), d) float32 unit vectors."""
+    def encoder(self):
+        """The encoder, loaded on first use. Loading forks the random number generator (load_encoder),
+        which is not safe from a background thread while training draws numbers: load it first."""
         if self.model is None:
             self.model = load_encoder(self.encoder_name, self.device, self.dtype)
-        return embed(self.model, texts, self.batch_size, show_progress)
+        return self.model
+
+    def embed(self, texts, show_progress=False):
+        """Encode without caching (e.g. generated text): (len(texts), d) float32 unit vectors."""
+        return embed(self.encoder(), texts, self.batch_size, show_progress)
 
     def __len__(self):
         return len(self.index)

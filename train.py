@@ -307,6 +307,7 @@ class C4Windows:
         self.started, self.log = time.time(), None
         state = state or {"start": 0, "position": None}
         self.window = self.load(state["start"], state["position"])
+        cache.encoder()  # here, not first in the background thread that embeds the next window
 
     def batch(self, step):
         """The batch of `step`, moving on to the next window (prepared in the background) when due."""
