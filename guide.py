@@ -135,6 +135,12 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
     return Guidance(terms, mu, s, scale, **kwargs) if terms else None
 
 
+def guide_probes(guide):
+    """The probe names a guide (a value of TINY_GUIDES, say) reads: one, or a list of them."""
+    names = guide[0]
+    return names if isinstance(names, list) else [names]
+
+
 def probe_terms(spec, probes, guides, outer=1.0):
     """A guide spec -> [(w, b, target, weight)], one term per probe. A guide may carry a strength, which
     multiplies its weight (1 without), and other guides it holds as it steers (a spec), which come in at
@@ -144,7 +150,7 @@ def probe_terms(spec, probes, guides, outer=1.0):
     for name, weight in parse_guides(spec, guides):
         names, target, *extra = guides[name]
         weight *= outer * (extra[0] if extra else 1.0)
-        present = [n for n in (names if isinstance(names, list) else [names]) if n in probes]
+        present = [n for n in guide_probes(guides[name]) if n in probes]
         if not present:
             raise SystemExit(f"error: guide {name!r} needs the probe {names!r}, which these probes lack")
         terms += [(*probes[n], target, weight) for n in present]
@@ -455,10 +461,9 @@ def add_label_probes(args, encoder_name, cache):
                          f"{', '.join(map(repr, taken))}; pass --overwrite to replace it, or rename the label")
     name = args.name or re.sub(r"\W+", "-", Path(args.labels).stem)
     new_probes = {name} if len(counts) == 2 else {f"{name}-{label}" for label in counts}
-    reads = lambda v: {v[0]} if isinstance(v[0], str) else set(v[0])  # the probes a guide reads
-    relying = sorted(g for g, v in existing.items() if g not in counts and reads(v) & new_probes)
+    relying = sorted(g for g, v in existing.items() if g not in counts and set(guide_probes(v)) & new_probes)
     if relying:  # replacing the probe would silently change what those guides steer toward
-        clash = sorted(set().union(*(reads(existing[g]) for g in relying)) & new_probes)
+        clash = sorted(set().union(*(guide_probes(existing[g]) for g in relying)) & new_probes)
         raise SystemExit(f"error: {path} already has a probe named {', '.join(map(repr, clash))}, which the guide(s) "
                          f"{', '.join(relying)} use; name the new probe with --name")
     e = torch.from_numpy(cache.encode([text for text, _ in rows]))
