@@ -226,12 +226,17 @@ def window_embeddings(examples, directory, encode, show_progress=False):
     return emb[:n], emb[n:]
 
 
+def share_file(path, rank, world):
+    """Where process `rank` of `world` stores its share of the window whose file is `path`."""
+    return path.with_name(f"{path.stem}.share-{rank}-of-{world}.safetensors")
+
+
 def embed_share(examples, directory, encode, rank, world):
     """Under torchrun each process embeds every world-th distinct text of a window (its share, stored
     beside the window's file) unless the window or the share is stored already; join_shares then makes
     the file. A run that stops leaves the shares of the window it was preparing, for its --resume."""
     texts, path = window_file(examples, directory)
-    share = path.with_name(f"{path.stem}.share-{rank}-of-{world}.safetensors")  # kept by a run that stopped
+    share = share_file(path, rank, world)  # kept by a run that stopped
     if not path.exists() and not share.exists():
         save_fp16(encode(list(dict.fromkeys(texts))[rank::world], False), share)
 
@@ -243,7 +248,7 @@ def join_shares(examples, directory, world):
     if path.exists():
         return
     unique, rows = list(dict.fromkeys(texts)), {}
-    shares = [path.with_name(f"{path.stem}.share-{rank}-of-{world}.safetensors") for rank in range(world)]
+    shares = [share_file(path, rank, world) for rank in range(world)]
     for rank, share in enumerate(shares):
         rows.update(zip(unique[rank::world], load_file(str(share))["emb"]))
     save_fp16(np.stack([rows[t] for t in texts]), path)
