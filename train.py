@@ -416,13 +416,15 @@ def prior_step(prior, runner, opt, x, x_prefix, rows, world, amp):
     return total
 
 
-def decoder_step(decoder, runner, opt, x, prefix_ids, cont_ids, rows, world, amp):
-    """One AdamW step of the decoder; the loss is the batch's total NLL over its total token count."""
-    noise = decoder.draw_noise(len(x), x.device)
+def decoder_step(decoder, runner, opt, x, prefix_ids, cont_ids, rows, world, amp, own_rng=contextlib.nullcontext()):
+    """One AdamW step of the decoder; the loss is the batch's total NLL over its total token count.
+    own_rng: the context of this process's dropout (Distributed.own_random_numbers; the prior has none)."""
+    noise = decoder.draw_noise(len(x), x.device)  # the whole batch's, identical in every process
     n_tokens = sum(len(p) + len(c) + 1 for p, c in zip(prefix_ids, cont_ids))  # + eos
-    total = backward_in_parts(runner, opt, rows, world, amp,
-                              lambda r: runner(prefix_ids[r], cont_ids[r], x[r], {k: v[r] for k, v in noise.items()},
-                                               n_tokens))
+    with own_rng:
+        total = backward_in_parts(runner, opt, rows, world, amp,
+                                  lambda r: runner(prefix_ids[r], cont_ids[r], x[r], {k: v[r] for k, v in noise.items()},
+                                                   n_tokens))
     torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
     opt.step()
     return total
@@ -446,6 +448,14 @@ def reconstruction_cosine(decoder, tokenizer, cache, texts, mu, s, device, seed=
 # ----------------------------------------------------------------------------- the run
 
 
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Random numbers from torch.manual_seed(seed) inside, the CPU's and `device`'s streams restored after."""
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class Distributed:
     """rank, world size and device; under `torchrun` one process per GPU (NCCL) or CPU process (gloo)."""
 
@@ -464,6 +474,15 @@ class Distributed:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def own_random_numbers(self, seed, step):
+        """A context in which this process draws from a random stream of its own, seeded by (seed, rank,
+        step), and after which the shared stream is as it was. Every process seeds the shared stream alike
+        so that the batch's noise is drawn alike everywhere (Prior.draw_noise); GPT-2's dropout draws in
+        here, or every process would drop the same units of its different rows. One process: no-op."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        return seeded(int(np.random.default_rng([seed, self.rank, step]).integers(2 ** 62)), self.device)
 
     def sum(self, value):
         """Sum of a scalar tensor over processes, as a float."""
@@ -593,7 +612,7 @@ class Models:
                 ckpt.load_model(getattr(self, {"prior_ema": "ema"}.get(name, name)), name)
             ckpt.load_optimizer(self.opt_prior, "opt_prior")
             ckpt.load_optimizer(self.opt_decoder, "opt_decoder")
-            torch.set_rng_state(ckpt.tensors("rng")["torch"])
+            ckpt.restore_rng(device)
 
     def set_lr(self, scale):
         for opt in (self.opt_prior, self.opt_decoder):
@@ -632,7 +651,7 @@ def setup(args):
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # the same seed in every process: the batch's noise is drawn alike everywhere
+    torch.manual_seed(args.seed)  # alike in every process: the batch's noise too (dropout: Distributed.own_random_numbers)
     random.seed(args.seed)
     ckpt = Checkpoint(out) if args.resume else None
     if ckpt and args.steps <= ckpt.step:
@@ -767,8 +786,8 @@ def main(args):
         losses = [dist.sum(prior_step(run.prior, runners[0], run.opt_prior, x, x_prefix, prior_rows, dist.world, amp))]
         ema_update(run.ema, run.prior, min(args.ema, (1 + step) / (10 + step)))
         t1 = time.perf_counter()  # 2. the decoder on the first rows of the same batch (.item() synchronised both)
-        losses.append(dist.sum(decoder_step(run.decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D],
-                                            cont_ids[:D], decoder_rows, dist.world, amp)))
+        losses.append(dist.sum(decoder_step(run.decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D], cont_ids[:D],
+                                            decoder_rows, dist.world, amp, dist.own_random_numbers(args.seed, step))))
 
         progress.update(step + 1, losses, t1 - t0, time.perf_counter() - t1, prefix_ids[:D], cont_ids[:D])  # 3. log
         if step + 1 == args.stop_at:

@@ -221,6 +221,8 @@ def save_checkpoint(out, config, step, models, optimizers, extra_tensors, data_s
         tensors.update({f"{name}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
         meta[f"{name}.param_groups"] = json.dumps(state["param_groups"])
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():  # training on a GPU draws its noise there (Checkpoint.restore_rng)
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "config.json", json.dumps(dict(config, step=step), indent=2))
     atomic_save(tensors, Path(out) / CHECKPOINT, meta)
@@ -274,6 +276,14 @@ class Checkpoint:
         if set(missing) - tied or unexpected:
             self.fail(f"does not match its config ({name}: missing {sorted(set(missing) - tied)[:3]}, "
                       f"unexpected {sorted(unexpected)[:3]})")
+
+    def restore_rng(self, device):
+        """The random streams as they were at the save: the CPU's, and the GPU's where the saved run and
+        this one train on one (the batch's noise is drawn on the training device)."""
+        rng = self.tensors("rng")
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and str(device).startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], device)
 
     def load_optimizer(self, opt, name):
         state = {}

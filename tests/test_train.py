@@ -164,6 +164,33 @@ def test_k_accumulated_micro_batches_give_the_update_of_the_whole_batch():
     assert not torch.equal(p1["noise_levels.bin_loss"], torch.ones(100, dtype=torch.float64))  # the sampler learned
 
 
+def test_under_torchrun_each_process_draws_its_own_dropout_and_the_shared_noise():
+    """Every process seeds the shared stream alike (the batch's noise is drawn alike everywhere); the
+    decoder's dropout draws from each process's own stream, seeded by (seed, rank, step), and leaves the
+    shared stream where the noise left it. One process draws everything from the shared stream."""
+    from decoder import Decoder, DecoderConfig
+    config = DecoderConfig(dim=16, n_soft=3, soft_token_dim=8, soft_width=32, soft_depth=1, soft_heads=2)
+    lm = dict(vocab_size=30, n_layer=1, n_embd=32, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0,
+              resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    torch.manual_seed(0)
+    decoder = Decoder(config, lm, bos_id=0, eos_id=0).train()
+    x, prefix_ids, cont_ids = torch.randn(2, 16), [[1, 2], [3]], [[4, 5, 6], [7, 8]]
+    dist = train.Distributed("cpu")
+    amp = lambda: torch.autocast("cpu", enabled=False)
+
+    def step(world, rank, step):
+        dist.world, dist.rank = world, rank
+        torch.manual_seed(1)
+        loss = train.decoder_step(decoder, decoder, torch.optim.SGD(decoder.parameters(), lr=0.0), x, prefix_ids,
+                                  cont_ids, [slice(0, 2)], 1, amp, dist.own_random_numbers(0, step))
+        return loss.item(), torch.rand(1).item()  # the shared stream's next number
+
+    (l0, r0), (l1, r1), (l0_again, r0_again), (l0_next, _) = step(2, 0, 5), step(2, 1, 5), step(2, 0, 5), step(2, 0, 6)
+    assert r0 == r1 == r0_again  # every process's shared stream is where the noise left it
+    assert l0 == l0_again and l0 != l1 and l0 != l0_next  # other units dropped in another process or step
+    assert step(1, 0, 5)[1] != r0  # one process: dropout drew from the shared stream
+
+
 def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
     import os
     import subprocess

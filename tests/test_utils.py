@@ -106,3 +106,20 @@ def test_checkpoint_reads_one_group_of_tensors_at_a_time(trained):
     stats = ckpt.tensors("stats")
     assert set(stats) == {"mu", "s"} and stats["mu"].shape == (384,)
     assert all(k.startswith("net.") or k.startswith("noise_levels.") for k in ckpt.tensors("prior_ema"))
+
+
+def test_a_gpu_runs_random_stream_is_saved_and_restored_on_a_gpu(tmp_path, monkeypatch):
+    """Training on CUDA draws the batch's noise there: a resumed run continues that stream, not the seed's."""
+    from utils import save_checkpoint
+    gpu = {"state": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": gpu.update(state=state, at=device))
+    cpu = torch.get_rng_state()
+    save_checkpoint(tmp_path, {}, 1, {}, {}, {})
+    torch.rand(5)
+    gpu["state"] = torch.zeros(16, dtype=torch.uint8)
+    Checkpoint(tmp_path).restore_rng("cpu")  # a CPU run leaves the GPU's stream alone
+    assert torch.equal(torch.get_rng_state(), cpu) and not gpu["state"].any()
+    Checkpoint(tmp_path).restore_rng("cuda:1")
+    assert torch.equal(gpu["state"], torch.arange(16, dtype=torch.uint8)) and gpu["at"] == "cuda:1"
