@@ -99,13 +99,17 @@ def write_jsonl(path, rows):
     tmp.replace(path)
 
 
+def input_file(path, what, accepted=""):
+    """Path(path) when it names a file; a folder or a missing path is a one-line error about `what`."""
+    if not Path(path).is_file():  # Path("") is ".", a folder
+        why = "is a folder" if str(path) and Path(path).is_dir() else "does not exist"
+        raise SystemExit(f"error: {what} {str(path)!r} {why}" + (f" (accepted: {accepted})" if accepted else ""))
+    return Path(path)
+
+
 def load_local(path):
     """A .txt (one text per line) or .jsonl (`text` field) -> list of {text, ...}."""
-    path = Path(path)
-    if path.is_dir():
-        raise SystemExit(f"error: --data {path} is a directory; pass a .txt or .jsonl file (or tiny, c4)")
-    if not path.is_file():
-        raise SystemExit(f"error: data file {path} does not exist (accepted: tiny, c4, a .txt or .jsonl file)")
+    path = input_file(path, "data file", "tiny, c4, a .txt or .jsonl file")
     try:
         if path.suffix == ".jsonl":
             rows = read_jsonl(path)
@@ -319,9 +323,7 @@ def read_labels(path, text_column="text", label_column="label"):
     line; `text_column` and `label_column` name the fields. Labels are kept as strings. A missing or
     unreadable file, a missing column or an empty text or label is a one-line error."""
     import csv
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: labels file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
+    path = input_file(path, "labels file")
     if path.suffix not in (".csv", ".tsv", ".jsonl"):
         raise SystemExit(f"error: labels file {path} must be .csv, .tsv or .jsonl")
     try:

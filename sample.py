@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from data import input_file
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
 from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, output_file, pick_device,
@@ -202,10 +203,7 @@ class DGLM:
 
 def read_prompt_file(path):
     """One prompt per line; a missing, unreadable or empty file is a one-line error."""
-    if not Path(path).is_file():  # Path("") is ".", a folder
-        raise SystemExit(f"error: prompt file {path!r} " + ("is a folder" if path and Path(path).is_dir() else
-                                                             "does not exist"))
-    path = Path(path)
+    path = input_file(path, "prompt file")
     try:
         prompts = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     except (UnicodeDecodeError, OSError) as err:

@@ -39,7 +39,7 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
         data.load_local(tmp_path / "empty.txt")
     with pytest.raises(SystemExit, match="does not exist"):
         data.load_local(tmp_path / "missing.txt")
-    with pytest.raises(SystemExit, match="is a directory; pass a .txt or .jsonl file"):
+    with pytest.raises(SystemExit, match="is a folder \\(accepted: tiny, c4, a .txt or .jsonl file\\)"):
         data.load_local(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{not json\n')
     with pytest.raises(SystemExit, match="cannot read .*bad.jsonl: line 3 is not JSON"):

@@ -68,7 +68,7 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--sizes", "--gpu-memory", "24,lots"], "argument --gpu-memory: 'lots' is not a number"),
         (["--data", str(empty), *out], "holds no texts"),
         (["--data", str(tmp_path / "missing.txt"), *out], "does not exist"),
-        (["--data", str(tmp_path), *out], "is a directory"),
+        (["--data", str(tmp_path), *out], "is a folder"),
         (["--decoder-batch", "64", "--batch-size", "32", *out], "larger than --batch-size"),
         (["--data", "c4", "--lm", "tiny", *out], "use the paper tier"),
     ]
