@@ -332,13 +332,13 @@ def save_probes(path, probes, guides, encoder_name):
     os.replace(tmp, path)
 
 
-def load_probes(path, encoder_name=None):
-    """-> ({probe name: (w, b)}, {guide name: (probe name, target)})."""
+def load_probes(path, encoder_name=None, device="cpu"):
+    """-> ({probe name: (w, b)} on `device`, {guide name: (probe name, target)})."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors = load_file(str(path), device=str(device))
     except (OSError, Exception) as err:  # safetensors raises its own error type for corrupt files
         raise SystemExit(f"error: cannot read probes {path} ({err}); retrain with train.py") from None
     if encoder_name is not None and meta.get("encoder") != encoder_name:

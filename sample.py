@@ -113,7 +113,8 @@ class DGLM:
         self.encoder = None  # loaded on first use, after cheap checks such as the guide names
         self.warned_long_prompts = False  # said once, not for every setting decoded from the same prompts
         probe_path = self.ckpt / "probes.safetensors"
-        self.probes, self.guides = load_probes(probe_path, self.config["encoder"]) if probe_path.exists() else ({}, {})
+        self.probes, self.guides = load_probes(probe_path, self.config["encoder"], device) if probe_path.exists() \
+            else ({}, {})
 
     def embed(self, texts):
         """Unit embeddings e (len(texts), d) of texts, by the checkpoint's encoder."""

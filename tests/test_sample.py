@@ -186,3 +186,17 @@ def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, cap
     out = capsys.readouterr().out
     assert "[negative+unlike 'I love it'] 'the film': the proposal x_hat while denoising" in out
     assert out.count("  step ") == 2 * 4  # the steps 1, 2, 3 and 4, unguided and guided
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash .ci/gpu runs it)")
+def test_guided_sampling_and_evaluation_run_on_cuda(trained, tmp_path):
+    """Everything guidance reads (probes, like-examples, mu and s) lives on the sampling device."""
+    model = DGLM(trained / "out", device="cuda")
+    assert all(w.is_cuda and b.is_cuda for w, b in model.probes.values())
+    for spec, like in (("positive", ()), ("negative", ("What a great day",))):  # negative holds the prefix's domain
+        assert len(model.generate(["the film", "a day"], model.guidance(spec, FAST, like=like), FAST, seed=0)) == 2
+    import evaluate
+    (tmp_path / "prompts.txt").write_text("the film was\nour trip\n")
+    evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--prompts", str(tmp_path / "prompts.txt"),
+                                     "--guides", "none,positive", "--n", "2", "--steps", "3", "--max-tokens", "6",
+                                     "--device", "cuda"]))
