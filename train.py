@@ -14,6 +14,7 @@ loop. Everything sample.py needs is written to --out (utils.py describes the dir
 import argparse
 import concurrent.futures
 import contextlib
+import datetime
 import gc
 import json
 import math
@@ -467,7 +468,10 @@ class Distributed:
             if self.device == "cuda":
                 torch.cuda.set_device(local_rank)
                 self.device = f"cuda:{local_rank}"
-            torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+            # an hour, not NCCL's 10 minutes: the others wait at a barrier while the main process embeds the
+            # first C4 window and the probes' data alone (load_data), minutes of a GPU at the paper's sizes
+            torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo",
+                                                 timeout=datetime.timedelta(hours=1))
         self.is_main = self.rank == 0
         self.runners = []  # the DDP wrappers of wrap(), freed by finish()
 
@@ -483,6 +487,13 @@ class Distributed:
         if self.world == 1:
             return contextlib.nullcontext()
         return seeded(int(np.random.default_rng([seed, self.rank, step]).integers(2 ** 62)), self.device)
+
+    def from_main(self, *values):
+        """The main process's values, in every process."""
+        values = list(values)
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(values, src=0)
+        return values
 
     def sum(self, value):
         """Sum of a scalar tensor over processes, as a float."""
@@ -657,8 +668,9 @@ def setup(args):
     if ckpt and args.steps <= ckpt.step:
         raise SystemExit(f"error: the run in {out} is already at step {ckpt.step}; --resume trains on to --steps, "
                          f"so give more than {ckpt.step} (e.g. --steps {2 * ckpt.step})")
-    if dist.is_main:  # first what the run is, and whether it fits
+    if dist.is_main:  # first what the run is, and whether it fits (it sets the micro-batches that do)
         budget.describe_run(args, *planned_configs(args, ckpt), dist.device, dist.world)
+    args.micro_batch, args.decoder_micro_batch = dist.from_main(args.micro_batch, args.decoder_micro_batch)
     if ckpt is None and args.overwrite and dist.is_main:
         (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
     data, tokenizer, cache = load_data(args, ckpt, dist)
@@ -683,9 +695,9 @@ def setup(args):
             print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
     if dist.is_main:
         dist.barrier()  # the other processes may read the cache and tokenizer now
-    if args.compile:
+    if args.compile:  # what the steps call: Prior.forward calls net, Decoder calls lm.transformer (never lm itself)
         run.prior.net.compile()
-        run.decoder.lm.compile()
+        run.decoder.lm.transformer.compile()
     return dist, run, data, tokenizer, cache
 
 

@@ -143,7 +143,7 @@ def native_bf16(device):
     """Whether `device` runs bf16 matrix products natively (else autocast to bf16 would be slower)."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere or later
     if kind == "cpu":  # AVX512-BF16 (e.g. AMD Zen 4, Intel Cooper Lake) or AMX (Intel Sapphire Rapids)
         return any(getattr(torch.cpu, check, lambda: False)()
                    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
