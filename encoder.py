@@ -234,7 +234,7 @@ def share_file(path, rank, world):
 def embed_share(examples, directory, encode, rank, world):
     """Under torchrun each process embeds every world-th distinct text of a window (its share, stored
     beside the window's file) unless the window or the share is stored already; join_shares then makes
-    the file. A run that stops leaves the shares of the window it was preparing, for its --resume."""
+    the file. A share stored by a run that stopped before the switch is kept for its --resume."""
     texts, path = window_file(examples, directory)
     share = share_file(path, rank, world)  # kept by a run that stopped
     if not path.exists() and not share.exists():

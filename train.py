@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -293,6 +294,9 @@ class Corpus:
     def state(self):
         return None  # batches are a function of the seed and the step: nothing else to resume
 
+    def close(self):
+        pass  # nothing runs in the background
+
 
 class C4Windows:
     """--data c4: consecutive windows of --window examples of the stream. Each is embedded once
@@ -300,10 +304,12 @@ class C4Windows:
     previous window trains; the time training waits for it is reported. Under torchrun every process
     prepares the next window and embeds its share of the texts (encoder.embed_share); the main process
     joins the shares into the window's file at the switch."""
+    PART = 8192  # texts embedded at a time: a run that ends stops its background thread between two parts
 
     def __init__(self, args, tokenizer, cache, room, dist, state=None):
         self.args, self.tokenizer, self.cache, self.room, self.dist = args, tokenizer, cache, room, dist
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.stopping = threading.Event()
         self.next = None  # the future of the next window
         self.started, self.log = time.time(), None
         state = state or {"start": 0, "position": None}
@@ -325,6 +331,21 @@ class C4Windows:
             self.prefetch()
             self.report(time.time() - began)
         return self.window.batch(step)
+
+    def embed(self, texts, show_progress=False):
+        """The encoder's embeddings of texts (EmbeddingCache.embed), PART texts at a time, stopping
+        between two parts once the run has ended (close): Python's exit waits for this thread."""
+        parts = []
+        for i in range(0, len(texts), self.PART):
+            if self.stopping.is_set():
+                raise RuntimeError("the run ended while this window was being embedded")
+            parts.append(self.cache.embed(texts[i:i + self.PART], show_progress))
+        return np.concatenate(parts) if parts else self.cache.embed(texts)
+
+    def close(self):
+        """Stop preparing the next window (a Ctrl-C or --stop-at exits after at most one more part)."""
+        self.stopping.set()
+        self.pool.shutdown(cancel_futures=True)
 
     def state(self):
         """Where the current window starts (step and stream position): --resume rebuilds it from this."""
@@ -350,8 +371,8 @@ class C4Windows:
             raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs "
                              f"{self.args.batch_size})")
         if share:
-            embed_share(examples, self.cache.dir, self.cache.embed, self.dist.rank, self.dist.world)
-        e_prefix, e_cont = (None, None) if share else window_embeddings(examples, self.cache.dir, self.cache.embed)
+            embed_share(examples, self.cache.dir, self.embed, self.dist.rank, self.dist.world)
+        e_prefix, e_cont = (None, None) if share else window_embeddings(examples, self.cache.dir, self.embed)
         window = Window(examples, e_prefix, e_cont, self.tokenizer, self.room, self.args.batch_size, self.args.seed,
                         start, position)
         window.source = examples
@@ -360,8 +381,10 @@ class C4Windows:
         return window
 
     def prefetch(self):
-        """Start preparing the next window (under torchrun in every process, each embedding its share)."""
-        self.next = self.pool.submit(self.load, self.window.end, self.window.next_position, self.dist.world > 1)
+        """Start preparing the next window (under torchrun in every process, each embedding its share),
+        unless the run ends before it."""
+        if self.window.end < self.args.steps:
+            self.next = self.pool.submit(self.load, self.window.end, self.window.next_position, self.dist.world > 1)
 
 
 def read_corpus(args, tokenizer, cache, room):
@@ -789,28 +812,35 @@ def main(args):
     progress = Progress(args, dist, run, data, prior_rows, decoder_rows, tokenizer, cache, started)
     save = lambda step: dist.is_main and run.save(args.out, step, data.state())
     run.prior.train(), run.decoder.train()
-    for step in progress.steps():
-        e_prefix, e_cont, prefix_ids, cont_ids = data.batch(step)  # C4: the next window when this one is done
-        x, x_prefix = (standardize(e.to(dist.device), run.mu, run.s) for e in (e_cont, e_prefix))
-        run.set_lr(cosine_lr(step, args.steps, args.warmup))
+    try:
+        for step in progress.steps():
+            e_prefix, e_cont, prefix_ids, cont_ids = data.batch(step)  # C4: the next window when this one is done
+            x, x_prefix = (standardize(e.to(dist.device), run.mu, run.s) for e in (e_cont, e_prefix))
+            run.set_lr(cosine_lr(step, args.steps, args.warmup))
 
-        t0 = time.perf_counter()  # 1. the prior on the whole batch, then its EMA
-        losses = [dist.sum(prior_step(run.prior, runners[0], run.opt_prior, x, x_prefix, prior_rows, dist.world, amp))]
-        ema_update(run.ema, run.prior, min(args.ema, (1 + step) / (10 + step)))
-        t1 = time.perf_counter()  # 2. the decoder on the first rows of the same batch (.item() synchronised both)
-        losses.append(dist.sum(decoder_step(run.decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D], cont_ids[:D],
-                                            decoder_rows, dist.world, amp, dist.own_random_numbers(args.seed, step))))
+            t0 = time.perf_counter()  # 1. the prior on the whole batch, then its EMA
+            losses = [dist.sum(prior_step(run.prior, runners[0], run.opt_prior, x, x_prefix, prior_rows, dist.world,
+                                          amp))]
+            ema_update(run.ema, run.prior, min(args.ema, (1 + step) / (10 + step)))
+            t1 = time.perf_counter()  # 2. the decoder on the first rows of the same batch (.item() synchronised both)
+            losses.append(dist.sum(decoder_step(run.decoder, runners[1], run.opt_decoder, x[:D], prefix_ids[:D],
+                                                cont_ids[:D], decoder_rows, dist.world, amp,
+                                                dist.own_random_numbers(args.seed, step))))
 
-        progress.update(step + 1, losses, t1 - t0, time.perf_counter() - t1, prefix_ids[:D], cont_ids[:D])  # 3. log
-        if step + 1 == args.stop_at:
-            save(step + 1)
-            print(f"stopped at step {step + 1} (--stop-at); continue with --resume") if dist.is_main else None
-            return dist.finish()
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(step + 1)
-            progress.reconstruction(step + 1, losses)
-    save(args.steps)
-    progress.reconstruction(args.steps, final=True)
+            t2 = time.perf_counter()  # 3. log
+            progress.update(step + 1, losses, t1 - t0, t2 - t1, prefix_ids[:D], cont_ids[:D])
+            if step + 1 == args.stop_at:
+                save(step + 1)
+                print(f"stopped at step {step + 1} (--stop-at); continue with --resume") if dist.is_main else None
+                break
+            if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save(step + 1)
+                progress.reconstruction(step + 1, losses)
+        else:  # the last step
+            save(args.steps)
+            progress.reconstruction(args.steps, final=True)
+    finally:
+        data.close()  # C4: stop embedding a window this run will not train on (exit would wait for it)
     dist.finish()
 
 

@@ -4,6 +4,7 @@ import gzip
 import json
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -471,17 +472,38 @@ def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tm
                              "--save-every", "100", "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    two = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")
-           if ".share-" not in f.name}
-    # each process's share of the window being prepared when the run ended (the others were joined, then removed)
-    shares = sorted(f.name.split(".") for f in (tmp_path / "cache").rglob("*.share-*"))
-    assert [s[1] for s in shares] == ["share-0-of-2", "share-1-of-2"] and shares[0][0] == shares[1][0]
-    assert len(one) >= 3 and set(two) <= set(one) and shares[0][0] + ".safetensors" not in two
+    two = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
+    # a window a step (5 texts, batch 4), none past the end; every share joined into its window, then removed
+    assert len(one) == 6 and set(two) == set(one) and not list((tmp_path / "cache").rglob("*.share-*"))
     for name in two:  # the same texts embedded in other batches: equal to fp16 rounding
         np.testing.assert_allclose(two[name].astype(np.float32), one[name].astype(np.float32), atol=2e-3)
     losses = lambda out: [r[k] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "prior" in r
                           for k in ("prior", "decoder")]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_a_run_embeds_no_window_past_its_end_and_stops_the_one_in_preparation(c4_run, monkeypatch, tmp_path):
+    """The next window is prepared only when the run will train on it; a run that stops (--stop-at,
+    Ctrl-C, an error) stops embedding the window in preparation between two parts, instead of making
+    its exit wait for the whole window, and --resume embeds that window again."""
+    import threading
+    tmp, run = c4_run
+    real = train.EmbeddingCache.embed
+
+    def slow_in_the_background(self, texts, show_progress=False):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        return real(self, texts, show_progress)
+
+    monkeypatch.setattr(train.C4Windows, "PART", 1)
+    monkeypatch.setattr(train.EmbeddingCache, "embed", slow_in_the_background)
+    flags = ["--window", "5", "--steps", "6", "--cache-dir", str(tmp_path / "cache")]
+    run(tmp_path / "out", *flags, "--stop-at", "2")  # windows 0 and 1 trained; window 2 (~10 texts, ~5 s) begun
+    windows = lambda: list((tmp_path / "cache").rglob("window-*.safetensors"))
+    assert len(windows()) == 2
+    monkeypatch.undo()
+    run(tmp_path / "out", *flags, "--resume")
+    assert len(windows()) == 6  # one a step (5 texts, batch 4), none past the end
 
 
 def test_host_memory_holds_one_window_at_a_time(c4_run, tiny_t5, monkeypatch):
