@@ -313,7 +313,10 @@ class C4Windows:
         self.next = None  # the future of the next window
         self.started, self.log = time.time(), None
         state = state or {"start": 0, "position": None}
-        self.window = self.load(state["start"], state["position"])
+        if dist.is_main:
+            print(f"C4: reading the window from step {state['start']} ({args.window} texts), then embedding it "
+                  "unless the cache has it")
+        self.window = self.load(state["start"], state["position"], show_progress=dist.is_main)
         cache.encoder()  # here, not first in the background thread that embeds the next window
 
     def batch(self, step):
@@ -336,10 +339,12 @@ class C4Windows:
         """The encoder's embeddings of texts (EmbeddingCache.embed), PART texts at a time, stopping
         between two parts once the run has ended (close): Python's exit waits for this thread."""
         parts = []
-        for i in range(0, len(texts), self.PART):
-            if self.stopping.is_set():
-                raise RuntimeError("the run ended while this window was being embedded")
-            parts.append(self.cache.embed(texts[i:i + self.PART], show_progress))
+        with tqdm(total=len(texts), unit=" texts", desc="embedding its prefixes and continuations", disable=not show_progress) as bar:
+            for i in range(0, len(texts), self.PART):
+                if self.stopping.is_set():
+                    raise RuntimeError("the run ended while this window was being embedded")
+                parts.append(self.cache.embed(texts[i:i + self.PART]))
+                bar.update(len(parts[-1]))
         return np.concatenate(parts) if parts else self.cache.embed(texts)
 
     def close(self):
@@ -361,7 +366,7 @@ class C4Windows:
         if self.log:
             self.log.write(self.window.start, window_seconds=self.window.seconds, window_wait_seconds=waited)
 
-    def load(self, start, position, share=False):
+    def load(self, start, position, share=False, show_progress=False):
         """The window that starts at `position` of the stream and at step `start`; with share, only this
         process's share of its embeddings is computed (set_embeddings follows once they are joined)."""
         began = time.time()
@@ -372,7 +377,8 @@ class C4Windows:
                              f"{self.args.batch_size})")
         if share:
             embed_share(examples, self.cache.dir, self.embed, self.dist.rank, self.dist.world)
-        e_prefix, e_cont = (None, None) if share else window_embeddings(examples, self.cache.dir, self.embed)
+        e_prefix, e_cont = (None, None) if share else \
+            window_embeddings(examples, self.cache.dir, self.embed, show_progress)
         window = Window(examples, e_prefix, e_cont, self.tokenizer, self.room, self.args.batch_size, self.args.seed,
                         start, position)
         window.source = examples
