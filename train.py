@@ -339,7 +339,9 @@ class C4Windows:
         """The encoder's embeddings of texts (EmbeddingCache.embed), PART texts at a time, stopping
         between two parts once the run has ended (close): Python's exit waits for this thread."""
         parts = []
-        with tqdm(total=len(texts), unit=" texts", desc="embedding its prefixes and continuations", disable=not show_progress) as bar:
+        bar = tqdm(total=len(texts), unit=" texts", desc="embedding its prefixes and continuations",
+                   disable=not show_progress)
+        with bar:
             for i in range(0, len(texts), self.PART):
                 if self.stopping.is_set():
                     raise RuntimeError("the run ended while this window was being embedded")
