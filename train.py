@@ -316,24 +316,28 @@ class C4Windows:
         if dist.is_main:
             print(f"C4: reading the window from step {state['start']} ({args.window} texts), then embedding it "
                   "unless the cache has it")
-        self.window = self.load(state["start"], state["position"], show_progress=dist.is_main)
+        self.window = self.joined(self.load(state["start"], state["position"], dist.world > 1, dist.is_main))
         cache.encoder()  # here, not first in the background thread that embeds the next window
 
     def batch(self, step):
         """The batch of `step`, moving on to the next window (prepared in the background) when due."""
         if step >= self.window.end:
             began = time.time()
-            nxt = self.next.result()
-            if self.dist.world > 1:
-                self.dist.barrier()  # every process has stored its share of the window's embeddings
-                if self.dist.is_main:
-                    join_shares(nxt.source, self.cache.dir, self.dist.world)
-                self.dist.barrier()  # the window's file is whole
-                nxt.set_embeddings(*window_embeddings(nxt.source, self.cache.dir, self.cache.embed))
-            self.window = nxt
+            self.window = self.joined(self.next.result())
             self.prefetch()
             self.report(time.time() - began)
         return self.window.batch(step)
+
+    def joined(self, window):
+        """Under torchrun, `window` with its embeddings, once every process has stored its share and the
+        main process has joined them into the window's file (encoder.join_shares)."""
+        if self.dist.world > 1:
+            self.dist.barrier()  # every process has stored its share of the window's embeddings
+            if self.dist.is_main:
+                join_shares(window.source, self.cache.dir, self.dist.world)
+            self.dist.barrier()  # the window's file is whole
+            window.set_embeddings(*window_embeddings(window.source, self.cache.dir, self.cache.embed))
+        return window
 
     def embed(self, texts, show_progress=False):
         """The encoder's embeddings of texts (EmbeddingCache.embed), PART texts at a time, stopping
@@ -500,7 +504,7 @@ class Distributed:
                 torch.cuda.set_device(local_rank)
                 self.device = f"cuda:{local_rank}"
             # an hour, not NCCL's 10 minutes: the others wait at a barrier while the main process embeds the
-            # first C4 window and the probes' data alone (load_data), minutes of a GPU at the paper's sizes
+            # probes' data (setup), minutes of a GPU at the paper's sizes
             torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo",
                                                  timeout=datetime.timedelta(hours=1))
         self.is_main = self.rank == 0
@@ -613,20 +617,23 @@ def check_args(args, out):
 
 
 def load_data(args, ckpt, dist):
-    """-> (Corpus or C4Windows, tokenizer, embedding cache). The main process goes first (it fills the
-    embedding cache and trains the tokenizer), the others read its work."""
-    if not dist.is_main:
-        dist.barrier()
-    tokenizer = checkpoint_tokenizer(args.out) if ckpt or not dist.is_main else \
+    """-> (Corpus or C4Windows, tokenizer, embedding cache). A corpus: the main process goes first (it
+    trains the tokenizer and fills the embedding cache), the others read its work. C4: every process
+    reads GPT-2's tokenizer and embeds its share of the first window, as of every later one."""
+    corpus = args.data != "c4"
+    if corpus and not dist.is_main:
+        dist.barrier()  # the main process has written the tokenizer and the cache (setup)
+    tokenizer = checkpoint_tokenizer(args.out) if ckpt or (corpus and not dist.is_main) else \
         load_tokenizer(args.lm) if args.lm != TINY_LM else None
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, args.encode_device,
                            dtype="bf16" if args.bf16 else None)
-    if args.data != "c4":
+    if corpus:
         window, tokenizer = read_corpus(args, tokenizer, cache, args.max_len)
         return Corpus(window), tokenizer, cache
     c4 = C4Windows(args, tokenizer, cache, args.max_len, dist, json.loads(ckpt.meta.get("data", "null")) if ckpt else None)
-    print(f"C4 window from step {c4.window.start}: {len(c4.window.examples)} texts, prepared in "
-          f"{c4.window.seconds:.0f} s; embedding cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk (fp16)")
+    if dist.is_main:
+        print(f"C4 window from step {c4.window.start}: {len(c4.window.examples)} texts, prepared in "
+              f"{c4.window.seconds:.0f} s; embedding cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk (fp16)")
     return c4, tokenizer, cache
 
 
@@ -724,8 +731,8 @@ def setup(args):
         report = train_probes(args, window, out, cache)
         if report:
             print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-    if dist.is_main:
-        dist.barrier()  # the other processes may read the cache and tokenizer now
+    if dist.is_main or args.data == "c4":
+        dist.barrier()  # a corpus's other processes may read the cache and tokenizer now (load_data)
     if args.compile:  # what the steps call: Prior.forward calls net, Decoder calls lm.transformer (never lm itself)
         run.prior.net.compile()
         run.decoder.lm.transformer.compile()

@@ -447,8 +447,8 @@ def test_train_on_c4_through_windows_resumes_exactly(c4_run):
 
 
 def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tmp_path):
-    """Under torchrun each process embeds its share of the next window; the joined file equals the one
-    process's, and so does the training."""
+    """Under torchrun each process embeds its share of each window, the first (in the main thread,
+    before training) included; the joined files equal the one process's, and so does the training."""
     import os
     import subprocess
     import sys
@@ -464,14 +464,28 @@ def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tm
     run(tmp_path / "one", *flags)
     one = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
     shutil.rmtree(tmp_path / "cache")
+    counting = tmp_path / "counting_train.py"  # train.py, counting the texts each process embeds in its main thread
+    counting.write_text(f"""import os, sys, threading
+sys.path.insert(0, {str(ROOT)!r})
+import train
+texts = []
+real = train.EmbeddingCache.embed
+def embed(self, batch, show_progress=False):
+    texts.extend(batch if threading.current_thread() is threading.main_thread() else [])
+    return real(self, batch, show_progress)
+train.EmbeddingCache.embed = embed
+train.main(train.get_args())
+print("rank", os.environ["RANK"], "embedded", len(texts), "texts in its main thread")
+""")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(29500 + (os.getpid() + 1) % 1000), str(ROOT / "train.py"), "--data", "c4", "--tier",
+                             str(29500 + (os.getpid() + 1) % 1000), str(counting), "--data", "c4", "--tier",
                              "tiny", "--c4-path", str(tmp / "c4"), "--encoder", tiny_t5,
                              "--out", str(tmp_path / "two"), "--batch-size", "4", "--decoder-batch", "2",
                              "--save-every", "100", "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "rank 1 embedded 5 texts" in result.stdout  # half of the first window's 10 (5 prefixes, 5 continuations)
     two = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
     # a window a step (5 texts, batch 4), none past the end; every share joined into its window, then removed
     assert len(one) == 6 and set(two) == set(one) and not list((tmp_path / "cache").rglob("*.share-*"))
