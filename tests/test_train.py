@@ -202,13 +202,32 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
               "--decoder-batch", "8", "--warmup", "2", "--steps", "4", "--save-every", "100", "--device", "cpu",
               "--precision", "fp32"]
     run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100", "--precision", "fp32")
+    # train.py whose main process plans micro-batches of 4 rows (as budget.describe_run does for a GPU's memory)
+    planning = tmp_path / "planning_train.py"
+    planning.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import budget, train
+real = budget.describe_run
+def describe_run(args, *rest):
+    real(args, *rest)
+    args.micro_batch = 4
+budget.describe_run = describe_run
+split = train.micro_batches
+def micro_batches(n, rank, world, micro):
+    rows = split(n, rank, world, micro)
+    print("rank", rank, "rows of", n, [(r.start, r.stop) for r in rows])
+    return rows
+train.micro_batches = micro_batches
+train.main(train.get_args())
+""")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *common,
-                             "--micro-batch", "4", "--out", str(tmp_path / "two")],
+                             "--master_port", str(29500 + os.getpid() % 1000), str(planning), *common,
+                             "--out", str(tmp_path / "two")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training on cpu x 2" in result.stdout and "prior 2 x 4, decoder 1 x 4" in result.stdout  # 2 micro-batches a process
+    assert "rank 1 rows of 16 [(8, 12), (12, 16)]" in result.stdout  # the main process's plan, in every process
     one = [json.loads(l) for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     two = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two] == [1, 2, 3, 4]
