@@ -231,24 +231,26 @@ def share_file(path, rank, world):
     return path.with_name(f"{path.stem}.share-{rank}-of-{world}.safetensors")
 
 
-def embed_share(examples, directory, encode, rank, world):
+def embed_share(examples, directory, encode, rank, world, show_progress=False):
     """Under torchrun each process embeds every world-th distinct text of a window (its share, stored
     beside the window's file) unless the window or the share is stored already; join_shares then makes
     the file. A share stored by a run that stopped before the switch is kept for its --resume."""
     texts, path = window_file(examples, directory)
     share = share_file(path, rank, world)  # kept by a run that stopped
     if not path.exists() and not share.exists():
-        save_fp16(encode(list(dict.fromkeys(texts))[rank::world], False), share)
+        save_fp16(encode(list(dict.fromkeys(texts))[rank::world], show_progress), share)
 
 
 def join_shares(examples, directory, world):
     """The window's file from the shares of its `world` processes (removed after), as window_embeddings
     would have stored it in one process."""
     texts, path = window_file(examples, directory)
-    if path.exists():
+    shares = [share_file(path, rank, world) for rank in range(world)]
+    if path.exists():  # stored meanwhile (encoder.py ahead of the run): shares a stopped run left are not needed
+        for share in shares:
+            share.unlink(missing_ok=True)
         return
     unique, rows = list(dict.fromkeys(texts)), {}
-    shares = [share_file(path, rank, world) for rank in range(world)]
     for rank, share in enumerate(shares):
         rows.update(zip(unique[rank::world], load_file(str(share))["emb"]))
     save_fp16(np.stack([rows[t] for t in texts]), path)

@@ -302,8 +302,8 @@ class C4Windows:
     """--data c4: consecutive windows of --window examples of the stream. Each is embedded once
     (stored on disk by encoder.window_embeddings) and prepared in a background thread while the
     previous window trains; the time training waits for it is reported. Under torchrun every process
-    prepares the next window and embeds its share of the texts (encoder.embed_share); the main process
-    joins the shares into the window's file at the switch."""
+    prepares each window (the first included) and embeds its share of the texts (encoder.embed_share);
+    the main process joins the shares into the window's file (joined)."""
     PART = 8192  # texts embedded at a time: a run that ends stops its background thread between two parts
 
     def __init__(self, args, tokenizer, cache, room, dist, state=None):
@@ -343,6 +343,8 @@ class C4Windows:
         """The encoder's embeddings of texts (EmbeddingCache.embed), PART texts at a time, stopping
         between two parts once the run has ended (close): Python's exit waits for this thread."""
         parts = []
+        if self.stopping.is_set():  # the run ended while the window was being read
+            raise RuntimeError("the run ended while this window was being prepared")
         bar = tqdm(total=len(texts), unit=" texts", desc="embedding its prefixes and continuations",
                    disable=not show_progress)
         with bar:
@@ -354,7 +356,8 @@ class C4Windows:
         return np.concatenate(parts) if parts else self.cache.embed(texts)
 
     def close(self):
-        """Stop preparing the next window (a Ctrl-C or --stop-at exits after at most one more part)."""
+        """Stop preparing the next window: a Ctrl-C or --stop-at exits once the window's texts are read,
+        or after at most one more part of their embedding."""
         self.stopping.set()
         self.pool.shutdown(cancel_futures=True)
 
@@ -382,7 +385,7 @@ class C4Windows:
             raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs "
                              f"{self.args.batch_size})")
         if share:
-            embed_share(examples, self.cache.dir, self.embed, self.dist.rank, self.dist.world)
+            embed_share(examples, self.cache.dir, self.embed, self.dist.rank, self.dist.world, show_progress)
         e_prefix, e_cont = (None, None) if share else \
             window_embeddings(examples, self.cache.dir, self.embed, show_progress)
         window = Window(examples, e_prefix, e_cont, self.tokenizer, self.room, self.args.batch_size, self.args.seed,
@@ -394,8 +397,8 @@ class C4Windows:
 
     def prefetch(self):
         """Start preparing the next window (under torchrun in every process, each embedding its share),
-        unless the run ends before it."""
-        if self.window.end < self.args.steps:
+        unless the run ends (--steps, --stop-at) before it."""
+        if self.window.end < min(self.args.steps, self.args.stop_at or self.args.steps):
             self.next = self.pool.submit(self.load, self.window.end, self.window.next_position, self.dist.world > 1)
 
 
@@ -619,7 +622,8 @@ def check_args(args, out):
 def load_data(args, ckpt, dist):
     """-> (Corpus or C4Windows, tokenizer, embedding cache). A corpus: the main process goes first (it
     trains the tokenizer and fills the embedding cache), the others read its work. C4: every process
-    reads GPT-2's tokenizer and embeds its share of the first window, as of every later one."""
+    reads the tokenizer (GPT-2's, or the checkpoint's) and embeds its share of the first window, as of
+    every later one."""
     corpus = args.data != "c4"
     if corpus and not dist.is_main:
         dist.barrier()  # the main process has written the tokenizer and the cache (setup)
@@ -731,8 +735,8 @@ def setup(args):
         report = train_probes(args, window, out, cache)
         if report:
             print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-    if dist.is_main or args.data == "c4":
-        dist.barrier()  # a corpus's other processes may read the cache and tokenizer now (load_data)
+    if dist.is_main or args.data == "c4":  # the main process is done with the tokenizer, cache and probes:
+        dist.barrier()  # a corpus's other processes wait for it in load_data, C4's here
     if args.compile:  # what the steps call: Prior.forward calls net, Decoder calls lm.transformer (never lm itself)
         run.prior.net.compile()
         run.decoder.lm.transformer.compile()

@@ -115,3 +115,27 @@ def test_non_finite_embeddings_are_refused_in_one_line_naming_a_text():
     assert encoder_lib.embed(MeanPoolingOverNoTokens(), ["a", "b"]).shape == (2, 2)
     with pytest.raises(SystemExit, match=r"non-finite embeddings for 1 of 3 texts \(the first: ''\)"):
         encoder_lib.embed(MeanPoolingOverNoTokens(), ["a", "", "b"])
+
+
+def test_shares_of_a_window_join_into_the_one_process_file_and_stale_shares_go(tmp_path):
+    """Each process embeds every world-th distinct text (embed_share); join_shares makes the file one
+    process would have stored, then removes the shares, and removes a stopped run's shares when the
+    window's file was stored meanwhile (encoder.py ahead of the run)."""
+    examples = [{"prefix": p, "continuation": c} for p, c in [("", "a b"), ("a", "b c"), ("", "d"), ("x y", "a b")]]
+    texts = dict.fromkeys(t for ex in examples for t in ex.values())
+    vectors = {t: np.full(4, i, dtype=np.float32) for i, t in enumerate(texts)}  # a vector of its own for each text
+    encode = lambda texts, show_progress=False: np.stack([vectors[t] for t in texts])
+    one, two = tmp_path / "one", tmp_path / "two"
+    e_one = encoder_lib.window_embeddings(examples, one, encode)
+    for rank in (0, 1):
+        encoder_lib.embed_share(examples, two, encode, rank, 2)
+    assert len(list(two.glob("*.share-*"))) == 2
+    encoder_lib.join_shares(examples, two, 2)
+    assert not list(two.glob("*.share-*"))
+    for a, b in zip(e_one, encoder_lib.window_embeddings(examples, two, lambda *a: pytest.fail("embedded again"))):
+        np.testing.assert_array_equal(a, b)
+    encoder_lib.embed_share(examples, tmp_path / "three", encode, 1, 2)  # a run stopped after its share...
+    _, path = encoder_lib.window_file(examples, tmp_path / "three")
+    encoder_lib.window_embeddings(examples, tmp_path / "three", encode)  # ...and the window stored meanwhile
+    encoder_lib.join_shares(examples, tmp_path / "three", 2)
+    assert path.exists() and not list((tmp_path / "three").glob("*.share-*"))

@@ -516,9 +516,9 @@ print("rank", os.environ["RANK"], "embedded", len(texts), "texts in its main thr
 
 
 def test_a_run_embeds_no_window_past_its_end_and_stops_the_one_in_preparation(c4_run, monkeypatch, tmp_path):
-    """The next window is prepared only when the run will train on it; a run that stops (--stop-at,
-    Ctrl-C, an error) stops embedding the window in preparation between two parts, instead of making
-    its exit wait for the whole window, and --resume embeds that window again."""
+    """The next window is prepared only when the run will train on it; a run that stops (Ctrl-C, an
+    error) stops embedding the window in preparation between two parts, instead of making its exit
+    wait for the whole window, and --resume embeds that window again."""
     import threading
     tmp, run = c4_run
     real = train.EmbeddingCache.embed
@@ -528,15 +528,25 @@ def test_a_run_embeds_no_window_past_its_end_and_stops_the_one_in_preparation(c4
             time.sleep(0.5)
         return real(self, texts, show_progress)
 
+    def ctrl_c_at_step_2(self, step, *rest):
+        update(self, step, *rest)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    update = train.Progress.update
+    monkeypatch.setattr(train.Progress, "update", ctrl_c_at_step_2)
     monkeypatch.setattr(train.C4Windows, "PART", 1)
     monkeypatch.setattr(train.EmbeddingCache, "embed", slow_in_the_background)
-    flags = ["--window", "5", "--steps", "6", "--cache-dir", str(tmp_path / "cache")]
-    run(tmp_path / "out", *flags, "--stop-at", "2")  # windows 0 and 1 trained; window 2 (~10 texts, ~5 s) begun
+    flags = ["--window", "5", "--steps", "6", "--save-every", "1", "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out", *flags)  # windows 0 and 1 trained; window 2 (~10 texts, ~5 s) begun
     windows = lambda: list((tmp_path / "cache").rglob("window-*.safetensors"))
     assert len(windows()) == 2
     monkeypatch.undo()
-    run(tmp_path / "out", *flags, "--resume")
+    run(tmp_path / "out", *flags, "--resume")  # from step 1
     assert len(windows()) == 6  # one a step (5 texts, batch 4), none past the end
+    run(tmp_path / "stop", *flags, "--stop-at", "3", "--cache-dir", str(tmp_path / "cache-3"))
+    assert len(list((tmp_path / "cache-3").rglob("window-*.safetensors"))) == 3  # none prepared past --stop-at
 
 
 def test_host_memory_holds_one_window_at_a_time(c4_run, tiny_t5, monkeypatch):
