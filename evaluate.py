@@ -559,7 +559,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
     p.add_argument("--json", type=output_file, default=None, help="write all results (with examples) to this JSON file")
     p.add_argument("--md", type=output_file, default=None, help="write the Markdown table to this file")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p, guidance_scale=False)
     args = p.parse_args(argv)
     if args.match is not None:
