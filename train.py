@@ -51,7 +51,7 @@ TIERS = {
                   prior=dict(n_tokens=32, token_dim=64, width=768, depth=12, heads=12),
                   decoder=dict(soft_token_dim=384, soft_width=768, soft_depth=6, soft_heads=12, hidden_cond=False),
                   train=dict(steps=250_000, decoder_batch=64, decoder_lr=5e-6, ema=0.9999, max_prefix_frac=1.0, max_len=128,
-                             warmup=1000)),
+                             warmup=1000, save_every=2000)),  # a checkpoint of this size is about 12 GB
 }
 # GPT-2 architectures, so that --sizes and the memory estimate need no download
 GPT2_CONFIGS = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
