@@ -343,14 +343,12 @@ class C4Windows:
         """The encoder's embeddings of texts (EmbeddingCache.embed), PART texts at a time, stopping
         between two parts once the run has ended (close): Python's exit waits for this thread."""
         parts = []
-        if self.stopping.is_set():  # the run ended while the window was being read
-            raise RuntimeError("the run ended while this window was being prepared")
         bar = tqdm(total=len(texts), unit=" texts", desc="embedding its prefixes and continuations",
                    disable=not show_progress)
         with bar:
             for i in range(0, len(texts), self.PART):
-                if self.stopping.is_set():
-                    raise RuntimeError("the run ended while this window was being embedded")
+                if self.stopping.is_set():  # (before the first part too: the run may end while the window is read)
+                    raise RuntimeError("the run ended while this window was being prepared")
                 parts.append(self.cache.embed(texts[i:i + self.PART]))
                 bar.update(len(parts[-1]))
         return np.concatenate(parts) if parts else self.cache.embed(texts)
