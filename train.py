@@ -708,6 +708,9 @@ def setup(args):
     if ckpt and args.steps <= ckpt.step:
         raise SystemExit(f"error: the run in {out} is already at step {ckpt.step}; --resume trains on to --steps, "
                          f"so give more than {ckpt.step} (e.g. --steps {2 * ckpt.step})")
+    if ckpt and args.stop_at and args.stop_at <= ckpt.step:
+        raise SystemExit(f"error: --stop-at {args.stop_at} is not after step {ckpt.step}, where the run in {out} "
+                         "stands; give a later step, or leave it out to train on to --steps")
     if dist.is_main:  # first what the run is, and whether it fits (it sets the micro-batches that do)
         budget.describe_run(args, *planned_configs(args, ckpt), dist.device, dist.world)
     args.micro_batch, args.decoder_micro_batch = dist.from_main(args.micro_batch, args.decoder_micro_batch)

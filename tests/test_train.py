@@ -287,6 +287,8 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
         resume("--seed", "1", "--batch-size", "32")
     with pytest.raises(SystemExit, match=r"--data elsewhere.txt \(trained with .*\); .*a data file that moved: put it back"):
         resume("--data", "elsewhere.txt")
+    with pytest.raises(SystemExit, match=r"--stop-at 3 is not after step 3, where the run in .* stands"):
+        resume("--stop-at", "3")  # it would be ignored, and a C4 run would not prepare the windows after it
     resume()  # the data, cache, batch sizes, learning rates, --steps 6 and --save-every 3 come from the checkpoint
     assert Checkpoint(tmp_path / "out").step == 6
     assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
