@@ -244,16 +244,18 @@ def bench_train(args, device):
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     print(f"{'paper-sized random models' if args.config == 'paper' else args.ckpt} on {device} "
           f"({'bf16 autocast' if bf16 else 'fp32'}): prior {n_params(prior):.1f}M, decoder {n_params(decoder.lm):.1f}M "
-          f"+ soft prompt {n_params(decoder.soft):.1f}M params; peak {peak / 1e12:.1f} TFLOP/s ({where}); "
+          f"+ soft prompt {n_params(decoder.soft):.1f}M params; peak "
+          f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown, no MFU (pass --peak-tflops)'} ({where}); "
           f"median of {args.repeats} steps after a warm-up")
     report = {}
     for name, (step, batch, micro, flops) in runs.items():
         seconds, memory = time_steps(lambda: step().item(), args.repeats, device)
-        report[name] = dict(seconds=seconds, memory=memory, mfu=flops / seconds / peak)
+        report[name] = dict(seconds=seconds, memory=memory, mfu=peak and flops / seconds / peak)
         memory = f"{memory / budget.GiB:.1f} GiB" if memory is not None else "n/a on a CPU"
         unit = f"{batch * (seq + 10) / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
         print(f"{name:>7} step: batch {batch} in micro-batches of {micro}: {seconds:.3f} s, {unit}, "
-              f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {100 * flops / seconds / peak:.1f}%, peak memory {memory}")
+              f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {f'{100 * flops / seconds / peak:.1f}%' if peak else 'n/a'}, "
+              f"peak memory {memory}")
     return report
 
 

@@ -51,7 +51,7 @@ def resolve_encoder_path(name):
 def load_encoder(name, device="cpu", dtype=None):
     """Load a sentence-transformers model by alias, local folder or hub id (fails in one line offline).
 
-    dtype (None, "fp32", "fp16", "bf16" or a torch dtype): half precision roughly doubles encoding
+    dtype (None or "fp32", "fp16", "bf16" or a torch dtype): half precision roughly doubles encoding
     speed on a GPU, and bf16 on a CPU that computes it natively (default_dtype). T5 encoders overflow
     in fp16, so prefer bf16 for sentence-t5.
     """
@@ -75,8 +75,8 @@ def load_encoder(name, device="cpu", dtype=None):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if dtype is not None:
-        model.to(DTYPES.get(dtype, dtype))
+    # None is fp32 whatever the checkpoint stores (sentence-t5-xl's weights are fp16, and transformers 5 keeps them so)
+    model.to(DTYPES.get(dtype, dtype) if dtype is not None else torch.float32)
     return model
 
 
@@ -313,9 +313,10 @@ def main(argv=None):
     device = pick_device(args.device)
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, device, args.batch_size,
                            args.dtype or default_dtype(device))
+    frac = args.max_prefix_frac if args.max_prefix_frac is not None else 1.0 if args.data == "c4" else 0.5
     if args.data != "c4":
         rows = data_lib.load_corpus(args.data, args.cache_dir)
-        train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac or 0.5)
+        train, held_out = data_lib.make_examples(rows, args.seed, frac)
         before = len(cache)
         cache.encode([text for ex in train + held_out for text in (ex["continuation"], ex["prefix"])])
         print(f"done: {len(cache) - before} texts encoded; cache in {cache.dir}/")
@@ -323,11 +324,10 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     position, done = None, 0
     for _ in range(args.first_window):  # read, not embedded: the stream has no index to jump by
-        _, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window,
-                                         args.max_prefix_frac or 1.0)
+        _, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window, frac)
     while done < args.max_texts:
         examples, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window,
-                                                args.max_prefix_frac or 1.0)  # whole windows, as train.py reads them
+                                                frac)  # whole windows, as train.py reads them
         if not examples:
             break
         window_embeddings(examples, cache.dir, cache.embed, show_progress=True)

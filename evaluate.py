@@ -259,8 +259,8 @@ class HFPerplexity:
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(name)
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-            self.lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+            # fp32 on every device: a judge's figures compare across machines (bf16 rounds GPT-2's logits by ~0.1)
+            self.lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device).eval()
         except Exception as err:  # offline hub, missing folder, not a causal LM: many error types
             raise SystemExit(f"error: could not load the reference language model {name!r} for perplexity "
                              f"({type(err).__name__}); pass a local folder with --ppl-model or use --ppl-model self") from None

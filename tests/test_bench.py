@@ -59,3 +59,14 @@ def test_bench_train_times_both_steps_with_micro_batches_and_reports_mfu(monkeyp
     assert "prior step: batch 256 in micro-batches of 64:" in out and "decoder step: batch 64 in micro-batches of 16:" in out
     for name in ("prior", "decoder"):
         assert report[name]["seconds"] > 0 and 0 < report[name]["mfu"] < 1 and report[name]["memory"] is None
+
+
+def test_bench_train_on_a_device_of_unknown_peak_reports_no_mfu(monkeypatch, capsys):
+    """A GPU missing from budget.py's table has no peak: the times, and MFU n/a, not a TypeError."""
+    shrink_paper_tier(monkeypatch)
+    monkeypatch.setattr(bench.budget, "peak_flops", lambda *a: (None, "NVIDIA X not in the table"))
+    report = bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1",
+                                        "--micro-batch", "256", "--decoder-micro-batch", "64"]))
+    out = capsys.readouterr().out
+    assert "peak unknown, no MFU (pass --peak-tflops) (NVIDIA X not in the table)" in out and "MFU n/a" in out
+    assert report["prior"]["seconds"] > 0 and report["prior"]["mfu"] is None

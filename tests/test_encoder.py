@@ -139,3 +139,11 @@ def test_shares_of_a_window_join_into_the_one_process_file_and_stale_shares_go(t
     encoder_lib.window_embeddings(examples, tmp_path / "three", encode)  # ...and the window stored meanwhile
     encoder_lib.join_shares(examples, tmp_path / "three", 2)
     assert path.exists() and not list((tmp_path / "three").glob("*.share-*"))
+
+
+def test_an_encoder_stored_in_fp16_loads_in_fp32_unless_asked(tiny_t5, tmp_path):
+    """sentence-t5-xl's checkpoint is fp16; T5 overflows in fp16, and dtype None means fp32."""
+    encoder_lib.load_encoder(tiny_t5).half().save(str(tmp_path / "fp16"))
+    dtypes = lambda model: {p.dtype for p in model.parameters()}
+    assert dtypes(encoder_lib.load_encoder(str(tmp_path / "fp16"))) == {torch.float32}
+    assert dtypes(encoder_lib.load_encoder(str(tmp_path / "fp16"), dtype="bf16")) == {torch.bfloat16}
