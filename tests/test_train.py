@@ -192,10 +192,22 @@ def test_under_torchrun_each_process_draws_its_own_dropout_and_the_shared_noise(
     assert step(1, 0, 5)[1] != r0  # one process: dropout drew from the shared stream
 
 
-def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
+def torchrun_train(tmp_path, port, patch, *argv, after=""):
+    """train.py main under torchrun, 2 CPU processes (gloo), each running `patch` (Python, with `train`
+    imported) before it and `after` after it. port: this test's offset, so two tests never share one."""
     import os
     import subprocess
     import sys
+    script = tmp_path / "patched_train.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train\n{patch}\n"
+                      f"train.main(train.get_args())\n{after}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + (os.getpid() + port) % 1000), str(script), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
     shutil.copytree(trained / "cache", tmp_path / "cache")
     # fp32: in bf16 a matrix product's rounding depends on its shape, and the shapes differ by design
     common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
@@ -203,10 +215,7 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
               "--precision", "fp32"]
     run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100", "--precision", "fp32")
     # train.py whose main process plans micro-batches of 4 rows (as budget.describe_run does for a GPU's memory)
-    planning = tmp_path / "planning_train.py"
-    planning.write_text(f"""import sys
-sys.path.insert(0, {str(ROOT)!r})
-import budget, train
+    result = torchrun_train(tmp_path, 0, """import budget
 real = budget.describe_run
 def describe_run(args, *rest):
     real(args, *rest)
@@ -218,13 +227,7 @@ def micro_batches(n, rank, world, micro):
     print("rank", rank, "rows of", n, [(r.start, r.stop) for r in rows])
     return rows
 train.micro_batches = micro_batches
-train.main(train.get_args())
-""")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), str(planning), *common,
-                             "--out", str(tmp_path / "two")],
-                            capture_output=True, text=True, env=env, timeout=300)
+""", *common, "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training on cpu x 2" in result.stdout and "prior 2 x 4, decoder 1 x 4" in result.stdout  # 2 micro-batches a process
     assert "rank 1 rows of 16 [(8, 12), (12, 16)]" in result.stdout  # the main process's plan, in every process
@@ -470,10 +473,6 @@ def test_train_on_c4_through_windows_resumes_exactly(c4_run):
 def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tmp_path):
     """Under torchrun each process embeds its share of each window, the first (in the main thread,
     before training) included; the joined files equal the one process's, and so does the training."""
-    import os
-    import subprocess
-    import sys
-
     import numpy as np
     from safetensors.numpy import load_file
     tmp, run = c4_run
@@ -485,26 +484,18 @@ def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tm
     run(tmp_path / "one", *flags)
     one = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
     shutil.rmtree(tmp_path / "cache")
-    counting = tmp_path / "counting_train.py"  # train.py, counting the texts each process embeds in its main thread
-    counting.write_text(f"""import os, sys, threading
-sys.path.insert(0, {str(ROOT)!r})
-import train
+    # train.py, counting the texts each process embeds in its main thread
+    result = torchrun_train(tmp_path, 1, """import os, threading
 texts = []
 real = train.EmbeddingCache.embed
 def embed(self, batch, show_progress=False):
     texts.extend(batch if threading.current_thread() is threading.main_thread() else [])
     return real(self, batch, show_progress)
 train.EmbeddingCache.embed = embed
-train.main(train.get_args())
-print("rank", os.environ["RANK"], "embedded", len(texts), "texts in its main thread")
-""")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(29500 + (os.getpid() + 1) % 1000), str(counting), "--data", "c4", "--tier",
-                             "tiny", "--c4-path", str(tmp / "c4"), "--encoder", tiny_t5,
-                             "--out", str(tmp_path / "two"), "--batch-size", "4", "--decoder-batch", "2",
-                             "--save-every", "100", "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags],
-                            capture_output=True, text=True, env=env, timeout=300)
+""", "--data", "c4", "--tier", "tiny", "--c4-path", str(tmp / "c4"), "--encoder", tiny_t5,
+        "--out", str(tmp_path / "two"), "--batch-size", "4", "--decoder-batch", "2", "--save-every", "100",
+        "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags,
+        after='print("rank", os.environ["RANK"], "embedded", len(texts), "texts in its main thread")')
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rank 1 embedded 5 texts" in result.stdout  # half of the first window's 10 (5 prefixes, 5 continuations)
     two = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
