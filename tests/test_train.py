@@ -194,7 +194,8 @@ def test_under_torchrun_each_process_draws_its_own_dropout_and_the_shared_noise(
 
 def torchrun_train(tmp_path, port, patch, *argv, after=""):
     """train.py main under torchrun, 2 CPU processes (gloo), each running `patch` (Python, with `train`
-    imported) before it and `after` after it. port: this test's offset, so two tests never share one."""
+    imported) before it and `after` after it. port: this test's offset, so two tests never share one.
+    A process's lines for the test go out in one os.write each: print's pieces interleave between them."""
     import os
     import subprocess
     import sys
@@ -215,7 +216,7 @@ def test_two_process_torchrun_matches_one_process(corpus, trained, tmp_path):
               "--precision", "fp32"]
     run_train(corpus, tmp_path, tmp_path / "one", "--steps", "4", "--save-every", "100", "--precision", "fp32")
     # train.py whose main process plans micro-batches of 4 rows (as budget.describe_run does for a GPU's memory)
-    result = torchrun_train(tmp_path, 0, """import budget
+    result = torchrun_train(tmp_path, 0, """import budget, os
 real = budget.describe_run
 def describe_run(args, *rest):
     real(args, *rest)
@@ -224,7 +225,7 @@ budget.describe_run = describe_run
 split = train.micro_batches
 def micro_batches(n, rank, world, micro):
     rows = split(n, rank, world, micro)
-    print("rank", rank, "rows of", n, [(r.start, r.stop) for r in rows])
+    os.write(1, f"rank {rank} rows of {n} {[(r.start, r.stop) for r in rows]}\\n".encode())
     return rows
 train.micro_batches = micro_batches
 """, *common, "--out", str(tmp_path / "two"))
@@ -495,7 +496,7 @@ train.EmbeddingCache.embed = embed
 """, "--data", "c4", "--tier", "tiny", "--c4-path", str(tmp / "c4"), "--encoder", tiny_t5,
         "--out", str(tmp_path / "two"), "--batch-size", "4", "--decoder-batch", "2", "--save-every", "100",
         "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags,
-        after='print("rank", os.environ["RANK"], "embedded", len(texts), "texts in its main thread")')
+        after='os.write(1, f"rank {os.environ[\'RANK\']} embedded {len(texts)} texts in its main thread\\n".encode())')
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rank 1 embedded 5 texts" in result.stdout  # half of the first window's 10 (5 prefixes, 5 continuations)
     two = {f.name: load_file(str(f))["emb"] for f in (tmp_path / "cache").rglob("window-*.safetensors")}
