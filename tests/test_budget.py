@@ -58,6 +58,29 @@ def test_memory_estimate_grows_with_the_micro_batch_and_checkpointing_saves_acti
     assert budget.plan_micro_batches(sizes, prior, lm, 138, 256, 64, 8 * budget.GiB)[0] is None
 
 
+def test_a_c4_run_counts_the_encoder_embedding_the_next_window_beside_training(capsys):
+    import train
+    # sentence-t5-xl is T5-3B's encoder: width 1024, feed-forward 16384, 32 heads; 88 GPT-2 tokens -> 132 of its own
+    t = 132
+    expected = 128 * t * (4 * 16384 + 12 * 1024) + 2 * 128 * 32 * t * t
+    assert budget.embedding_activations("sentence-transformers/sentence-t5-xl", 128, 88) == expected
+    assert budget.embedding_activations("some/unknown-encoder", 128, 88) == 0
+    sizes = {"prior": 119e6, "soft_prompt": 57e6, "lm": 774e6, "encoder": 1.24e9}
+    prior, lm = dict(n_tokens=32, width=768, depth=12), dict(n_embd=1280, n_layer=36, vocab_size=50257)
+    alone = budget.memory_estimate(sizes, prior, lm, 98, 64, 4)
+    beside = budget.memory_estimate(sizes, prior, lm, 98, 64, 4, embedding=expected)
+    assert beside["total"] - alone["total"] == expected
+    # on a 24 GiB card the plan makes room for it with smaller micro-batches
+    plain = budget.plan_micro_batches(sizes, prior, lm, 98, 256, 64, 24 * budget.GiB)
+    room = budget.plan_micro_batches(sizes, prior, lm, 98, 256, 64, 24 * budget.GiB, embedding=expected)
+    assert room[0] * room[1] < plain[0] * plain[1] and room[2]["total"] <= 0.9 * 24 * budget.GiB
+    # what train.py prints: the part is there for C4 only (a corpus is embedded before training)
+    for data, counted in (("c4", True), ("tiny", False)):
+        args = train.get_args(["--data", data, "--sizes", "--gpu-memory", "24"])
+        budget.describe_run(args, *train.planned_configs(args))
+        assert ("encoder activations (next C4 window)" in capsys.readouterr().out) == counted
+
+
 def test_throughput_reports_mfu_against_the_peak():
     prior = Prior(PriorConfig())
     decoder = tiny_decoder(300, dim=384)
