@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from data import input_file
 from encoder import embed, load_encoder, standardize, unstandardize
@@ -196,10 +197,16 @@ class DGLM:
             e = self.sample_proposals(chunk, guidance, sampling, seed + i)
             yield e, self.decode(chunk, e, sampling, seed + i)
 
-    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100):
-        """Continuations of the prompts (one each), batch_size rows at a time (generate_in_batches)."""
-        return [text for _, texts in self.generate_in_batches(prefix_texts, guidance, sampling, seed, batch_size)
-                for text in texts]
+    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100, progress=None):
+        """Continuations of the prompts (one each), batch_size rows at a time (generate_in_batches);
+        progress: the label of a progress bar over the rows, shown when they take more than one batch."""
+        texts = []
+        with tqdm(total=len(prefix_texts), desc=progress, unit=" samples", leave=False,
+                  disable=progress is None or len(prefix_texts) <= batch_size) as bar:
+            for _, batch in self.generate_in_batches(prefix_texts, guidance, sampling, seed, batch_size):
+                texts += batch
+                bar.update(len(batch))
+        return texts
 
 
 def read_prompt_file(path):
@@ -263,7 +270,7 @@ def main(args):
         show_steps(model, prompts[0], guidance, label, sampling, args.seed)
         return
     prefixes = [p for p in prompts for _ in range(args.n)]
-    guided = model.generate(prefixes, guidance, sampling, args.seed, args.batch_size)
+    guided = model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for prefix, text in zip(prefixes, guided):
@@ -271,7 +278,8 @@ def main(args):
                                     "unlike": args.unlike, "scale": args.scale, "seed": args.seed}) + "\n")
         print(f"wrote {len(guided)} samples to {args.out}")
         return
-    unguided = model.generate(prefixes, None, sampling, args.seed, args.batch_size) if guidance is not None else guided
+    unguided = model.generate(prefixes, None, sampling, args.seed, args.batch_size, "unguided") if guidance is not None \
+        else guided
     width = max(len("unguided"), len(label))
     for i, prefix in enumerate(prefixes):
         if i % args.n == 0:

@@ -23,8 +23,13 @@ def test_sample_cli_writes_jsonl_and_prints_unguided_beside_guided(trained, tmp_
     assert len(rows) == 3 and all({"prefix", "text", "guide"} <= set(r) for r in rows)
     sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "a",
                                  "--n", "1", "--steps", "3"]))
-    printed = capsys.readouterr().out
-    assert "unguided |" in printed and "negative |" in printed
+    printed = capsys.readouterr()
+    assert "unguided |" in printed.out and "negative |" in printed.out
+    assert "samples" not in printed.err  # one batch: no progress bar
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "a",
+                                 "--n", "3", "--steps", "3", "--batch-size", "2"]))
+    err = capsys.readouterr().err  # two batches each: a bar for the guided rows and one for the unguided
+    assert "negative: " in err and "unguided: " in err and "2/3" in err
 
 
 def test_the_same_seed_gives_the_same_text_in_one_process_and_across_processes(trained, tmp_path):
