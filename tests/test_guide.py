@@ -298,6 +298,19 @@ def test_a_probe_from_a_labelled_file_beats_chance_and_its_guides_steer(ckpt_cop
     assert logit(model.guidance("cheerful", every_step)) < base - 0.5  # toward class 0
 
 
+def test_labels_the_embeddings_do_not_show_are_saved_with_a_warning(ckpt_copy, tmp_path, capsys):
+    from conftest import NEGATIVE, POSITIVE
+    texts = POSITIVE + NEGATIVE  # each text once with each label: the same texts are held out for both
+    path = labels_file(tmp_path / "coin.csv", [(t, "heads") for t in texts] + [(t, "tails") for t in texts])
+    accuracy_ = guide.main(["--ckpt", str(ckpt_copy), "--labels", str(path), "--cache-dir", str(tmp_path / "cache"),
+                            "--device", "cpu"])
+    assert accuracy_ == pytest.approx(0.5) and "warning: the probe is barely better than chance" in capsys.readouterr().err
+    assert "heads" in guide.load_probes(ckpt_copy / "probes.safetensors", "minilm")[1]  # saved all the same
+    path = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
+    guide.main(["--ckpt", str(ckpt_copy), "--labels", str(path), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_more_than_two_labels_give_one_vs_rest_probes(ckpt_copy, tmp_path):
     from conftest import NEGATIVE, POSITIVE, TOXIC
     rows = [(t, "kind") for t in POSITIVE] + [(t, "sad") for t in NEGATIVE] + [(t, "rude") for t in TOXIC]
