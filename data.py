@@ -113,9 +113,11 @@ def load_local(path):
     try:
         if path.suffix == ".jsonl":
             rows = read_jsonl(path)
-            if not all(isinstance(r, dict) for r in rows):
-                raise ValueError("every line must be a JSON object with a `text` field")
-            rows = [r for r in rows if str(r.get("text", "")).strip()]
+            bad = next((n for n, r in enumerate(rows, 1)
+                        if not isinstance(r, dict) or not isinstance(r.get("text", ""), str)), None)
+            if bad:
+                raise ValueError(f"record {bad} is not a JSON object with a string `text` field")
+            rows = [r for r in rows if r.get("text", "").strip()]
         else:
             rows = [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except ValueError as err:  # UnicodeDecodeError is one too
@@ -342,7 +344,8 @@ def read_labels(path, text_column="text", label_column="label"):
         if missing:
             raise SystemExit(f"error: {path} has no {' or '.join(f'`{c}`' for c in missing)} column (record {n}; "
                              "name the columns with --text-column / --label-column)")
-        text, label = " ".join(str(record[text_column] or "").split()), str(record[label_column] or "").strip()
+        as_text = lambda value: "" if value is None else str(value)  # 0 is a label (JSON's 0 / 1 classes), null is none
+        text, label = " ".join(as_text(record[text_column]).split()), as_text(record[label_column]).strip()
         if not text or not label:
             raise SystemExit(f"error: {path} record {n} has an empty {'text' if not text else 'label'}")
         rows.append((text, label))

@@ -45,8 +45,11 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
     with pytest.raises(SystemExit, match="cannot read .*bad.jsonl: line 3 is not JSON"):
         data.load_local(tmp_path / "bad.jsonl")
     (tmp_path / "list.jsonl").write_text('{"text": "fine"}\n["a list"]\n')
-    with pytest.raises(SystemExit, match="every line must be a JSON object with a `text` field"):
+    with pytest.raises(SystemExit, match="record 2 is not a JSON object with a string `text` field"):
         data.load_local(tmp_path / "list.jsonl")
+    (tmp_path / "number.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')  # was a traceback when split
+    with pytest.raises(SystemExit, match="record 2 is not a JSON object with a string `text` field"):
+        data.load_local(tmp_path / "number.jsonl")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(SystemExit, match="cannot read"):
         data.load_local(tmp_path / "latin1.txt")
@@ -172,3 +175,12 @@ def test_c4_windows_follow_each_other_through_the_stream(c4_copy):
     first, position = data.c4_window(tokenizer, root, 0, None, 3, 1.0)
     second, _ = data.c4_window(tokenizer, root, 0, json.loads(json.dumps(position)), 3, 1.0)
     assert [ex["text"] for ex in first + second] == full[:6]
+
+
+def test_labels_from_json_keep_numbers_and_refuse_null(tmp_path):
+    path = tmp_path / "sst.jsonl"  # SST-2's format: 0 / 1 classes as JSON numbers
+    path.write_text('{"text": "a dull film", "label": 0}\n{"text": "a fine film", "label": 1}\n')
+    assert data.read_labels(path) == [("a dull film", "0"), ("a fine film", "1")]  # 0 was read as an empty label
+    path.write_text('{"text": "a dull film", "label": 0}\n{"text": "a fine film", "label": null}\n')
+    with pytest.raises(SystemExit, match="record 2 has an empty label"):
+        data.read_labels(path)
