@@ -404,6 +404,9 @@ def read_corpus(args, tokenizer, cache, room):
     """--data tiny or a file -> (one Window over the whole corpus, tokenizer); trains the tiny BPE."""
     rows = data_lib.load_corpus(args.data, args.cache_dir)
     train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
+    if len(train) < args.batch_size:  # else every batch would be the whole corpus, smaller than asked
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(train)} training texts of "
+                         f"{args.data}; pass a smaller --batch-size (and --decoder-batch), or more texts")
     began = time.time()
     if tokenizer is None:
         tokenizer = train_tokenizer([ex["text"] for ex in train], args.vocab_size) if args.lm == TINY_LM \

@@ -59,6 +59,8 @@ def test_configs_have_one_source_the_dataclasses_are_the_tiny_tier():
 def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
+    few = tmp_path / "few.txt"
+    few.write_text("".join(f"text number {i} is here\n" for i in range(30)))
     out = ["--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")]
     cases = [
         (["--steps", "lots"], "'lots' is not a count"),
@@ -70,6 +72,7 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--data", str(empty), *out], "holds no texts"),
         (["--data", str(tmp_path / "missing.txt"), *out], "does not exist"),
         (["--data", str(tmp_path), *out], "is a folder"),
+        (["--data", str(few), *out], "--batch-size 256 is more than the"),  # each batch would be the whole file
         (["--decoder-batch", "64", "--batch-size", "32", *out], "larger than --batch-size"),
         (["--data", "c4", "--lm", "tiny", *out], "use the paper tier"),
     ]
