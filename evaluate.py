@@ -584,6 +584,11 @@ def main(args):
     if prompts is None:
         prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
     sampling = sampling_config(args)
+    for guide in args.guides:  # each checked before any work: an unknown last guide cost the others' minutes first
+        if guide == "like" and not (args.like or args.unlike):
+            raise SystemExit("error: --guides like steers by example: give it --like TEXT (or --unlike TEXT)")
+        if guide != "none":
+            model.guidance(guide, sampling, args.like, args.unlike)
     # warm-up, so that the first setting's s/sample does not include one-time start-up costs
     warm = SamplingConfig(steps=2, max_tokens=2)
     model.decode(prompts[:1], model.sample_proposals(prompts[:1], None, warm, 0), warm, 0)

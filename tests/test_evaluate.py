@@ -325,6 +325,17 @@ def test_bad_evaluation_input_is_one_line(capsys):
         assert err.count("\n") == 1 and message in err, err
 
 
+def test_every_guide_is_checked_before_any_is_evaluated(trained, tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("the film\n")
+    monkeypatch.setattr(evaluate, "evaluate_setting", lambda *a, **k: pytest.fail("evaluated before the check"))
+    run = lambda *argv: evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--prompts",
+                                                         str(tmp_path / "p.txt"), "--n", "1", *argv]))
+    with pytest.raises(SystemExit, match="unknown guide 'bogus'"):
+        run("--guides", "none,positive,bogus")
+    with pytest.raises(SystemExit, match="--guides like steers by example: give it --like TEXT"):
+        run("--guides", "none,like")  # was an unguided row named like
+
+
 def test_an_empty_guide_or_prompt_file_name_is_refused_not_run_as_something_else(capsys):
     for guides in ("", "none,,positive"):
         with pytest.raises(SystemExit):
