@@ -562,8 +562,17 @@ class Distributed:
 
 
 def preflight(args):
-    """Try every download a run needs and name each one that fails, in one line, before any work."""
+    """Try every download a run needs and name each one that fails, in one line, before any work. A
+    local folder that is not there (or a --c4-path with no C4 files) is named as such, not as a download."""
     from transformers import AutoConfig
+    for flag, name in (("--lm", args.lm), ("--encoder", args.encoder)):
+        # a path, not a hub id: absolute, ./ ../ ~, or in a folder that exists here (a hub id's owner does not)
+        local = os.path.isabs(name) or name.startswith((".", "~")) or (os.sep in name and Path(name).parent.is_dir())
+        if name not in (TINY_LM, TINY_ENCODER) and local and not os.path.isdir(os.path.expanduser(name)):
+            raise SystemExit(f"error: {flag} {name}: no such folder (a local model folder, or a hub id such as "
+                             f"{'gpt2-large' if flag == '--lm' else 'sentence-transformers/sentence-t5-xl'})")
+    if args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV)):
+        data_lib.c4_files(args.c4_path or os.environ[data_lib.C4_PATH_ENV])  # one line when there are no C4 files
     checks = [(args.lm, "--lm", args.lm != TINY_LM, lambda: AutoConfig.from_pretrained(args.lm)),
               (args.encoder, "--encoder", args.encoder != TINY_ENCODER, lambda: AutoConfig.from_pretrained(args.encoder)),
               ("allenai/c4", "--c4-path", args.data == "c4", lambda: data_lib.open_c4(args.c4_path))]
@@ -575,8 +584,10 @@ def preflight(args):
             except (OSError, SystemExit, ValueError):
                 failed.append(f"{name} ({flag})")
     if failed:
+        instead = "train the offline tiny tier (--data tiny)" if args.tier == "paper" else \
+            f"leave them at the tiny tier's offline models (--lm {TINY_LM}, --encoder {TINY_ENCODER})"
         raise SystemExit(f"error: the {args.tier} tier could not download {', '.join(failed)}; without internet pass "
-                         "local copies with the flags named, or train the offline tiny tier (--data tiny)")
+                         f"local copies with the flags named, or {instead}")
 
 
 def train_probes(args, window, out, cache):

@@ -75,6 +75,12 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--data", str(few), *out], "--batch-size 256 is more than the"),  # each batch would be the whole file
         (["--decoder-batch", "64", "--batch-size", "32", *out], "larger than --batch-size"),
         (["--data", "c4", "--lm", "tiny", *out], "use the paper tier"),
+        # a local path that is not there is named so, not as a failed download
+        (["--lm", str(tmp_path / "gpt2"), *out], f"--lm {tmp_path / 'gpt2'}: no such folder"),
+        (["--encoder", "./st5", *out], "--encoder ./st5: no such folder"),
+        (["--data", "c4", "--c4-path", str(tmp_path / "c4"), *out], f"no C4 files at {tmp_path / 'c4'}"),
+        (["--lm", "someone/gpt2", *out], "could not download someone/gpt2 (--lm); without internet pass local "
+                                         "copies with the flags named, or leave them at the tiny tier's"),
     ]
     for argv, message in cases:
         lines = cli_error(train, argv, capsys).strip().splitlines()
