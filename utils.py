@@ -120,6 +120,14 @@ def output_file(value):
     return value
 
 
+def missing_folder(name):
+    """True when a model name reads as a local path (absolute, ./ ../ ~, or in a folder that exists here,
+    which a hub id's owner does not) and no folder is there: worth one line of its own, not a download."""
+    name = str(name)
+    local = os.path.isabs(name) or name.startswith((".", "~")) or (os.sep in name and Path(name).parent.is_dir())
+    return local and not os.path.isdir(os.path.expanduser(name))
+
+
 def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
     if not str(value).strip():

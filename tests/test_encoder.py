@@ -97,6 +97,10 @@ def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="could not load the sentence encoder 'someone/not-here'.*--encoder"):
         encoder_lib.load_encoder("someone/not-here")
+    # a local folder that is not there is named as one (sentence-transformers printed a hub warning first)
+    for name in ("/no/such/st5", "./st5", "~/no-such-st5"):
+        with pytest.raises(SystemExit, match=f"the sentence encoder folder '{name}' does not exist"):
+            encoder_lib.load_encoder(name)
 
 
 def test_the_encoder_runs_in_bf16_by_default_only_where_the_device_computes_it_natively(monkeypatch):
