@@ -160,14 +160,16 @@ def get_args(argv=None):
     # like may change, what the run is (RUN_SETTINGS) may not.
     p.set_defaults(**{k: v for k, v in trained.items() if k not in NOT_RESUMED})
     args = p.parse_args(argv)
+    moved = lambda: trained.get("data_sha256") and os.path.isfile(args.data) and \
+        data_lib.sha256_of(args.data) == trained["data_sha256"]  # the same texts at another path
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
-               for k in RUN_SETTINGS if k in trained and getattr(args, k) != trained[k]]
+               for k in RUN_SETTINGS if k in trained and getattr(args, k) != trained[k] and not (k == "data" and moved())]
     if changed:
-        moved = "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4")
+        file = "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4")
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
                          f"it: {', '.join(changed)}; leave them out, or start a new run with another --out"
-                         + (f" (a data file that moved: put it back at {trained['data']}, or link it there)" if moved
-                            else ""))
+                         + (f" (--data takes the file it was trained on, at {trained['data']} or wherever it was "
+                            "moved; this one holds other texts)" if file else ""))
     return args
 
 
@@ -403,6 +405,8 @@ class C4Windows:
 def read_corpus(args, tokenizer, cache, room):
     """--data tiny or a file -> (one Window over the whole corpus, tokenizer); trains the tiny BPE."""
     rows = data_lib.load_corpus(args.data, args.cache_dir)
+    if args.data != "tiny":  # a --resume may find the file elsewhere: its content says it is the same
+        args.data_sha256 = data_lib.sha256_of(args.data)
     train, held_out = data_lib.make_examples(rows, args.seed, args.max_prefix_frac)
     if len(train) < args.batch_size:  # else every batch would be the whole corpus, smaller than asked
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(train)} training texts of "

@@ -291,18 +291,26 @@ def test_training_writes_a_self_describing_checkpoint(trained):
 def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
     # the session's run saved at step 3 then 6: redo 0..3, then resume 3..6 and compare
     shutil.copytree(trained / "cache", tmp_path / "cache")
-    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "6", "--save-every", "3", "--stop-at", "3")
+    data = tmp_path / "toy.jsonl"  # a copy of the corpus, moved before the resume
+    shutil.copy(corpus, data)
+    run_train(data, tmp_path, tmp_path / "out", "--steps", "6", "--save-every", "3", "--stop-at", "3")
     assert Checkpoint(tmp_path / "out").step == 3
     resume = lambda *flags: train.main(train.get_args(["--out", str(tmp_path / "out"), "--resume", *flags]))
     assert train.get_args(["--out", str(tmp_path / "out"), "--resume"]).cache_dir == str(tmp_path / "cache")
     with pytest.raises(SystemExit, match=r"would change it: --batch-size 32 \(trained with 16\), "
                                          r"--seed 1 \(trained with 0\); leave them out"):
         resume("--seed", "1", "--batch-size", "32")
-    with pytest.raises(SystemExit, match=r"--data elsewhere.txt \(trained with .*\); .*a data file that moved: put it back"):
-        resume("--data", "elsewhere.txt")
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text() + "\n" + json.dumps({"text": "one more text", "rating": 2.0, "domain": "movie"}))
+    with pytest.raises(SystemExit, match=r"--data .*other.jsonl \(trained with .*\); .*--data takes the file it was "
+                                         r"trained on, at .* or wherever it was moved; this one holds other texts"):
+        resume("--data", str(other))
     with pytest.raises(SystemExit, match=r"--stop-at 3 is not after step 3, where the run in .* stands"):
         resume("--stop-at", "3")  # it would be ignored, and a C4 run would not prepare the windows after it
-    resume()  # the data, cache, batch sizes, learning rates, --steps 6 and --save-every 3 come from the checkpoint
+    moved = tmp_path / "moved" / "toy.jsonl"  # the same texts elsewhere: its sha256 says so
+    moved.parent.mkdir()
+    shutil.move(data, moved)
+    resume("--data", str(moved))  # cache, batch sizes, learning rates, --steps 6, --save-every 3: the checkpoint's
     assert Checkpoint(tmp_path / "out").step == 6
     assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
     with pytest.raises(SystemExit, match="already at step 6; --resume trains on to --steps, so give more than 6"):
