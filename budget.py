@@ -17,16 +17,21 @@
               the paper's; it is split into the largest micro-batches that fit.
 """
 import math
+import os
+import shutil
+import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from data import C4_TOKENS
+from data import C4_TOKENS, HELD_OUT_PERCENT
 from decoder import SoftPromptGenerator, gpt2_flops_per_token
 from diffusion import Prior
-from encoder import EMBED_BATCH
+from encoder import EMBED_BATCH, cache_dir_for, disk_usage
+from utils import CHECKPOINT
 
 # Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(); longest match wins.
 PEAK_BF16_TFLOPS = {
@@ -214,6 +219,38 @@ def compute_line(args, prior_config, decoder_config, lm_config, encoder_params, 
     return line
 
 
+def disk_line(args, sizes, dim):
+    """What a run writes to disk, against the space free there: the checkpoint (the weights, the prior's EMA
+    and AdamW's two moments, in fp32; twice that while a new one replaces the old) and on C4 the window
+    files of the embedding cache (every --window texts' prefix and continuation embeddings in fp16, kept
+    for later runs), with a warning when the disk looks too small. -> (line, warning or None)"""
+    trained = sizes["prior"] + sizes["soft_prompt"] + sizes["lm"]
+    checkpoint = 4 * (3 * trained + sizes["prior"])
+    line = f"disk: checkpoint {checkpoint / GiB:.1f} GiB ({2 * checkpoint / GiB:.1f} GiB while one is saved)"
+    need = {args.out: checkpoint * (1 if (Path(args.out) / CHECKPOINT).exists() else 2)}  # what is not there yet
+    if args.data == "c4":
+        steps_per_window = max(1, int(args.window * (1 - HELD_OUT_PERCENT / 100)) // args.batch_size)
+        windows = math.ceil(args.steps / steps_per_window)
+        if args.drop_windows:  # those since the last checkpoint, the current one and the next
+            windows = min(windows, math.ceil(args.save_every / steps_per_window) + 2)
+        window_bytes = args.window * 2 * dim * 2
+        stored = disk_usage(cache_dir_for(args.cache_dir, args.encoder))  # windows embedded ahead, or by a resumed run
+        need[args.cache_dir] = need.get(args.cache_dir, 0) + max(0, windows * window_bytes - stored)
+        line += (f", C4 embedding cache {windows * window_bytes / GiB:.0f} GiB ("
+                 + (f"at most {windows} windows of {window_bytes / GiB:.2f} GiB at a time, --drop-windows"
+                    if args.drop_windows else f"{windows} windows of {window_bytes / GiB:.2f} GiB over {args.steps} "
+                    "steps, kept for later runs; --drop-windows keeps a few") + f"; {stored / GiB:.0f} GiB there now)")
+    disks = {}  # by file system: out and the cache may share one
+    for folder, n in need.items():
+        where = next(p for p in (Path(folder).resolve(), *Path(folder).resolve().parents) if p.exists())
+        disk = disks.setdefault(os.stat(where).st_dev, {"need": 0, "where": where, "free": shutil.disk_usage(where).free})
+        disk["need"] += n
+    short = [f"{d['need'] / GiB:.0f} GiB needed on the disk of {d['where']}, {d['free'] / GiB:.0f} GiB free"
+             for d in disks.values() if d["need"] > d["free"]]
+    return line, ("warning: " + "; ".join(short) + " (free space, point --out / --cache-dir at a larger disk"
+                  + (", or --drop-windows" if args.data == "c4" and not args.drop_windows else "") + ")" if short else None)
+
+
 def describe_run(args, prior_config, decoder_config, lm_config, device=None, world=1):
     """Print the tier, encoder, language model and model sizes, the compute (compute_line), then the memory plan.
 
@@ -229,6 +266,10 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
           f"({million(sizes['lm'])}) | prior {million(sizes['prior'])} | soft prompt {million(sizes['soft_prompt'])}")
     seq_len = args.max_len + decoder_config.n_soft + 2  # the longest sequence, for memory
     print(compute_line(args, prior_config, decoder_config, lm_config, sizes["encoder"], device, world))
+    line, warning = disk_line(args, sizes, prior_config.dim)
+    print(line)
+    if warning:
+        print(warning, file=sys.stderr)
     per_process = (args.batch_size // world, args.decoder_batch // world)
     gpus = [g * GiB for g in args.gpu_memory or []]
     if device is not None and str(device).startswith("cuda"):

@@ -35,7 +35,7 @@ import data as data_lib
 from decoder import TINY_LM, DecoderConfig, encode_continuation, fit_length, load_tokenizer, train_tokenizer
 from diffusion import PriorConfig, ema_update, make_ema
 from encoder import (TINY_ENCODER, EmbeddingCache, cache_dir_for, disk_usage, embed_share, join_shares, latent_stats,
-                     standardize, window_embeddings)
+                     standardize, window_embeddings, window_file)
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models,
                    checkpoint_tokenizer, comma_list, count, keep_freed_memory, missing_folder, model_config, pick_device,
@@ -83,6 +83,9 @@ def data_flags(add):
     add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
     add("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
     add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
+    add("--drop-windows", action="store_true",
+        help="--data c4: delete a window's embeddings once a checkpoint lies past it, so that the cache holds a few "
+             "windows instead of every window of the run (a later run on them embeds them again)")
     add("--probe-data", default=None, help="local copies of the paper probes' data sets (see guide.py)")
     add("--probe-examples", type=count, default=count("20k"), help="paper probes: examples per class and data set")
 
@@ -296,6 +299,9 @@ class Corpus:
     def state(self):
         return None  # batches are a function of the seed and the step: nothing else to resume
 
+    def saved(self):
+        pass  # nothing on disk to let go of
+
     def close(self):
         pass  # nothing runs in the background
 
@@ -313,6 +319,7 @@ class C4Windows:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.stopping = threading.Event()
         self.next = None  # the future of the next window
+        self.trained = []  # files of the windows trained past (deleted by saved() with --drop-windows)
         self.started, self.log = time.time(), None
         state = state or {"start": 0, "position": None}
         if dist.is_main:
@@ -325,6 +332,7 @@ class C4Windows:
         """The batch of `step`, moving on to the next window (prepared in the background) when due."""
         if step >= self.window.end:
             began = time.time()
+            self.trained.append(window_file(self.window.source, self.cache.dir)[1])
             self.window = self.joined(self.next.result())
             self.prefetch()
             self.report(time.time() - began)
@@ -364,6 +372,14 @@ class C4Windows:
     def state(self):
         """Where the current window starts (step and stream position): --resume rebuilds it from this."""
         return {"start": self.window.start, "position": self.window.position}
+
+    def saved(self):
+        """A checkpoint in the current window was written: with --drop-windows, the files of the windows
+        before it go (no --resume needs them again; the next window, maybe in preparation, stays)."""
+        if self.args.drop_windows and self.dist.is_main:
+            for path in self.trained:
+                path.unlink(missing_ok=True)
+        self.trained = []
 
     def report(self, waited):
         wall = time.time() - self.started
@@ -846,7 +862,11 @@ def main(args):
     decoder_rows = micro_batches(args.decoder_batch, dist.rank, dist.world, args.decoder_micro_batch or args.decoder_batch)
     amp, D = (lambda: autocast(dist.device, args.bf16)), args.decoder_batch
     progress = Progress(args, dist, run, data, prior_rows, decoder_rows, tokenizer, cache, started)
-    save = lambda step: dist.is_main and run.save(args.out, step, data.state())
+
+    def save(step):
+        if dist.is_main:
+            run.save(args.out, step, data.state())
+            data.saved()  # C4 --drop-windows: the windows before the checkpoint's are not needed again
     run.prior.train(), run.decoder.train()
     try:
         for step in progress.steps():

@@ -81,6 +81,30 @@ def test_a_c4_run_counts_the_encoder_embedding_the_next_window_beside_training(c
         assert ("encoder activations (next C4 window)" in capsys.readouterr().out) == counted
 
 
+def test_the_disk_a_run_needs_is_named_and_a_small_disk_warned_of(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    import train
+    sizes = {"prior": 119e6, "soft_prompt": 57e6, "lm": 774e6, "encoder": 1.24e9}
+    args = train.get_args(["--data", "c4", "--steps", "100k", "--out", str(tmp_path / "out"),
+                           "--cache-dir", str(tmp_path / "cache")])
+    line, warning = budget.disk_line(args, sizes, 768)
+    # weights + 2 AdamW moments of 950M trained parameters and the prior's EMA, fp32; 200k texts a window, 4% held
+    # out, 750 steps of 256 each: 134 windows of 200k prefixes and continuations x 768 in fp16
+    assert f"checkpoint {4 * (3 * 950e6 + 119e6) / budget.GiB:.1f} GiB" in line
+    assert f"134 windows of {200_000 * 2 * 768 * 2 / budget.GiB:.2f} GiB over 100000 steps" in line
+    free = lambda gib: monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=gib * budget.GiB))
+    free(1000)
+    assert budget.disk_line(args, sizes, 768)[1] is None
+    free(50)  # 77 GiB of windows and two checkpoints of 11 GiB on one disk
+    warning = budget.disk_line(args, sizes, 768)[1]
+    assert warning.startswith("warning: 99 GiB needed on the disk of") and "or --drop-windows" in warning
+    args.drop_windows = True  # the windows since the last checkpoint (2000 steps), the current one and the next
+    line, warning = budget.disk_line(args, sizes, 768)
+    assert "at most 5 windows" in line and warning is None
+
+
 def test_throughput_reports_mfu_against_the_peak():
     prior = Prior(PriorConfig())
     decoder = tiny_decoder(300, dim=384)

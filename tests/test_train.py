@@ -560,6 +560,23 @@ def test_a_run_embeds_no_window_past_its_end_and_stops_the_one_in_preparation(c4
     assert len(list((tmp_path / "cache-3").rglob("window-*.safetensors"))) == 3  # none prepared past --stop-at
 
 
+def test_drop_windows_keeps_only_the_windows_a_resume_needs(c4_run, tmp_path):
+    """--drop-windows: a window's file goes once a checkpoint lies past it; stopped and resumed, the run
+    trains as one that keeps every window."""
+    tmp, run = c4_run
+    flags = ["--window", "5", "--steps", "6", "--save-every", "2", "--cache-dir", str(tmp_path / "cache")]
+    windows = lambda: {f.name for f in (tmp_path / "cache").rglob("window-*.safetensors")}
+    run(tmp_path / "keep", *flags)
+    every = windows()
+    assert len(every) == 6  # a window a step (5 texts, batch 4)
+    shutil.rmtree(tmp_path / "cache")
+    run(tmp_path / "drop", *flags, "--drop-windows", "--stop-at", "3")
+    assert len(windows()) == 1 and windows() < every  # the checkpoint's window; those before it went
+    run(tmp_path / "drop", *flags, "--resume")
+    assert len(windows()) == 1 and windows() < every
+    assert_same_weights(tensors_of(tmp_path / "drop"), tensors_of(tmp_path / "keep"), ("prior.", "decoder.", "opt_"))
+
+
 def test_host_memory_holds_one_window_at_a_time(c4_run, tiny_t5, monkeypatch):
     """Each window reads only its own embeddings (the window's texts, never the earlier windows'), and
     the content-addressed cache holds no more than the held-out texts of the reconstruction report."""
