@@ -474,8 +474,8 @@ def add_label_probes(args, encoder_name, cache):
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
           f"saved to {path}; guides: {', '.join(guides)}")
     if accuracy_ < chance + 0.1:  # the probe reads little of the labels from the embeddings: its gradient is mostly noise
-        print(f"warning: the probe is barely better than chance on its held-out examples, so its guides will steer "
-              f"little or at random; more examples, or labels the text itself shows, help", file=sys.stderr)
+        print("warning: the probe is barely better than chance on its held-out examples, so its guides will steer "
+              "little or at random; more examples, or labels the text itself shows, help", file=sys.stderr)
     return accuracy_
 
 
