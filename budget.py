@@ -226,7 +226,8 @@ def disk_line(args, sizes, dim):
     for later runs), with a warning when the disk looks too small. -> (line, warning or None)"""
     trained = sizes["prior"] + sizes["soft_prompt"] + sizes["lm"]
     checkpoint = 4 * (3 * trained + sizes["prior"])
-    line = f"disk: checkpoint {checkpoint / GiB:.1f} GiB ({2 * checkpoint / GiB:.1f} GiB while one is saved)"
+    size = lambda n: f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2 ** 20:.0f} MiB"
+    line = f"disk: checkpoint {size(checkpoint)} ({size(2 * checkpoint)} while one is saved)"
     need = {args.out: checkpoint * (1 if (Path(args.out) / CHECKPOINT).exists() else 2)}  # what is not there yet
     if args.data == "c4":
         steps_per_window = max(1, int(args.window * (1 - HELD_OUT_PERCENT / 100)) // args.batch_size)
