@@ -319,7 +319,7 @@ class C4Windows:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.stopping = threading.Event()
         self.next = None  # the future of the next window
-        self.trained = []  # files of the windows trained past (deleted by saved() with --drop-windows)
+        self.trained = []  # --drop-windows: files of the windows trained past, deleted at the next save
         self.started, self.log = time.time(), None
         state = state or {"start": 0, "position": None}
         if dist.is_main:
@@ -332,7 +332,8 @@ class C4Windows:
         """The batch of `step`, moving on to the next window (prepared in the background) when due."""
         if step >= self.window.end:
             began = time.time()
-            self.trained.append(window_file(self.window.source, self.cache.dir)[1])
+            if self.args.drop_windows and self.dist.is_main:
+                self.trained.append(window_file(self.window.source, self.cache.dir)[1])
             self.window = self.joined(self.next.result())
             self.prefetch()
             self.report(time.time() - began)
@@ -376,9 +377,8 @@ class C4Windows:
     def saved(self):
         """A checkpoint in the current window was written: with --drop-windows, the files of the windows
         before it go (no --resume needs them again; the next window, maybe in preparation, stays)."""
-        if self.args.drop_windows and self.dist.is_main:
-            for path in self.trained:
-                path.unlink(missing_ok=True)
+        for path in self.trained:
+            path.unlink(missing_ok=True)
         self.trained = []
 
     def report(self, waited):
