@@ -127,8 +127,12 @@ class DGLM:
         """Guidance for a guide spec ('positive', 'negative:1,news:0.5'; 'none' or 'like': no probe) and
         example texts to steer toward (like) or away from (unlike); None when nothing steers."""
         if spec not in (None, "", "none", "like") and not self.guides:
-            raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with `python guide.py --ckpt "
-                             f"{self.ckpt} --labels FILE` (a text and a label per row), or steer by example with --like")
+            paper = self.config.get("train", {}).get("tier") == "paper"  # its probes' data sets could not be reached
+            add = f"`python guide.py --ckpt {self.ckpt} --probes paper` (--probe-data DIR for local copies of its data " \
+                  "sets), or your own with --labels FILE" if paper else \
+                f"`python guide.py --ckpt {self.ckpt} --labels FILE` (a text and a label per row)"
+            raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with {add}, or steer by "
+                             "example with --like")
         like_e, unlike_e = (self.embed(list(texts)) if texts else [] for texts in (like, unlike))
         return build_guidance(spec, self.probes, self.guides, self.mu, self.s, sampling.scale, like=like_e,
                               unlike=unlike_e, like_weight=sampling.like_weight, n_samples=sampling.mc_samples,

@@ -181,6 +181,10 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     (unlabelled / "probes.safetensors").unlink()
     with pytest.raises(SystemExit, match="has no probes.safetensors; add probes with `python guide.py --ckpt .* --labels"):
         sample.main(sample.get_args(["--ckpt", str(unlabelled), "--guide", "positive"]))
+    model = DGLM(unlabelled)  # the paper tier: its probes' data sets were out of reach while it trained
+    model.config["train"]["tier"] = "paper"
+    with pytest.raises(SystemExit, match="add probes with `python guide.py --ckpt .* --probes paper` \\(--probe-data"):
+        model.guidance("positive", FAST)
 
 
 def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, capsys):
