@@ -237,10 +237,10 @@ def disk_line(args, sizes, dim):
         window_bytes = args.window * 2 * dim * 2
         stored = disk_usage(cache_dir_for(args.cache_dir, args.encoder))  # windows embedded ahead, or by a resumed run
         need[args.cache_dir] = need.get(args.cache_dir, 0) + max(0, windows * window_bytes - stored)
-        line += (f", C4 embedding cache {windows * window_bytes / GiB:.0f} GiB ("
-                 + (f"at most {windows} windows of {window_bytes / GiB:.2f} GiB at a time, --drop-windows"
-                    if args.drop_windows else f"{windows} windows of {window_bytes / GiB:.2f} GiB over {args.steps} "
-                    "steps, kept for later runs; --drop-windows keeps a few") + f"; {stored / GiB:.0f} GiB there now)")
+        each = f"windows of {window_bytes / GiB:.2f} GiB"
+        kept = f"at most {windows} {each} at a time, --drop-windows" if args.drop_windows else \
+            f"{windows} {each} over {args.steps} steps, kept for later runs; --drop-windows keeps a few"
+        line += f", C4 embedding cache {windows * window_bytes / GiB:.0f} GiB ({kept}; {stored / GiB:.0f} GiB there now)"
     disks = {}  # by file system: out and the cache may share one
     for folder, n in need.items():
         where = next(p for p in (Path(folder).resolve(), *Path(folder).resolve().parents) if p.exists())
@@ -248,8 +248,11 @@ def disk_line(args, sizes, dim):
         disk["need"] += n
     short = [f"{d['need'] / GiB:.0f} GiB needed on the disk of {d['where']}, {d['free'] / GiB:.0f} GiB free"
              for d in disks.values() if d["need"] > d["free"]]
-    return line, ("warning: " + "; ".join(short) + " (free space, point --out / --cache-dir at a larger disk"
-                  + (", or --drop-windows" if args.data == "c4" and not args.drop_windows else "") + ")" if short else None)
+    if not short:
+        return line, None
+    fix = "free space, point --out / --cache-dir at a larger disk" + \
+        (", or --drop-windows" if args.data == "c4" and not args.drop_windows else "")
+    return line, f"warning: {'; '.join(short)} ({fix})"
 
 
 def describe_run(args, prior_config, decoder_config, lm_config, device=None, world=1):

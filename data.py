@@ -339,12 +339,12 @@ def read_labels(path, text_column="text", label_column="label"):
     if not records:
         raise SystemExit(f"error: labels file {path} holds no examples")
     rows = []
+    as_text = lambda value: "" if value is None else str(value)  # 0 is a label (JSON's 0 / 1 classes), null is none
     for n, record in enumerate(records, start=2 if path.suffix != ".jsonl" else 1):
         missing = [c for c in (text_column, label_column) if not isinstance(record, dict) or c not in record]
         if missing:
             raise SystemExit(f"error: {path} has no {' or '.join(f'`{c}`' for c in missing)} column (record {n}; "
                              "name the columns with --text-column / --label-column)")
-        as_text = lambda value: "" if value is None else str(value)  # 0 is a label (JSON's 0 / 1 classes), null is none
         text, label = " ".join(as_text(record[text_column]).split()), as_text(record[label_column]).strip()
         if not text or not label:
             raise SystemExit(f"error: {path} record {n} has an empty {'text' if not text else 'label'}")
