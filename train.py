@@ -83,9 +83,10 @@ def data_flags(add):
     add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
     add("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
     add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
-    add("--drop-windows", action="store_true",
+    add("--drop-windows", action=argparse.BooleanOptionalAction, default=False,
         help="--data c4: delete a window's embeddings once a checkpoint lies past it, so that the cache holds a few "
-             "windows instead of every window of the run (a later run on them embeds them again)")
+             "windows instead of every window of the run (a later run on them, or another run sharing the cache, "
+             "embeds them again)")
     add("--probe-data", default=None, help="local copies of the paper probes' data sets (see guide.py)")
     add("--probe-examples", type=count, default=count("20k"), help="paper probes: examples per class and data set")
 
@@ -168,11 +169,13 @@ def get_args(argv=None):
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
                for k in RUN_SETTINGS if k in trained and getattr(args, k) != trained[k] and not (k == "data" and moved())]
     if changed:
-        file = "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4")
+        hint = ""
+        if "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4"):
+            hint = f" (a data file that moved: put it back at {trained['data']}, or link it there)" \
+                if "data_sha256" not in trained else f" (there is no file at {args.data})" \
+                if not os.path.isfile(args.data) else f" ({args.data} holds other texts than the file it was trained on)"
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
-                         f"it: {', '.join(changed)}; leave them out, or start a new run with another --out"
-                         + (f" (--data takes the file it was trained on, at {trained['data']} or wherever it was "
-                            "moved; this one holds other texts)" if file else ""))
+                         f"it: {', '.join(changed)}; leave them out, or start a new run with another --out{hint}")
     return args
 
 

@@ -302,9 +302,11 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
         resume("--seed", "1", "--batch-size", "32")
     other = tmp_path / "other.jsonl"
     other.write_text(data.read_text() + "\n" + json.dumps({"text": "one more text", "rating": 2.0, "domain": "movie"}))
-    with pytest.raises(SystemExit, match=r"--data .*other.jsonl \(trained with .*\); .*--data takes the file it was "
-                                         r"trained on, at .* or wherever it was moved; this one holds other texts"):
+    with pytest.raises(SystemExit, match=r"--data .*other.jsonl \(trained with .*\); .*other.jsonl holds other texts "
+                                         r"than the file it was trained on"):
         resume("--data", str(other))
+    with pytest.raises(SystemExit, match=r"\(there is no file at .*nowhere.jsonl\)"):
+        resume("--data", str(tmp_path / "nowhere.jsonl"))
     with pytest.raises(SystemExit, match=r"--stop-at 3 is not after step 3, where the run in .* stands"):
         resume("--stop-at", "3")  # it would be ignored, and a C4 run would not prepare the windows after it
     moved = tmp_path / "moved" / "toy.jsonl"  # the same texts elsewhere: its sha256 says so
@@ -572,6 +574,8 @@ def test_drop_windows_keeps_only_the_windows_a_resume_needs(c4_run, tmp_path):
     shutil.rmtree(tmp_path / "cache")
     run(tmp_path / "drop", *flags, "--drop-windows", "--stop-at", "3")
     assert len(windows()) == 1 and windows() < every  # the checkpoint's window; those before it went
+    resumed = lambda *flag: get_args(["--out", str(tmp_path / "drop"), "--resume", *flag]).drop_windows
+    assert resumed() is True and resumed("--no-drop-windows") is False  # kept as trained, unless turned off
     run(tmp_path / "drop", *flags, "--resume")
     assert len(windows()) == 1 and windows() < every
     assert_same_weights(tensors_of(tmp_path / "drop"), tensors_of(tmp_path / "keep"), ("prior.", "decoder.", "opt_"))
