@@ -1,4 +1,4 @@
-"""train.py: the tiers and flags, batches and schedule, the two steps (micro-batches, torchrun), the
+"""train.py: the tiers and flags, the schedule, the two steps (micro-batches, torchrun), the
 self-describing checkpoint, resume after a kill, C4 windows with flat memory, probes as part of the run."""
 import gzip
 import json
@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import batches
 import train
 from conftest import ROOT, assert_one_line_error, cli_error, document, run_script, run_train
 from diffusion import Prior, PriorConfig
-from train import Batches, cosine_lr, get_args
+from train import cosine_lr, get_args
 from utils import Checkpoint, load_for_inference
 
 
@@ -111,17 +112,6 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     assert micro == sorted(micro) and micro[-1] == 64 and micro[0] < 64  # more memory, larger micro-batches
     with pytest.raises(SystemExit, match="does not fit in 8 GiB of GPU memory even at micro-batch 1"):
         train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "8"]))
-
-
-def test_batches_are_deterministic_length_grouped_and_cover_the_epoch():
-    lengths = [random.Random(i).randint(1, 60) for i in range(400)]
-    b = Batches(lengths, 50, seed=1)
-    assert [x.tolist() for x in b.epoch(0)] == [x.tolist() for x in Batches(lengths, 50, seed=1).epoch(0)]
-    flat = sorted(i for batch in b.epoch(0) for i in batch.tolist())
-    assert flat == list(range(400))
-    spread = sum(max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in b.epoch(0)) / 8
-    assert spread < 30  # random batches of 50 would span ~55
-    assert b.get(8)[0] in b.epoch(1)[0]
 
 
 def test_cosine_lr_warms_up_and_decays():
@@ -506,12 +496,13 @@ def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tm
     shutil.rmtree(tmp_path / "cache")
     # train.py, counting the texts each process embeds in its main thread
     result = torchrun_train(tmp_path, 1, """import os, threading
+import batches
 texts = []
-real = train.EmbeddingCache.embed
+real = batches.EmbeddingCache.embed
 def embed(self, batch, show_progress=False):
     texts.extend(batch if threading.current_thread() is threading.main_thread() else [])
     return real(self, batch, show_progress)
-train.EmbeddingCache.embed = embed
+batches.EmbeddingCache.embed = embed
 """, "--data", "c4", "--tier", "tiny", "--c4-path", str(tmp / "c4"), "--encoder", tiny_t5,
         "--out", str(tmp_path / "two"), "--batch-size", "4", "--decoder-batch", "2", "--save-every", "100",
         "--warmup", "1", "--max-len", "40", "--device", "cpu", *flags,
@@ -534,7 +525,7 @@ def test_a_run_embeds_no_window_past_its_end_and_stops_the_one_in_preparation(c4
     wait for the whole window, and --resume embeds that window again."""
     import threading
     tmp, run = c4_run
-    real = train.EmbeddingCache.embed
+    real = batches.EmbeddingCache.embed
 
     def slow_in_the_background(self, texts, show_progress=False):
         if threading.current_thread() is not threading.main_thread():
@@ -548,8 +539,8 @@ def test_a_run_embeds_no_window_past_its_end_and_stops_the_one_in_preparation(c4
 
     update = train.Progress.update
     monkeypatch.setattr(train.Progress, "update", ctrl_c_at_step_2)
-    monkeypatch.setattr(train.C4Windows, "PART", 1)
-    monkeypatch.setattr(train.EmbeddingCache, "embed", slow_in_the_background)
+    monkeypatch.setattr(batches.C4Windows, "PART", 1)
+    monkeypatch.setattr(batches.EmbeddingCache, "embed", slow_in_the_background)
     flags = ["--window", "5", "--steps", "6", "--save-every", "1", "--cache-dir", str(tmp_path / "cache")]
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "out", *flags)  # windows 0 and 1 trained; window 2 (~10 texts, ~5 s) begun
@@ -594,12 +585,12 @@ def test_host_memory_holds_one_window_at_a_time(c4_run, tiny_t5, monkeypatch):
         loaded.append(len(e_prefix) + len(e_cont))
         return e_prefix, e_cont
 
-    monkeypatch.setattr(train, "window_embeddings", counting)
+    monkeypatch.setattr(batches, "window_embeddings", counting)
     run(tmp / "memory", "--steps", "6", "--window", "5")
     assert len(loaded) >= 6 and set(loaded) == {10}  # 5 examples a window: prefix + continuation, every time
     windows = list((tmp / "cache" / "embeddings").rglob("window-*.safetensors"))
     assert len(windows) >= 6 and all(f.stat().st_size < 20 * 24 * 2 + 400 for f in windows)  # fp16 on disk
-    assert len(train.EmbeddingCache(encoder.cache_dir_for(tmp / "cache", tiny_t5), tiny_t5)) <= 64  # held-out texts
+    assert len(batches.EmbeddingCache(encoder.cache_dir_for(tmp / "cache", tiny_t5), tiny_t5)) <= 64  # held-out texts
 
 
 def test_paper_tier_probes_are_part_of_the_run_or_a_warning(probe_data, tmp_path, capsys):
