@@ -368,13 +368,14 @@ def preflight(args):
     """Try every download a run needs and name each one that fails, in one line, before any work. A
     local folder that is not there (or a --c4-path with no C4 files) is named as such, not as a download."""
     from transformers import AutoConfig
-    for flag, name in (("--lm", args.lm), ("--encoder", args.encoder)):
-        if missing_folder(name):
+    lm = args.lm != TINY_LM and not args.resume  # a resumed run's language model is in its checkpoint
+    for flag, name, needed in (("--lm", args.lm, lm), ("--encoder", args.encoder, True)):
+        if needed and missing_folder(name):
             raise SystemExit(f"error: {flag} {name}: no such folder (a local model folder, or a hub id such as "
                              f"{'gpt2-large' if flag == '--lm' else 'sentence-transformers/sentence-t5-xl'})")
     if args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV)):
         data_lib.c4_files(args.c4_path or os.environ[data_lib.C4_PATH_ENV])  # one line when there are no C4 files
-    checks = [(args.lm, "--lm", args.lm != TINY_LM, lambda: AutoConfig.from_pretrained(args.lm)),
+    checks = [(args.lm, "--lm", lm, lambda: AutoConfig.from_pretrained(args.lm)),
               (args.encoder, "--encoder", args.encoder != TINY_ENCODER, lambda: AutoConfig.from_pretrained(args.encoder)),
               ("allenai/c4", "--c4-path", args.data == "c4", lambda: data_lib.open_c4(args.c4_path))]
     failed = []

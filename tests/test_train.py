@@ -465,16 +465,19 @@ def c4_run(tiny_t5, tmp_path_factory):
     return tmp, run
 
 
-def test_train_on_c4_through_windows_resumes_exactly(c4_run):
+def test_train_on_c4_through_windows_resumes_exactly(c4_run, tmp_path):
     """The stream is trained in windows; a run stopped inside the second window and resumed ends with
-    the weights of an uninterrupted run."""
+    the weights of an uninterrupted run. The resume needs no language model but the checkpoint's."""
     tmp, run = c4_run
     run(tmp / "straight")
-    run(tmp / "resumed", "--stop-at", "3")
+    lm = tmp_path / "gpt2"  # the same pretrained model, gone by the time of the resume
+    shutil.copytree(tmp / "gpt2", lm)
+    run(tmp / "resumed", "--stop-at", "3", "--lm", str(lm))
     ckpt = Checkpoint(tmp / "resumed")
     window = json.loads(ckpt.meta["data"])
     assert ckpt.step == 3 and window["start"] == 2 and window["position"]["doc"] > 0  # inside the second window
-    run(tmp / "resumed", "--resume")
+    shutil.rmtree(lm)
+    run(tmp / "resumed", "--resume", "--lm", str(lm))
     meta, meta_straight = Checkpoint(tmp / "resumed").meta, Checkpoint(tmp / "straight").meta
     assert meta["data"] == meta_straight["data"] and json.loads(meta["data"])["start"] == 4  # a third window
     assert_same_weights(tensors_of(tmp / "resumed"), tensors_of(tmp / "straight"), ("prior.", "decoder.", "opt_"))
