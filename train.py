@@ -168,9 +168,12 @@ def get_args(argv=None):
     if changed:
         hint = ""
         if "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4"):
-            hint = f" (a data file that moved: put it back at {trained['data']}, or link it there)" \
-                if "data_sha256" not in trained else f" (there is no file at {args.data})" \
-                if not os.path.isfile(args.data) else f" ({args.data} holds other texts than the file it was trained on)"
+            if "data_sha256" not in trained:  # a checkpoint of an earlier release: the path is all it knows
+                hint = f" (a data file that moved: put it back at {trained['data']}, or link it there)"
+            elif not os.path.isfile(args.data):
+                hint = f" (there is no file at {args.data})"
+            else:
+                hint = f" ({args.data} holds other texts than the file it was trained on)"
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
                          f"it: {', '.join(changed)}; leave them out, or start a new run with another --out{hint}")
     return args
