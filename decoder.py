@@ -244,14 +244,14 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, prefix_ids, x, *, a=None, max_new_tokens, top_p, temperature, repetition_penalty,
-                 min_new_tokens=0, generator=None):
+                 min_new_tokens=0, barred_ids=None, generator=None):
         """Sample continuations of token-id lists `prefix_ids` given standardised latents x (B, d).
 
         x is re-noised at signal level `a` (default config.inference_a); top-p sampling with a
         CTRL-style repetition penalty on the prefix's and the generated tokens (not on bos, the
         padding or the slots); temperature 0 decodes greedily; end-of-text cannot be drawn before
-        min_new_tokens tokens. Returns token-id lists. Prefixes too long for the context keep their
-        last tokens.
+        min_new_tokens tokens, nor the tokens of `barred_ids` (a list, see barred_token_ids) ever.
+        Returns token-id lists. Prefixes too long for the context keep their last tokens.
         """
         B, device = len(prefix_ids), x.device
         a = torch.full((B,), self.config.inference_a if a is None else a, device=device)
@@ -272,6 +272,8 @@ class Decoder(nn.Module):
             logits = logits[:, -1].float()
             if step < min_new_tokens:
                 logits[:, self.eos_id] = float("-inf")
+            if barred_ids:
+                logits[:, barred_ids] = float("-inf")
             if repetition_penalty != 1.0:  # CTRL: divide a positive logit, multiply a negative one
                 penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
                 logits = torch.where(seen, penalised, logits)
@@ -325,6 +327,19 @@ def sample_top_p(logits, top_p, temperature, generator=None):
 
 
 # ----------------------------------------------------------------------------- tokenizers
+
+
+def barred_token_ids(tokenizer, words):
+    """Ids of the tokens that write one of `words` (lower case) whole: the word with its leading space, or
+    a word's ending that starts with an apostrophe ("'t" of "don't"). A token inside a word ("pia|no")
+    stays; a rarer word that the tokenizer spells with a barred token (" no|se") is barred with it."""
+    ids = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        word = text.strip().lower()
+        if word in words and (text[:1].isspace() or word[:1] in "'’"):
+            ids.append(i)
+    return ids
 
 
 def train_tokenizer(texts, vocab_size):

@@ -53,9 +53,10 @@ class Guidance:
                "mean": mean_k loss_k.
     The Monte Carlo draws come from the generator of bind(), seeded per generation, so the same
     seed gives the same guided sample every time (and the sampler's own noise is untouched).
+    barred: words the text of this guidance is decoded without (see WORD_BARS).
     """
 
-    def __init__(self, terms, mu, s, scale, *, n_samples, max_logsnr, aggregate="reference"):
+    def __init__(self, terms, mu, s, scale, *, n_samples, max_logsnr, aggregate="reference", barred=frozenset()):
         if aggregate not in ("reference", "lgd", "mean"):
             raise ValueError(f"unknown aggregate {aggregate!r} (accepted: reference, lgd, mean)")
         self.terms = terms
@@ -64,6 +65,7 @@ class Guidance:
         self.n_samples = n_samples
         self.aggregate = aggregate
         self.max_logsnr = max_logsnr
+        self.barred = barred  # read by the decoding (sample.DGLM.decode), not by the prior
         self.generator = None  # set by bind(); None draws from torch's global RNG
 
     def bind(self, e_prefix, seed):
@@ -133,7 +135,7 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
     terms = probe_terms(spec, probes, guides)
     terms += [(e, torch.zeros(()), "like", like_weight) for e in like]
     terms += [(e, torch.zeros(()), "unlike", like_weight) for e in unlike]
-    return Guidance(terms, mu, s, scale, **kwargs) if terms else None
+    return Guidance(terms, mu, s, scale, barred=barred_words(spec, guides), **kwargs) if terms else None
 
 
 def guide_probes(guide):
@@ -162,8 +164,9 @@ def probe_terms(spec, probes, guides, outer=1.0):
 
 # ----------------------------------------------------------------------------- guides
 
-# Guide name -> (probe or list of probes, target label[, strength[, guides it holds]]). "negative" is a
-# sentiment probe asked for label 0 (on the tiny tier the one blind to negation, see train_tiny_probes).
+# Guide name -> (probe or list of probes, target label[, strength[, guides it holds[, words it bars]]]).
+# "negative" is a sentiment probe asked for label 0 (on the tiny tier the one blind to negation, see
+# train_tiny_probes).
 # Target "prefix" holds an attribute where the prefix has it: each probe's target is its own probability on
 # the prefix's embedding, so e.g. `positive,same-domain` changes the sentiment and keeps the kind of text
 # (composition is the point of plug-and-play control). The strength multiplies a guide's weight: the tiny
@@ -172,8 +175,9 @@ def probe_terms(spec, probes, guides, outer=1.0):
 # tier's negative guide holds the prefix's domain at a quarter of its own pull: left alone it drifts into
 # the corpus's negative tweets ("sucks", hashtags) whatever the prefix, text the decoder finds unlikely
 # after a review's opening; held, it stays in the prefix's register, which lets it pull harder.
+# A guide may also bar words from the decoded text (WORD_BARS): the tiny tier's negative guide bars negations.
 TINY_GUIDES = {
-    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0, 1.25, "same-domain:0.25"),
+    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0, 1.25, "same-domain:0.25", "negation"),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
@@ -184,6 +188,32 @@ PAPER_GUIDES = {
     "world": ("world", 1), "sports": ("sports", 1), "business": ("business", 1), "scitech": ("scitech", 1),
     "same-topic": (["world", "sports", "business", "scitech"], "prefix"),
 }
+
+
+# Words a guide's text is decoded without, by name. MiniLM puts a sentence beside its negation ("The movie
+# was bad." / "... not bad.", cosine 0.90), so no probe on its embeddings can tell which of the two a
+# proposal holds, and a proposal pushed negative is decoded into negated negatives ("no problems", "no
+# trouble") that read positive. Barred, the decoder says what the proposal holds without a negation (README,
+# "Steering"). "'t" ends "don't", "isn't", ...; their first halves are barred too, so that none is left
+# half-written ("can" and "won" are words of their own and stay).
+WORD_BARS = {
+    "negation": frozenset("not no never nothing none nobody nor cannot n't 't ’t don doesn didn isn wasn aren weren "
+                          "haven hasn hadn couldn wouldn shouldn ain mustn needn".split()),
+}
+
+
+def barred_words(spec, guides):
+    """The words the text of a guide spec is decoded without: the bars of its guides (those at weight 0 and
+    the guides a guide holds bar nothing)."""
+    words = set()
+    for name, weight in parse_guides(spec, guides):
+        bars = guides[name][4] if len(guides[name]) > 4 else None
+        if bars and weight > 0:
+            if bars not in WORD_BARS:
+                raise SystemExit(f"error: guide {name!r} bars the words {bars!r}, which this version does not know "
+                                 f"(known: {', '.join(WORD_BARS)})")
+            words |= WORD_BARS[bars]
+    return frozenset(words)
 
 
 def parse_guides(spec, available):

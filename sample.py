@@ -9,7 +9,8 @@
 Generation (DGLM sec. 3): embed the prefix -> sample a continuation latent x from the prior with
 DDIM/DDPM, bending the noisy denoising steps with the probes' gradient (guide.py) -> the proposal
 e = normalize(mu + s x) on the unit sphere -> its latent standardize(e) (encoder.project_to_sphere)
-re-noised at a = 0.95 -> soft prompt -> GPT-2 writes the continuation.
+re-noised at a = 0.95 -> soft prompt -> GPT-2 writes the continuation, without the words a guide
+bars (guide.WORD_BARS: the tiny tier's negative guide bars negations; --no-word-bars lets them in).
 Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16
 or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data import input_file
+from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
 from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, output_file, pick_device,
@@ -49,6 +51,7 @@ class SamplingConfig:
     temperature: float = 0.7        # 0: greedy
     repetition_penalty: float = 1.2  # CTRL-style, on the prompt's and the generated tokens
     best_of: int = 1                # decode N candidates per proposal, keep the closest to it
+    word_bars: bool = True          # decode without the words a guide bars (guide.WORD_BARS; False: every word)
 
 
 def add_sampling_args(p, guidance_scale=True):
@@ -83,6 +86,8 @@ def add_sampling_args(p, guidance_scale=True):
                    help="CTRL-style repetition penalty (1 = off)")
     p.add_argument("--best-of", type=bounded(int, 1, 1024), default=d.best_of,
                    help="decode N candidates per proposal, keep the one whose embedding is closest to it")
+    p.add_argument("--no-word-bars", dest="word_bars", action="store_false",
+                   help="decode every word, also those a guide bars (the tiny tier's negative guide bars negations)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
 
@@ -113,6 +118,7 @@ class DGLM:
         self.config, self.prior, self.decoder, self.tokenizer, self.mu, self.s = load_for_inference(ckpt, device)
         self.encoder = None  # loaded on first use, after cheap checks such as the guide names
         self.warned_long_prompts = False  # said once, not for every setting decoded from the same prompts
+        self.barred_ids = {}  # barred words -> their token ids (decoder.barred_token_ids), looked up once
         probe_path = self.ckpt / "probes.safetensors"
         self.probes, self.guides = load_probes(probe_path, self.config["encoder"], device) if probe_path.exists() \
             else ({}, {})
@@ -171,8 +177,9 @@ class DGLM:
         return unstandardize(x.float(), self.mu, self.s)  # e = normalize(mu + s x)
 
     @torch.no_grad()
-    def decode(self, prefix_texts, e, sampling, seed):
-        """Continuations of the prompts written from proposals e (B, d) on the unit sphere.
+    def decode(self, prefix_texts, e, sampling, seed, barred=frozenset()):
+        """Continuations of the prompts written from proposals e (B, d) on the unit sphere, without the
+        words `barred` (a guidance's, see guide.WORD_BARS) unless sampling.word_bars is off.
 
         best_of n > 1 decodes n candidates per proposal and keeps the one whose embedding is closest
         to the proposal (cosine): the text that best says what the prior proposed. It costs n decodes
@@ -181,12 +188,16 @@ class DGLM:
         B, n = len(prefix_texts), sampling.best_of
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         x = standardize(e, self.mu, self.s).repeat(n, 1)  # candidate k of row b: k * B + b
+        barred = barred if sampling.word_bars else frozenset()
+        if barred and barred not in self.barred_ids:
+            self.barred_ids[barred] = barred_token_ids(self.tokenizer, barred)
         with autocast(self.device, self.bf16):
             ids = self.decoder.generate(self.prefix_ids(list(prefix_texts) * n, sampling.max_tokens), x,
                                         a=sampling.signal_level, max_new_tokens=sampling.max_tokens,
                                         min_new_tokens=sampling.min_tokens,
                                         top_p=sampling.top_p, temperature=sampling.temperature,
-                                        repetition_penalty=sampling.repetition_penalty, generator=gen)
+                                        repetition_penalty=sampling.repetition_penalty,
+                                        barred_ids=self.barred_ids[barred] if barred else None, generator=gen)
         texts = [self.tokenizer.decode(i).strip() for i in ids]
         if n == 1:
             return texts
@@ -199,7 +210,7 @@ class DGLM:
         for i in range(0, len(prefix_texts), batch_size):
             chunk = list(prefix_texts[i:i + batch_size])
             e = self.sample_proposals(chunk, guidance, sampling, seed + i)
-            yield e, self.decode(chunk, e, sampling, seed + i)
+            yield e, self.decode(chunk, e, sampling, seed + i, guidance.barred if guidance is not None else frozenset())
 
     def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100, progress=None):
         """Continuations of the prompts (one each), batch_size rows at a time (generate_in_batches);
@@ -235,7 +246,8 @@ def show_steps(model, prefix, guidance, label, sampling, seed):
                                callback=lambda i, lam, x_hat: trajectory.append((i, lam, x_hat.clone())) if i in points else None)
         print(f"\n[{name}] {prefix!r}: the proposal x_hat while denoising")
         for i, lam, x_hat in trajectory:
-            text = model.decode([prefix], unstandardize(x_hat.float(), model.mu, model.s), sampling, seed)[0]
+            text = model.decode([prefix], unstandardize(x_hat.float(), model.mu, model.s), sampling, seed,
+                                g.barred if g is not None else frozenset())[0]
             print(f"  step {i + 1:3d}/{steps}  logSNR {lam:+6.1f}  {prefix} {text}")
 
 

@@ -178,6 +178,33 @@ def test_repetition_penalty_spares_end_of_text_bos_and_padding():
         assert dec.generate([[7]], x[:1], max_new_tokens=1, repetition_penalty=1.0, **GREEDY) == [[7]]
 
 
+def test_barred_tokens_are_never_drawn_however_likely():
+    """Tokens 5 and 6 are the likeliest (then 4): barred, greedy decoding and sampling at a high
+    temperature write neither, also where end-of-text is held back."""
+    dec = tiny_decoder(12)
+    bias = torch.full((12,), -30.0)
+    bias[5], bias[6], bias[4], bias[dec.eos_id] = 3.0, 2.9, 1.0, -1.0
+    x = torch.randn(2, 32)
+    with fixed_logits(dec, bias):
+        assert dec.generate([[3], []], x, max_new_tokens=3, repetition_penalty=1.0, **GREEDY) == [[5, 5, 5]] * 2
+        assert dec.generate([[3], []], x, max_new_tokens=3, repetition_penalty=1.0, barred_ids=[5, 6],
+                            min_new_tokens=3, **GREEDY) == [[4, 4, 4]] * 2
+        bias[:] = 0.0  # every token as likely
+        drawn = dec.generate([[3]] * 8, torch.randn(8, 32), max_new_tokens=8, repetition_penalty=1.0, top_p=1.0,
+                             temperature=5.0, barred_ids=[5, 6], min_new_tokens=8, generator=torch.Generator().manual_seed(0))
+        assert not {5, 6} & {t for row in drawn for t in row} and len({t for row in drawn for t in row}) > 4
+
+
+def test_barred_token_ids_are_the_tokens_that_write_a_barred_word_whole():
+    tok = train_tokenizer(["I do not know, no idea", "it is not bad", "no problem at all, do not worry", "a piano",
+                           "she didn't go", "we don't care", "nobody knows"] * 20, 400)
+    barred = {tok.decode([i]) for i in decoder_module.barred_token_ids(tok, {"not", "no", "'t", "didn", "don"})}
+    assert {" not", " no"} <= barred and barred <= {" not", " no", "'t", " didn", " don"}
+    ids = tok(" knows a piano")["input_ids"]  # words that hold "no" inside stay
+    assert not set(ids) & set(decoder_module.barred_token_ids(tok, {"not", "no"}))
+    assert decoder_module.barred_token_ids(tok, set()) == []
+
+
 # ----------------------------------------------------------------------------- Decoder.score
 
 

@@ -404,3 +404,21 @@ def test_a_guide_holds_the_guides_it_names_at_weights_relative_to_its_own(tmp_pa
     del probes["sentiment_no_negation"]
     with pytest.raises(SystemExit, match="guide 'negative' needs the probe 'sentiment_no_negation'"):
         terms("negative")
+
+
+def test_a_guide_bars_its_words_where_it_steers(tmp_path):
+    """The tiny tier's negative guide bars negations from its text; positive, a guide at weight 0 and a held
+    guide bar nothing; a guide file of a later version with unknown bars is refused in one line."""
+    probes = {n: (torch.randn(8), torch.tensor(0.0))
+              for n in ["sentiment", "sentiment_no_negation", "movie", "tweet", "product", "news"]}
+    bars = lambda spec, guides=guide.TINY_GUIDES: build_guidance(spec, probes, guides, torch.zeros(8), torch.ones(8),
+                                                                 1.0, n_samples=0, max_logsnr=15.0).barred
+    negation = guide.WORD_BARS["negation"]
+    assert {"not", "no", "never", "'t", "don"} <= negation and not {"can", "won", "nose"} & negation
+    assert bars("negative") == bars("negative+tweet") == bars("positive:0,negative:2") == negation
+    assert bars("positive") == bars("positive+same-domain") == bars("negative:0,positive") == frozenset()
+    guide.save_probes(tmp_path / "probes.safetensors", probes, guide.TINY_GUIDES, "enc")  # kept in the file
+    _, loaded = guide.load_probes(tmp_path / "probes.safetensors", "enc")
+    assert bars("negative", loaded) == negation
+    with pytest.raises(SystemExit, match="guide 'negative' bars the words 'rudeness', which this version does not know"):
+        bars("negative", {**loaded, "negative": ("sentiment", 0, 1.0, None, "rudeness")})

@@ -93,6 +93,30 @@ def test_best_of_keeps_each_rows_candidate_closest_to_its_proposal(trained):
     assert len(set(candidates)) > len(prefixes)  # the candidates differ, so the choice is not trivial
 
 
+def test_a_guides_barred_words_are_never_decoded_and_no_word_bars_lets_them_in(trained):
+    from collections import Counter
+    from dataclasses import replace
+    import guide
+    model = DGLM(trained / "out", precision="fp32")
+    prefixes = ["the film", "this phone", "i think", "our trip"] * 4
+    e = model.sample_proposals(prefixes, None, FAST, 0)
+    hot = replace(FAST, max_tokens=12, min_tokens=12, temperature=2.0, top_p=1.0)  # a 6-step model: many words
+    free = model.decode(prefixes, e, hot, seed=1)
+    words = frozenset(w for w, _ in Counter(w.lower() for t in free for w in t.split()[1:]).most_common(3))
+    barred = model.decode(prefixes, e, hot, seed=1, barred=words)
+    assert not words & {w.lower() for t in barred for w in t.split()[1:]}  # after the first: mid-word tokens differ
+    assert model.decode(prefixes, e, replace(hot, word_bars=False), seed=1, barred=words) == free
+    negative = model.guidance("negative", FAST)  # the checkpoint's negative guide bars negations ...
+    assert negative.barred == guide.WORD_BARS["negation"] and model.guidance("positive", FAST).barred == frozenset()
+    passed = []  # ... and its text is decoded without them
+    decode = model.decode
+    model.decode = lambda *args: passed.append(args[4]) or decode(*args)
+    model.generate(prefixes[:2], negative, FAST, seed=0)
+    assert passed == [guide.WORD_BARS["negation"]]
+    args = sample.get_args(["--no-word-bars"])
+    assert sample.sampling_config(args).word_bars is False and SamplingConfig().word_bars is True
+
+
 def test_prompts_longer_than_the_context_are_cut_and_max_tokens_beyond_it_refused(trained, tmp_path, capsys):
     prompts = tmp_path / "long.txt"
     prompts.write_text(" ".join(["the film was good"] * 200) + "\nshort one\n")
