@@ -191,7 +191,8 @@ def test_barred_tokens_are_never_drawn_however_likely():
                             min_new_tokens=3, **GREEDY) == [[4, 4, 4]] * 2
         bias[:] = 0.0  # every token as likely
         drawn = dec.generate([[3]] * 8, torch.randn(8, 32), max_new_tokens=8, repetition_penalty=1.0, top_p=1.0,
-                             temperature=5.0, barred_ids=[5, 6], min_new_tokens=8, generator=torch.Generator().manual_seed(0))
+                             temperature=5.0, barred_ids=[5, 6], min_new_tokens=8,
+                             generator=torch.Generator().manual_seed(0))
         assert not {5, 6} & {t for row in drawn for t in row} and len({t for row in drawn for t in row}) > 4
 
 

@@ -420,5 +420,5 @@ def test_a_guide_bars_its_words_where_it_steers(tmp_path):
     guide.save_probes(tmp_path / "probes.safetensors", probes, guide.TINY_GUIDES, "enc")  # kept in the file
     _, loaded = guide.load_probes(tmp_path / "probes.safetensors", "enc")
     assert bars("negative", loaded) == negation
-    with pytest.raises(SystemExit, match="guide 'negative' bars the words 'rudeness', which this version does not know"):
+    with pytest.raises(SystemExit, match="guide 'negative' bars the words 'rudeness', which this version does not"):
         bars("negative", {**loaded, "negative": ("sentiment", 0, 1.0, None, "rudeness")})
