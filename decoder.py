@@ -268,12 +268,13 @@ class Decoder(nn.Module):
         seen[rows, ids[rows, cols]] = True
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        barred = torch.tensor(barred_ids, dtype=torch.long, device=device) if barred_ids else None  # once, not per step
         for step in range(max_new_tokens):
             logits = logits[:, -1].float()
             if step < min_new_tokens:
                 logits[:, self.eos_id] = float("-inf")
-            if barred_ids:
-                logits[:, barred_ids] = float("-inf")
+            if barred is not None:
+                logits[:, barred] = float("-inf")
             if repetition_penalty != 1.0:  # CTRL: divide a positive logit, multiply a negative one
                 penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
                 logits = torch.where(seen, penalised, logits)
