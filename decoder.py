@@ -125,6 +125,14 @@ class Decoder(nn.Module):
         else:
             self.lm = GPT2LMHeadModel(GPT2Config(**lm_config))
         self.lm.config.loss_type = "ForCausalLM"  # the plain next-token loss (silences a transformers warning)
+        if self.lm.config.activation_function == "gelu_new":  # GPT-2's, pretrained or not
+            # the tanh approximation of GELU written as eight elementwise ops, each output kept for the
+            # backward pass; PyTorch's fused kernel computes the same function in one (less memory, and
+            # fewer kernel launches per token while generating)
+            from transformers.activations import ACT2FN
+            self.lm.config.activation_function = "gelu_pytorch_tanh"
+            for block in self.lm.transformer.h:
+                block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
         self.soft = SoftPromptGenerator(config, self.lm.config.n_embd)
         self.hidden_cond = nn.Linear(config.dim, self.lm.config.n_embd) if config.hidden_cond else None
         if self.hidden_cond is not None:  # starts as a plain soft-prompt decoder

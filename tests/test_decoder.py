@@ -31,6 +31,22 @@ def tiny_decoder(vocab_size, dim=32):
     return Decoder(config, lm, bos_id=0, eos_id=0).eval()
 
 
+def test_gpt2_runs_the_fused_gelu_and_computes_what_its_own_gelu_did():
+    """GPT-2's gelu_new (eight elementwise ops, each output saved for backward) becomes PyTorch's fused
+    tanh GELU: the same function, so the same logits in fp32."""
+    from transformers import GPT2LMHeadModel
+    from transformers.activations import ACT2FN
+    decoder = tiny_decoder(50)
+    assert decoder.lm.config.activation_function == "gelu_pytorch_tanh"
+    assert all(type(block.mlp.act) is type(ACT2FN["gelu_pytorch_tanh"]) for block in decoder.lm.transformer.h)
+    unfused = GPT2LMHeadModel(decoder.lm.config.__class__(**{**decoder.lm.config.to_dict(),
+                                                             "activation_function": "gelu_new"})).eval()
+    unfused.load_state_dict(decoder.lm.state_dict())
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(decoder.lm(ids).logits, unfused(ids).logits, atol=1e-5)
+
+
 def test_augmentation_level_has_median_0_9_and_the_switch_turns_it_off():
     torch.manual_seed(0)
     a = augmentation_level(100_000, DecoderConfig().noise_shift)
