@@ -25,9 +25,11 @@ For each batch size B (the same B prompts everywhere):
 and a breakdown (prompt embedding, prior alone with and without guidance, guidance with K = 0).
 Every row decodes exactly m tokens: the bench holds end-of-text back for all m (--min-tokens m), so
 an early end cannot make one side cheaper.
-Times are the median of --repeats runs after one warm-up; CUDA is synchronised around each run. Both
-sides run at the same precision, sample.DGLM's: bf16 autocast where the hardware has native bf16
-(CUDA, AVX512-BF16/AMX CPUs), else fp32; --precision overrides. The last line is
+After one warm-up, each of --repeats rounds runs every row once in turn (so a slow spell of the machine
+falls on every row alike); times are the medians over rounds, and each ratio is the median of the
+rounds' own ratios. CUDA is synchronised around each run. Both sides run at the same precision,
+sample.DGLM's: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else
+fp32; --precision overrides. The last line is
 `ratio guided/plain = X.XX` at the last batch size (defaults: DDIM 15 steps, 32 tokens, batch 64).
 
 --config paper builds the paper's sizes with random weights (prior 12 x 768 over 32 tokens;
@@ -128,6 +130,26 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+def timed_rounds(runs, device, repeats):
+    """Wall times of each of `runs` {name: fn} over `repeats` rounds (after the caller's warm-up), every
+    run once a round in turn, so that a slow spell of the machine falls on all of them alike, not on
+    whichever was being timed then: -> {name: [seconds, one per round]}."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            sync(device)
+            started = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def paired_ratio(times, a, b):
+    """The median over rounds of run a's time over run b's in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 def bench_batch(model, batch, args):
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
     d = model.mu.shape[0]
@@ -155,7 +177,9 @@ def bench_batch(model, batch, args):
     assert all(len(row) == args.max_tokens for row in ids), "a row ended early despite the masked end-of-text"
     for fn in runs.values():  # warm-up once per shape
         fn()
-    return {name: timed(fn, model.device, args.repeats) for name, fn in runs.items()}
+    times = timed_rounds(runs, model.device, args.repeats)
+    return {**{name: statistics.median(t) for name, t in times.items()},
+            "unguided/plain": paired_ratio(times, "unguided", "plain"), "guided/plain": paired_ratio(times, "guided", "plain")}
 
 
 def profile_guided(model, batch, args):
@@ -304,7 +328,7 @@ def main(args):
           f"{n_params(model.decoder.soft):.1f}M params")
     print(f"DDIM {args.steps} steps | {args.max_tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
           f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | "
-          f"median of {args.repeats} after a warm-up | seconds per batch\n")
+          f"median of {args.repeats} rounds after a warm-up | seconds per batch\n")
     rows = []
     for batch in args.batch_sizes:
         rows.append((batch, bench_batch(model, batch, args)))
@@ -312,7 +336,7 @@ def main(args):
     print(" | ".join(f"{h:>14}" for h in head))
     for batch, t in rows:
         print(" | ".join(f"{v:>14}" for v in (batch, f"{t['plain']:.3f}", f"{t['unguided']:.3f}", f"{t['guided']:.3f}",
-                                                f"{t['unguided'] / t['plain']:.2f}", f"{t['guided'] / t['plain']:.2f}")))
+                                                f"{t['unguided/plain']:.2f}", f"{t['guided/plain']:.2f}")))
     print("\nbreakdown (seconds per batch): prior times include embedding the prompts")
     head = ("batch", "embed prompts", "prior", "prior+guidance", "prior+guid. K=0", "decode (plain)")
     print(" | ".join(f"{h:>14}" for h in head))
@@ -323,7 +347,7 @@ def main(args):
         profile_guided(model, args.batch_sizes[-1], args)
     batch, t = rows[-1]
     print(f"\nDDIM {args.steps} steps, {args.max_tokens} tokens, batch {batch}:")
-    print(f"ratio guided/plain = {t['guided'] / t['plain']:.2f}")
+    print(f"ratio guided/plain = {t['guided/plain']:.2f}")
 
 
 if __name__ == "__main__":

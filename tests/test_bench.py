@@ -28,6 +28,23 @@ def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, 
     assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", out.strip().splitlines()[-1])
 
 
+def test_rows_are_timed_in_turn_so_a_slow_spell_leaves_the_ratio_alone(monkeypatch):
+    """The machine runs at half speed for the second half of the time: timed row after row, plain would
+    take it all; taken in turn each round, every row shares it and the paired ratio stays 2."""
+    clock = {"now": 0.0, "calls": 0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+
+    def work(seconds):
+        def run():
+            clock["calls"] += 1
+            clock["now"] += seconds * (2 if clock["calls"] > 6 else 1)  # slow from the 7th run on
+        return run
+    times = bench.timed_rounds({"guided": work(2.0), "plain": work(1.0)}, "cpu", 6)
+    assert [len(t) for t in times.values()] == [6, 6]
+    assert bench.paired_ratio(times, "guided", "plain") == 2.0
+    assert times["plain"] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+
+
 def test_fixed_length_holds_end_of_text_back_for_every_token_whatever_min_tokens_says():
     dec = tiny_decoder(12)
     eager = dec.lm.get_output_embeddings().register_forward_hook(  # an LM that wants to end at once
