@@ -87,3 +87,14 @@ def test_bench_train_on_a_device_of_unknown_peak_reports_no_mfu(monkeypatch, cap
     out = capsys.readouterr().out
     assert "peak unknown, no MFU (pass --peak-tflops) (NVIDIA X not in the table)" in out and "MFU n/a" in out
     assert report["prior"]["seconds"] > 0 and report["prior"]["mfu"] is None
+
+
+def test_bench_train_compile_compiles_what_train_py_compiles(monkeypatch, capsys):
+    """--compile compiles the denoiser and GPT-2's transformer (what the steps call), as train.py does; the
+    compiler itself is stubbed (it takes a minute on a CPU)."""
+    shrink_paper_tier(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1", "--compile",
+                               "--micro-batch", "256", "--decoder-micro-batch", "64"]))
+    assert sorted(compiled) == ["Denoiser", "GPT2Model"] and "torch.compile" in capsys.readouterr().out
