@@ -178,8 +178,9 @@ def bench_batch(model, batch, args):
     for fn in runs.values():  # warm-up once per shape
         fn()
     times = timed_rounds(runs, model.device, args.repeats)
-    return {**{name: statistics.median(t) for name, t in times.items()},
-            "unguided/plain": paired_ratio(times, "unguided", "plain"), "guided/plain": paired_ratio(times, "guided", "plain")}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {**medians, "unguided/plain": paired_ratio(times, "unguided", "plain"),
+            "guided/plain": paired_ratio(times, "guided", "plain")}
 
 
 def profile_guided(model, batch, args):
@@ -270,7 +271,8 @@ def bench_train(args, device):
                         D, decoder_micro, 3 * D * (seq + 10) * decoder.flops_per_token(seq + 10))}
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     print(f"{'paper-sized random models' if args.config == 'paper' else args.ckpt} on {device} "
-          f"({'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}): prior {n_params(prior):.1f}M, decoder {n_params(decoder.lm):.1f}M "
+          f"({'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}): "
+          f"prior {n_params(prior):.1f}M, decoder {n_params(decoder.lm):.1f}M "
           f"+ soft prompt {n_params(decoder.soft):.1f}M params; peak "
           f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown, no MFU (pass --peak-tflops)'} ({where}); "
           f"median of {args.repeats} steps after a warm-up")
@@ -306,7 +308,8 @@ def get_args(argv=None):
     p.add_argument("--decoder-micro-batch", type=bounded(int, 1, 1e6), default=None,
                    help="--train: the decoder's micro-batch")
     p.add_argument("--grad-checkpointing", action="store_true", help="--train: recompute GPT-2's activations")
-    p.add_argument("--compile", action="store_true", help="--train: torch.compile the denoiser and GPT-2, as train.py --compile")
+    p.add_argument("--compile", action="store_true",
+                   help="--train: torch.compile the denoiser and GPT-2, as train.py --compile")
     p.add_argument("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
                    help="--train: the device's peak bf16 TFLOP/s for MFU (default: budget.py's table, measured on a CPU)")
     add_sampling_args(p)
