@@ -118,18 +118,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    """Median wall time of fn() over `repeats` runs (after the caller's warm-up)."""
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def timed_rounds(runs, device, repeats):
     """Wall times of each of `runs` {name: fn} over `repeats` rounds (after the caller's warm-up), every
     run once a round in turn, so that a slow spell of the machine falls on all of them alike, not on
@@ -143,6 +131,11 @@ def timed_rounds(runs, device, repeats):
             sync(device)
             times[name].append(time.perf_counter() - started)
     return times
+
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs (after the caller's warm-up)."""
+    return statistics.median(timed_rounds({"fn": fn}, device, repeats)["fn"])
 
 
 def paired_ratio(times, a, b):
