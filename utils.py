@@ -58,14 +58,20 @@ def run_cli(fn, interrupted="interrupted"):
         raise SystemExit(130) from None
 
 
+MAX_COUNT = 10 ** 9  # steps, texts, examples: more is a typo (1e12 steps would run for decades)
+
+
 def count(text):
-    """'100k' -> 100000, '2.5M' -> 2500000, '1e5' -> 100000, '300' -> 300: a positive whole number."""
+    """'100k' -> 100000, '2.5M' -> 2500000, '1e5' -> 100000, '300' -> 300: a positive whole number up
+    to MAX_COUNT."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([kKmM]?)\s*", str(text))
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (accepted: 300, 20k, 1.5M, 1e5)")
     value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
     if not math.isfinite(value) or value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large (at most {MAX_COUNT:.0e})")
     return int(value)
 
 

@@ -10,7 +10,9 @@ from utils import ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, 
 
 def test_count_accepts_suffixes_and_rejects_junk():
     assert count("100k") == 100_000 and count("2.5M") == 2_500_000 and count("300") == 300
-    assert count("1e5") == 100_000 and count("2.4E3") == 2400
+    assert count("1e5") == 100_000 and count("2.4E3") == 2400 and count("1e9") == 10 ** 9
+    with pytest.raises(argparse.ArgumentTypeError, match="'1e12' is too large"):
+        count("1e12")
     for bad in ["ten", "1.5", "-3", "0", "5g", "", "nan", "inf", "1e400", "1e-3", "1.5e0"]:
         with pytest.raises(argparse.ArgumentTypeError):
             count(bad)
