@@ -273,3 +273,18 @@ def test_a_tokenizer_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="could not load the tokenizer 'someone/not-here'.*--lm"):
         decoder_module.load_tokenizer("someone/not-here")
+
+
+def test_checking_for_the_end_every_few_tokens_changes_no_output(monkeypatch):
+    """On a GPU generate asks whether all rows have ended only every few tokens (END_CHECK_EVERY): rows
+    that ended meanwhile write end-of-text, so the token lists must be those of asking at every token."""
+    torch.manual_seed(0)
+    dec = tiny_decoder(12).eval()
+    x = torch.randn(6, 32)
+    run = lambda: dec.generate([[3], [], [1, 2]] * 2, x, max_new_tokens=30, repetition_penalty=1.0, top_p=1.0,
+                               temperature=1.5, generator=torch.Generator().manual_seed(0))
+    every_token = run()
+    assert len({len(row) for row in every_token}) > 2 and max(map(len, every_token)) < 30  # rows end at other steps
+    for every in (3, 8):
+        monkeypatch.setattr(decoder_module, "END_CHECK_EVERY", {"cpu": every})
+        assert run() == every_token
