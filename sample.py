@@ -226,7 +226,7 @@ class DGLM:
 
 def read_prompt_file(path):
     """One prompt per line; a missing, unreadable or empty file is a one-line error."""
-    path = input_file(path, "prompt file")
+    path = input_file(path, "prompt file", "a file with one prompt per line")
     try:
         prompts = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     except (UnicodeDecodeError, OSError) as err:
@@ -257,8 +257,8 @@ def get_args(argv=None):
     p.add_argument("--guide", default=None,
                    help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none' (default: positive, or none "
                         "with --like / --unlike)")
-    p.add_argument("--prefix", default=None, help="one prefix to continue ('' for none)")
-    p.add_argument("--prompts", default=None, help="file with one prefix per line")
+    p.add_argument("--prefix", "--prompt", default=None, help="one prefix to continue ('' for none)")
+    p.add_argument("--prompts", default=None, help="file with one prefix per line (one prefix: --prefix TEXT)")
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
     p.add_argument("--batch-size", type=bounded(int, 1, 100_000), default=100,
                    help="rows generated at once (prompts x --n in batches of this many; less memory when smaller)")

@@ -233,3 +233,9 @@ def test_guided_sampling_and_evaluation_run_on_cuda(trained, tmp_path):
     evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--prompts", str(tmp_path / "prompts.txt"),
                                      "--guides", "none,positive", "--n", "2", "--steps", "3", "--max-tokens", "6",
                                      "--device", "cuda"]))
+
+
+def test_prompt_is_the_prefix_not_an_abbreviation_of_the_prompts_file():
+    """argparse took `--prompt "The movie"` for --prompts, a file, and failed on a missing file."""
+    assert sample.get_args(["--prompt", "The movie"]).prefix == "The movie"
+    assert sample.get_args(["--prompt", "The movie"]).prompts is None
