@@ -4,6 +4,7 @@
     python bench.py --config paper --device cuda                 # paper-sized random models, no download
     python bench.py --steps 20 --max-tokens 64 --batch-sizes 1,16,64 --profile
     python bench.py --train --config paper --device cuda         # training steps: time, memory, MFU
+    python bench.py --embed --batch-sizes 32,128,512             # the sentence encoder: texts/s, MFU
 
 --train times train.py's prior_step and decoder_step (AdamW, clipping, bf16 autocast where native) on
 random latents and token ids at the batch of train.py's tier (paper: 256 for the prior, 64 sequences of
@@ -11,6 +12,10 @@ random latents and token ids at the batch of train.py's tier (paper: 256 for the
 the memory estimate allows on the GPU
 (--micro-batch / --decoder-micro-batch override): seconds per step, samples and tokens per second,
 peak memory and model FLOP utilisation (budget.py) for each.
+
+--embed times the sentence encoder (--encoder, default --ckpt's) embedding --n-texts texts of --texts (the
+tiny corpus, or a file) as train.py embeds a corpus, with --batch-sizes texts per forward pass: texts/s,
+and TFLOP/s and MFU from the matmuls of its linear layers.
 
 For each batch size B (the same B prompts everywhere):
   plain          the decoder's own generate() through DGLM.decode, m tokens, soft-prompt slots included,
@@ -281,6 +286,43 @@ def bench_train(args, device):
     return report
 
 
+# ----------------------------------------------------------------------------- embedding
+
+
+def bench_embed(args, device):
+    """--embed: the sentence encoder embedding --n-texts texts as train.py embeds a corpus (encoder.embed,
+    bf16 where native), at each --batch-sizes value as texts per forward pass: texts/s, and the TFLOP/s
+    and MFU of its linear layers (2 FLOPs per weight per token; attention's own products left out)."""
+    import random
+    from encoder import embed, load_encoder
+    name = args.encoder or (train.TIERS["paper"]["encoder"] if args.config == "paper" else Checkpoint(args.ckpt).config["encoder"])
+    if args.texts == "c4":
+        raise SystemExit("error: --texts c4 is a stream, not a file to sample; pass tiny or a .txt / .jsonl file")
+    rows = data_lib.load_corpus(args.texts, args.cache_dir)
+    texts = random.Random(0).sample([r["text"] for r in rows], min(args.n_texts, len(rows)))
+    bf16 = use_bf16(args.precision, device)
+    model = load_encoder(name, device, "bf16" if bf16 else None)
+    tokens = sum(min(len(ids), model.max_seq_length) for ids in model.tokenizer(texts)["input_ids"])
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flops = 2 * weights * tokens
+    peak, where = budget.peak_flops(device, bf16, args.peak_tflops)
+    print(f"{name} on {device} ({'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads): "
+          f"{len(texts)} texts of {args.texts}, {tokens / len(texts):.1f} tokens each on average; linear layers "
+          f"{weights / 1e6:.1f}M weights; peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'} ({where}); "
+          f"median of {args.repeats} rounds after a warm-up")
+    for batch in args.batch_sizes:  # warm-up
+        embed(model, texts[:2 * batch], batch)
+    times = timed_rounds({batch: (lambda b=batch: embed(model, texts, b)) for batch in args.batch_sizes}, device,
+                         args.repeats)
+    report = {}
+    for batch, t in times.items():
+        seconds = statistics.median(t)
+        report[batch] = dict(seconds=seconds, texts_per_s=len(texts) / seconds, mfu=peak and flops / seconds / peak)
+        print(f"batch {batch:>5}: {seconds:.2f} s, {len(texts) / seconds:.0f} texts/s, {tokens / seconds:.0f} tokens/s, "
+              f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {f'{100 * flops / seconds / peak:.1f}%' if peak else 'n/a'}")
+    return report
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -297,6 +339,12 @@ def get_args(argv=None):
     p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
     p.add_argument("--train", action="store_true", help="time the two training steps instead of generation")
+    p.add_argument("--embed", action="store_true",
+                   help="time the sentence encoder instead, --batch-sizes texts per forward pass (e.g. 32,128,512)")
+    p.add_argument("--encoder", default=None, help="--embed: the encoder (default: --ckpt's, or the paper tier's)")
+    p.add_argument("--texts", default="tiny", help="--embed: tiny (the corpus, fetched into --cache-dir) or a .txt/.jsonl file")
+    p.add_argument("--n-texts", type=bounded(int, 1, 1e7), default=2000, help="--embed: how many of them (a seeded sample)")
+    p.add_argument("--cache-dir", default="cache", help="--embed: train.py's --cache-dir, where the tiny corpus is")
     p.add_argument("--micro-batch", type=bounded(int, 1, 1e6), default=None, help="--train: the prior's micro-batch")
     p.add_argument("--decoder-micro-batch", type=bounded(int, 1, 1e6), default=None,
                    help="--train: the decoder's micro-batch")
@@ -313,8 +361,12 @@ def main(args):
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train and args.embed:
+        raise SystemExit("error: --train and --embed time different things; give one")
     if args.train:
         return bench_train(args, device)
+    if args.embed:
+        return bench_embed(args, device)
     if args.config == "paper":
         model = RandomDGLM(device, precision=args.precision)
     else:

@@ -1,6 +1,7 @@
 """bench.py: plain decoding against DGLM generation, timed in one process."""
 import re
 
+import pytest
 import torch
 
 import bench
@@ -98,3 +99,18 @@ def test_bench_train_compile_compiles_what_train_py_compiles(monkeypatch, capsys
     bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1", "--compile",
                                "--micro-batch", "256", "--decoder-micro-batch", "64"]))
     assert sorted(compiled) == ["Denoiser", "GPT2Model"] and "torch.compile" in capsys.readouterr().out
+
+
+def test_bench_embed_times_the_encoder_at_each_batch_and_counts_only_its_linear_layers(tmp_path, capsys):
+    """--embed on MiniLM: one row per --batch-sizes value; FLOPs from the 10.8M weights of its linear
+    layers (its 22.7M parameters include 11.7M of word embeddings, which do no multiply-adds)."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"sentence number {i} about a film that was rather good" for i in range(40)))
+    report = bench.main(bench.get_args(["--embed", "--encoder", "minilm", "--texts", str(texts), "--n-texts", "30",
+                                        "--batch-sizes", "4,16", "--repeats", "1", "--device", "cpu",
+                                        "--peak-tflops", "1"]))
+    out = capsys.readouterr().out
+    assert "30 texts of" in out and "linear layers 10.8M weights" in out
+    assert sorted(report) == [4, 16] and all(r["texts_per_s"] > 0 and 0 < r["mfu"] < 1 for r in report.values())
+    with pytest.raises(SystemExit, match="^error: --train and --embed"):
+        bench.main(bench.get_args(["--train", "--embed"]))
