@@ -43,6 +43,7 @@ and random prompt embeddings: no encoder, tokenizer or hub access, so the senten
 (sentence-t5-xl on the paper tier) is not included there.
 """
 import argparse
+import random
 import statistics
 import time
 import zlib
@@ -55,6 +56,7 @@ from transformers import GPT2Config
 import budget
 import data as data_lib
 import train
+from encoder import embed, load_encoder
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, comma_list, keep_freed_memory,
                    pick_device, run_cli, use_bf16)
@@ -293,9 +295,8 @@ def bench_embed(args, device):
     """--embed: the sentence encoder embedding --n-texts texts as train.py embeds a corpus (encoder.embed,
     bf16 where native), at each --batch-sizes value as texts per forward pass: texts/s, and the TFLOP/s
     and MFU of its linear layers (2 FLOPs per weight per token; attention's own products left out)."""
-    import random
-    from encoder import embed, load_encoder
-    name = args.encoder or (train.TIERS["paper"]["encoder"] if args.config == "paper" else Checkpoint(args.ckpt).config["encoder"])
+    name = args.encoder or (train.TIERS["paper"]["encoder"] if args.config == "paper"
+                            else Checkpoint(args.ckpt).config["encoder"])
     if args.texts == "c4":
         raise SystemExit("error: --texts c4 is a stream, not a file to sample; pass tiny or a .txt / .jsonl file")
     rows = data_lib.load_corpus(args.texts, args.cache_dir)
