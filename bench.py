@@ -217,6 +217,16 @@ def random_models(args, device):
     return config, prior.to(device).train(), decoder.to(device).train()
 
 
+def peak_text(peak, where):
+    """The device's peak FLOP/s as bench's headers name it (peak None: not in budget.py's table)."""
+    return f"peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown, no MFU (pass --peak-tflops)'} ({where})"
+
+
+def rate(flops, seconds, peak):
+    """'X TFLOP/s, MFU Y%' of `flops` done in `seconds` (MFU n/a without a peak)."""
+    return f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {f'{100 * flops / seconds / peak:.1f}%' if peak else 'n/a'}"
+
+
 def time_steps(step, repeats, device):
     """Median seconds of step() over `repeats` runs after one warm-up, and the peak memory (bytes) of CUDA."""
     step()
@@ -273,8 +283,7 @@ def bench_train(args, device):
     print(f"{'paper-sized random models' if args.config == 'paper' else args.ckpt} on {device} "
           f"({'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}): "
           f"prior {n_params(prior):.1f}M, decoder {n_params(decoder.lm):.1f}M "
-          f"+ soft prompt {n_params(decoder.soft):.1f}M params; peak "
-          f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown, no MFU (pass --peak-tflops)'} ({where}); "
+          f"+ soft prompt {n_params(decoder.soft):.1f}M params; {peak_text(peak, where)}; "
           f"median of {args.repeats} steps after a warm-up")
     report = {}
     for name, (step, batch, micro, flops) in runs.items():
@@ -283,8 +292,7 @@ def bench_train(args, device):
         memory = f"{memory / budget.GiB:.1f} GiB" if memory is not None else "n/a on a CPU"
         unit = f"{batch * (seq + 10) / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
         print(f"{name:>7} step: batch {batch} in micro-batches of {micro}: {seconds:.3f} s, {unit}, "
-              f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {f'{100 * flops / seconds / peak:.1f}%' if peak else 'n/a'}, "
-              f"peak memory {memory}")
+              f"{rate(flops, seconds, peak)}, peak memory {memory}")
     return report
 
 
@@ -309,7 +317,7 @@ def bench_embed(args, device):
     peak, where = budget.peak_flops(device, bf16, args.peak_tflops)
     print(f"{name} on {device} ({'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads): "
           f"{len(texts)} texts of {args.texts}, {tokens / len(texts):.1f} tokens each on average; linear layers "
-          f"{weights / 1e6:.1f}M weights; peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'} ({where}); "
+          f"{weights / 1e6:.1f}M weights; {peak_text(peak, where)}; "
           f"median of {args.repeats} rounds after a warm-up")
     for batch in args.batch_sizes:  # warm-up
         embed(model, texts[:2 * batch], batch)
@@ -320,7 +328,7 @@ def bench_embed(args, device):
         seconds = statistics.median(t)
         report[batch] = dict(seconds=seconds, texts_per_s=len(texts) / seconds, mfu=peak and flops / seconds / peak)
         print(f"batch {batch:>5}: {seconds:.2f} s, {len(texts) / seconds:.0f} texts/s, {tokens / seconds:.0f} tokens/s, "
-              f"{flops / seconds / 1e12:.2f} TFLOP/s, MFU {f'{100 * flops / seconds / peak:.1f}%' if peak else 'n/a'}")
+              f"{rate(flops, seconds, peak)}")
     return report
 
 
@@ -353,7 +361,7 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="--train: torch.compile the denoiser and GPT-2, as train.py --compile")
     p.add_argument("--peak-tflops", type=bounded(float, 0, 1e6, low_open=True), default=None,
-                   help="--train: the device's peak bf16 TFLOP/s for MFU (default: budget.py's table, measured on a CPU)")
+                   help="--train, --embed: the device's peak bf16 TFLOP/s for MFU (default: budget.py's table, measured on a CPU)")
     add_sampling_args(p)
     return p.parse_args(argv)
 
