@@ -383,4 +383,3 @@ def load_tokenizer(path_or_id, flag="--lm"):
 def encode_continuation(tokenizer, text):
     """Continuations follow the prefix (and the slots) after a space, as in running text."""
     return tokenizer.encode(" " + text, add_special_tokens=False) if text else []
-

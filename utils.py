@@ -75,6 +75,15 @@ def count(text):
     return int(value)
 
 
+def whole_number(text):
+    """'1e3' -> 1000; None where the text is not a finite whole number."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
 def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: a finite number of `kind` (int, float or count) in [low, high] (or open ends).
 
@@ -87,8 +96,10 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
+            value = whole_number(text) if kind is int else None  # int() reads no exponent: '1e3'
+        if value is None:
             what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (accepted: {accepted})") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (accepted: {accepted})")
         if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
                 or (high is not None and (value > high or (high_open and value == high))):
             raise argparse.ArgumentTypeError(f"{text!r} is out of range (accepted: {accepted})")

@@ -307,4 +307,3 @@ def probe_data(tmp_path_factory):
     write_jsonl(d / "ag_news.jsonl", [{"text": t, "label": k} for k, topic in enumerate(AG_NEWS_TOPICS)
                                        for t in TOPICS[topic]])
     return d
-

@@ -267,8 +267,6 @@ def test_score_at_signal_level_zero_ignores_the_proposal_and_is_reproducible():
     assert not torch.equal(a, c)
 
 
-
-
 def test_a_tokenizer_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="could not load the tokenizer 'someone/not-here'.*--lm"):

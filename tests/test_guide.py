@@ -258,7 +258,6 @@ def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
     assert "--probe-data" in message and "\n" not in message
 
 
-
 # ----------------------------------------------------------------------------- a user's labels and steering by example
 
 

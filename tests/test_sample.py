@@ -155,7 +155,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (["--best-of", "0"], "argument --best-of: '0' is out of range"),
         (["--min-tokens", "-1"], "argument --min-tokens: '-1' is out of range"),
         ([*ckpt, "--min-tokens", "40"], "--min-tokens 40 is more than --max-tokens 32"),
-        (["--n", "1e9"], "argument --n: '1e9' is not a whole number"),
+        (["--n", "1e9"], "argument --n: '1e9' is out of range"),
         (["--like", " "], "argument --like: is empty (give a sentence)"),
         (["--unlike", ""], "argument --unlike: is empty"),
         ([*ckpt, "--max-tokens", "100000"], "--max-tokens 100000 does not fit the decoder's context"),

@@ -26,8 +26,12 @@ def test_bounded_checks_kind_range_and_finiteness():
         with pytest.raises(argparse.ArgumentTypeError, match=__import__("re").escape(why)):
             unit(bad)
     assert bounded(int, 1)("7") == 7
-    with pytest.raises(argparse.ArgumentTypeError, match="'2.5' is not a whole number"):
-        bounded(int, 1)("2.5")
+    assert bounded(int, 1)("1e2") == 100  # an exponent, as counts take it
+    for bad in ["2.5", "1e-3", "inf"]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}' is not a whole number"):
+            bounded(int, 1)(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="'1e9' is out of range"):
+        bounded(int, 1, 1000)("1e9")  # the range is what is wrong, not the form
     with pytest.raises(argparse.ArgumentTypeError, match="'big' is not a count"):
         bounded(count, 1, 10)("big")  # counts keep their own message
     with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
