@@ -12,7 +12,7 @@
               trained, the prior's EMA, the frozen encoder in bf16, autocast's bf16 weight copies,
               and the activations of one micro-batch (Korthikanti et al. 2022: about 34 s b h bytes
               per transformer layer in half precision with fused attention; 2 s b h with activation
-              checkpointing; the logits as if in bf16 and fp32 with their gradient), and on C4 the encoder's
+              checkpointing; the logits in bf16 and fp32 with their gradient), and on C4 the encoder's
               activations while it embeds the next window beside training. The global batch stays
               the paper's; it is split into the largest micro-batches that fit.
 """
@@ -161,7 +161,7 @@ def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decode
     h, L, V = lm_config["n_embd"], lm_config["n_layer"], lm_config["vocab_size"]
     per_layer = (2 if checkpointing else 34) * seq_len * decoder_micro * h
     decoder_act = L * per_layer + (34 * seq_len * decoder_micro * h if checkpointing else 0) \
-        + 10 * decoder_micro * seq_len * V  # logits: a bound (decoder.SummedNLL keeps bf16 ones, a bf16 gradient, fp32 chunks)
+        + 10 * decoder_micro * seq_len * V                       # logits: bf16 + fp32 copy + fp32 gradient
     prior_act = 34 * prior_config["n_tokens"] * prior_config["width"] * prior_config["depth"] * prior_micro
     parts = {
         "weights, gradients, AdamW (fp32)": 16 * trained,

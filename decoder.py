@@ -46,10 +46,6 @@ PAD_LENGTH, PAD_SCORED = 8, 64
 # listed). On a GPU each ask waits for the device's queue to empty, and decoding there is launch-bound, so
 # an ask per token would serialise the host's work and the GPU's; on a CPU an ask costs nothing.
 END_CHECK_EVERY = {"cpu": 1}
-# The training loss takes the scored logits NLL_CHUNK elements (rows x vocabulary) at a time (2 ** 28
-# where the device is not listed): on a CPU a chunk that stays in cache makes its passes over the logits
-# several times faster than over the whole (N, V) array in memory; a GPU wants few, large chunks.
-NLL_CHUNK = {"cpu": 2 ** 19}
 
 
 @dataclass
@@ -108,32 +104,6 @@ class SoftPromptGenerator(nn.Module):
         for block in self.blocks:
             h = block(h, cond)
         return self.out(self.norm(h))
-
-
-class SummedNLL(torch.autograd.Function):
-    """sum_i -log softmax(logits_i)[labels_i] over the rows whose label is not -100, in fp32 from bf16
-    or fp32 logits (N, V): F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum"),
-    with its gradient written out, softmax(logits_i) - onehot(labels_i), and both taken chunk by chunk
-    (NLL_CHUNK) without an fp32 copy of the whole array."""
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        ctx.rows = max(1, NLL_CHUNK.get(logits.device.type, 2 ** 28) // logits.shape[1])
-        lse = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in logits.split(ctx.rows)])  # log sum_v e^logit
-        picked = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).float()             # the label's logit
-        ctx.save_for_backward(logits, labels, lse)
-        return ((lse - picked) * (labels != -100)).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, labels, lse = ctx.saved_tensors
-        scale = grad * (labels != -100)  # rows left out of the loss get no gradient
-        out = torch.empty_like(logits)
-        for i in range(0, len(logits), ctx.rows):
-            p = (logits[i:i + ctx.rows].float() - lse[i:i + ctx.rows, None]).exp_()          # softmax
-            p[torch.arange(len(p), device=p.device), labels[i:i + ctx.rows].clamp(min=0)] -= 1  # - onehot
-            out[i:i + ctx.rows] = p.mul_(scale[i:i + ctx.rows, None])
-        return out, None
 
 
 def augmentation_level(n, shift, device=None):
@@ -255,7 +225,8 @@ class Decoder(nn.Module):
         pad = rows.new_zeros((-len(rows)) % PAD_SCORED)            # copies of row 0 up to PAD_SCORED's multiple
         logits = self.lm.lm_head(h[:, :-1].flatten(0, 1)[torch.cat([rows, pad])])      # (tokens + pad, V)
         labels = torch.cat([targets.flatten()[rows], torch.full_like(pad, -100)])      # -100: not in the loss
-        return SummedNLL.apply(logits, labels) / n_tokens
+        nll = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+        return nll / n_tokens
 
     @torch.no_grad()
     def score(self, prefix_ids, continuation_ids, x, a, generator=None):
