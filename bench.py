@@ -268,9 +268,8 @@ def bench_train(args, device):
     split = torch.randint(0, seq, (D,), generator=g).tolist()
     tokens = torch.randint(0, vocab - 1, (D, seq), generator=g).tolist()
     prefix_ids, cont_ids = [t[:k] for t, k in zip(tokens, split)], [t[k:] for t, k in zip(tokens, split)]
-    fused = str(device).startswith("cuda")
-    opt_prior = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=fused)
-    opt_decoder = torch.optim.AdamW(decoder.parameters(), lr=1e-6, fused=fused)
+    opt_prior = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=True)  # as train.py
+    opt_decoder = torch.optim.AdamW(decoder.parameters(), lr=1e-6, fused=True)
     amp = lambda: autocast(device, bf16)
     rows = lambda n, m: train.micro_batches(n, 0, 1, m)
     peak, where = budget.peak_flops(device, bf16, args.peak_tflops)

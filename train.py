@@ -448,13 +448,14 @@ class Models:
             self.decoder.lm.gradient_checkpointing_enable()
         self.ema = make_ema(self.prior)
         self.mu, self.s = mu.to(device), s.to(device)
-        fused = device.startswith("cuda")  # one kernel for the whole AdamW update
+        # fused: one kernel for the whole AdamW update (CPU, CUDA, MPS); on a CPU the per-tensor loop
+        # otherwise costs as much as a fifth of the small decoder's step
         self.opt_prior = torch.optim.AdamW([{"params": self.prior.parameters(), "peak_lr": args.prior_lr}],
-                                           lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
+                                           lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
         rest = [p for n, p in self.decoder.named_parameters() if not n.startswith("lm.")]  # soft prompt, hidden_cond
         self.opt_decoder = torch.optim.AdamW([{"params": self.decoder.lm.parameters(), "peak_lr": args.decoder_lr},
                                               {"params": rest, "peak_lr": args.soft_prompt_lr or args.decoder_lr}],
-                                             lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02, fused=fused)
+                                             lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.02, fused=True)
         if ckpt:
             for name in ("prior", "prior_ema", "decoder"):
                 ckpt.load_model(getattr(self, {"prior_ema": "ema"}.get(name, name)), name)
