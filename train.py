@@ -448,8 +448,8 @@ class Models:
             self.decoder.lm.gradient_checkpointing_enable()
         self.ema = make_ema(self.prior)
         self.mu, self.s = mu.to(device), s.to(device)
-        # fused: one kernel for the whole AdamW update (CPU, CUDA, MPS); on a CPU the per-tensor loop
-        # otherwise costs as much as a fifth of the small decoder's step
+        # fused: one kernel for the whole AdamW update on any device (CPU, CUDA, MPS); a CPU's default
+        # is a Python loop over the tensors, a noticeable share of the tiny tier's small steps
         self.opt_prior = torch.optim.AdamW([{"params": self.prior.parameters(), "peak_lr": args.prior_lr}],
                                            lr=args.prior_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
         rest = [p for n, p in self.decoder.named_parameters() if not n.startswith("lm.")]  # soft prompt, hidden_cond
