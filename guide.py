@@ -434,24 +434,31 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
 
 # ----------------------------------------------------------------------------- probes for a user's labels
 
-MIN_PER_LABEL = 10       # examples of each label a probe needs (every 5th is held out to measure it)
+MIN_PER_LABEL = 10       # different texts of each label a probe needs (every 5th is held out to measure it)
 LABEL_HELD_OUT_EVERY = 5
 RESERVED_GUIDES = {"none", "like"}
 
 
-def train_label_probes(e, labels, name):
-    """Probes for a labelled file: e (N, d) unit embeddings, labels (N,) strings.
+def held_out(texts, labels):
+    """Which rows of a labelled file measure its probe: every 5th different text of each label, with
+    every copy of it. A copy on the training side would let the probe be scored on what it was fitted
+    to: labels the embeddings do not show at all would reach a held-out accuracy of 1."""
+    seen, held = dict.fromkeys(labels, 0), {}
+    for text, label in zip(texts, labels):
+        if (text, label) not in held:
+            held[text, label] = seen[label] % LABEL_HELD_OUT_EVERY == 0
+            seen[label] += 1
+    return torch.tensor([held[row] for row in zip(texts, labels)])
+
+
+def train_label_probes(e, texts, labels, name):
+    """Probes for a labelled file: e (N, d) unit embeddings of texts (N,), labels (N,) strings.
 
     Two labels: one probe `name` (the second label, sorted, is class 1) and a guide for each label.
     More: a one-vs-rest probe `name-LABEL` and a guide per label. Classes are weighted to equal mass;
-    every 5th example of each label is held out. -> (probes, guides, held-out accuracy, chance)."""
+    the rows of held_out() measure it. -> (probes, guides, held-out accuracy, chance)."""
     names = sorted(set(labels))
-    seen = {label: 0 for label in names}
-    held = []
-    for label in labels:
-        held.append(seen[label] % LABEL_HELD_OUT_EVERY == 0)
-        seen[label] += 1
-    held = torch.tensor(held)
+    held = held_out(texts, labels)
     probes, guides, logits = {}, {}, []
     for k, label in enumerate(names if len(names) > 2 else names[1:]):
         y = torch.tensor([float(l == label) for l in labels])
@@ -474,11 +481,12 @@ def add_label_probes(args, encoder_name, cache):
     rows = data_lib.read_labels(args.labels, args.text_column, args.label_column)
     labels = [label for _, label in rows]
     counts = {label: labels.count(label) for label in sorted(set(labels))}
+    different = {label: sum(l == label for _, l in set(rows)) for label in counts}  # texts, not copies
     if len(counts) < 2:
         raise SystemExit(f"error: {args.labels} has a single label ({next(iter(counts))!r}); a probe needs two or more")
-    few = {label: n for label, n in counts.items() if n < MIN_PER_LABEL}
+    few = {label: n for label, n in different.items() if n < MIN_PER_LABEL}
     if few:
-        raise SystemExit(f"error: every label needs at least {MIN_PER_LABEL} examples; {args.labels} has "
+        raise SystemExit(f"error: every label needs at least {MIN_PER_LABEL} different texts; {args.labels} has "
                          + ", ".join(f"{n} of {label!r}" for label, n in few.items()))
     bad = [label for label in counts if re.search(r"[\s,+:]", label) or label in RESERVED_GUIDES]
     if bad:
@@ -497,10 +505,13 @@ def add_label_probes(args, encoder_name, cache):
         clash = sorted(set().union(*(guide_probes(existing[g]) for g in relying)) & new_probes)
         raise SystemExit(f"error: {path} already has a probe named {', '.join(map(repr, clash))}, which the guide(s) "
                          f"{', '.join(relying)} use; name the new probe with --name")
-    e = torch.from_numpy(cache.encode([text for text, _ in rows]))
-    probes, guides, accuracy_, chance = train_label_probes(e, labels, name)
+    texts = [text for text, _ in rows]
+    e = torch.from_numpy(cache.encode(texts))
+    probes, guides, accuracy_, chance = train_label_probes(e, texts, labels, name)
     merge_probes(path, probes, guides, encoder_name)
-    print(f"{len(rows)} examples, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    copies = len(rows) - len(set(rows))
+    print(f"{len(rows)} examples" + (f" ({copies} copies of earlier rows, each on its row's side of the held-out split)" if copies else "")
+          + ", labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
           f"saved to {path}; guides: {', '.join(guides)}")
     if accuracy_ < chance + 0.1:  # the probe reads little of the labels from the embeddings: its gradient is mostly noise

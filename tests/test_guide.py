@@ -310,6 +310,22 @@ def test_labels_the_embeddings_do_not_show_are_saved_with_a_warning(ckpt_copy, t
     assert "warning" not in capsys.readouterr().err
 
 
+def test_copies_of_a_row_are_held_out_with_it(ckpt_copy, tmp_path, capsys):
+    from conftest import NEGATIVE, POSITIVE
+    texts, labels = ["a", "b", "a", "c", "a", "b"], ["x", "x", "x", "x", "y", "x"]
+    assert guide.held_out(texts, labels).tolist() == [True, False, True, False, True, False]  # ("a", "y"): y's first
+    # labels the text does not show (every other sentence), each row five times: held-out copies of training rows
+    # would let the probe be scored on what it was fitted to (balanced accuracy 1.0)
+    rows = [(t, "odd" if i % 2 else "even") for i, t in enumerate(POSITIVE + NEGATIVE) for _ in range(5)]
+    accuracy_ = guide.main(["--ckpt", str(ckpt_copy), "--labels", str(labels_file(tmp_path / "parity.csv", rows)),
+                            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert accuracy_ < 0.7 and "200 examples (160 copies of earlier rows, each on its row's side of the held-out split)" in out.out
+    few = labels_file(tmp_path / "few.csv", rows[:90])  # 45 rows of each label, 9 texts
+    with pytest.raises(SystemExit, match="at least 10 different texts; .* has 9 of 'even', 9 of 'odd'"):
+        guide.main(["--ckpt", str(ckpt_copy), "--labels", str(few), "--cache-dir", str(tmp_path / "cache")])
+
+
 def test_more_than_two_labels_give_one_vs_rest_probes(ckpt_copy, tmp_path):
     from conftest import NEGATIVE, POSITIVE, TOXIC
     rows = [(t, "kind") for t in POSITIVE] + [(t, "sad") for t in NEGATIVE] + [(t, "rude") for t in TOXIC]
@@ -336,7 +352,7 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
 
     good = [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE]
     few = labels_file(tmp_path / "few.csv", good[:25])
-    assert "every label needs at least 10 examples" in error("--labels", str(few)) and "5 of 'gloomy'" in \
+    assert "every label needs at least 10 different texts" in error("--labels", str(few)) and "5 of 'gloomy'" in \
         error("--labels", str(few))
     assert "a single label ('cheerful')" in error("--labels", str(labels_file(tmp_path / "one.csv", good[:20])))
     # a file named after a probe the tier's guides read would replace that probe under them
