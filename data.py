@@ -302,12 +302,15 @@ def open_probe_source(name, data_dir=None):
 
 
 def read_labelled(name, max_per_class, data_dir=None):
-    """Up to `max_per_class` (text, label, held_out) of each class, in the data set's order."""
+    """Up to `max_per_class` (text, label, held_out) of each class, in the data set's order. A text is
+    read once with each label: copies on both sides of the held-out split would score a probe on what it
+    was fitted to."""
     _, field, n_classes, label_of = PROBE_SOURCES[name]
-    counts, rows = [0] * n_classes, []
+    counts, rows, seen = [0] * n_classes, [], set()
     for record in open_probe_source(name, data_dir):
         text, label = " ".join(str(record[field] or "").split()), label_of(record)
-        if text and 0 <= label < n_classes and counts[label] < max_per_class:
+        if text and 0 <= label < n_classes and counts[label] < max_per_class and (text, label) not in seen:
+            seen.add((text, label))
             rows.append((text, label, counts[label] % PROBE_HELD_OUT_EVERY == 0))
             counts[label] += 1
             if min(counts) == max_per_class:

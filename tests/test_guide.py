@@ -249,6 +249,16 @@ def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, t
     assert (logits.argmax(1) == torch.arange(4)).float().mean() >= 0.75  # chance is 0.25
 
 
+def test_a_text_is_read_once_with_each_label(tmp_path):
+    from conftest import write_jsonl
+    texts = ["good", "bad", "good", "fine", "good", "bad", "meh"]  # "good" twice as 1, once as 0
+    write_jsonl(tmp_path / "sst2.jsonl", [{"sentence": t, "label": int(k != 4 and t in ("good", "fine"))}
+                                          for k, t in enumerate(texts)])
+    rows = data.read_labelled("sst2", 10, data_dir=str(tmp_path))
+    assert [(t, y) for t, y, _ in rows] == [("good", 1), ("bad", 0), ("fine", 1), ("good", 0), ("meh", 0)]
+    assert [h for _, _, h in rows] == [True, True, False, False, False]  # the 1st of each class, then every 10th
+
+
 def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as err:
