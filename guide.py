@@ -510,8 +510,8 @@ def add_label_probes(args, encoder_name, cache):
     probes, guides, accuracy_, chance = train_label_probes(e, texts, labels, name)
     merge_probes(path, probes, guides, encoder_name)
     copies = len(rows) - len(set(rows))
-    print(f"{len(rows)} examples" + (f" ({copies} copies of earlier rows, each on its row's side of the held-out split)" if copies else "")
-          + ", labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    copies = f" ({copies} copies of earlier rows, each on its row's side of the held-out split)" if copies else ""
+    print(f"{len(rows)} examples{copies}, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
           f"saved to {path}; guides: {', '.join(guides)}")
     if accuracy_ < chance + 0.1:  # the probe reads little of the labels from the embeddings: its gradient is mostly noise
