@@ -442,7 +442,7 @@ RESERVED_GUIDES = {"none", "like"}
 def held_out(texts, labels):
     """Which rows of a labelled file measure its probe: every 5th different text of each label, with
     every copy of it. A copy on the training side would let the probe be scored on what it was fitted
-    to: labels the embeddings do not show at all would reach a held-out accuracy of 1."""
+    to, and labels the text does not show at all could score near 1."""
     seen, held = dict.fromkeys(labels, 0), {}
     for text, label in zip(texts, labels):
         if (text, label) not in held:
