@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -481,7 +482,8 @@ def add_label_probes(args, encoder_name, cache):
     rows = data_lib.read_labels(args.labels, args.text_column, args.label_column)
     labels = [label for _, label in rows]
     counts = {label: labels.count(label) for label in sorted(set(labels))}
-    different = {label: sum(l == label for _, l in set(rows)) for label in counts}  # texts, not copies
+    distinct = set(rows)  # a row repeated is one text of its label (held_out keeps its copies together)
+    different = Counter(label for _, label in distinct)
     if len(counts) < 2:
         raise SystemExit(f"error: {args.labels} has a single label ({next(iter(counts))!r}); a probe needs two or more")
     few = {label: n for label, n in different.items() if n < MIN_PER_LABEL}
@@ -509,7 +511,7 @@ def add_label_probes(args, encoder_name, cache):
     e = torch.from_numpy(cache.encode(texts))
     probes, guides, accuracy_, chance = train_label_probes(e, texts, labels, name)
     merge_probes(path, probes, guides, encoder_name)
-    copies = len(rows) - len(set(rows))
+    copies = len(rows) - len(distinct)
     copies = f" ({copies} copies of earlier rows, each on its row's side of the held-out split)" if copies else ""
     print(f"{len(rows)} examples{copies}, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
