@@ -486,7 +486,7 @@ def add_label_probes(args, encoder_name, cache):
     different = Counter(label for _, label in distinct)
     if len(counts) < 2:
         raise SystemExit(f"error: {args.labels} has a single label ({next(iter(counts))!r}); a probe needs two or more")
-    few = {label: different[label] for label in counts if different[label] < MIN_PER_LABEL}  # sorted: one message
+    few = {label: different[label] for label in counts if different[label] < MIN_PER_LABEL}  # sorted, not set order
     if few:
         raise SystemExit(f"error: every label needs at least {MIN_PER_LABEL} different texts; {args.labels} has "
                          + ", ".join(f"{n} of {label!r}" for label, n in few.items()))
