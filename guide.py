@@ -481,7 +481,7 @@ def add_label_probes(args, encoder_name, cache):
     """guide.py --labels FILE: probes for the file's labels, merged into the checkpoint's probes."""
     rows = data_lib.read_labels(args.labels, args.text_column, args.label_column)
     labels = [label for _, label in rows]
-    counts = {label: labels.count(label) for label in sorted(set(labels))}
+    counts = dict(sorted(Counter(labels).items()))  # rows of each label, in label order
     distinct = set(rows)  # a row repeated is one text of its label (held_out keeps its copies together)
     different = Counter(label for _, label in distinct)
     if len(counts) < 2:
