@@ -181,16 +181,18 @@ def use_bf16(precision, device):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed blocks of up to 64 MB for reuse (Linux). By default it hands large blocks
-    back to the kernel, and a training step that allocates them (the logits and their gradient) page-
-    faults them in again every time: on a small CPU that costs up to a third of the run in kernel time."""
+    """Ask glibc to keep freed memory for reuse (Linux). By default it hands large blocks back to the
+    kernel, and a training step that allocates them (the logits and their gradient) page-faults them
+    in again every time: on a small CPU that costs up to a third of the run in kernel time. Likewise the
+    heap's top: when the activations a step frees leave more than the trim threshold free there, glibc
+    gives it back and the next step faults it in again, so the threshold is set above what a step frees."""
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)   # blocks below this come from the reusable heap
-        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)  # and the heap keeps this much free memory
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)    # and the heap keeps up to 1 GB free at its top
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
