@@ -122,7 +122,7 @@ def run_flags(add):
         help="the device's peak bf16 TFLOP/s for MFU (default: a table of GPUs; measured on a CPU)")
     add("--gpu-memory", type=comma_list(bounded(float, 1, 1e4)), default=None,
         help="with --sizes: GiB of the GPUs to plan for, e.g. 24,40,80")
-    add("--compile", action="store_true", help="torch.compile the denoiser and the language model")
+    add("--compile", action="store_true", help="torch.compile the denoiser and the language model (for a GPU: on 2 CPU cores the compiling costs about what it saves)")
     add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
     add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
     add("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
@@ -283,8 +283,11 @@ def reconstruction_cosine(decoder, tokenizer, cache, texts, mu, s, device, seed=
     decoder.eval()
     e = torch.from_numpy(cache.encode(texts, show_progress=False)).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = decoder.generate([[] for _ in texts], standardize(e, mu, s), max_new_tokens=48, top_p=0.9,
-                           temperature=1.0, repetition_penalty=1.2, generator=gen)
+    # eager even under --compile: the key/value cache grows every token, and each new shape would
+    # recompile GPT-2's transformer until dynamo gives up (8 times, tens of seconds on a CPU)
+    with torch.compiler.set_stance("force_eager"):
+        ids = decoder.generate([[] for _ in texts], standardize(e, mu, s), max_new_tokens=48, top_p=0.9,
+                               temperature=1.0, repetition_penalty=1.2, generator=gen)
     decoded = [tokenizer.decode(i).strip() or "." for i in ids]
     e2 = torch.from_numpy(cache.embed(decoded)).to(device)
     decoder.train()

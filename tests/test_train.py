@@ -278,6 +278,22 @@ def test_training_writes_a_self_describing_checkpoint(trained):
     assert log[-1]["prior_samples_s"] > 0 and log[-1]["decoder_tokens_s"] > 0 and 0 < log[-1]["prior_mfu"] < 1
 
 
+def test_the_reconstruction_report_decodes_eagerly_under_compile(trained):
+    """--compile compiles GPT-2's transformer for the training steps; the report's generation, whose
+    key/value cache changes shape every token, must not recompile it (a counting backend, no compiler)."""
+    from torch._dynamo.testing import CompileCounter
+    from encoder import EmbeddingCache, cache_dir_for
+    config, prior, decoder, tokenizer, mu, s = load_for_inference(trained / "out")
+    counter = CompileCounter()
+    decoder.lm.transformer.compile(backend=counter)
+    try:
+        cache = EmbeddingCache(cache_dir_for(trained / "cache", "minilm"), "minilm")
+        cos, decoded = train.reconstruction_cosine(decoder, tokenizer, cache, ["A fine film.", "It broke."], mu, s, "cpu")
+        assert len(decoded) == 2 and -1 <= cos <= 1 and counter.frame_count == 0
+    finally:
+        torch._dynamo.reset()
+
+
 def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
     # the session's run saved at step 3 then 6: redo 0..3, then resume 3..6 and compare
     shutil.copytree(trained / "cache", tmp_path / "cache")
