@@ -122,7 +122,8 @@ def run_flags(add):
         help="the device's peak bf16 TFLOP/s for MFU (default: a table of GPUs; measured on a CPU)")
     add("--gpu-memory", type=comma_list(bounded(float, 1, 1e4)), default=None,
         help="with --sizes: GiB of the GPUs to plan for, e.g. 24,40,80")
-    add("--compile", action="store_true", help="torch.compile the denoiser and the language model (for a GPU: on 2 CPU cores the compiling costs about what it saves)")
+    add("--compile", action="store_true",
+        help="torch.compile the denoiser and the language model (for a GPU: on 2 CPU cores compiling costs what it saves)")
     add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
     add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
     add("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
