@@ -212,13 +212,16 @@ class DGLM:
             e = self.sample_proposals(chunk, guidance, sampling, seed + i)
             yield e, self.decode(chunk, e, sampling, seed + i, guidance.barred if guidance is not None else frozenset())
 
-    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100, progress=None):
+    def generate(self, prefix_texts, guidance, sampling, seed, batch_size=100, progress=None, on_batch=None):
         """Continuations of the prompts (one each), batch_size rows at a time (generate_in_batches);
-        progress: the label of a progress bar over the rows, shown when they take more than one batch."""
+        progress: the label of a progress bar over the rows, shown when they take more than one batch;
+        on_batch(first_row, texts): called with each batch as it is done (sample.py --out writes it then)."""
         texts = []
         with tqdm(total=len(prefix_texts), desc=progress, unit=" samples", leave=False,
                   disable=progress is None or len(prefix_texts) <= batch_size) as bar:
             for _, batch in self.generate_in_batches(prefix_texts, guidance, sampling, seed, batch_size):
+                if on_batch is not None:
+                    on_batch(len(texts), batch)
                 texts += batch
                 bar.update(len(batch))
         return texts
@@ -265,7 +268,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", type=output_file, default=None,
-                   help="write JSON lines {prefix, text, guide, scale, seed} here")
+                   help="write JSON lines {prefix, text, guide, scale, seed} here, each batch as it is done")
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p)
@@ -286,14 +289,16 @@ def main(args):
         show_steps(model, prompts[0], guidance, label, sampling, args.seed)
         return
     prefixes = [p for p in prompts for _ in range(args.n)]
-    guided = model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for prefix, text in zip(prefixes, guided):
-                f.write(json.dumps({"prefix": prefix, "text": text, "guide": args.guide, "like": args.like,
-                                    "unlike": args.unlike, "scale": args.scale, "seed": args.seed}) + "\n")
-        print(f"wrote {len(guided)} samples to {args.out}")
+    if args.out:  # each batch written as it is done: an interrupted run keeps the rows it made
+        def write(first_row, texts):  # the file is replaced once the first batch is there, then appended to
+            with open(args.out, "a" if first_row else "w", encoding="utf-8") as f:
+                for prefix, text in zip(prefixes[first_row:first_row + len(texts)], texts):
+                    f.write(json.dumps({"prefix": prefix, "text": text, "guide": args.guide, "like": args.like,
+                                        "unlike": args.unlike, "scale": args.scale, "seed": args.seed}) + "\n")
+        model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=write)
+        print(f"wrote {len(prefixes)} samples to {args.out}")
         return
+    guided = model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label)
     unguided = model.generate(prefixes, None, sampling, args.seed, args.batch_size, "unguided") if guidance is not None \
         else guided
     width = max(len("unguided"), len(label))

@@ -32,6 +32,37 @@ def test_sample_cli_writes_jsonl_and_prints_unguided_beside_guided(trained, tmp_
     assert "negative: " in err and "unguided: " in err and "2/3" in err
 
 
+def test_out_is_written_batch_by_batch_so_an_interrupted_run_keeps_what_it_made(trained, tmp_path, monkeypatch):
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "s.jsonl"
+    prompts.write_text("the film\nour trip\na day\n")
+    argv = ["--ckpt", str(trained / "out"), "--prompts", str(prompts), "--n", "2", "--batch-size", "2",
+            "--steps", "3", "--max-tokens", "6", "--out", str(out)]
+    sample.main(sample.get_args(argv))
+    whole = [json.loads(line) for line in out.read_text().splitlines()]
+    out.write_text("an earlier run\n")
+    decode, calls = DGLM.decode, []
+
+    def decode_until(stop):
+        def interrupted_decode(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == stop:
+                raise KeyboardInterrupt  # Ctrl-C while the third batch (rows 4-5) is decoded
+            return decode(self, *args, **kwargs)
+        return interrupted_decode
+
+    monkeypatch.setattr(DGLM, "decode", decode_until(1))
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(sample.get_args(argv))
+    assert out.read_text() == "an earlier run\n"  # nothing made yet: the earlier file is left as it was
+    calls.clear()
+    monkeypatch.setattr(DGLM, "decode", decode_until(3))
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(sample.get_args(argv))
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prefix"] for r in kept] == ["the film", "the film", "our trip", "our trip"]
+    assert kept == whole[:4]
+
+
 def test_the_same_seed_gives_the_same_text_in_one_process_and_across_processes(trained, tmp_path):
     model = DGLM(trained / "out", precision="fp32")
     prompts = ["the film", "our trip", "a day"]
