@@ -40,22 +40,23 @@ def test_out_is_written_batch_by_batch_so_an_interrupted_run_keeps_what_it_made(
     sample.main(sample.get_args(argv))
     whole = [json.loads(line) for line in out.read_text().splitlines()]
     out.write_text("an earlier run\n")
-    decode, calls = DGLM.decode, []
+    decode = DGLM.decode
 
-    def decode_until(stop):
-        def interrupted_decode(self, *args, **kwargs):
+    def ctrl_c_in_batch(batch):  # a decode that is interrupted while that batch (counting from 1) is decoded
+        calls = []
+
+        def decode_or_stop(self, *args, **kwargs):
             calls.append(1)
-            if len(calls) == stop:
-                raise KeyboardInterrupt  # Ctrl-C while the third batch (rows 4-5) is decoded
+            if len(calls) == batch:
+                raise KeyboardInterrupt
             return decode(self, *args, **kwargs)
-        return interrupted_decode
+        return decode_or_stop
 
-    monkeypatch.setattr(DGLM, "decode", decode_until(1))
+    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_batch(1))
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample.get_args(argv))
     assert out.read_text() == "an earlier run\n"  # nothing made yet: the earlier file is left as it was
-    calls.clear()
-    monkeypatch.setattr(DGLM, "decode", decode_until(3))
+    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_batch(3))  # rows 0-3 done, 4-5 interrupted
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample.get_args(argv))
     kept = [json.loads(line) for line in out.read_text().splitlines()]
