@@ -298,17 +298,19 @@ def main(args):
         model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=write)
         print(f"wrote {len(prefixes)} samples to {args.out}")
         return
-    guided = model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label)
-    unguided = model.generate(prefixes, None, sampling, args.seed, args.batch_size, "unguided") if guidance is not None \
-        else guided
     width = max(len("unguided"), len(label))
-    for i, prefix in enumerate(prefixes):
-        if i % args.n == 0:
-            print(f"\n=== {prefix!r}")
-        print(f"  {'unguided':<{width}} | {prefix} {unguided[i]}")
-        if guidance is not None:
-            print(f"  {label:<{width}} | {prefix} {guided[i]}")
 
+    def show(first_row, guided):  # each batch printed as it is done, beside the unguided rows of the same noise
+        rows = prefixes[first_row:first_row + len(guided)]  # one batch, seeded as generate seeds it (seed + first row)
+        unguided = model.generate(rows, None, sampling, args.seed + first_row, len(rows)) if guidance is not None \
+            else guided
+        for i, (prefix, u, g) in enumerate(zip(rows, unguided, guided), first_row):
+            if i % args.n == 0:
+                tqdm.write(f"\n=== {prefix!r}")
+            tqdm.write(f"  {'unguided':<{width}} | {prefix} {u}")
+            if guidance is not None:
+                tqdm.write(f"  {label:<{width}} | {prefix} {g}")
+    model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=show)
 
 if __name__ == "__main__":
     run_cli(lambda: main(get_args()))

@@ -28,8 +28,20 @@ def test_sample_cli_writes_jsonl_and_prints_unguided_beside_guided(trained, tmp_
     assert "samples" not in printed.err  # one batch: no progress bar
     sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "a",
                                  "--n", "3", "--steps", "3", "--batch-size", "2"]))
-    err = capsys.readouterr().err  # two batches each: a bar for the guided rows and one for the unguided
-    assert "negative: " in err and "unguided: " in err and "2/3" in err
+    err = capsys.readouterr().err  # two batches: one bar over the rows, each batch shown beside its unguided twin
+    assert "negative: " in err and "2/3" in err and "unguided: " not in err
+
+
+def ctrl_c_in_decode(call, decode=DGLM.decode):
+    """A DGLM.decode that is interrupted (Ctrl-C) in its call-th call, counting from 1."""
+    calls = []
+
+    def decode_or_stop(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return decode(self, *args, **kwargs)
+    return decode_or_stop
 
 
 def test_out_is_written_batch_by_batch_so_an_interrupted_run_keeps_what_it_made(trained, tmp_path, monkeypatch):
@@ -40,28 +52,30 @@ def test_out_is_written_batch_by_batch_so_an_interrupted_run_keeps_what_it_made(
     sample.main(sample.get_args(argv))
     whole = [json.loads(line) for line in out.read_text().splitlines()]
     out.write_text("an earlier run\n")
-    decode = DGLM.decode
 
-    def ctrl_c_in_batch(batch):  # a decode that is interrupted while that batch (counting from 1) is decoded
-        calls = []
-
-        def decode_or_stop(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == batch:
-                raise KeyboardInterrupt
-            return decode(self, *args, **kwargs)
-        return decode_or_stop
-
-    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_batch(1))
+    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_decode(1))
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample.get_args(argv))
     assert out.read_text() == "an earlier run\n"  # nothing made yet: the earlier file is left as it was
-    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_batch(3))  # rows 0-3 done, 4-5 interrupted
+    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_decode(3))  # batch 3 (rows 4-5) interrupted
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample.get_args(argv))
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prefix"] for r in kept] == ["the film", "the film", "our trip", "our trip"]
     assert kept == whole[:4]
+
+
+def test_rows_are_printed_batch_by_batch_so_an_interrupted_run_shows_what_it_made(trained, capsys, monkeypatch):
+    argv = ["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "the film", "--n", "3",
+            "--batch-size", "2", "--steps", "3", "--max-tokens", "6"]
+    sample.main(sample.get_args(argv))
+    whole = capsys.readouterr().out.splitlines()
+    assert sum("| the film" in line for line in whole) == 6  # three rows, each unguided and guided
+    monkeypatch.setattr(DGLM, "decode", ctrl_c_in_decode(3))  # batch 1 guided and unguided done, batch 2 interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(sample.get_args(argv))
+    kept = capsys.readouterr().out.splitlines()
+    assert sum("| the film" in line for line in kept) == 4 and kept == whole[:len(kept)]
 
 
 def test_the_same_seed_gives_the_same_text_in_one_process_and_across_processes(trained, tmp_path):
