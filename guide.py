@@ -224,7 +224,7 @@ def parse_guides(spec, available):
         return []
     parsed = []
     for part in re.split(r"[,+]", spec):
-        name, _, weight = part.strip().partition(":")
+        name, colon, weight = part.strip().partition(":")
         if name == "like":
             continue
         if not name:
@@ -232,7 +232,7 @@ def parse_guides(spec, available):
         if name not in available:
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
         try:
-            value = float(weight) if weight else 1.0
+            value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1
         except ValueError:
             raise SystemExit(f"error: guide weight {weight!r} in {part!r} is not a number (use name:weight)") from None
         if not 0 <= value <= 1e4:  # also refuses nan and inf, which would turn every step's noise into nan

@@ -73,8 +73,9 @@ def test_parse_guides():
     for spec in ("positive+", ",news", "positive,,news"):
         with pytest.raises(SystemExit, match="empty guide name"):
             parse_guides(spec, available)
-    with pytest.raises(SystemExit, match="not a number"):
-        parse_guides("news:lots", available)
+    for spec in ("news:lots", "news:", "positive:1:2"):
+        with pytest.raises(SystemExit, match="not a number"):
+            parse_guides(spec, available)
     for weight in ("inf", "nan", "-1", "1e5"):
         with pytest.raises(SystemExit, match="out of range"):
             parse_guides(f"positive:{weight}", available)
