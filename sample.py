@@ -312,5 +312,6 @@ def main(args):
                 tqdm.write(f"  {label:<{width}} | {prefix} {g}")
     model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=show)
 
+
 if __name__ == "__main__":
     run_cli(lambda: main(get_args()))
