@@ -323,6 +323,22 @@ def read_labelled(name, max_per_class, data_dir=None):
 # ----------------------------------------------------------------------------- a user's labelled file (guide.py --labels)
 
 
+def unclosed_quote(text, delimiter):
+    """The line where a quoted field opens and never closes (or only past csv's field limit), or None. A
+    lenient CSV reader (read_labels') reads the rest of the file into that field; a strict one says so."""
+    import csv
+    reader, start = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True), 1
+    while True:
+        try:
+            next(reader)
+        except StopIteration:
+            return None
+        except csv.Error as err:  # other complaints (a quote inside a field) are read leniently, as before
+            if "unexpected end of data" in str(err) or "field limit" in str(err):  # > 131072 characters in it
+                return start
+        start = reader.line_num + 1
+
+
 def read_labels(path, text_column="text", label_column="label"):
     """A labelled file -> [(text, label)]: .csv or .tsv with a header row, or .jsonl with one object a
     line; `text_column` and `label_column` name the fields. Labels are kept as strings. A missing or
@@ -336,7 +352,12 @@ def read_labels(path, text_column="text", label_column="label"):
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
-            records = list(csv.DictReader(io.StringIO(text), delimiter="," if path.suffix == ".csv" else "\t"))
+            delimiter = "," if path.suffix == ".csv" else "\t"
+            if line := unclosed_quote(text, delimiter):
+                raise SystemExit(f"error: labels file {path}: a quote opens a text on line {line} and does not close, "
+                                 "so the rest of the file would read as that one text (close it, or double each "
+                                 "quote inside a quoted text)")
+            records = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
         raise SystemExit(f"error: cannot read labels file {path} ({type(err).__name__}: {err})") from None
     if not records:

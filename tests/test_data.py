@@ -184,3 +184,12 @@ def test_labels_from_json_keep_numbers_and_refuse_null(tmp_path):
     path.write_text('{"text": "a dull film", "label": 0}\n{"text": "a fine film", "label": null}\n')
     with pytest.raises(SystemExit, match="record 2 has an empty label"):
         data.read_labels(path)
+
+
+def test_a_quote_that_never_closes_is_an_error_not_one_long_text(tmp_path):
+    path = tmp_path / "labels.csv"  # csv's lenient reader reads the rest of the file into the open quote
+    path.write_text('label,text\npos,fine\npos,"a great film\nneg,dull\nneg,awful\n')
+    with pytest.raises(SystemExit, match="a quote opens a text on line 3 and does not close"):
+        data.read_labels(path)
+    path.write_text('label,text\npos,"a great\nfilm"\nneg,"a ""dull"" one"\nneg,"awful" really\n')
+    assert data.read_labels(path) == [("a great film", "pos"), ('a "dull" one', "neg"), ("awful really", "neg")]
