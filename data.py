@@ -15,6 +15,7 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
   probe data    SST-2, Amazon polarity, Civil Comments and AG News (the paper tier's probes, guide.py),
                 streamed from the hub or read from local copies (--probe-data DIR).
 """
+import csv
 import glob
 import hashlib
 import io
@@ -326,7 +327,6 @@ def read_labelled(name, max_per_class, data_dir=None):
 def unclosed_quote(text, delimiter):
     """The line where a quoted field opens and never closes (or only past csv's field limit), or None. A
     lenient CSV reader (read_labels') reads the rest of the file into that field; a strict one says so."""
-    import csv
     reader, start = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True), 1
     while True:
         try:
@@ -343,7 +343,6 @@ def read_labels(path, text_column="text", label_column="label"):
     """A labelled file -> [(text, label)]: .csv or .tsv with a header row, or .jsonl with one object a
     line; `text_column` and `label_column` name the fields. Labels are kept as strings. A missing or
     unreadable file, a missing column or an empty text or label is a one-line error."""
-    import csv
     path = input_file(path, "labels file")
     if path.suffix not in (".csv", ".tsv", ".jsonl"):
         raise SystemExit(f"error: labels file {path} must be .csv, .tsv or .jsonl")
