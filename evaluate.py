@@ -50,7 +50,7 @@ import data as data_lib
 from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
-from utils import ArgumentParser, bounded, comma_list, output_file, pick_device, run_cli
+from utils import ArgumentParser, atomic_write_text, bounded, comma_list, output_file, pick_device, run_cli
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -557,8 +557,9 @@ def get_args(argv=None):
                    help="write a PNG of attribute success against perplexity (needs matplotlib)")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
-    p.add_argument("--json", type=output_file, default=None, help="write all results (with examples) to this JSON file")
-    p.add_argument("--md", type=output_file, default=None, help="write the Markdown table to this file")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="write all results (with examples) to this JSON file, after each row")
+    p.add_argument("--md", type=output_file, default=None, help="write the Markdown table to this file, after each row")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p, guidance_scale=False)
     args = p.parse_args(argv)
@@ -568,6 +569,16 @@ def get_args(argv=None):
         except re.error as err:
             p.error(f"argument --match: {args.match!r} is not a regular expression ({err})")
     return args
+
+
+def write_results(args, n_prompts, sampling, bf16, results):
+    """--json / --md, rewritten whole (atomically) after every row: an interrupted sweep keeps the rows it finished."""
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"ckpt": str(args.ckpt), "prompts": n_prompts, "n": args.n,
+                                                 "sampling": vars(sampling), "precision": "bf16" if bf16 else "fp32",
+                                                 "results": results}, indent=2))
+    if args.md:
+        atomic_write_text(args.md, markdown(results) + "\n")
 
 
 def main(args):
@@ -598,17 +609,11 @@ def main(args):
             results.append(evaluate_setting(model, prompts, args.n, guide, replace(sampling, scale=scale), args,
                                             judges, nearest))
             print(markdown_row(results[-1], columns(results)), flush=True)
-    table = markdown(results)
-    print("\n" + table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "prompts": len(prompts), "n": args.n,
-                                               "sampling": vars(sampling), "precision": "bf16" if model.bf16 else "fp32",
-                                               "results": results}, indent=2))
-    if args.md:
-        Path(args.md).write_text(table + "\n")
+            write_results(args, len(prompts), sampling, model.bf16, results)
+    print("\n" + markdown(results))
     if args.plot and plot_sweep(results, args.plot, model.guides, judges["perplexity"].name):
         print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args()))
+    run_cli(lambda: main(get_args()), interrupted="interrupted: the rows finished are in --json / --md where given")

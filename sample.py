@@ -314,4 +314,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args()))
+    run_cli(lambda: main(get_args()), interrupted="interrupted: the batches finished are in --out where given")

@@ -119,7 +119,7 @@ def comma_list(kind):
 
 
 def output_file(value):
-    """An argparse type: a file to write at the end of a run, checked before the run's work begins."""
+    """An argparse type: a file a run writes (at its end or as it goes), checked before the run's work begins."""
     path = Path(value)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"'{value}' is a folder (give a file name)")

@@ -274,6 +274,28 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     assert (tmp_path / "p.png").exists() or "pip install matplotlib" in printed
 
 
+def test_an_interrupted_sweep_keeps_the_rows_it_finished(ckpt, tmp_path, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("the film was\n")
+    rows, evaluate_setting = [], evaluate.evaluate_setting
+
+    def stop_at_the_third_row(*a, **k):
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        rows.append(evaluate_setting(*a, **k))
+        return rows[-1]
+    monkeypatch.setattr(evaluate, "evaluate_setting", stop_at_the_third_row)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(evaluate.get_args(["--ckpt", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"), "--guides",
+                                         "none,positive", "--scales", "10,30", "--n", "2", "--steps", "3",
+                                         "--max-tokens", "4", "--json", str(tmp_path / "r.json"),
+                                         "--md", str(tmp_path / "r.md")]))
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["guide"], r["scale"]) for r in results] == [("none", 0.0), ("positive", 10.0)]
+    assert results == json.loads(json.dumps(rows))
+    md = (tmp_path / "r.md").read_text()
+    assert md == evaluate.markdown(rows) + "\n" and "| positive | 10 |" in md and "| positive | 30 |" not in md
+
+
 def test_hf_reference_lm_from_a_local_folder(ckpt, tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     tok = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
