@@ -108,9 +108,14 @@ def input_file(path, what, accepted=""):
     return Path(path)
 
 
+def data_file(path):
+    """--data as a local file: Path(path), or the one-line error naming what --data accepts."""
+    return input_file(path, "data file", "tiny, c4, a .txt or .jsonl file")
+
+
 def load_local(path):
     """A .txt (one text per line) or .jsonl (`text` field) -> list of {text, ...}."""
-    path = input_file(path, "data file", "tiny, c4, a .txt or .jsonl file")
+    path = data_file(path)
     try:
         if path.suffix == ".jsonl":
             rows = read_jsonl(path)

@@ -90,6 +90,14 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert_one_line_error(run_script("train.py", "--steps", "lots", cwd=tmp_path), "'lots' is not a count")
 
 
+def test_a_data_file_that_is_not_there_is_named_before_anything_is_printed(tmp_path, capsys):
+    for path, why in ((tmp_path / "missing.txt", "does not exist"), (tmp_path, "is a folder")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit, match=f"^error: data file .* {why}"):
+            train.main(get_args(["--data", str(path), "--out", str(tmp_path / "o")]))
+        assert capsys.readouterr().out == ""  # not the run's description first
+
+
 def test_offline_the_paper_tier_names_every_download_it_could_not_make(tmp_path):
     result = run_script("train.py", "--data", "c4", "--steps", "100k", "--out", str(tmp_path / "o"), cwd=tmp_path,
                         env={"DGLM_C4_PATH": ""})
