@@ -90,10 +90,13 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert_one_line_error(run_script("train.py", "--steps", "lots", cwd=tmp_path), "'lots' is not a count")
 
 
-def test_a_data_file_that_is_not_there_is_named_before_anything_is_printed(tmp_path, capsys):
-    for path, why in ((tmp_path / "missing.txt", "does not exist"), (tmp_path, "is a folder")):
+def test_a_data_file_that_is_not_there_empty_or_unreadable_is_named_before_anything_is_printed(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    for path, why in ((tmp_path / "missing.txt", "data file .* does not exist"), (tmp_path, "data file .* is a folder"),
+                      (tmp_path / "empty.txt", ".*empty.txt holds no texts"), (tmp_path / "bad.jsonl", "cannot read")):
         capsys.readouterr()
-        with pytest.raises(SystemExit, match=f"^error: data file .* {why}"):
+        with pytest.raises(SystemExit, match=f"^error: {why}"):
             train.main(get_args(["--data", str(path), "--out", str(tmp_path / "o")]))
         assert capsys.readouterr().out == ""  # not the run's description first
 
