@@ -230,7 +230,9 @@ def parse_guides(spec, available):
         if not name:
             raise SystemExit(f"error: empty guide name in {spec!r} (use name[:weight], joined by ',' or '+')")
         if name not in available:
-            raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none)")
+            paper = (f"; {name!r} is one of the paper tier's guides: add them with "
+                     "`python guide.py --ckpt CKPT --probes paper`") if name in PAPER_GUIDES else ""
+            raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none{paper})")
         try:
             value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1
         except ValueError:
