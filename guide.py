@@ -393,6 +393,9 @@ def merge_probes(path, probes, guides, encoder_name):
             old_probes, old_guides = load_probes(path, encoder_name)
         except SystemExit as err:  # another encoder's or an unreadable file: nothing worth keeping
             print(f"note: replacing {path}: {str(err).removeprefix('error: ')}")
+    changed = sorted(g for g in guides if g in old_guides and list(old_guides[g]) != json.loads(json.dumps(guides[g])))
+    if changed:  # e.g. the paper's probes over a tiny checkpoint's: its positive and negative steer differently now
+        print(f"note: {path}: the guides {', '.join(changed)} are replaced by the new ones of those names")
     save_probes(path, {**old_probes, **probes}, {**old_guides, **guides}, encoder_name)
 
 

@@ -225,7 +225,7 @@ def test_the_same_seed_gives_the_same_guided_sample_every_time():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
-def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, tmp_path):
+def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, tmp_path, capsys):
     from encoder import TINY_ENCODER, embed, load_encoder
     ckpt = tmp_path / "out"
     ckpt.mkdir()
@@ -236,6 +236,7 @@ def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, t
     report = guide.main(["--ckpt", str(ckpt), "--probes", "paper", "--probe-data", str(probe_data),
                          "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
     assert set(report) == {"sentiment", "toxicity", "world", "sports", "business", "scitech"}
+    assert "the guides negative, positive are replaced by the new ones of those names" in capsys.readouterr().out
     assert min(report.values()) >= 0.75  # held-out balanced accuracy (every 10th example per class); chance 0.5
     probes, guides = guide.load_probes(ckpt / "probes.safetensors", TINY_ENCODER)
     for name in ("nontoxic", "toxic", "world", "sports", "business", "scitech", "positive", "negative", "movie"):
