@@ -381,7 +381,7 @@ def preflight(args):
         if needed and missing_folder(name):
             raise SystemExit(f"error: {flag} {name}: no such folder (a local model folder, or a hub id such as "
                              f"{'gpt2-large' if flag == '--lm' else 'sentence-transformers/sentence-t5-xl'})")
-    if args.data not in ("tiny", "c4"):  # read whole to check it (load_data reads it again: seconds, where embedding is minutes)
+    if args.data not in ("tiny", "c4"):  # read whole to check it; load_data reads it again (seconds, beside embedding)
         data_lib.load_local(args.data)
     if args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV)):
         data_lib.c4_files(args.c4_path or os.environ[data_lib.C4_PATH_ENV])  # one line when there are no C4 files
