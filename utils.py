@@ -145,6 +145,36 @@ def missing_folder(name):
     return local and not os.path.isdir(os.path.expanduser(name))
 
 
+HUB_ANSWERS = None  # whether the Hugging Face hub answered (hub_answers), asked once a process
+
+
+def hub_answers():
+    """Whether the Hugging Face hub answers, asked once a process before its first download. If one request
+    gets no answer, huggingface_hub, transformers and datasets go offline for the rest of the process: a
+    model in the local cache then loads at once and anything else fails at once, in its caller's one line.
+    (Left online, huggingface_hub retries each file of an unreachable hub with backoff: about 25 s and six
+    warnings a file before that line.) HF_HUB_OFFLINE=1 asks nothing."""
+    global HUB_ANSWERS
+    if HUB_ANSWERS is None:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+        HUB_ANSWERS = False
+        if not constants.HF_HUB_OFFLINE:
+            try:
+                get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+                HUB_ANSWERS = True  # any HTTP status: the hub, or a proxy before it, answers
+            except Exception:  # no answer at all: no DNS, refused, timed out, TLS
+                pass
+        if not HUB_ANSWERS:
+            constants.HF_HUB_OFFLINE = True  # what transformers and sentence-transformers ask too
+            try:
+                import datasets.config
+                datasets.config.HF_HUB_OFFLINE = True  # datasets reads the variable once, at import
+            except ImportError:
+                pass
+    return HUB_ANSWERS
+
+
 def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
     if not str(value).strip():

@@ -82,7 +82,7 @@ def trained(corpus, tmp_path_factory):
 def run_script(*argv, cwd=None, env=None):
     """A script of the repository in a child process, offline: -> CompletedProcess (text)."""
     return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), timeout=300)
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
 def cli_error(module, argv, capsys):

@@ -108,6 +108,16 @@ def test_offline_the_paper_tier_names_every_download_it_could_not_make(tmp_path)
                                   "sentence-transformers/sentence-t5-xl (--encoder), allenai/c4 (--c4-path)")
 
 
+def test_offline_without_hf_hub_offline_the_paper_tier_fails_at_once_and_quietly(tmp_path):
+    """A user offline seldom sets HF_HUB_OFFLINE: the hub is asked once, then the libraries go offline (else
+    huggingface_hub retries each download with backoff, printing six warnings a file before the one line)."""
+    result = run_script("train.py", "--data", "c4", "--steps", "100k", "--out", str(tmp_path / "o"), cwd=tmp_path,
+                        env={"DGLM_C4_PATH": "", "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert "Retrying" not in result.stdout + result.stderr
+    assert_one_line_error(result, "error: the paper tier could not download gpt2-large (--lm), "
+                                  "sentence-transformers/sentence-t5-xl (--encoder), allenai/c4 (--c4-path)")
+
+
 def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "24,40,80"]))
     out = capsys.readouterr().out

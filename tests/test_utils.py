@@ -1,11 +1,15 @@
 """utils.py: argument types with stated ranges, one-line errors, and checkpoint writes."""
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, keep_freed_memory, output_file,
                    pick_device, run_cli)
 
@@ -147,3 +151,42 @@ def test_keep_freed_memory_reuses_a_freed_heap_top_without_faulting_it_in_again(
         del blocks
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert max(faults[1:]) < pages // 20, faults  # the 128 MB threshold: about 33,000 a round
+
+
+HUB_OFFLINE_SCRIPT = """
+import time
+import huggingface_hub.utils
+import utils
+from transformers import AutoConfig
+def no_retries(seconds):
+    raise AssertionError(f"a retry after {seconds} s")
+time.sleep = no_retries
+asked, get_session = [], huggingface_hub.utils.get_session
+huggingface_hub.utils.get_session = lambda: asked.append(1) or get_session()
+assert utils.hub_answers() is False and asked == [1]
+assert AutoConfig.from_pretrained("someone/cached").n_embd == 32  # from the local cache, at once
+try:
+    AutoConfig.from_pretrained("someone/absent")
+    raise AssertionError("loaded a model that is nowhere")
+except OSError:
+    pass
+assert utils.hub_answers() is False and asked == [1]  # asked once a process
+print("ok")
+"""
+
+
+def test_an_unreachable_hub_is_asked_once_then_the_cache_serves_without_retries(tmp_path):
+    """Offline without HF_HUB_OFFLINE (an address nothing listens on): a cached model loads, an absent one
+    fails at once (huggingface_hub would otherwise sleep between retries), and the hub is not asked again."""
+    commit = "0" * 40
+    snapshot = tmp_path / "hub" / "models--someone--cached" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    (tmp_path / "hub" / "models--someone--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--cached" / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", HUB_OFFLINE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1500:]
+    assert "Retrying" not in result.stderr
