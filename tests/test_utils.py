@@ -1,4 +1,4 @@
-"""utils.py: argument types with stated ranges, one-line errors, and checkpoint writes."""
+"""utils.py: argument types with stated ranges, one-line errors, the hub asked once, and checkpoint writes."""
 import argparse
 import json
 import os
