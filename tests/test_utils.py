@@ -190,3 +190,18 @@ def test_an_unreachable_hub_is_asked_once_then_the_cache_serves_without_retries(
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1500:]
     assert "Retrying" not in result.stderr
+
+
+@pytest.mark.parametrize("first_download", [
+    "decoder.load_tokenizer('someone/absent')",
+    "encoder.load_encoder('someone/absent')",
+])  # (data.stream_from_hub: tests/test_train.py, C4 offline)
+def test_each_first_download_asks_the_hub_before_it_tries(first_download):
+    """Whichever load comes first in a process, offline it fails at once in one line, without retries."""
+    script = ("import sys, time, decoder, encoder\n"
+              "time.sleep = lambda s: sys.exit(f'a retry after {s} s')\n"
+              f"{first_download}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and "Retrying" not in result.stderr, result.stderr[-1500:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "someone/absent" in result.stderr
