@@ -29,7 +29,6 @@ Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same
 Names: *_ids token-id lists, x a standardised latent, z its noised version at signal level a.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -373,9 +372,8 @@ def train_tokenizer(texts, vocab_size):
 def load_tokenizer(path_or_id, flag="--lm"):
     """A tokenizer by hub id or folder; offline, one line naming `flag`, the option that takes a local copy."""
     from transformers import AutoTokenizer
-    if not os.path.isdir(path_or_id):
-        from utils import hub_answers  # (utils imports this file)
-        hub_answers()  # offline, a tokenizer not in the local cache fails at once instead of retrying
+    from utils import hub_answers  # (utils imports this file)
+    hub_answers(path_or_id)  # offline, a tokenizer not in the local cache fails at once instead of retrying
     try:
         return AutoTokenizer.from_pretrained(path_or_id)
     except OSError:

@@ -66,8 +66,7 @@ def load_encoder(name, device="cpu", dtype=None):
     bars = hf_logging.is_progress_bar_enabled()
     if os.path.isdir(path):  # a local model loads in a blink: no "Loading weights" bar on every run
         hf_logging.disable_progress_bar()
-    else:
-        hub_answers()  # offline, a model not in the local cache fails at once instead of retrying
+    hub_answers(path)  # offline, a model not in the local cache fails at once instead of retrying
     try:
         with torch.random.fork_rng(devices=[]):  # building the modules draws random numbers: keep training's RNG as it was
             model = SentenceTransformer(path, device=device)

@@ -102,7 +102,7 @@ class Classifier:
     def __init__(self, name, label, flag, device="cpu", batch_size=32):
         try:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
-            hub_answers()  # offline, a model not in the local cache fails at once instead of retrying
+            hub_answers(name)  # offline, a model not in the local cache fails at once instead of retrying
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
         except Exception as err:  # offline hub, missing folder, not a classifier: many error types
@@ -260,7 +260,7 @@ class HFPerplexity:
     def __init__(self, name, device="cpu", batch_size=16):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            hub_answers()  # offline, a model not in the local cache fails at once instead of retrying
+            hub_answers(name)  # offline, a model not in the local cache fails at once instead of retrying
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             # fp32 on every device: a judge's figures compare across machines (bf16 rounds GPT-2's logits by ~0.1)
             self.lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device).eval()

@@ -148,13 +148,16 @@ def missing_folder(name):
 HUB_ANSWERS = None  # whether the Hugging Face hub answered (hub_answers), asked once a process
 
 
-def hub_answers():
+def hub_answers(name=None):
     """Whether the Hugging Face hub answers, asked once a process before its first download. If one request
     gets no answer, huggingface_hub, transformers and datasets go offline for the rest of the process: a
     model in the local cache then loads at once and anything else fails at once, in its caller's one line.
     (Left online, huggingface_hub retries each file of an unreachable hub with backoff: about 25 s and six
-    warnings a file before that line.) HF_HUB_OFFLINE=1 asks nothing."""
+    warnings a file before that line.) HF_HUB_OFFLINE=1 asks nothing; nor does `name`, the model about to
+    be loaded, when it is a local folder (-> None)."""
     global HUB_ANSWERS
+    if name is not None and os.path.isdir(str(name)):
+        return None
     if HUB_ANSWERS is None:
         from huggingface_hub import constants
         from huggingface_hub.utils import get_session

@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,24 @@ def run_script(*argv, cwd=None, env=None):
     """A script of the repository in a child process, offline: -> CompletedProcess (text)."""
     return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+
+
+UNREACHABLE_HUB = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}  # offline as users are: no variable set
+
+
+def run_python(code, env=None):
+    """Python code in a child process, the repository on its path: -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=120)
+
+
+def hub_cache(root, repo_id, folder):
+    """Lay out `folder` as the Hugging Face cache's copy of the model `repo_id` under `root`."""
+    commit = "0" * 40
+    repo = Path(root) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
 
 
 def cli_error(module, argv, capsys):

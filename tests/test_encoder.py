@@ -1,17 +1,12 @@
 """encoder.py: the sentence encoder (a tiny sentence-T5 built from configs), the embedding cache,
 the C4 window files and standardisation."""
-import os
-import shutil
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 import data
 import encoder as encoder_lib
-from conftest import ROOT, T5_TEXTS, no_encoder
+from conftest import T5_TEXTS, UNREACHABLE_HUB, hub_cache, no_encoder, run_python
 
 
 def test_tiny_sentence_t5_loads_and_the_cache_never_encodes_twice(tiny_t5, tmp_path, monkeypatch):
@@ -111,20 +106,14 @@ def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch)
 def test_offline_without_hf_hub_offline_an_encoder_in_the_hub_cache_loads_by_its_hub_id(tiny_t5, tmp_path):
     """The paper tier's path: trained online, sampled offline. The hub does not answer (an address nothing
     listens on), so hub_answers switches the libraries offline and the cached copy loads at once."""
-    commit = "0" * 40
-    repo = tmp_path / "hub" / "models--someone--st5"
-    shutil.copytree(tiny_t5, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    hub_cache(tmp_path / "hub", "someone/st5", tiny_t5)
     script = ("import sys, time, numpy as np, encoder\n"
               "time.sleep = lambda s: sys.exit(f'a retry after {s} s')\n"
               "by_id = encoder.embed(encoder.load_encoder('someone/st5'), ['the cat sat'])\n"
               f"by_folder = encoder.embed(encoder.load_encoder({tiny_t5!r}), ['the cat sat'])\n"
               "np.testing.assert_allclose(by_id, by_folder, atol=1e-6)\n"
               "print('ok')")
-    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = run_python(script, {**UNREACHABLE_HUB, "HF_HUB_CACHE": str(tmp_path / "hub")})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1500:]
     assert "Retrying" not in result.stderr
 

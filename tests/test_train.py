@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import batches
 import train
-from conftest import ROOT, assert_one_line_error, cli_error, document, run_script, run_train
+from conftest import ROOT, UNREACHABLE_HUB, assert_one_line_error, cli_error, document, run_script, run_train
 from diffusion import Prior, PriorConfig
 from train import cosine_lr, get_args
 from utils import Checkpoint, load_for_inference
@@ -112,7 +112,7 @@ def test_offline_without_hf_hub_offline_the_paper_tier_fails_at_once_and_quietly
     """A user offline seldom sets HF_HUB_OFFLINE: the hub is asked once, then the libraries go offline (else
     huggingface_hub retries each download with backoff, printing six warnings a file before the one line)."""
     result = run_script("train.py", "--data", "c4", "--steps", "100k", "--out", str(tmp_path / "o"), cwd=tmp_path,
-                        env={"DGLM_C4_PATH": "", "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+                        env={"DGLM_C4_PATH": "", **UNREACHABLE_HUB})
     assert "Retrying" not in result.stdout + result.stderr
     assert_one_line_error(result, "error: the paper tier could not download gpt2-large (--lm), "
                                   "sentence-transformers/sentence-t5-xl (--encoder), allenai/c4 (--c4-path)")

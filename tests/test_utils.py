@@ -3,13 +3,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import UNREACHABLE_HUB, hub_cache, run_python
 from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, keep_freed_memory, output_file,
                    pick_device, run_cli)
 
@@ -163,6 +161,7 @@ def no_retries(seconds):
 time.sleep = no_retries
 asked, get_session = [], huggingface_hub.utils.get_session
 huggingface_hub.utils.get_session = lambda: asked.append(1) or get_session()
+assert utils.hub_answers(".") is None and asked == []  # a local folder needs no hub: the tiny tier asks nothing
 assert utils.hub_answers() is False and asked == [1]
 assert AutoConfig.from_pretrained("someone/cached").n_embd == 32  # from the local cache, at once
 try:
@@ -178,16 +177,10 @@ print("ok")
 def test_an_unreachable_hub_is_asked_once_then_the_cache_serves_without_retries(tmp_path):
     """Offline without HF_HUB_OFFLINE (an address nothing listens on): a cached model loads, an absent one
     fails at once (huggingface_hub would otherwise sleep between retries), and the hub is not asked again."""
-    commit = "0" * 40
-    snapshot = tmp_path / "hub" / "models--someone--cached" / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
-    (tmp_path / "hub" / "models--someone--cached" / "refs").mkdir()
-    (tmp_path / "hub" / "models--someone--cached" / "refs" / "main").write_text(commit)
-    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", HUB_OFFLINE_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=120)
+    (tmp_path / "cached").mkdir()
+    (tmp_path / "cached" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    hub_cache(tmp_path / "hub", "someone/cached", tmp_path / "cached")
+    result = run_python(HUB_OFFLINE_SCRIPT, {**UNREACHABLE_HUB, "HF_HUB_CACHE": str(tmp_path / "hub")})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1500:]
     assert "Retrying" not in result.stderr
 
@@ -201,7 +194,6 @@ def test_each_first_download_asks_the_hub_before_it_tries(first_download):
     script = ("import sys, time, decoder, encoder\n"
               "time.sleep = lambda s: sys.exit(f'a retry after {s} s')\n"
               f"{first_download}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = run_python(script, UNREACHABLE_HUB)
     assert result.returncode == 1 and "Retrying" not in result.stderr, result.stderr[-1500:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "someone/absent" in result.stderr
