@@ -405,6 +405,18 @@ def preflight(args):
                          f"local copies with the flags named, or {instead}")
 
 
+def check_gpu(args):
+    """The paper tier on --device auto stops when PyTorch sees no GPU, before its gigabytes of models are
+    downloaded: most often a CPU build of torch, or a driver too old for torch's CUDA build."""
+    if args.tier != "paper" or args.device != "auto" or pick_device("auto") != "cpu":
+        return
+    why = f"torch {torch.__version__} " + ("is a CPU build; install a CUDA build from pytorch.org" if torch.version.cuda
+                                            is None else f"is built for CUDA {torch.version.cuda} and finds no GPU; "
+                                                         "check the driver with nvidia-smi")
+    raise SystemExit(f"error: the paper tier trains on a CUDA GPU and this PyTorch sees none ({why}); --device cpu "
+                     "trains there anyway, far slower, or train the tiny tier: python train.py")
+
+
 def train_probes(args, window, out, cache):
     """The tier's probes, before the long loop, into out/probes.safetensors: the tiny corpus's labels
     (sentiment, domains) or the paper's data sets (sentiment, toxicity, topics). -> report or None."""
@@ -502,6 +514,7 @@ def setup(args):
     out = Path(args.out)
     check_args(args, out)
     preflight(args)
+    check_gpu(args)
     dist = Distributed(args.device)
     if args.batch_size % dist.world or args.decoder_batch % dist.world:
         raise SystemExit(f"error: --batch-size {args.batch_size} and --decoder-batch {args.decoder_batch} must be "

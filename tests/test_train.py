@@ -118,6 +118,27 @@ def test_offline_without_hf_hub_offline_the_paper_tier_fails_at_once_and_quietly
                                   "sentence-transformers/sentence-t5-xl (--encoder), allenai/c4 (--c4-path)")
 
 
+def test_the_paper_tier_stops_before_its_downloads_when_pytorch_sees_no_gpu(corpus, tmp_path, monkeypatch):
+    """--device auto on a machine whose PyTorch sees no GPU (a CPU build of torch, or a driver too old for its
+    CUDA build): one line naming the cause, nothing written; --device cpu and the tiny tier go on."""
+    (tmp_path / "gpt2").mkdir(), (tmp_path / "st5").mkdir()  # local folders: the preflight downloads nothing
+    result = run_script("train.py", "--tier", "paper", "--data", str(corpus), "--lm", str(tmp_path / "gpt2"),
+                        "--encoder", str(tmp_path / "st5"), "--out", str(tmp_path / "o"), cwd=tmp_path,
+                        env={"CUDA_VISIBLE_DEVICES": ""})
+    assert_one_line_error(result, f"error: the paper tier trains on a CUDA GPU and this PyTorch sees none (torch "
+                                  f"{torch.__version__} is ")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cuda, why in ((None, "is a CPU build; install a CUDA build from pytorch.org)"),
+                      ("13.0", "is built for CUDA 13.0 and finds no GPU; check the driver with nvidia-smi)")):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        with pytest.raises(SystemExit) as stop:
+            train.check_gpu(get_args(["--data", "c4"]))
+        assert f"sees none (torch {torch.__version__} {why}; --device cpu trains there anyway" in str(stop.value)
+    for argv in (["--data", "c4", "--device", "cpu"], []):
+        assert train.check_gpu(get_args(argv)) is None
+
+
 def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "24,40,80"]))
     out = capsys.readouterr().out
