@@ -448,14 +448,32 @@ def check_args(args, out):
     except OSError as err:
         raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
-        raise SystemExit(f"error: {out}/ already holds a checkpoint; continue it with --resume, "
-                         "train into another --out, or pass --overwrite to replace it")
+        raise SystemExit(existing_run(args, out))
     if args.data == "c4" and args.lm == TINY_LM:
         raise SystemExit("error: --data c4 cuts documents with the GPT-2 tokenizer; use the paper tier "
                          "(the default for c4) or --lm with a GPT-2 hub id or local folder")
     if args.decoder_batch > args.batch_size:
         raise SystemExit(f"error: --decoder-batch {args.decoder_batch} is larger than --batch-size {args.batch_size} "
                          "(the decoder trains on the first rows of the prior's batch)")
+
+
+def existing_run(args, out):
+    """The error for an --out that holds a checkpoint: --resume continues it, unless it is another kind of
+    run (a tiny-tier checkpoint where the paper tier is asked for, say), which needs another --out."""
+    try:
+        ckpt = Checkpoint(out)
+        tier, data, steps = (ckpt.config["train"][k] for k in ("tier", "data", "steps"))
+    except (SystemExit, KeyError):  # unreadable, or from an earlier release
+        return f"error: {out}/ already holds a checkpoint; continue it with --resume, train into another --out, " \
+               "or pass --overwrite to replace it"
+    done = ckpt.step >= steps
+    run = f"the {tier} tier on --data {data}, " + (f"finished at step {steps}" if done else f"step {ckpt.step} of {steps}")
+    if tier == args.tier and (data == args.data or {data, args.data}.isdisjoint({"tiny", "c4"})):
+        resume = f"train it on with --resume --steps {2 * ckpt.step}" if done else "continue it with --resume"
+        return f"error: {out}/ already holds a run ({run}); {resume}, train into another --out, " \
+               "or pass --overwrite to replace it"
+    return f"error: {out}/ already holds another run ({run}); train this one into another --out (then sample.py " \
+           "--ckpt with it), or pass --overwrite to replace it"
 
 
 class Models:

@@ -417,11 +417,18 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
     shutil.copytree(trained / "cache", tmp_path / "cache")
     shutil.copytree(trained / "out", tmp_path / "out")
     before = (tmp_path / "out" / "checkpoint.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a checkpoint; continue it with --resume"):
+    run = f"already holds a run \\(the tiny tier on --data {corpus}, "
+    with pytest.raises(SystemExit, match=run + "finished at step 6\\); train it on with --resume --steps 12, "):
         run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2")
+    # another kind of run (the paper tier) is not sent to --resume, which would refuse its flags
+    with pytest.raises(SystemExit, match="already holds another run \\(the tiny tier .*\\); train this one into "
+                                         "another --out \\(then sample.py --ckpt with it\\), or pass --overwrite"):
+        run_train(corpus, tmp_path, tmp_path / "out", "--tier", "paper")
     assert (tmp_path / "out" / "checkpoint.safetensors").read_bytes() == before
-    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2", "--overwrite")
+    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "3", "--stop-at", "2", "--overwrite")
     assert Checkpoint(tmp_path / "out").step == 2
+    with pytest.raises(SystemExit, match=run + "step 2 of 3\\); continue it with --resume, train into another --out"):
+        run_train(corpus, tmp_path, tmp_path / "out", "--steps", "3")
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(SystemExit, match="--out .*a-file is a file; give a folder"):
         run_train(corpus, tmp_path, tmp_path / "a-file", "--steps", "2")
