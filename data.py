@@ -6,7 +6,8 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
   --data tiny   ~23.7k sentences with mean human valence ratings in [-4, 4] from four domains
                 (movie reviews, tweets, product reviews, news editorials), shipped inside the
                 source distribution of `vaderSentiment==3.3.2` (Hutto & Gilbert 2014, MIT).
-                Fetched with pip, checked against a sha256, cached as corpus.jsonl.
+                Fetched from PyPI (with pip, or its simple index where pip is not installed),
+                checked against a sha256, cached as corpus.jsonl.
   --data PATH   a local .txt (one text per line) or .jsonl (a `text` field).
   --data c4     C4 `en`, streamed with `datasets` from the hub, or from a local copy of its
                 .json.gz files (--c4-path DIR or $DGLM_C4_PATH). Prepared as in the paper: documents
@@ -18,6 +19,7 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
 import csv
 import glob
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -26,9 +28,12 @@ import random
 import subprocess
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+PYPI_SIMPLE = "https://pypi.org/simple/vadersentiment/"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 DOMAIN_FILES = {  # file in hutto_ICWSM_2014.tar.gz -> domain label
     "movieReviewSnippets_GroundTruth.txt": "movie",
@@ -57,11 +62,7 @@ def prepare_tiny(cache_dir):
     cache_dir.mkdir(parents=True, exist_ok=True)
     sdist = cache_dir / VADER_SDIST
     if not sdist.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "vaderSentiment==3.3.2", "--dest", str(cache_dir)]
-        if subprocess.run(cmd, capture_output=True).returncode != 0 or not sdist.exists():
-            raise SystemExit("error: could not fetch vaderSentiment==3.3.2 from PyPI for the tiny corpus; "
-                             f"put {VADER_SDIST} into {cache_dir} by hand or pass --data FILE")
+        fetch_sdist(sdist)
     if sha256_of(sdist) != VADER_SHA256:
         raise SystemExit(f"error: {sdist} has an unexpected sha256; delete it and run again")
     rows = []
@@ -77,6 +78,29 @@ def prepare_tiny(cache_dir):
                 rows.append({"text": " ".join(parts[2].split()), "rating": float(parts[1]), "domain": domain})
     write_jsonl(corpus, rows)
     return rows
+
+
+def fetch_sdist(sdist):
+    """vaderSentiment's source archive from PyPI into `sdist`: with pip where it is installed (it reads the
+    user's index settings, a mirror say), else from PyPI's simple index over HTTPS (a venv made by uv has
+    no pip). prepare_tiny checks the sha256 of what arrives."""
+    if importlib.util.find_spec("pip"):
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               "vaderSentiment==3.3.2", "--dest", str(sdist.parent)]
+        if subprocess.run(cmd, capture_output=True).returncode == 0 and sdist.exists():
+            return
+    try:  # PEP 691: the index as JSON, each file with its url
+        index = urllib.request.Request(PYPI_SIMPLE, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(index, timeout=60) as response:
+            url = next(f["url"] for f in json.load(response)["files"] if f["filename"] == VADER_SDIST)
+        url = urllib.parse.urljoin(PYPI_SIMPLE, url)  # an index may give it relative to itself
+        with urllib.request.urlopen(url, timeout=60) as response:
+            part = sdist.with_name(sdist.name + ".part")
+            part.write_bytes(response.read())
+        part.replace(sdist)
+    except (OSError, ValueError, KeyError, StopIteration) as err:  # URLError and timeouts are OSErrors
+        raise SystemExit(f"error: could not fetch vaderSentiment==3.3.2 from PyPI for the tiny corpus ({err}); "
+                         f"put {VADER_SDIST} into {sdist.parent} by hand or pass --data FILE") from None
 
 
 def read_jsonl(path):

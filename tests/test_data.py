@@ -1,8 +1,11 @@
 """data.py: the tiny corpus, local files, the prefix split, C4 prepared and streamed from a local copy."""
+import http.server
+import importlib.util
 import itertools
 import json
 import math
 import random
+import threading
 
 import pytest
 
@@ -66,6 +69,46 @@ def test_tiny_corpus_checksum_is_verified(tmp_path):
     (tmp_path / data.VADER_SDIST).write_bytes(b"not the real archive")
     with pytest.raises(SystemExit, match="unexpected sha256"):
         data.prepare_tiny(tmp_path)
+
+
+@pytest.fixture
+def pypi(monkeypatch):
+    """A PyPI simple index (PEP 691 JSON) on localhost that serves vaderSentiment's archive; -> the served
+    files {path: bytes}, which a test may change."""
+    files = {"/simple/vadersentiment/": json.dumps({"files": [  # the url relative to the index, as PEP 691 allows
+        {"filename": "vaderSentiment-3.3.1.tar.gz", "url": "../../files/old.tar.gz"},
+        {"filename": data.VADER_SDIST, "url": "../../files/vader.tar.gz"}]}).encode(),
+        "/files/vader.tar.gz": b"the archive's bytes"}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(data, "PYPI_SIMPLE", f"http://127.0.0.1:{server.server_port}/simple/vadersentiment/")
+    yield files
+    server.shutdown()
+
+
+def test_without_pip_the_tiny_corpus_comes_from_pypis_simple_index(pypi, tmp_path, monkeypatch):
+    """A venv made by uv has no pip: the archive comes from the index over HTTPS instead."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pip" else find_spec(name, *a))
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: pytest.fail("pip was run"))
+    data.fetch_sdist(tmp_path / data.VADER_SDIST)
+    assert (tmp_path / data.VADER_SDIST).read_bytes() == b"the archive's bytes"
+    assert [p.name for p in tmp_path.iterdir()] == [data.VADER_SDIST]  # no .part left behind
+    del pypi["/files/vader.tar.gz"]
+    with pytest.raises(SystemExit, match=r"^error: could not fetch vaderSentiment==3.3.2 from PyPI for the tiny corpus "
+                                         r"\(HTTP Error 404: Not Found\); put vaderSentiment-3.3.2.tar.gz into "):
+        data.fetch_sdist(tmp_path / "again" / data.VADER_SDIST)
 
 
 def test_c4_offline_fails_with_one_sentence(monkeypatch):
