@@ -410,9 +410,11 @@ def check_gpu(args):
     downloaded: most often a CPU build of torch, or a driver too old for torch's CUDA build."""
     if args.tier != "paper" or args.device != "auto" or pick_device("auto") != "cpu":
         return
-    why = f"torch {torch.__version__} " + ("is a CPU build; install a CUDA build from pytorch.org" if torch.version.cuda
-                                            is None else f"is built for CUDA {torch.version.cuda} and finds no GPU; "
-                                                         "check the driver with nvidia-smi")
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU build; install a CUDA build from pytorch.org"
+    else:
+        why = f"torch {torch.__version__} is built for CUDA {torch.version.cuda} and finds no GPU; check the driver " \
+              "with nvidia-smi"
     raise SystemExit(f"error: the paper tier trains on a CUDA GPU and this PyTorch sees none ({why}); --device cpu "
                      "trains there anyway, far slower, or train the tiny tier: python train.py")
 
