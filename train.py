@@ -449,6 +449,8 @@ def check_args(args, out):
         os.rmdir(tempfile.mkdtemp(dir=where))
     except OSError as err:
         raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
+    if args.data not in ("tiny", "c4"):
+        data_lib.data_file(args.data)  # a --data file that is not there first: another --out would not help
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
         raise SystemExit(existing_run(args, out))
     if args.data == "c4" and args.lm == TINY_LM:

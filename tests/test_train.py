@@ -424,6 +424,8 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
     with pytest.raises(SystemExit, match="already holds another run \\(the tiny tier .*\\); train this one into "
                                          "another --out \\(then sample.py --ckpt with it\\), or pass --overwrite"):
         run_train(corpus, tmp_path, tmp_path / "out", "--tier", "paper")
+    with pytest.raises(SystemExit, match="data file .*missing.txt' does not exist"):  # not sent to another --out
+        train.main(get_args(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]))
     assert (tmp_path / "out" / "checkpoint.safetensors").read_bytes() == before
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "3", "--stop-at", "2", "--overwrite")
     assert Checkpoint(tmp_path / "out").step == 2
