@@ -247,8 +247,9 @@ def atomic_save(tensors, path, metadata=None):
 
 
 def atomic_write_text(path, text):
+    """UTF-8 whatever the locale (a label of the user's own may be any text), to PATH.tmp, then renamed."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

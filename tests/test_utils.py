@@ -111,6 +111,16 @@ def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
     assert torch.equal(safetensors.torch.load_file(str(path))["a"], torch.ones(3))
 
 
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """evaluate.py's tables name guides, and a guide of the user's own labels may be any text: written as UTF-8
+    under a locale whose encoding is ASCII (C, with Python's UTF-8 mode off), not a UnicodeEncodeError."""
+    path = tmp_path / "table.md"
+    result = run_python(f"import utils; utils.atomic_write_text({str(path)!r}, 'caf\\u00e9 \\u263a')",
+                        env={"LC_ALL": "C", "PYTHONUTF8": "0"})
+    assert result.returncode == 0, result.stderr[-800:]
+    assert path.read_bytes() == "caf\u00e9 \u263a".encode("utf-8")
+
+
 def test_checkpoint_reads_one_group_of_tensors_at_a_time(trained):
     ckpt = Checkpoint(trained / "out")
     stats = ckpt.tensors("stats")
