@@ -32,6 +32,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+# A user's text files (--data, --labels, --prompts) are UTF-8, with or without the byte-order mark that Excel
+# and Notepad write: read as plain UTF-8 it would begin the first text, or the first column's name.
+USER_TEXT = "utf-8-sig"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 PYPI_SIMPLE = "https://pypi.org/simple/vadersentiment/"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -106,7 +109,7 @@ def fetch_sdist(sdist):
 def read_jsonl(path):
     """JSON lines -> a list; a line that is not JSON is a ValueError naming the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=USER_TEXT) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -149,7 +152,7 @@ def load_local(path):
                 raise ValueError(f"record {bad} is not a JSON object with a string `text` field")
             rows = [r for r in rows if r.get("text", "").strip()]
         else:
-            rows = [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [{"text": line.strip()} for line in path.read_text(encoding=USER_TEXT).splitlines() if line.strip()]
     except ValueError as err:  # UnicodeDecodeError is one too
         raise SystemExit(f"error: cannot read {path}: {err}") from None
     if not rows:
@@ -378,7 +381,7 @@ def read_labels(path, text_column="text", label_column="label"):
     if path.suffix not in (".csv", ".tsv", ".jsonl"):
         raise SystemExit(f"error: labels file {path} must be .csv, .tsv or .jsonl")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=USER_TEXT)
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:

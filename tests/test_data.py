@@ -229,6 +229,19 @@ def test_labels_from_json_keep_numbers_and_refuse_null(tmp_path):
         data.read_labels(path)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_text_or_column(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad's UTF-8 begin the file with a byte-order mark: read as plain UTF-8 it
+    began the first text (--data .txt), broke the first JSON line (.jsonl) and renamed the first column of a
+    labels file ("no `text` column")."""
+    files = {"texts.txt": "a fine film\na dull one\n", "texts.jsonl": '{"text": "a fine film"}\n{"text": "a dull one"}\n',
+             "labels.csv": "text,label\na fine film,pos\na dull one,neg\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    for name in ("texts.txt", "texts.jsonl"):
+        assert data.load_local(tmp_path / name) == [{"text": "a fine film"}, {"text": "a dull one"}]
+    assert data.read_labels(tmp_path / "labels.csv") == [("a fine film", "pos"), ("a dull one", "neg")]
+
+
 def test_a_quote_that_never_closes_is_an_error_not_one_long_text(tmp_path):
     path = tmp_path / "labels.csv"  # csv's lenient reader reads the rest of the file into the open quote
     path.write_text('label,text\npos,fine\npos,"a great film\nneg,dull\nneg,awful\n')

@@ -281,6 +281,11 @@ def test_guided_sampling_and_evaluation_run_on_cuda(trained, tmp_path):
                                      "--device", "cuda"]))
 
 
+def test_a_prompt_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes(b"\xef\xbb\xbfThe movie\r\nDinner last night\r\n")  # Notepad's UTF-8
+    assert sample.read_prompt_file(tmp_path / "prompts.txt") == ["The movie", "Dinner last night"]
+
+
 def test_prompt_is_the_prefix_not_an_abbreviation_of_the_prompts_file():
     """argparse took `--prompt "The movie"` for --prompts, a file, and failed on a missing file."""
     assert sample.get_args(["--prompt", "The movie"]).prefix == "The movie"
