@@ -385,7 +385,8 @@ def read_labels(path, text_column="text", label_column="label"):
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
-            delimiter = "," if path.suffix == ".csv" else "\t"
+            header = text.split("\n", 1)[0]  # Excel in many European locales separates a .csv with ';'
+            delimiter = "\t" if path.suffix == ".tsv" else ";" if ";" in header and "," not in header else ","
             if line := unclosed_quote(text, delimiter):
                 raise SystemExit(f"error: labels file {path}: a quote opens a text on line {line} and does not close, "
                                  "so the rest of the file would read as that one text (close it, or double each "

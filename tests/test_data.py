@@ -242,6 +242,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text_or_column(tmp_path):
     assert data.read_labels(tmp_path / "labels.csv") == [("a fine film", "pos"), ("a dull one", "neg")]
 
 
+def test_a_csv_separated_by_semicolons_as_excel_writes_it_in_many_locales(tmp_path):
+    (tmp_path / "labels.csv").write_text('text;label\n"a fine, fine film";pos\na dull one;neg\n')
+    assert data.read_labels(tmp_path / "labels.csv") == [("a fine, fine film", "pos"), ("a dull one", "neg")]
+    (tmp_path / "labels.csv").write_text('text,label\na fine; fine film,pos\n')  # a ';' in a text is a text's
+    assert data.read_labels(tmp_path / "labels.csv") == [("a fine; fine film", "pos")]
+
+
 def test_a_quote_that_never_closes_is_an_error_not_one_long_text(tmp_path):
     path = tmp_path / "labels.csv"  # csv's lenient reader reads the rest of the file into the open quote
     path.write_text('label,text\npos,fine\npos,"a great film\nneg,dull\nneg,awful\n')
