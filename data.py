@@ -8,7 +8,7 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
                 source distribution of `vaderSentiment==3.3.2` (Hutto & Gilbert 2014, MIT).
                 Fetched from PyPI (with pip, or its simple index where pip is not installed),
                 checked against a sha256, cached as corpus.jsonl.
-  --data PATH   a local .txt (one text per line) or .jsonl (a `text` field).
+  --data PATH   a local .txt (one text per line), .jsonl (a `text` field) or .csv / .tsv (a `text` column).
   --data c4     C4 `en`, streamed with `datasets` from the hub, or from a local copy of its
                 .json.gz files (--c4-path DIR or $DGLM_C4_PATH). Prepared as in the paper: documents
                 with > 0.25 GPT-2 tokens per character dropped, 128-token windows, the first 88
@@ -137,11 +137,11 @@ def input_file(path, what, accepted=""):
 
 def data_file(path):
     """--data as a local file: Path(path), or the one-line error naming what --data accepts."""
-    return input_file(path, "data file", "tiny, c4, a .txt or .jsonl file")
+    return input_file(path, "data file", "tiny, c4, a .txt, .jsonl, .csv or .tsv file")
 
 
 def load_local(path):
-    """A .txt (one text per line) or .jsonl (`text` field) -> list of {text, ...}."""
+    """A .txt (one text per line), .jsonl (`text` field) or .csv / .tsv (`text` column) -> list of {text, ...}."""
     path = data_file(path)
     try:
         if path.suffix == ".jsonl":
@@ -151,9 +151,14 @@ def load_local(path):
             if bad:
                 raise ValueError(f"record {bad} is not a JSON object with a string `text` field")
             rows = [r for r in rows if r.get("text", "").strip()]
+        elif path.suffix in (".csv", ".tsv"):  # its text column only: read line by line it would train on the header
+            records = read_table(path, path.read_text(encoding=USER_TEXT), "data file")
+            if records and "text" not in records[0]:
+                raise ValueError(f"no `text` column (its columns: {', '.join(map(str, records[0]))})")
+            rows = [{"text": " ".join(r["text"].split())} for r in records if (r["text"] or "").strip()]
         else:
             rows = [{"text": line.strip()} for line in path.read_text(encoding=USER_TEXT).splitlines() if line.strip()]
-    except ValueError as err:  # UnicodeDecodeError is one too
+    except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError too
         raise SystemExit(f"error: cannot read {path}: {err}") from None
     if not rows:
         raise SystemExit(f"error: {path} holds no texts (expected one per line, or a `text` field per JSON line)")
@@ -373,6 +378,17 @@ def unclosed_quote(text, delimiter):
         start = reader.line_num + 1
 
 
+def read_table(path, text, what):
+    """The rows of a .csv or .tsv file's text, as dicts by its header row; csv.Error where it is malformed."""
+    header = text.split("\n", 1)[0]  # Excel in many European locales separates a .csv with ';'
+    delimiter = "\t" if path.suffix == ".tsv" else ";" if ";" in header and "," not in header else ","
+    if line := unclosed_quote(text, delimiter):
+        raise SystemExit(f"error: {what} {path}: a quote opens a text on line {line} and does not close, so the "
+                         "rest of the file would read as that one text (close it, or double each quote inside a "
+                         "quoted text)")
+    return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+
+
 def read_labels(path, text_column="text", label_column="label"):
     """A labelled file -> [(text, label)]: .csv or .tsv with a header row, or .jsonl with one object a
     line; `text_column` and `label_column` name the fields. Labels are kept as strings. A missing or
@@ -385,13 +401,7 @@ def read_labels(path, text_column="text", label_column="label"):
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
-            header = text.split("\n", 1)[0]  # Excel in many European locales separates a .csv with ';'
-            delimiter = "\t" if path.suffix == ".tsv" else ";" if ";" in header and "," not in header else ","
-            if line := unclosed_quote(text, delimiter):
-                raise SystemExit(f"error: labels file {path}: a quote opens a text on line {line} and does not close, "
-                                 "so the rest of the file would read as that one text (close it, or double each "
-                                 "quote inside a quoted text)")
-            records = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+            records = read_table(path, text, "labels file")
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
         raise SystemExit(f"error: cannot read labels file {path} ({type(err).__name__}: {err})") from None
     if not records:

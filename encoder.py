@@ -298,7 +298,7 @@ def main(argv=None):
     """python encoder.py --data c4 --max-texts 1M --encoder ID --device cuda: fill the cache ahead."""
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
                                    "continuations exactly as train.py splits them.")
-    p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl file")
+    p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
     p.add_argument("--max-texts", type=count, default=count("200k"), help="--data c4: examples to encode")
     p.add_argument("--window", type=count, default=count("200k"), help="--data c4: train.py's --window")
     p.add_argument("--first-window", type=bounded(int, 0, 1e9), default=0,

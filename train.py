@@ -67,7 +67,7 @@ NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16")  # flags of one 
 
 
 def data_flags(add):
-    add("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl file")
+    add("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
     add("--tier", default=None, choices=list(TIERS), help="sizes and defaults (default: paper for --data c4, else tiny)")
     add("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
         "(default: %(default)s)")

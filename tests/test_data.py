@@ -42,7 +42,7 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
         data.load_local(tmp_path / "empty.txt")
     with pytest.raises(SystemExit, match="does not exist"):
         data.load_local(tmp_path / "missing.txt")
-    with pytest.raises(SystemExit, match="is a folder \\(accepted: tiny, c4, a .txt or .jsonl file\\)"):
+    with pytest.raises(SystemExit, match="is a folder \\(accepted: tiny, c4, a .txt, .jsonl, .csv or .tsv file\\)"):
         data.load_local(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{not json\n')
     with pytest.raises(SystemExit, match="cannot read .*bad.jsonl: line 3 is not JSON"):
@@ -240,6 +240,17 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text_or_column(tmp_path):
     for name in ("texts.txt", "texts.jsonl"):
         assert data.load_local(tmp_path / name) == [{"text": "a fine film"}, {"text": "a dull one"}]
     assert data.read_labels(tmp_path / "labels.csv") == [("a fine film", "pos"), ("a dull one", "neg")]
+
+
+def test_a_csv_or_tsv_corpus_gives_its_text_column_not_its_lines(tmp_path):
+    """--data reviews.csv was read line by line: the header and every row's other columns became texts."""
+    (tmp_path / "reviews.csv").write_text('id,text,stars\n1,"A fine film, truly",5\n2,,3\n3,a dull  one,1\n')
+    assert data.load_local(tmp_path / "reviews.csv") == [{"text": "A fine film, truly"}, {"text": "a dull one"}]
+    (tmp_path / "reviews.tsv").write_text("id\ttext\n1\tA fine film\n")
+    assert data.load_local(tmp_path / "reviews.tsv") == [{"text": "A fine film"}]
+    (tmp_path / "bare.csv").write_text("review,stars\nA fine film,5\n")
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*bare.csv: no `text` column \(its columns: review, stars\)"):
+        data.load_local(tmp_path / "bare.csv")
 
 
 def test_a_csv_separated_by_semicolons_as_excel_writes_it_in_many_locales(tmp_path):
