@@ -161,7 +161,7 @@ def load_local(path):
     except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError too
         raise SystemExit(f"error: cannot read {path}: {err}") from None
     if not rows:
-        raise SystemExit(f"error: {path} holds no texts (expected one per line, or a `text` field per JSON line)")
+        raise SystemExit(f"error: {path} holds no texts (expected one per line, a `text` field per JSON line, or a `text` column)")
     return rows
 
 

@@ -248,6 +248,9 @@ def test_a_csv_or_tsv_corpus_gives_its_text_column_not_its_lines(tmp_path):
     assert data.load_local(tmp_path / "reviews.csv") == [{"text": "A fine film, truly"}, {"text": "a dull one"}]
     (tmp_path / "reviews.tsv").write_text("id\ttext\n1\tA fine film\n")
     assert data.load_local(tmp_path / "reviews.tsv") == [{"text": "A fine film"}]
+    (tmp_path / "header.csv").write_text("id,text\n")
+    with pytest.raises(SystemExit, match="holds no texts .*or a `text` column"):
+        data.load_local(tmp_path / "header.csv")
     (tmp_path / "bare.csv").write_text("review,stars\nA fine film,5\n")
     with pytest.raises(SystemExit, match=r"^error: cannot read .*bare.csv: no `text` column \(its columns: review, stars\)"):
         data.load_local(tmp_path / "bare.csv")
