@@ -106,6 +106,12 @@ def fetch_sdist(sdist):
                          f"put {VADER_SDIST} into {sdist.parent} by hand or pass --data FILE") from None
 
 
+def not_utf8(err):
+    """What a UnicodeDecodeError in a user's file means, and what to do."""
+    return (f"it is not UTF-8 (byte 0x{err.object[err.start]:02x}: cp1252 or latin-1, as Excel's plain CSV and older "
+            "editors write); save it as UTF-8")
+
+
 def read_jsonl(path):
     """JSON lines -> a list; a line that is not JSON is a ValueError naming the line."""
     rows = []
@@ -158,7 +164,9 @@ def load_local(path):
             rows = [{"text": " ".join(r["text"].split())} for r in records if (r["text"] or "").strip()]
         else:
             rows = [{"text": line.strip()} for line in path.read_text(encoding=USER_TEXT).splitlines() if line.strip()]
-    except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError too
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"error: cannot read {path}: {not_utf8(err)}") from None
+    except (ValueError, csv.Error) as err:
         raise SystemExit(f"error: cannot read {path}: {err}") from None
     if not rows:
         raise SystemExit(f"error: {path} holds no texts (expected one per line, a `text` field per JSON line, or a `text` column)")
@@ -402,7 +410,9 @@ def read_labels(path, text_column="text", label_column="label"):
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             records = read_table(path, text, "labels file")
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"error: cannot read labels file {path}: {not_utf8(err)}") from None
+    except (json.JSONDecodeError, csv.Error) as err:
         raise SystemExit(f"error: cannot read labels file {path} ({type(err).__name__}: {err})") from None
     if not records:
         raise SystemExit(f"error: labels file {path} holds no examples")

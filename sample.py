@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import USER_TEXT, input_file
+from data import USER_TEXT, input_file, not_utf8
 from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
@@ -232,7 +232,9 @@ def read_prompt_file(path):
     path = input_file(path, "prompt file", "a file with one prompt per line")
     try:
         prompts = [l.strip() for l in path.read_text(encoding=USER_TEXT).splitlines() if l.strip()]
-    except (UnicodeDecodeError, OSError) as err:
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"error: cannot read prompt file {path}: {not_utf8(err)}") from None
+    except OSError as err:
         raise SystemExit(f"error: cannot read prompt file {path} ({err})") from None
     if not prompts:
         raise SystemExit(f"error: prompt file {path} is empty (expected one prompt per line)")

@@ -53,9 +53,13 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
     (tmp_path / "number.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')  # was a traceback when split
     with pytest.raises(SystemExit, match="record 2 is not a JSON object with a string `text` field"):
         data.load_local(tmp_path / "number.jsonl")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(SystemExit, match="cannot read"):
-        data.load_local(tmp_path / "latin1.txt")
+    for name in ("latin1.txt", "latin1.jsonl", "latin1.csv"):  # as Excel's plain CSV is saved (cp1252)
+        (tmp_path / name).write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+        with pytest.raises(SystemExit, match=f"^error: cannot read .*{name}: it is not UTF-8 \\(byte 0xe9: cp1252 or "
+                                             "latin-1, .*\\); save it as UTF-8$"):
+            data.load_local(tmp_path / name)
+    with pytest.raises(SystemExit, match="^error: cannot read labels file .*latin1.csv: it is not UTF-8"):
+        data.read_labels(tmp_path / "latin1.csv")
 
 
 def test_training_needs_two_texts():
