@@ -304,6 +304,11 @@ class Checkpoint:
         self.path = Path(out) / CHECKPOINT
         refuse_a_file(out)
         if not self.path.exists():
+            log = Path(out) / "log.jsonl"  # a run logs every step from the first, and saves at --save-every
+            if log.exists() and (steps := len(log.read_text().splitlines())):
+                raise SystemExit(f"error: no checkpoint at {self.path} yet: the run training into {out} has logged "
+                                 f"{steps} steps and saves its first checkpoint after --save-every steps (500 by "
+                                 "default); wait for it (a run stopped before then saved none: train again)")
             raise SystemExit(f"error: no checkpoint at {self.path}; train one with `python train.py --out {out}`")
         try:
             with safe_open(str(self.path), "pt") as f:

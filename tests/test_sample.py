@@ -186,9 +186,14 @@ def test_min_tokens_defaults_to_24_and_shrinks_to_a_smaller_max_tokens():
 
 def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     ckpt = ["--ckpt", str(trained / "out")]
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "log.jsonl").write_text('{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n')
     cases = [
         ([*ckpt, "--guide", "joyful"], "unknown guide 'joyful' (available:"),
         (["--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
+        # a run still before its first save (sampled from another terminal): not "train one"
+        (["--ckpt", str(tmp_path / "training")], "checkpoint.safetensors yet: the run training into "
+                                                 f"{tmp_path / 'training'} has logged 2 steps and saves its first"),
         (["--ckpt", str(trained / "out" / "checkpoint.safetensors")], "is a file; a checkpoint is the folder"),
         (["--scale", "big"], "argument --scale: 'big' is not a number (accepted: [0, 1e+06])"),
         (["--scale", "nan"], "argument --scale: 'nan' is out of range"),
