@@ -108,8 +108,7 @@ def fetch_sdist(sdist):
 
 def not_utf8(err):
     """What a UnicodeDecodeError in a user's file means, and what to do."""
-    return (f"it is not UTF-8 (byte 0x{err.object[err.start]:02x}: cp1252 or latin-1, as Excel's plain CSV and older "
-            "editors write); save it as UTF-8")
+    return f"it is not UTF-8 (it has the byte 0x{err.object[err.start]:02x}); save it as UTF-8 (in Excel: CSV UTF-8)"
 
 
 def read_jsonl(path):
@@ -169,7 +168,8 @@ def load_local(path):
     except (ValueError, csv.Error) as err:
         raise SystemExit(f"error: cannot read {path}: {err}") from None
     if not rows:
-        raise SystemExit(f"error: {path} holds no texts (expected one per line, a `text` field per JSON line, or a `text` column)")
+        raise SystemExit(f"error: {path} holds no texts (expected one per line, a `text` field per JSON line, "
+                         "or a `text` column)")
     return rows
 
 

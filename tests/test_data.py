@@ -55,8 +55,8 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
         data.load_local(tmp_path / "number.jsonl")
     for name in ("latin1.txt", "latin1.jsonl", "latin1.csv"):  # as Excel's plain CSV is saved (cp1252)
         (tmp_path / name).write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
-        with pytest.raises(SystemExit, match=f"^error: cannot read .*{name}: it is not UTF-8 \\(byte 0xe9: cp1252 or "
-                                             "latin-1, .*\\); save it as UTF-8$"):
+        with pytest.raises(SystemExit, match=f"^error: cannot read .*{name}: it is not UTF-8 \\(it has the byte 0xe9\\); "
+                                             "save it as UTF-8 \\(in Excel: CSV UTF-8\\)$"):
             data.load_local(tmp_path / name)
     with pytest.raises(SystemExit, match="^error: cannot read labels file .*latin1.csv: it is not UTF-8"):
         data.read_labels(tmp_path / "latin1.csv")
