@@ -374,16 +374,13 @@ class Distributed:
 
 def preflight(args):
     """Try every download a run needs and name each one that fails, in one line, before any work. A
-    local folder or --data file that is not there, empty or unreadable (or a --c4-path with no C4 files) is named
-    as such, not as a download."""
+    local folder that is not there (or a --c4-path with no C4 files) is named as such, not as a download."""
     from transformers import AutoConfig
     lm = args.lm != TINY_LM and not args.resume  # a resumed run's language model is in its checkpoint
     for flag, name, needed in (("--lm", args.lm, lm), ("--encoder", args.encoder, True)):
         if needed and missing_folder(name):
             raise SystemExit(f"error: {flag} {name}: no such folder (a local model folder, or a hub id such as "
                              f"{'gpt2-large' if flag == '--lm' else 'sentence-transformers/sentence-t5-xl'})")
-    if args.data not in ("tiny", "c4"):  # read whole to check it; load_data reads it again (seconds, beside embedding)
-        data_lib.load_local(args.data)
     if args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV)):
         data_lib.c4_files(args.c4_path or os.environ[data_lib.C4_PATH_ENV])  # one line when there are no C4 files
     checks = [(args.lm, "--lm", lm, lambda: AutoConfig.from_pretrained(args.lm)),
@@ -449,8 +446,8 @@ def check_args(args, out):
         os.rmdir(tempfile.mkdtemp(dir=where))
     except OSError as err:
         raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
-    if args.data not in ("tiny", "c4"):
-        data_lib.data_file(args.data)  # a --data file that is not there first: another --out would not help
+    if args.data not in ("tiny", "c4"):  # a --data file that is not there, empty or unreadable, before the checkpoint
+        data_lib.load_local(args.data)  # there (another --out would not help); load_data reads it again (seconds)
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
         raise SystemExit(existing_run(args, out))
     if args.data == "c4" and args.lm == TINY_LM:
