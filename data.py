@@ -111,6 +111,11 @@ def not_utf8(err):
     return f"it is not UTF-8 (it has the byte 0x{err.object[err.start]:02x}); save it as UTF-8 (in Excel: CSV UTF-8)"
 
 
+def text_lines(path):
+    """The stripped, non-empty lines of a user's text file (--data FILE.txt, --prompts)."""
+    return [line.strip() for line in Path(path).read_text(encoding=USER_TEXT).splitlines() if line.strip()]
+
+
 def read_jsonl(path):
     """JSON lines -> a list; a line that is not JSON is a ValueError naming the line."""
     rows = []
@@ -162,7 +167,7 @@ def load_local(path):
                 raise ValueError(f"no `text` column (its columns: {', '.join(map(str, records[0]))})")
             rows = [{"text": " ".join(r["text"].split())} for r in records if (r["text"] or "").strip()]
         else:
-            rows = [{"text": line.strip()} for line in path.read_text(encoding=USER_TEXT).splitlines() if line.strip()]
+            rows = [{"text": line} for line in text_lines(path)]
     except UnicodeDecodeError as err:
         raise SystemExit(f"error: cannot read {path}: {not_utf8(err)}") from None
     except (ValueError, csv.Error) as err:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import USER_TEXT, input_file, not_utf8
+from data import input_file, not_utf8, text_lines
 from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
@@ -231,7 +231,7 @@ def read_prompt_file(path):
     """One prompt per line; a missing, unreadable or empty file is a one-line error."""
     path = input_file(path, "prompt file", "a file with one prompt per line")
     try:
-        prompts = [l.strip() for l in path.read_text(encoding=USER_TEXT).splitlines() if l.strip()]
+        prompts = text_lines(path)
     except UnicodeDecodeError as err:
         raise SystemExit(f"error: cannot read prompt file {path}: {not_utf8(err)}") from None
     except OSError as err:
