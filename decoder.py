@@ -22,7 +22,7 @@ position:
     logits_t = W_tok (h_t + a C z)      (W_tok: the tied token embeddings)
 
 i.e. a bias on every next-token distribution toward the words of the proposal (its effect is
-measured in the README, "The tiny decoder"). At a = 0 the decoder is a plain prefix LM.
+measured in the README, "Why these defaults"). At a = 0 the decoder is a plain prefix LM.
 
 Tiny tier: a small GPT2Config trained from scratch with a byte-level BPE trained on the corpus.
 Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same code.

@@ -172,9 +172,9 @@ def probe_terms(spec, probes, guides, outer=1.0):
 # the prefix's embedding, so e.g. `positive,same-domain` changes the sentiment and keeps the kind of text
 # (composition is the point of plug-and-play control). The strength multiplies a guide's weight: the tiny
 # decoder leans positive, so at a scale where negative steers, a full-strength positive overshoots
-# (repeated "love", "great"; README, "Steering"), and its guide pulls at 0.4 of that strength. The tiny
-# tier's negative guide holds the prefix's domain at a quarter of its own pull: left alone it drifts into
-# the corpus's negative tweets ("sucks", hashtags) whatever the prefix, text the decoder finds unlikely
+# (repeated "love", "great"; README, "Why these defaults"), and its guide pulls at 0.4 of that strength.
+# The tiny tier's negative guide holds the prefix's domain at a quarter of its own pull: left alone it drifts
+# into the corpus's negative tweets ("sucks", hashtags) whatever the prefix, text the decoder finds unlikely
 # after a review's opening; held, it stays in the prefix's register, which lets it pull harder.
 # A guide may also bar words from the decoded text (WORD_BARS): the tiny tier's negative guide bars negations.
 TINY_GUIDES = {
@@ -195,8 +195,8 @@ PAPER_GUIDES = {
 # was bad." / "... not bad.", cosine 0.90), so no probe on its embeddings can tell which of the two a
 # proposal holds, and a proposal pushed negative is decoded into negated negatives ("no problems", "no
 # trouble") that read positive. Barred, the decoder says what the proposal holds without a negation (README,
-# "Steering"). "'t" ends "don't", "isn't", ...; their first halves are barred too, so that none is left
-# half-written ("can" and "won" are words of their own and stay).
+# "Why these defaults"). "'t" ends "don't", "isn't", ...; their first halves are barred too, so that none
+# is left half-written ("can" and "won" are words of their own and stay).
 WORD_BARS = {
     "negation": frozenset("not no never nothing none nobody nor cannot n't 't ’t don doesn didn isn wasn aren weren "
                           "haven hasn hadn couldn wouldn shouldn ain mustn needn".split()),
@@ -321,9 +321,9 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     writes negated negatives ("no problems") that read positive. `sentiment_no_negation` is the sentiment
     probe fitted on the embeddings with the negation direction projected out (encode: texts -> embeddings,
     to embed negated copies), so it cannot push along it, rescaled to the whole probe's norm so that a
-    guide's scale means the same push; the `negative` guide steers with it (README, "Steering").
-    `positive` keeps the whole probe: pushed positive, a proposal loses negations, which does no harm, and
-    without that part it steered about a point less (README).
+    guide's scale means the same push; the `negative` guide steers with it (README, "Why these
+    defaults"). `positive` keeps the whole probe: pushed positive, a proposal loses negations, which does
+    no harm, and without that part it steered about a point less (README).
     """
     probes, report = {}, {}
 
