@@ -446,6 +446,8 @@ def check_args(args, out):
         os.rmdir(tempfile.mkdtemp(dir=where))
     except OSError as err:
         raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
+    if out.is_dir():
+        hold(out)  # before it is read: a run training there now may change it (a new --out is held once made)
     if args.data not in ("tiny", "c4"):  # a --data file that is not there, empty or unreadable, before the checkpoint
         data_lib.load_local(args.data)  # there (another --out would not help); load_data reads it again (seconds)
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
@@ -456,6 +458,41 @@ def check_args(args, out):
     if args.decoder_batch > args.batch_size:
         raise SystemExit(f"error: --decoder-batch {args.decoder_batch} is larger than --batch-size {args.batch_size} "
                          "(the decoder trains on the first rows of the prior's batch)")
+
+
+HELD = {}  # the --out folders this process holds: resolved path -> its open lock file
+
+
+def hold(out):
+    """Keep --out to this run. A second train.py into the same folder (from another terminal, or a --resume
+    while the first still trains) would train there too, each saving over the other's checkpoints. An
+    advisory lock (flock) on out/train.lock: the system releases it when the process ends, however it ends,
+    so no lock outlives its run. Where there is no flock (Windows) nothing is held."""
+    if str(out.resolve()) in HELD or os.environ.get("RANK", "0") != "0":  # under torchrun the main process holds it
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(out / "train.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"error: another train.py is training into {out}/ (process {pid}); wait for it to end "
+                         "(python train.py --resume then trains it on), stop it, or train into another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    HELD[str(out.resolve())] = f
+
+
+def release(out):
+    f = HELD.pop(str(Path(out).resolve()), None)
+    if f:
+        f.close()
 
 
 def existing_run(args, out):
@@ -568,6 +605,7 @@ def setup(args):
     stats = ckpt.tensors("stats") if ckpt else dict(zip(("mu", "s"), latent_stats(window.e_cont)))
     if dist.is_main and not ckpt:
         out.mkdir(parents=True, exist_ok=True)
+        hold(out)
         tokenizer.save_pretrained(str(out / "tokenizer"))
     run = Models(args, config, stats["mu"], stats["s"], dist.device, ckpt)
     if ckpt:
@@ -664,19 +702,20 @@ def main(args):
     started = time.time()
     if args.sizes:  # the run's sizes and memory plan, from configs alone
         return budget.describe_run(args, *planned_configs(args))
-    dist, run, data, tokenizer, cache = setup(args)
-    runners = dist.wrap(run.prior, run.decoder)  # EMA, saving and logging use the plain modules
-    prior_rows = micro_batches(args.batch_size, dist.rank, dist.world, args.micro_batch or args.batch_size)
-    decoder_rows = micro_batches(args.decoder_batch, dist.rank, dist.world, args.decoder_micro_batch or args.decoder_batch)
-    amp, D = (lambda: autocast(dist.device, args.bf16)), args.decoder_batch
-    progress = Progress(args, dist, run, data, prior_rows, decoder_rows, tokenizer, cache, started)
-
-    def save(step):
-        if dist.is_main:
-            run.save(args.out, step, data.state())
-            data.saved()  # C4 --drop-windows: the windows before the checkpoint's are not needed again
-    run.prior.train(), run.decoder.train()
+    data = None
     try:
+        dist, run, data, tokenizer, cache = setup(args)
+        runners = dist.wrap(run.prior, run.decoder)  # EMA, saving and logging use the plain modules
+        prior_rows = micro_batches(args.batch_size, dist.rank, dist.world, args.micro_batch or args.batch_size)
+        decoder_rows = micro_batches(args.decoder_batch, dist.rank, dist.world, args.decoder_micro_batch or args.decoder_batch)
+        amp, D = (lambda: autocast(dist.device, args.bf16)), args.decoder_batch
+        progress = Progress(args, dist, run, data, prior_rows, decoder_rows, tokenizer, cache, started)
+
+        def save(step):
+            if dist.is_main:
+                run.save(args.out, step, data.state())
+                data.saved()  # C4 --drop-windows: the windows before the checkpoint's are not needed again
+        run.prior.train(), run.decoder.train()
         for step in progress.steps():
             e_prefix, e_cont, prefix_ids, cont_ids = data.batch(step)  # C4: the next window when this one is done
             x, x_prefix = (standardize(e.to(dist.device), run.mu, run.s) for e in (e_cont, e_prefix))
@@ -704,7 +743,9 @@ def main(args):
             save(args.steps)
             progress.reconstruction(args.steps, final=True)
     finally:
-        data.close()  # C4: stop embedding a window this run will not train on (exit would wait for it)
+        if data is not None:
+            data.close()  # C4: stop embedding a window this run will not train on (exit would wait for it)
+        release(args.out)  # in-process callers (tests, a notebook) give --out back; a process's end always does
     dist.finish()
 
 

@@ -467,13 +467,15 @@ def start_killable(argv, hang_at_save, tmp_path):
                             stderr=open(tmp_path / "stderr.txt", "a"), text=True, env=env)
 
 
-def kill_when(proc, marker):
-    """SIGKILL the child as soon as a stdout line contains `marker`; returns the lines seen."""
+def kill_when(proc, marker, meanwhile=lambda: None):
+    """SIGKILL the child as soon as a stdout line contains `marker` (after calling `meanwhile`); returns the
+    lines seen."""
     import signal
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if marker in line:
+            meanwhile()
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             return lines
@@ -485,8 +487,12 @@ def test_sigkill_mid_save_and_mid_run_loses_at_most_one_interval(corpus, trained
     out = tmp_path / "out"
     argv = ["--data", str(corpus), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
             "--decoder-batch", "8", "--warmup", "2", "--steps", "60", "--save-every", "10"]
-    # 1. killed while writing the checkpoint of step 20: the one of step 10 is intact
-    kill_when(start_killable(argv, 2, tmp_path), "HANGING IN SAVE")
+    # 1. killed while writing the checkpoint of step 20: the one of step 10 is intact. Until then the run
+    # holds out/: a second train.py there (say a --resume from another terminal) stops before it reads it
+    def second_run():
+        with pytest.raises(SystemExit, match=f"another train.py is training into {out}/ \\(process \\d+\\); wait"):
+            run_train(corpus, tmp_path, out, "--steps", "60", "--resume")
+    kill_when(start_killable(argv, 2, tmp_path), "HANGING IN SAVE", second_run)
     assert Checkpoint(out).step == 10 and tensors_of(out)["prior.net.merge.weight"].isfinite().all()
     # 2. resumed, then killed between saves right after the one of step 30 was announced
     lines = kill_when(start_killable([*argv, "--resume"], 0, tmp_path), "step 30:")
