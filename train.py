@@ -36,8 +36,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
-                   hub_answers, keep_freed_memory, missing_folder, model_config, pick_device, run_cli, save_checkpoint,
-                   use_bf16)
+                   hold, hub_answers, keep_freed_memory, missing_folder, model_config, pick_device, release, run_cli,
+                   save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -458,41 +458,6 @@ def check_args(args, out):
     if args.decoder_batch > args.batch_size:
         raise SystemExit(f"error: --decoder-batch {args.decoder_batch} is larger than --batch-size {args.batch_size} "
                          "(the decoder trains on the first rows of the prior's batch)")
-
-
-HELD = {}  # the --out folders this process holds: resolved path -> its open lock file
-
-
-def hold(out):
-    """Keep --out to this run. A second train.py into the same folder (from another terminal, or a --resume
-    while the first still trains) would train there too, each saving over the other's checkpoints. An
-    advisory lock (flock) on out/train.lock: the system releases it when the process ends, however it ends,
-    so no lock outlives its run. Where there is no flock (Windows) nothing is held."""
-    if str(out.resolve()) in HELD or os.environ.get("RANK", "0") != "0":  # under torchrun the main process holds it
-        return
-    try:
-        import fcntl
-    except ImportError:
-        return
-    f = open(out / "train.lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise SystemExit(f"error: another train.py is training into {out}/ (process {pid}); wait for it to end "
-                         "(python train.py --resume then trains it on), stop it, or train into another --out") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    HELD[str(out.resolve())] = f
-
-
-def release(out):
-    f = HELD.pop(str(Path(out).resolve()), None)
-    if f:
-        f.close()
 
 
 def existing_run(args, out):

@@ -12,6 +12,7 @@ Checkpoint: one self-describing directory (--out / --ckpt) holding everything sa
     tokenizer/               the decoder's tokenizer
     probes.safetensors       linear probes and the guides built on them (guide.py)
     log.jsonl                losses and throughput, one line per step
+    train.lock               held (flock) by the train.py training into the directory, while it does
 
 Tensors are stored with safetensors and configs as JSON: loading never unpickles. Every file is
 written to a temporary name and renamed into place, so a kill during a save keeps the last one.
@@ -289,6 +290,57 @@ def save_checkpoint(out, config, step, models, optimizers, extra_tensors, data_s
     atomic_save(tensors, Path(out) / CHECKPOINT, meta)
 
 
+HELD = {}  # the --out folders this process holds: resolved path -> its open lock file
+LOCK = "train.lock"
+
+
+def hold(out):
+    """Keep --out to this run. A second train.py into the same folder (from another terminal, or a --resume
+    while the first still trains) would train there too, each saving over the other's checkpoints. An
+    advisory lock (flock) on out/train.lock: the system releases it when the process ends, however it ends,
+    so no lock outlives its run. Where there is no flock (Windows) nothing is held."""
+    if str(Path(out).resolve()) in HELD or os.environ.get("RANK", "0") != "0":  # under torchrun: the main process
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(Path(out) / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"error: another train.py is training into {out}/ (process {training_in(out)}); wait for "
+                         "it to end (python train.py --resume then trains it on), stop it, or train into another "
+                         "--out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    HELD[str(Path(out).resolve())] = f
+
+
+def release(out):
+    f = HELD.pop(str(Path(out).resolve()), None)
+    if f:
+        f.close()
+
+
+def training_in(out):
+    """The process id of the train.py training into `out` now ("?" if it has not written it yet); None if
+    none is, and where there is no flock to tell."""
+    try:
+        import fcntl
+        f = open(Path(out) / LOCK)
+    except (ImportError, OSError):
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "?"
+    return None
+
+
 def refuse_a_file(out):
     """A checkpoint is the folder train.py wrote; its checkpoint.safetensors alone is a one-line error."""
     if Path(out).is_file():
@@ -304,12 +356,18 @@ class Checkpoint:
         self.path = Path(out) / CHECKPOINT
         refuse_a_file(out)
         if not self.path.exists():
-            log = Path(out) / "log.jsonl"  # a run logs every step from the first, and saves at --save-every
-            if log.exists() and (steps := len(log.read_text().splitlines())):
-                raise SystemExit(f"error: no checkpoint at {self.path} yet: the run training into {out} has logged "
-                                 f"{steps} steps and saves its first checkpoint after --save-every steps (500 by "
-                                 "default); wait for it (a run stopped before then saved none: train again)")
-            raise SystemExit(f"error: no checkpoint at {self.path}; train one with `python train.py --out {out}`")
+            log, train = Path(out) / "log.jsonl", f"`python train.py --out {out}`"
+            steps = len(log.read_text().splitlines()) if log.exists() else 0  # a run logs every step from the first
+            pid, locked = training_in(out), (Path(out) / LOCK).exists()  # no lock file: no flock here (Windows)
+            if pid or (steps and not locked):
+                raise SystemExit(f"error: no checkpoint at {self.path} yet: the run training into {out}"
+                                 + (f" (process {pid})" if pid else "") + f" has logged {steps} steps and saves its "
+                                 "first checkpoint after --save-every steps (500 by default); wait for it"
+                                 + ("" if pid else " (a run stopped before then saved none: train again)"))
+            if steps:
+                raise SystemExit(f"error: no checkpoint at {self.path}: the run that trained into {out} stopped "
+                                 f"before its first checkpoint (--save-every steps); train again with {train}")
+            raise SystemExit(f"error: no checkpoint at {self.path}; train one with {train}")
         try:
             with safe_open(str(self.path), "pt") as f:
                 self.meta = f.metadata() or {}

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sample
-from conftest import assert_one_line_error, cli_error, run_script
+from conftest import ROOT, assert_one_line_error, cli_error, run_script
 from guide import load_probes, save_probes
 from sample import DGLM, SamplingConfig
 from utils import CHECKPOINT, Checkpoint
@@ -222,6 +222,28 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     # and as a user runs it: one line, exit code 2, no traceback
     assert_one_line_error(run_script("sample.py", *ckpt, "--max-tokens", "100000", cwd=tmp_path),
                           "--max-tokens 100000 does not fit the decoder's context")
+
+
+def test_before_the_first_checkpoint_the_error_says_whether_a_run_is_training_there(tmp_path, capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n')
+    # another process holds out/ as train.py does while it trains there
+    trainer = subprocess.Popen([sys.executable, "-c", f"import time, utils; utils.hold({str(out)!r}); print('held', "
+                                "flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert trainer.stdout.readline().strip() == "held"
+        assert f"yet: the run training into {out} (process {trainer.pid}) has logged 2 steps and saves its first " \
+               "checkpoint after --save-every steps (500 by default); wait for it\n" in \
+               cli_error(sample, ["--ckpt", str(out)], capsys)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert f"no checkpoint at {out / CHECKPOINT}: the run that trained into {out} stopped before its first " \
+           f"checkpoint (--save-every steps); train again with `python train.py --out {out}`" in \
+           cli_error(sample, ["--ckpt", str(out)], capsys)
 
 
 def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refused(trained, tmp_path):
