@@ -33,7 +33,7 @@ file). For each (guide, scale) it continues every prompt n times and reports, ea
     between each text's embedding and its proposal (does the decoder write what the prior
     proposed?), and with --nearest VADER on each proposal's nearest training sentence
 Default prompts: the first words of held-out sentences of the tiny corpus (never trained on).
---plot FILE.png draws attribute success against perplexity, one curve per guide over the scales
+--plot FILE.png (or .pdf, .svg, .jpg) draws attribute success against perplexity, one curve per guide over the scales
 (needs matplotlib, an optional extra: pip install matplotlib).
 """
 import argparse
@@ -389,17 +389,28 @@ def attribute_success(result, guide, guides):
     return judged_share(result, *guide_target(names[0], guides))
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg")
+
+
+def plot_file(value):
+    """An argparse type for --plot: checked before the sweep, which may take hours, rather than after it."""
+    if Path(value).suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a picture file (accepted: " +
+                                         ", ".join(f".{f}" for f in PLOT_FORMATS) + ")")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise argparse.ArgumentTypeError("needs matplotlib (an optional extra): pip install matplotlib") from None
+    return output_file(value)
+
+
 def plot_sweep(results, path, guides, ppl_name="the reference LM"):
     """Attribute success (y) against perplexity (x): one curve per guide over its scales, each point
     labelled with the scale; the unguided setting (guide none or scale 0) is marked as a star on each
-    curve, at that guide's own success measure. Returns False (and says why) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib (an optional extra): pip install matplotlib; plot skipped")
-        return False
+    curve, at that guide's own success measure (matplotlib: checked with --plot, plot_file)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     ok = lambda v: v is not None and math.isfinite(v)
     unguided = next((r for r in results if r["guide"] == "none"), None)
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -433,7 +444,6 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------- tables and main
@@ -556,8 +566,9 @@ def get_args(argv=None):
     p.add_argument("--nearest", action="store_true",
                    help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
                         "embeds the corpus once into the cache if it is not there)")
-    p.add_argument("--plot", type=output_file, default=None,
-                   help="write a PNG of attribute success against perplexity (needs matplotlib)")
+    p.add_argument("--plot", type=plot_file, default=None,
+                   help="write a picture (.png, .pdf, .svg, .jpg) of attribute success against perplexity (needs "
+                        "matplotlib)")
     p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
     p.add_argument("--json", type=output_file, default=None,
@@ -614,7 +625,8 @@ def main(args):
             print(markdown_row(results[-1], columns(results)), flush=True)
             write_results(args, len(prompts), sampling, model.bf16, results)
     print("\n" + markdown(results))
-    if args.plot and plot_sweep(results, args.plot, model.guides, judges["perplexity"].name):
+    if args.plot:
+        plot_sweep(results, args.plot, model.guides, judges["perplexity"].name)
         print(f"wrote {args.plot}")
 
 

@@ -1,5 +1,6 @@
 """evaluate.py: the judges (VADER, offensive language, perplexity), attribute success, the table,
 the sweep plot and a run end to end."""
+import importlib.util
 import json
 import random
 import sys
@@ -97,14 +98,19 @@ SWEEP = [fake_result("none", 0.0, 0.30, 0.20, 20.0)] + \
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "sweep.png"
-    assert evaluate.plot_sweep(SWEEP, path, GUIDES, "a test LM")
+    evaluate.plot_sweep(SWEEP, path, GUIDES, "a test LM")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
-def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+def test_a_plot_it_cannot_draw_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys):
+    # after a sweep of hours, a plot that cannot be drawn would have been a traceback (or a skipped plot)
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--plot", str(tmp_path / "sweep.txt")])
+    assert "sweep.txt' is not a picture file (accepted: .png, .pdf" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert evaluate.plot_sweep(SWEEP, tmp_path / "sweep.png", GUIDES) is False
-    assert "pip install matplotlib" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--plot", str(tmp_path / "sweep.png")])
+    assert "argument --plot: needs matplotlib (an optional extra): pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "sweep.png").exists()
 
 
@@ -256,7 +262,9 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("the film was\nour trip\n")
     args = ["--ckpt", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"), "--guides", "none,positive",
             "--scales", "10,30", "--n", "2", "--steps", "3", "--max-tokens", "6", "--mc-samples", "4", "--match", ".",
-            "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md"), "--plot", str(tmp_path / "p.png")]
+            "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md")]
+    drawn = importlib.util.find_spec("matplotlib") is not None  # an optional extra
+    args += ["--plot", str(tmp_path / "p.png")] if drawn else []
     evaluate.main(evaluate.get_args(args))
     report = json.loads((tmp_path / "r.json").read_text())
     results = report["results"]
@@ -270,8 +278,7 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     assert results[1]["positive"] == results[1]["sentiment"]["VADER"]["positive"]
     md = (tmp_path / "r.md").read_text()
     assert "| toxic (alt-profanity-check) |" in md and "| matches /./ |" in md and "our decoder run unguided (soft prompt from pure noise, a = 0)" in md
-    printed = capsys.readouterr().out
-    assert (tmp_path / "p.png").exists() or "pip install matplotlib" in printed
+    assert (tmp_path / "p.png").exists() == drawn
 
 
 def test_an_interrupted_sweep_keeps_the_rows_it_finished(ckpt, tmp_path, monkeypatch):
