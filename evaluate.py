@@ -33,8 +33,8 @@ file). For each (guide, scale) it continues every prompt n times and reports, ea
     between each text's embedding and its proposal (does the decoder write what the prior
     proposed?), and with --nearest VADER on each proposal's nearest training sentence
 Default prompts: the first words of held-out sentences of the tiny corpus (never trained on).
---plot FILE.png (or .pdf, .svg, .jpg) draws attribute success against perplexity, one curve per guide over the scales
-(needs matplotlib, an optional extra: pip install matplotlib).
+--plot FILE.png (or .pdf, .svg, .jpg) draws attribute success against perplexity, one curve per guide
+over the scales (needs matplotlib, an optional extra: pip install matplotlib).
 """
 import argparse
 import json
