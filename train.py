@@ -663,6 +663,15 @@ def peak_gpu_memory(device):
             "CUDA context)")
 
 
+def interrupted(args):
+    """What Ctrl-C leaves in --out, and the command that goes on from it."""
+    out = f" --out {args.out}" if Path(args.out) != Path("out") else ""
+    if not (Path(args.out) / CHECKPOINT).exists():
+        return f"interrupted before the first checkpoint (--save-every steps): train again with python train.py{out}"
+    return (f"interrupted: the last checkpoint saved in {args.out} (every --save-every steps) is kept; continue it "
+            f"with python train.py --resume{out}")
+
+
 def main(args):
     started = time.time()
     if args.sizes:  # the run's sizes and memory plan, from configs alone
@@ -707,6 +716,8 @@ def main(args):
         else:  # the last step
             save(args.steps)
             progress.reconstruction(args.steps, final=True)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted(args)) from None
     finally:
         if data is not None:
             data.close()  # C4: stop embedding a window this run will not train on (exit would wait for it)
@@ -715,5 +726,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args()), interrupted="interrupted: the last checkpoint saved in --out (every --save-every "
-                                                  "steps) is kept; continue it with python train.py --resume")
+    run_cli(lambda: main(get_args()))  # Ctrl-C: main names what it leaves (interrupted)

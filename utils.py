@@ -46,7 +46,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(fn, interrupted="interrupted"):
     """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) becomes one line
     on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above;
-    Ctrl-C prints `interrupted` (what is kept, for a script that saves) and exits with 130."""
+    Ctrl-C prints `interrupted` (what is kept, for a script that saves; a KeyboardInterrupt raised with a
+    message of its own, as train.py's names its --out, prints that) and exits with 130."""
     try:
         fn()
     except SystemExit as err:
@@ -54,8 +55,8 @@ def run_cli(fn, interrupted="interrupted"):
             print(err.code, file=sys.stderr)
             raise SystemExit(2) from None
         raise
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"\n{err.args[0] if err.args else interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -310,9 +311,9 @@ def hold(out):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
+        resume = "python train.py --resume" + (f" --out {out}" if Path(out) != Path("out") else "")
         raise SystemExit(f"error: another train.py is training into {out}/ (process {training_in(out)}); wait for "
-                         "it to end (python train.py --resume then trains it on), stop it, or train into another "
-                         "--out") from None
+                         f"it to end ({resume} then trains it on), stop it, or train into another --out") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

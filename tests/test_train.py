@@ -438,6 +438,29 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
         run_train(corpus, tmp_path, tmp_path / "a-file" / "out", "--steps", "2")
 
 
+def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus, trained, tmp_path, monkeypatch, capsys):
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    out, prior_step = tmp_path / "run", train.prior_step
+
+    def ctrl_c_at(step):
+        calls = []
+
+        def prior_step_until(*a, **k):
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            calls.append(step)
+            return prior_step(*a, **k)
+        monkeypatch.setattr(train, "prior_step", prior_step_until)
+        with pytest.raises(SystemExit) as exit_info:
+            train.run_cli(lambda: run_train(corpus, tmp_path, out, "--steps", "6", "--save-every", "3"))
+        assert exit_info.value.code == 130
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    assert ctrl_c_at(2) == f"interrupted before the first checkpoint (--save-every steps): train again with " \
+                           f"python train.py --out {out}"
+    assert ctrl_c_at(4).endswith(f"is kept; continue it with python train.py --resume --out {out}")
+    assert Checkpoint(out).step == 3
+
+
 # Runs train.py's own CLI in a child process; checkpoint writes go through safetensors' save_file,
 # which this wrapper can make hang half-way through the HANG_AT_SAVE-th checkpoint (0: never).
 KILLABLE_TRAIN = r"""
