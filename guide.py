@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import ArgumentParser, bounded, count, pick_device, refuse_a_file, run_cli
+from utils import ArgumentParser, Checkpoint, bounded, count, pick_device, run_cli
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -533,7 +533,7 @@ def add_label_probes(args, encoder_name, cache):
 def main(argv=None):
     p = ArgumentParser(description="Train probes for an existing checkpoint and add them to its "
                                    "probes.safetensors (probes already there for its encoder are kept).")
-    p.add_argument("--ckpt", default="out", help="checkpoint directory (its config.json names the encoder)")
+    p.add_argument("--ckpt", default="out", help="checkpoint directory (its config names the encoder)")
     p.add_argument("--labels", default=None, help="your labelled .csv, .tsv or .jsonl: a probe and a guide per label")
     p.add_argument("--text-column", default="text", help="--labels: the column (or JSON field) of the texts")
     p.add_argument("--label-column", default="label", help="--labels: the column (or JSON field) of the labels")
@@ -550,12 +550,7 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
-    refuse_a_file(args.ckpt)
-    config_path = Path(args.ckpt) / "config.json"
-    if not config_path.exists():
-        raise SystemExit(f"error: no checkpoint config at {config_path}; "
-                         f"train one with `python train.py --out {args.ckpt}`")
-    encoder_name = json.loads(config_path.read_text())["encoder"]
+    encoder_name = Checkpoint(args.ckpt).config["encoder"]  # a missing or unreadable checkpoint: one line
     device = pick_device(args.device)
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, device, args.batch_size,
                            args.dtype or default_dtype(device))

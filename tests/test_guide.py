@@ -225,11 +225,9 @@ def test_the_same_seed_gives_the_same_guided_sample_every_time():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
-def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, tmp_path, capsys):
+def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, ckpt_copy, tmp_path, capsys):
     from encoder import TINY_ENCODER, embed, load_encoder
-    ckpt = tmp_path / "out"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"encoder": TINY_ENCODER}))
+    ckpt = ckpt_copy
     tiny = {name: (torch.randn(384), torch.tensor(0.0)) for name in ("sentiment", "movie", "tweet", "product", "news")}
     guide.save_probes(ckpt / "probes.safetensors", tiny, guide.TINY_GUIDES, TINY_ENCODER)
 
@@ -388,6 +386,11 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe not utf-8")
     assert "cannot read labels file" in error("--labels", str(tmp_path / "bad.jsonl"))
     assert "does not exist" in error("--labels", str(tmp_path / "missing.csv"))
+    assert f"no checkpoint at {tmp_path / 'nowhere' / 'checkpoint.safetensors'}; train one" in \
+        error("--labels", str(few), "--ckpt", str(tmp_path / "nowhere"))
+    (ckpt_copy / "config.json").write_text("{bad")  # a copy for reading: the checkpoint itself names the encoder
+    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(taken),
+                       "--overwrite"]) > 0.5
     assert "is a folder" in error("--labels", str(tmp_path))
     assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
                                                                        [(t, "a,b") for t in POSITIVE] + good[20:])))
