@@ -424,7 +424,11 @@ def checkpoint_tokenizer(out):
     if not folder.is_dir():
         raise SystemExit(f"error: {out} has no tokenizer/ folder (train.py writes it beside {CHECKPOINT}); "
                          "copy the whole checkpoint folder")
-    return load_tokenizer(str(folder))
+    try:
+        return load_tokenizer(str(folder))
+    except (ValueError, OSError, UnicodeDecodeError) as err:  # a damaged tokenizer.json, an emptied folder
+        raise SystemExit(f"error: the tokenizer in {folder} is unreadable or incomplete ({type(err).__name__}); "
+                         "copy the checkpoint folder again, or retrain") from None
 
 
 def load_for_inference(out, device="cpu"):

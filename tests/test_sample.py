@@ -273,6 +273,11 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     shutil.rmtree(partial / "tokenizer")
     with pytest.raises(SystemExit, match="has no tokenizer/ folder .*copy the whole checkpoint folder"):
         sample.main(sample.get_args(["--ckpt", str(partial)]))
+    (partial / "tokenizer").mkdir()  # emptied, then a damaged tokenizer.json
+    for damage in (lambda: None, lambda: (partial / "tokenizer" / "tokenizer.json").write_text("garbage{")):
+        damage()
+        with pytest.raises(SystemExit, match="the tokenizer in .*tokenizer is unreadable or incomplete \\(.*Error\\)"):
+            sample.main(sample.get_args(["--ckpt", str(partial)]))
     unlabelled = tmp_path / "unlabelled"  # trained on a data file without labels: no probes, so only --like steers
     shutil.copytree(trained / "out", unlabelled)
     (unlabelled / "probes.safetensors").unlink()
