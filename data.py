@@ -340,18 +340,21 @@ PROBE_HELD_OUT_EVERY = 10  # the 1st, 11th, 21st, ... example of each class meas
 
 def open_probe_source(name, data_dir=None):
     """Stream the train split of a labelled data set: DIR/<name>.jsonl (or .jsonl.gz, .parquet) if
-    there, with the hub's field names, else the Hugging Face hub (one-line error offline)."""
+    there, with the hub's field names, else the Hugging Face hub (one-line error offline).
+    -> (records, the local file or None)."""
     try:
         from datasets import load_dataset
     except ImportError:
         raise SystemExit("error: the paper probes need `pip install datasets`") from None
     hub_id = PROBE_SOURCES[name][0]
+    if data_dir and not os.path.isdir(data_dir):
+        raise SystemExit(f"error: --probe-data {data_dir} is not a folder")
     for suffix, builder in ((".jsonl", "json"), (".jsonl.gz", "json"), (".parquet", "parquet")):
         path = os.path.join(data_dir or "", name + suffix)
         if data_dir and os.path.exists(path):
-            return load_dataset(builder, data_files=path, split="train", streaming=True)
+            return load_dataset(builder, data_files=path, split="train", streaming=True), path
     return stream_from_hub(hub_id, offline=f"save its train split as DIR/{name}.jsonl (one record per line, the "
-                           "hub's field names) and pass --probe-data DIR")
+                           "hub's field names) and pass --probe-data DIR"), None
 
 
 def read_labelled(name, max_per_class, data_dir=None):
@@ -360,14 +363,21 @@ def read_labelled(name, max_per_class, data_dir=None):
     was fitted to."""
     _, field, n_classes, label_of = PROBE_SOURCES[name]
     counts, rows, seen = [0] * n_classes, [], set()
-    for record in open_probe_source(name, data_dir):
-        text, label = " ".join(str(record[field] or "").split()), label_of(record)
-        if text and 0 <= label < n_classes and counts[label] < max_per_class and (text, label) not in seen:
-            seen.add((text, label))
-            rows.append((text, label, counts[label] % PROBE_HELD_OUT_EVERY == 0))
-            counts[label] += 1
-            if min(counts) == max_per_class:
-                break
+    records, local = open_probe_source(name, data_dir)
+    try:
+        for record in records:
+            text, label = " ".join(str(record[field] or "").split()), label_of(record)
+            if text and 0 <= label < n_classes and counts[label] < max_per_class and (text, label) not in seen:
+                seen.add((text, label))
+                rows.append((text, label, counts[label] % PROBE_HELD_OUT_EVERY == 0))
+                counts[label] += 1
+                if min(counts) == max_per_class:
+                    break
+    except Exception as err:  # a local copy that is not JSON lines, or lacks the hub's fields (the hub's own: raised)
+        if local is None:
+            raise
+        raise SystemExit(f"error: cannot read {local} as {name} with the hub's field names ('{field}' and its label): "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if min(counts) == 0:
         raise SystemExit(f"error: {name} gave no examples of some class (counts per class: {counts})")
     return rows

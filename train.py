@@ -36,8 +36,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
-                   hold, hub_answers, keep_freed_memory, missing_folder, model_config, pick_device, release, run_cli,
-                   save_checkpoint, use_bf16)
+                   folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
+                   pick_device, release, run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -73,7 +73,7 @@ def data_flags(add):
         "(default: %(default)s)")
     add("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder (default: %(default)s)")
     add("--out", default="out", help="checkpoint directory")
-    add("--cache-dir", default="cache", help="where the corpus and the embedding cache live")
+    add("--cache-dir", type=folder, default="cache", help="where the corpus and the embedding cache live")
     add("--max-prefix-frac", type=bounded(float, 0, 1), default=0.5,
         help="prefix length ~ U{0..frac*(words-1)} (default %(default)g)")
     add("--max-len", type=bounded(count, 2, 1e5), default=48,
@@ -85,7 +85,7 @@ def data_flags(add):
         help="--data c4: delete a window's embeddings once a checkpoint lies past it, so that the cache holds a few "
              "windows instead of every window of the run (a later run on them, or another run sharing the cache, "
              "embeds them again)")
-    add("--probe-data", default=None, help="local copies of the paper probes' data sets (see guide.py)")
+    add("--probe-data", type=folder, default=None, help="local copies of the paper probes' data sets (see guide.py)")
     add("--probe-examples", type=count, default=count("20k"), help="paper probes: examples per class and data set")
 
 

@@ -269,6 +269,16 @@ def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
     message = str(err.value)
     assert "google/civil_comments" in message and "civil_comments.jsonl" in message
     assert "--probe-data" in message and "\n" not in message
+    # a local copy without the hub's field names, or not JSON lines: one line naming the file, not a KeyError
+    (tmp_path / "sst2.jsonl").write_text('{"text": "a fine film", "label": 1}\n')
+    (tmp_path / "ag_news.jsonl").write_text("text,label\na fine film,1\n")
+    for name, field, why in (("sst2", "sentence", "KeyError"), ("ag_news", "text", "")):
+        with pytest.raises(SystemExit) as err:
+            data.read_labelled(name, 10, data_dir=str(tmp_path))
+        assert str(err.value).startswith(f"error: cannot read {tmp_path / name}.jsonl as {name} with the hub's field "
+                                         f"names ('{field}' and its label): {why}") and "\n" not in str(err.value)
+    with pytest.raises(SystemExit, match="--probe-data .*nowhere is not a folder"):
+        data.read_labelled("sst2", 10, data_dir=str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- a user's labels and steering by example

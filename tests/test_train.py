@@ -73,6 +73,7 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--data", str(empty), *out], "holds no texts"),
         (["--data", str(tmp_path / "missing.txt"), *out], "does not exist"),
         (["--data", str(tmp_path), *out], "is a folder"),
+        (["--cache-dir", str(empty)], f"argument --cache-dir: '{empty}' is a file (give a folder)"),
         (["--data", str(few), *out], "--batch-size 256 is more than the"),  # each batch would be the whole file
         (["--decoder-batch", "64", "--batch-size", "32", *out], "larger than --batch-size"),
         (["--data", "c4", "--lm", "tiny", *out], "use the paper tier"),
