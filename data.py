@@ -160,7 +160,12 @@ def load_local(path):
                         if not isinstance(r, dict) or not isinstance(r.get("text", ""), str)), None)
             if bad:
                 raise ValueError(f"record {bad} is not a JSON object with a string `text` field")
+            if rows and not any("text" in r for r in rows):
+                raise ValueError(f"no record has a `text` field (the first's fields: {', '.join(map(str, rows[0]))})")
             rows = [r for r in rows if r.get("text", "").strip()]
+        elif path.suffix == ".json":  # line by line it would train on brackets and keys
+            raise ValueError("a .json file is not read (one JSON object with a `text` field a line is .jsonl; "
+                             "one text a line, .txt)")
         elif path.suffix in (".csv", ".tsv"):  # its text column only: read line by line it would train on the header
             records = read_table(path, path.read_text(encoding=USER_TEXT), "data file")
             if records and "text" not in records[0]:

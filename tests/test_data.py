@@ -53,6 +53,13 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
     (tmp_path / "number.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')  # was a traceback when split
     with pytest.raises(SystemExit, match="record 2 is not a JSON object with a string `text` field"):
         data.load_local(tmp_path / "number.jsonl")
+    (tmp_path / "tone.jsonl").write_text('{"sentence": "fine", "tone": "calm"}\n')  # not "holds no texts"
+    with pytest.raises(SystemExit, match="tone.jsonl: no record has a `text` field \\(the first's fields: sentence, tone\\)"):
+        data.load_local(tmp_path / "tone.jsonl")
+    (tmp_path / "array.json").write_text('[\n  {"text": "fine"},\n  {"text": "also fine"}\n]\n')  # was read as lines
+    with pytest.raises(SystemExit, match="array.json: a .json file is not read \\(one JSON object with a `text` field "
+                                         "a line is .jsonl"):
+        data.load_local(tmp_path / "array.json")
     for name in ("latin1.txt", "latin1.jsonl", "latin1.csv"):  # as Excel's plain CSV is saved (cp1252)
         (tmp_path / name).write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
         with pytest.raises(SystemExit, match=f"^error: cannot read .*{name}: it is not UTF-8 \\(it has the byte 0xe9\\); "
