@@ -493,8 +493,11 @@ def add_label_probes(args, encoder_name, cache):
         raise SystemExit(f"error: {args.labels} has a single label ({next(iter(counts))!r}); a probe needs two or more")
     few = {label: different[label] for label in counts if different[label] < MIN_PER_LABEL}  # sorted, not set order
     if few:
+        shown = ", ".join(f"{n} of {label!r}" for label, n in list(few.items())[:5])
+        more = f" and {len(few) - 5} more labels" if len(few) > 5 else ""
+        hint = f"; is {args.label_column!r} the column of labels?" if len(counts) * MIN_PER_LABEL > len(rows) else ""
         raise SystemExit(f"error: every label needs at least {MIN_PER_LABEL} different texts; {args.labels} has "
-                         + ", ".join(f"{n} of {label!r}" for label, n in few.items()))
+                         f"{shown}{more}{hint}")
     bad = [label for label in counts if re.search(r"[\s,+:]", label) or label in RESERVED_GUIDES]
     if bad:
         raise SystemExit(f"error: label {bad[0]!r} cannot name a guide (no spaces, ',', '+' or ':'; not "

@@ -377,6 +377,9 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     few = labels_file(tmp_path / "few.csv", good[:25])
     assert "every label needs at least 10 different texts" in error("--labels", str(few)) and "5 of 'gloomy'" in \
         error("--labels", str(few))
+    # the texts' column named as the labels': a line that names the column, not one of every text
+    mixed_up = error("--labels", str(labels_file(tmp_path / "texts.csv", good)), "--label-column", "text")
+    assert " and 35 more labels; is 'text' the column of labels?" in mixed_up and len(mixed_up) < 500
     assert "a single label ('cheerful')" in error("--labels", str(labels_file(tmp_path / "one.csv", good[:20])))
     # a file named after a probe the tier's guides read would replace that probe under them
     clash = labels_file(tmp_path / "sentiment.csv", [(t, "sunny") for t in POSITIVE] + [(t, "grey") for t in NEGATIVE])
