@@ -94,6 +94,9 @@ def offensive_probs(texts):
     return [float(p) for p in predict_prob(list(texts))] if texts else []
 
 
+OFFLINE_JUDGES = {"--sentiment-judge": "vader, textblob", "--toxicity-judge": "profanity-check"}
+
+
 class Classifier:
     """A Hugging Face sequence classifier as a judge: the probability of the label whose name contains
     `label` (e.g. "pos" of siebert/sentiment-roberta-large-english's POSITIVE/NEGATIVE, "toxic" of a
@@ -107,7 +110,7 @@ class Classifier:
             self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
         except Exception as err:  # offline hub, missing folder, not a classifier: many error types
             raise SystemExit(f"error: could not load the classifier {name!r} for {flag} ({type(err).__name__}); "
-                             f"pass a local folder with {flag}") from None
+                             f"pass a local folder with {flag}, or an offline judge ({OFFLINE_JUDGES[flag]})") from None
         labels = {i: str(v).lower() for i, v in self.model.config.id2label.items()}
         index = [i for i, v in labels.items() if label in v and not v.startswith(("non", "not"))]
         if not index:
@@ -146,8 +149,9 @@ class SentimentJudge:
     LEXICONS = {"vader": ("VADER", vader_labels), "textblob": ("TextBlob", textblob_labels)}
 
     def __init__(self, name, device="cpu"):
-        self.classifier = None if name in self.LEXICONS else Classifier(name, "pos", "--sentiment-judge", device)
-        self.name, self.lexicon = self.LEXICONS.get(name, (name, None))
+        lexicon = name.lower()  # as the table's columns spell them too: VADER, TextBlob
+        self.classifier = None if lexicon in self.LEXICONS else Classifier(name, "pos", "--sentiment-judge", device)
+        self.name, self.lexicon = self.LEXICONS.get(lexicon, (name, None))
 
     def labels(self, texts):
         if self.classifier is None:
@@ -160,8 +164,9 @@ class ToxicityJudge:
     toxicity classifier. probs(texts) -> the probability that each text is toxic / offensive."""
 
     def __init__(self, name, device="cpu"):
-        self.classifier = None if name == "profanity-check" else Classifier(name, "toxic", "--toxicity-judge", device)
-        self.name = "alt-profanity-check" if name == "profanity-check" else name
+        offline = name.lower() in ("profanity-check", "alt-profanity-check")  # the package, and the column's name
+        self.classifier = None if offline else Classifier(name, "toxic", "--toxicity-judge", device)
+        self.name = "alt-profanity-check" if offline else name
 
     def probs(self, texts):
         return offensive_probs(texts) if self.classifier is None else self.classifier(texts)

@@ -218,8 +218,12 @@ def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
     assert toxic.classifier.index == 0 and toxic.classifier.multi_label
     assert toxic.probs(["you idiot"]) == [pytest.approx(0.5)]  # sigmoid(0)
     assert evaluate.ToxicityJudge("profanity-check").probs(["We had a lovely walk."])[0] < 0.5
-    with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --toxicity-judge"):
+    with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --toxicity-judge .*, or an "
+                                         r"offline judge \(profanity-check\)$"):
         evaluate.ToxicityJudge(str(tmp_path / "nowhere"))
+    # the offline judges by the names the table's columns give them too
+    assert evaluate.ToxicityJudge("alt-profanity-check").classifier is None
+    assert evaluate.SentimentJudge("VADER").name == "VADER" and evaluate.SentimentJudge("TextBlob").name == "TextBlob"
     with pytest.raises(SystemExit, match=r"has no 'toxic' label \(its labels: negative, positive\)"):
         evaluate.ToxicityJudge(str(classifiers["sentiment"]))
 
