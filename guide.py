@@ -217,9 +217,10 @@ def barred_words(spec, guides):
     return frozenset(words)
 
 
-def parse_guides(spec, available):
+def parse_guides(spec, available, ckpt="CKPT"):
     """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none', 'like' or '' -> []
-    ('like' stands for the --like / --unlike examples alone, which are not probes)."""
+    ('like' stands for the --like / --unlike examples alone, which are not probes). ckpt: the checkpoint
+    an unknown guide's error names."""
     if spec in (None, "", "none"):
         return []
     parsed = []
@@ -230,8 +231,8 @@ def parse_guides(spec, available):
         if not name:
             raise SystemExit(f"error: empty guide name in {spec!r} (use name[:weight], joined by ',' or '+')")
         if name not in available:
-            paper = (f"; {name!r} is one of the paper tier's guides: add them with "
-                     "`python guide.py --ckpt CKPT --probes paper`") if name in PAPER_GUIDES else ""
+            paper = (f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {ckpt} --probes paper` "
+                     "adds them (their data sets come from the hub, or --probe-data DIR)") if name in PAPER_GUIDES else ""
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none{paper})")
         try:
             value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1

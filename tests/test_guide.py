@@ -71,8 +71,9 @@ def test_parse_guides():
     with pytest.raises(SystemExit, match="unknown guide 'happy'.*available: news, positive"):
         parse_guides("happy", available)
     with pytest.raises(SystemExit, match=r"unknown guide 'toxic' \(available: news, positive, none; 'toxic' is one of "
-                                         r"the paper tier's guides: add them with `python guide.py --ckpt CKPT --probes paper`\)$"):
-        parse_guides("toxic", available)  # a tiny checkpoint asked for a paper guide is told where it comes from
+                                         r"the paper tier's guides: `python guide.py --ckpt runs/a --probes paper` adds "
+                                         r"them \(their data sets come from the hub, or --probe-data DIR\)\)$"):
+        parse_guides("toxic", available, "runs/a")  # a tiny checkpoint asked for a paper guide: where it comes from
     for spec in ("positive+", ",news", "positive,,news"):
         with pytest.raises(SystemExit, match="empty guide name"):
             parse_guides(spec, available)
