@@ -275,7 +275,12 @@ def get_args(argv=None):
     p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prefix is not None and args.prompts is not None:
+        p.error("--prefix and --prompts: give one (a prefix, or a file of them)")
+    if args.guide is not None and not args.guide.strip():
+        p.error("argument --guide: is empty (a guide name, or none)")
+    return args
 
 
 def main(args):

@@ -449,7 +449,10 @@ def check_args(args, out):
     if out.is_dir():
         hold(out)  # before it is read: a run training there now may change it (a new --out is held once made)
     if args.data not in ("tiny", "c4"):  # a --data file that is not there, empty or unreadable, before the checkpoint
-        data_lib.load_local(args.data)  # there (another --out would not help); load_data reads it again (seconds)
+        if args.resume and not Path(args.data).exists():  # there (another --out would not help)
+            raise SystemExit(f"error: data file {args.data}, which the run in {out} trained on, does not exist; if it "
+                             "was moved, python train.py --resume --data NEW_PATH finds it by its content")
+        data_lib.load_local(args.data)  # load_data reads it again (seconds)
     if not args.resume and (out / CHECKPOINT).exists() and not args.overwrite:
         raise SystemExit(existing_run(args, out))
     if args.data == "c4" and args.lm == TINY_LM:

@@ -190,6 +190,8 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     (tmp_path / "training" / "log.jsonl").write_text('{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n')
     cases = [
         ([*ckpt, "--guide", "joyful"], "unknown guide 'joyful' (available:"),
+        ([*ckpt, "--prefix", "The movie", "--prompts", str(tmp_path / "p.txt")], "--prefix and --prompts: give one"),
+        ([*ckpt, "--guide", " "], "argument --guide: is empty"),  # it meant positive
         ([*ckpt, "--guide", "toxic"], f"`python guide.py --ckpt {trained / 'out'} --probes paper` adds them"),
         (["--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
         # a run still before its first save (sampled from another terminal): not "train one"

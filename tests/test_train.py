@@ -361,6 +361,9 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path):
     moved = tmp_path / "moved" / "toy.jsonl"  # the same texts elsewhere: its sha256 says so
     moved.parent.mkdir()
     shutil.move(data, moved)
+    with pytest.raises(SystemExit, match=r"data file .*toy.jsonl, which the run in .* trained on, does not exist; if "
+                                         r"it was moved, python train.py --resume --data NEW_PATH finds it"):
+        resume()
     resume("--data", str(moved))  # cache, batch sizes, learning rates, --steps 6, --save-every 3: the checkpoint's
     assert Checkpoint(tmp_path / "out").step == 6
     assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
