@@ -711,9 +711,13 @@ def test_paper_tier_probes_are_part_of_the_run_or_a_warning(probe_data, tmp_path
     assert set(report) == {"sentiment", "toxicity", "world", "sports", "business", "scitech"}
     assert "nontoxic" in load_probes(tmp_path / "probes.safetensors", "minilm")[1]
     (tmp_path / "probes.safetensors").unlink()
-    args.probe_data = str(tmp_path / "nowhere")
+    args.probe_data = str(tmp_path / "empty")  # no local copies there: the hub, which does not answer
+    (tmp_path / "empty").mkdir()
     capsys.readouterr()
     assert train.train_probes(args, window, tmp_path, cache) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: no probes (could not stream stanfordnlp/sst2")
     assert f"add them later with `python guide.py --ckpt {tmp_path} --probes paper`" in err
+    args.probe_data = str(tmp_path / "nowhere")  # a folder that is not there is named, not passed over for the hub
+    assert train.train_probes(args, window, tmp_path, cache) is None
+    assert capsys.readouterr().err.startswith(f"warning: no probes (--probe-data {tmp_path / 'nowhere'} is not a folder)")
