@@ -546,6 +546,9 @@ def setup(args):
     args.bf16, args.encode_device = use_bf16(args.precision, dist.device), dist.device
     keep_freed_memory()
     if args.threads:
+        if args.threads > (os.cpu_count() or 1):  # threads that wait on each other: many times slower, not faster
+            print(f"warning: --threads {args.threads} is more than the {os.cpu_count()} CPU cores here; steps will be "
+                  "far slower than with --threads 0 (torch's default)", file=sys.stderr)
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # alike in every process: the batch's noise too (dropout: Distributed.own_random_numbers)
     random.seed(args.seed)

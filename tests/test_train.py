@@ -442,6 +442,14 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
         run_train(corpus, tmp_path, tmp_path / "a-file" / "out", "--steps", "2")
 
 
+def test_more_threads_than_cores_is_a_warning(corpus, trained, tmp_path, monkeypatch, capsys):
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(train.torch, "set_num_threads", lambda n: None)  # this process's threads stay as they are
+    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "1", "--threads", "3")
+    assert "warning: --threads 3 is more than the 2 CPU cores here; steps will be far slower" in capsys.readouterr().err
+
+
 def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus, trained, tmp_path, monkeypatch, capsys):
     shutil.copytree(trained / "cache", tmp_path / "cache")
     out, prior_step = tmp_path / "run", train.prior_step
