@@ -352,7 +352,8 @@ def get_args(argv=None):
     p.add_argument("--encoder", default=None, help="--embed: the encoder (default: --ckpt's, or the paper tier's)")
     p.add_argument("--texts", default="tiny", help="--embed: tiny (the corpus, fetched into --cache-dir) or a .txt/.jsonl file")
     p.add_argument("--n-texts", type=bounded(int, 1, 1e7), default=2000, help="--embed: how many of them (a seeded sample)")
-    p.add_argument("--cache-dir", type=folder, default="cache", help="--embed: train.py's --cache-dir, where the tiny corpus is")
+    p.add_argument("--cache-dir", type=folder, default="cache",
+                   help="--embed: train.py's --cache-dir, where the tiny corpus is")
     p.add_argument("--micro-batch", type=bounded(int, 1, 1e6), default=None, help="--train: the prior's micro-batch")
     p.add_argument("--decoder-micro-batch", type=bounded(int, 1, 1e6), default=None,
                    help="--train: the decoder's micro-batch")

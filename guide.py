@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import ArgumentParser, Checkpoint, bounded, count, existing_folder, folder, pick_device, run_cli
+from utils import ArgumentParser, Checkpoint, bounded, count, folder, pick_device, run_cli
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -231,8 +231,9 @@ def parse_guides(spec, available, ckpt="CKPT"):
         if not name:
             raise SystemExit(f"error: empty guide name in {spec!r} (use name[:weight], joined by ',' or '+')")
         if name not in available:
-            paper = (f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {ckpt} --probes paper` "
-                     "adds them (their data sets come from the hub, or --probe-data DIR)") if name in PAPER_GUIDES else ""
+            paper = "" if name not in PAPER_GUIDES else (
+                f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {ckpt} --probes paper` adds "
+                "them (their data sets come from the hub, or --probe-data DIR)")
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none{paper})")
         try:
             value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1
@@ -546,9 +547,10 @@ def main(argv=None):
     p.add_argument("--probes", default="paper", choices=["paper"],
                    help="without --labels: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
     p.add_argument("--max-per-class", type=count, default=count("20k"), help="paper probes: examples per class and data set")
-    p.add_argument("--probe-data", type=existing_folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
+    p.add_argument("--probe-data", type=folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
-    p.add_argument("--cache-dir", type=folder, default="cache", help="where the embedding cache lives (train.py's --cache-dir)")
+    p.add_argument("--cache-dir", type=folder, default="cache",
+                   help="where the embedding cache lives (train.py's --cache-dir)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")

@@ -146,14 +146,6 @@ def folder(value):
     return value
 
 
-def existing_folder(value):
-    """An argparse type: a folder a run reads from, which must be there."""
-    if not Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"'{value}' " + ("is a file (give a folder)" if Path(value).exists()
-                                                          else "does not exist"))
-    return value
-
-
 def missing_folder(name):
     """True when a model name reads as a local path (absolute, ./ ../ ~, or in a folder that exists here,
     which a hub id's owner does not) and no folder is there: worth one line of its own, not a download."""
