@@ -36,7 +36,7 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
-                   folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
+                   folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
                    pick_device, release, run_cli, save_checkpoint, use_bf16)
 
 # ----------------------------------------------------------------------------- config
@@ -671,11 +671,11 @@ def peak_gpu_memory(device):
 
 def interrupted(args):
     """What Ctrl-C leaves in --out, and the command that goes on from it."""
-    out = f" --out {args.out}" if Path(args.out) != Path("out") else ""
     if not (Path(args.out) / CHECKPOINT).exists():
-        return f"interrupted before the first checkpoint (--save-every steps): train again with python train.py{out}"
+        return ("interrupted before the first checkpoint (--save-every steps): train again with python "
+                f"train.py{out_flag(args.out)}")
     return (f"interrupted: the last checkpoint saved in {args.out} (every --save-every steps) is kept; continue it "
-            f"with python train.py --resume{out}")
+            f"with python train.py --resume{out_flag(args.out)}")
 
 
 def main(args):

@@ -302,12 +302,18 @@ HELD = {}  # the --out folders this process holds: resolved path -> its open loc
 LOCK = "train.lock"
 
 
+def out_flag(out):
+    """` --out OUT` for a command line that names the run's folder; nothing for train.py's default."""
+    return f" --out {out}" if Path(out) != Path("out") else ""
+
+
 def hold(out):
     """Keep --out to this run. A second train.py into the same folder (from another terminal, or a --resume
     while the first still trains) would train there too, each saving over the other's checkpoints. An
     advisory lock (flock) on out/train.lock: the system releases it when the process ends, however it ends,
     so no lock outlives its run. Where there is no flock (Windows) nothing is held."""
-    if str(Path(out).resolve()) in HELD or os.environ.get("RANK", "0") != "0":  # under torchrun: the main process
+    key = str(Path(out).resolve())
+    if key in HELD or os.environ.get("RANK", "0") != "0":  # under torchrun: the main process
         return
     try:
         import fcntl
@@ -318,13 +324,13 @@ def hold(out):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        resume = "python train.py --resume" + (f" --out {out}" if Path(out) != Path("out") else "")
         raise SystemExit(f"error: another train.py is training into {out}/ (process {training_in(out)}); wait for "
-                         f"it to end ({resume} then trains it on), stop it, or train into another --out") from None
+                         f"it to end (python train.py --resume{out_flag(out)} then trains it on), stop it, or train "
+                         "into another --out") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
-    HELD[str(Path(out).resolve())] = f
+    HELD[key] = f
 
 
 def release(out):
@@ -433,7 +439,7 @@ def checkpoint_tokenizer(out):
                          "copy the whole checkpoint folder")
     try:
         return load_tokenizer(str(folder))
-    except (ValueError, OSError, UnicodeDecodeError) as err:  # a damaged tokenizer.json, an emptied folder
+    except (ValueError, OSError) as err:  # a damaged tokenizer.json (UnicodeDecodeError too), an emptied folder
         raise SystemExit(f"error: the tokenizer in {folder} is unreadable or incomplete ({type(err).__name__}); "
                          "copy the checkpoint folder again, or retrain") from None
 
