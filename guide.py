@@ -129,11 +129,12 @@ class Guidance:
         return x0_from_eps(z.detach(), eps_hat, a), eps_hat
 
 
-def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_weight=1.0, **kwargs):
+def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_weight=1.0, ckpt="CKPT", **kwargs):
     """Guidance for a spec like 'positive' or 'negative:1,news:0.5' ('none' or 'like': no probe), plus
     the unit embeddings of example texts to steer toward (like) or away from (unlike), each at
-    like_weight; None when nothing steers. kwargs: Guidance's."""
-    terms = probe_terms(spec, probes, guides)
+    like_weight; None when nothing steers. ckpt: the checkpoint an unknown guide's error names.
+    kwargs: Guidance's."""
+    terms = probe_terms(spec, probes, guides, ckpt=ckpt)
     terms += [(e, torch.zeros(()), "like", like_weight) for e in like]
     terms += [(e, torch.zeros(()), "unlike", like_weight) for e in unlike]
     return Guidance(terms, mu, s, scale, barred=barred_words(spec, guides), **kwargs) if terms else None
@@ -145,13 +146,13 @@ def guide_probes(guide):
     return names if isinstance(names, list) else [names]
 
 
-def probe_terms(spec, probes, guides, outer=1.0):
+def probe_terms(spec, probes, guides, outer=1.0, ckpt="CKPT"):
     """A guide spec -> [(w, b, target, weight)], one term per probe. A guide may carry a strength, which
     multiplies its weight (1 without), and other guides it holds as it steers (a spec), which come in at
     their weights relative to its own. A guide over several probes uses those there are (a corpus of two
     domains has two domain probes)."""
     terms = []
-    for name, weight in parse_guides(spec, guides):
+    for name, weight in parse_guides(spec, guides, ckpt):
         names, target, *extra = guides[name]
         weight *= outer * (extra[0] if extra else 1.0)
         present = [n for n in guide_probes(guides[name]) if n in probes]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data import input_file, not_utf8, text_lines
 from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
-from guide import build_guidance, load_probes, parse_guides
+from guide import build_guidance, load_probes
 from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, output_file, pick_device,
                    run_cli, use_bf16)
 
@@ -139,11 +139,10 @@ class DGLM:
                 f"`python guide.py --ckpt {self.ckpt} --labels FILE` (a text and a label per row)"
             raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with {add}, or steer by "
                              "example with --like")
-        parse_guides(spec, self.guides, self.ckpt)  # an unknown name first, in a line that names this checkpoint
         like_e, unlike_e = (self.embed(list(texts)) if texts else [] for texts in (like, unlike))
         return build_guidance(spec, self.probes, self.guides, self.mu, self.s, sampling.scale, like=like_e,
-                              unlike=unlike_e, like_weight=sampling.like_weight, n_samples=sampling.mc_samples,
-                              max_logsnr=sampling.guide_max_logsnr)
+                              unlike=unlike_e, like_weight=sampling.like_weight, ckpt=self.ckpt,
+                              n_samples=sampling.mc_samples, max_logsnr=sampling.guide_max_logsnr)
 
     def prompt_room(self, max_new_tokens):
         """Prompt tokens that fit beside max_new_tokens new ones; a one-line error when none can be made."""
