@@ -48,6 +48,8 @@ def run_cli(fn, interrupted="interrupted"):
     on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above;
     Ctrl-C prints `interrupted` (what is kept, for a script that saves; a KeyboardInterrupt raised with a
     message of its own, as train.py's names its --out, prints that) and exits with 130."""
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?", not a traceback
+        sys.stdout.reconfigure(errors="replace")  # (stderr's default already never fails)
     try:
         fn()
     except SystemExit as err:
@@ -187,11 +189,20 @@ def hub_answers(name=None):
     return HUB_ANSWERS
 
 
+def text(value):
+    """An argparse type for free text (a prefix, an example). In the C locale (LC_ALL=C) Python hands
+    non-ASCII arguments over as surrogate escapes, which the tokenizers refuse: decode them as UTF-8."""
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except UnicodeDecodeError:  # bytes that are not UTF-8: keep what can be read
+        return os.fsencode(value).decode("utf-8", "replace")
+
+
 def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
     if not str(value).strip():
         raise argparse.ArgumentTypeError("is empty (give a sentence)")
-    return value
+    return text(value)
 
 
 def pick_device(name):
