@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -613,6 +614,9 @@ def main(args):
     nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
     if prompts is None:
         prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
+        if len(prompts) < args.n_prompts:
+            print(f"note: --n-prompts {args.n_prompts}: the held-out sentences give {len(prompts)} prompts; "
+                  "evaluating on those", file=sys.stderr)
     sampling = sampling_config(args)
     for guide in args.guides:  # each checked before any work: an unknown last guide cost the others' minutes first
         if guide == "like" and not (args.like or args.unlike):

@@ -377,3 +377,21 @@ def test_an_empty_guide_or_prompt_file_name_is_refused_not_run_as_something_else
     assert evaluate.get_args(["--guides", "none, positive"]).guides == ["none", "positive"]
     with pytest.raises(SystemExit, match=r"^error: prompt file '' does not exist"):  # not the held-out prompts
         evaluate.main(evaluate.get_args(["--prompts", ""]))
+
+
+def test_more_held_out_prompts_than_there_are_says_how_many_it_uses(trained, monkeypatch, capsys):
+    import data
+    texts = [f"the weather was cold and wet for {n} days in a row" for n in range(200)]
+    held = [t for t in texts if data.is_held_out(t)]
+    monkeypatch.setattr(data, "prepare_tiny", lambda cache_dir: [{"text": t} for t in texts])
+    prompts = []
+
+    def first_row(model, p, *args):
+        prompts.extend(p)
+        raise InterruptedError  # the rows themselves are not what this test checks
+    monkeypatch.setattr(evaluate, "evaluate_setting", first_row)
+    with pytest.raises(InterruptedError):
+        evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--n-prompts", "1000", "--n", "1",
+                                         "--guides", "none"]))
+    assert 0 < len(prompts) == len(held) < 1000
+    assert f"--n-prompts 1000: the held-out sentences give {len(held)} prompts" in capsys.readouterr().err
