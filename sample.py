@@ -27,8 +27,8 @@ from data import input_file, not_utf8, text_lines
 from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
-from utils import (ArgumentParser, autocast, bounded, load_for_inference, nonempty_text, output_file, pick_device,
-                   run_cli, text, use_bf16)
+from utils import (ArgumentParser, autocast, bounded, free_text, load_for_inference, nonempty_text, output_file,
+                   pick_device, run_cli, use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
@@ -262,7 +262,7 @@ def get_args(argv=None):
     p.add_argument("--guide", default=None,
                    help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none' (default: positive, or none "
                         "with --like / --unlike)")
-    p.add_argument("--prefix", "--prompt", default=None, type=text, help="one prefix to continue ('' for none)")
+    p.add_argument("--prefix", "--prompt", default=None, type=free_text, help="one prefix to continue ('' for none)")
     p.add_argument("--prompts", default=None, help="file with one prefix per line (one prefix: --prefix TEXT)")
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
     p.add_argument("--batch-size", type=bounded(int, 1, 100_000), default=100,

@@ -189,7 +189,7 @@ def hub_answers(name=None):
     return HUB_ANSWERS
 
 
-def text(value):
+def free_text(value):
     """An argparse type for free text (a prefix, an example). In the C locale (LC_ALL=C) Python hands
     non-ASCII arguments over as surrogate escapes, which the tokenizers refuse: decode them as UTF-8."""
     try:
@@ -202,7 +202,7 @@ def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
     if not str(value).strip():
         raise argparse.ArgumentTypeError("is empty (give a sentence)")
-    return text(value)
+    return free_text(value)
 
 
 def pick_device(name):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, UNREACHABLE_HUB, hub_cache, run_python
-from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, keep_freed_memory, output_file,
-                   pick_device, run_cli, text)
+from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, free_text, keep_freed_memory,
+                   output_file, pick_device, run_cli)
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -125,14 +125,14 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
 
 def test_non_ascii_arguments_and_output_work_in_the_c_locale():
     """LC_ALL=C hands Python a prefix such as "Caf\u00e9" as surrogate escapes, which the tokenizers refuse
-    (a TypeError); utils.text decodes them as UTF-8, and run_cli prints what the terminal cannot show as "?"."""
-    code = ("import sys, utils; p = utils.ArgumentParser(); p.add_argument('--prefix', type=utils.text); "
+    (a TypeError); utils.free_text decodes them as UTF-8, and run_cli prints what the terminal cannot show as "?"."""
+    code = ("import sys, utils; p = utils.ArgumentParser(); p.add_argument('--prefix', type=utils.free_text); "
             "utils.run_cli(lambda: print(ascii(p.parse_args(sys.argv[1:]).prefix), p.parse_args(sys.argv[1:]).prefix))")
     result = subprocess.run([sys.executable, "-c", code, "--prefix", "Caf\u00e9"], capture_output=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=120)
     assert result.returncode == 0, result.stderr[-800:]
     assert result.stdout.decode("ascii").split() == ["'Caf\\xe9'", "Caf?"]
-    assert text("Caf\udcc3\udca9") == "Caf\u00e9" and text("Caf\udce9") == "Caf\ufffd"  # not UTF-8
+    assert free_text("Caf\udcc3\udca9") == "Caf\u00e9" and free_text("Caf\udce9") == "Caf\ufffd"  # not UTF-8
 
 
 def test_checkpoint_reads_one_group_of_tensors_at_a_time(trained):
