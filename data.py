@@ -153,8 +153,9 @@ def data_file(path):
 def load_local(path):
     """A .txt (one text per line), .jsonl (`text` field) or .csv / .tsv (`text` column) -> list of {text, ...}."""
     path = data_file(path)
+    suffix = path.suffix.lower()  # Windows and Excel write .CSV
     try:
-        if path.suffix == ".jsonl":
+        if suffix == ".jsonl":
             rows = read_jsonl(path)
             bad = next((n for n, r in enumerate(rows, 1)
                         if not isinstance(r, dict) or not isinstance(r.get("text", ""), str)), None)
@@ -163,10 +164,10 @@ def load_local(path):
             if rows and not any("text" in r for r in rows):
                 raise ValueError(f"no record has a `text` field (the first's fields: {', '.join(map(str, rows[0]))})")
             rows = [r for r in rows if r.get("text", "").strip()]
-        elif path.suffix == ".json":  # line by line it would train on brackets and keys
+        elif suffix == ".json":  # line by line it would train on brackets and keys
             raise ValueError("a .json file is not read (one JSON object with a `text` field a line is .jsonl; "
                              "one text a line, .txt)")
-        elif path.suffix in (".csv", ".tsv"):  # its text column only: read line by line it would train on the header
+        elif suffix in (".csv", ".tsv"):  # its text column only: read line by line it would train on the header
             records = read_table(path, path.read_text(encoding=USER_TEXT), "data file")
             if records and "text" not in records[0]:
                 raise ValueError(f"no `text` column (its columns: {', '.join(map(str, records[0]))})")
@@ -407,14 +408,25 @@ def unclosed_quote(text, delimiter):
 
 
 def read_table(path, text, what):
-    """The rows of a .csv or .tsv file's text, as dicts by its header row; csv.Error where it is malformed."""
+    """The rows of a .csv or .tsv file's text, as dicts by its header row (names stripped: `text, label`
+    names `label`); csv.Error where it is malformed."""
     header = text.split("\n", 1)[0]  # Excel in many European locales separates a .csv with ';'
-    delimiter = "\t" if path.suffix == ".tsv" else ";" if ";" in header and "," not in header else ","
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ";" if ";" in header and "," not in header else ","
     if line := unclosed_quote(text, delimiter):
         raise SystemExit(f"error: {what} {path}: a quote opens a text on line {line} and does not close, so the "
                          "rest of the file would read as that one text (close it, or double each quote inside a "
                          "quoted text)")
-    return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    names = [name.strip() for name in next((row for row in reader if any(f.strip() for f in row)), [])]
+    rows = []
+    for row in reader:
+        if len(row) > len(names) and any(field.strip() for field in row[len(names):]):  # empty extras: trailing commas
+            raise SystemExit(f"error: {what} {path}: line {reader.line_num} has {len(row)} fields, its header "
+                             f"{len(names)}; a text that holds a {delimiter!r} needs quotes around it (\"...\"), or "
+                             "save the file as .tsv" + (" or one text a line as .txt" if len(names) == 1 else ""))
+        if any(field.strip() for field in row):  # a blank line is no row
+            rows.append(dict(zip(names, row + [None] * (len(names) - len(row)))))
+    return rows
 
 
 def read_labels(path, text_column="text", label_column="label"):
@@ -422,27 +434,28 @@ def read_labels(path, text_column="text", label_column="label"):
     line; `text_column` and `label_column` name the fields. Labels are kept as strings. A missing or
     unreadable file, a missing column or an empty text or label is a one-line error."""
     path = input_file(path, "labels file")
-    if path.suffix not in (".csv", ".tsv", ".jsonl"):
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl"):
         raise SystemExit(f"error: labels file {path} must be .csv, .tsv or .jsonl")
     try:
-        text = path.read_text(encoding=USER_TEXT)
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = read_table(path, text, "labels file")
+        records = read_jsonl(path) if suffix == ".jsonl" else read_table(path, path.read_text(encoding=USER_TEXT),
+                                                                           "labels file")
     except UnicodeDecodeError as err:
         raise SystemExit(f"error: cannot read labels file {path}: {not_utf8(err)}") from None
-    except (json.JSONDecodeError, csv.Error) as err:
+    except ValueError as err:  # read_jsonl's, naming the line
+        raise SystemExit(f"error: cannot read labels file {path}: {err}") from None
+    except csv.Error as err:
         raise SystemExit(f"error: cannot read labels file {path} ({type(err).__name__}: {err})") from None
     if not records:
         raise SystemExit(f"error: labels file {path} holds no examples")
     rows = []
     as_text = lambda value: "" if value is None else str(value)  # 0 is a label (JSON's 0 / 1 classes), null is none
-    for n, record in enumerate(records, start=2 if path.suffix != ".jsonl" else 1):
+    for n, record in enumerate(records, start=2 if suffix != ".jsonl" else 1):
         missing = [c for c in (text_column, label_column) if not isinstance(record, dict) or c not in record]
         if missing:
+            found = f"its columns: {', '.join(map(str, record))}; " if isinstance(record, dict) else ""
             raise SystemExit(f"error: {path} has no {' or '.join(f'`{c}`' for c in missing)} column (record {n}; "
-                             "name the columns with --text-column / --label-column)")
+                             f"{found}name the columns with --text-column / --label-column)")
         text, label = " ".join(as_text(record[text_column]).split()), as_text(record[label_column]).strip()
         if not text or not label:
             raise SystemExit(f"error: {path} record {n} has an empty {'text' if not text else 'label'}")

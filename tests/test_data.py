@@ -274,6 +274,40 @@ def test_a_csv_separated_by_semicolons_as_excel_writes_it_in_many_locales(tmp_pa
     assert data.read_labels(tmp_path / "labels.csv") == [("a fine; fine film", "pos")]
 
 
+def test_a_row_with_more_fields_than_its_header_is_an_error_not_a_text_cut_at_its_comma(tmp_path):
+    """A one-column text.csv written by hand: "A fine film, truly" was read as "A fine film" without a word,
+    and in a labels file the label column took the text's second half."""
+    (tmp_path / "texts.csv").write_text("text\nA fine film\nA fine film, truly\n")
+    with pytest.raises(SystemExit, match=r"texts.csv: line 3 has 2 fields, its header 1; a text that holds a ',' "
+                                         r"needs quotes .* or one text a line as .txt$"):
+        data.load_local(tmp_path / "texts.csv")
+    (tmp_path / "labels.csv").write_text("text,label\nfine,pos\nfine, really,pos\n")
+    with pytest.raises(SystemExit, match=r"labels.csv: line 3 has 3 fields, its header 2; .* save the file as .tsv$"):
+        data.read_labels(tmp_path / "labels.csv")
+    (tmp_path / "labels.csv").write_text("text,label,\nfine,pos,\n\ndull,neg,,\n")  # trailing commas, a blank line
+    assert data.read_labels(tmp_path / "labels.csv") == [("fine", "pos"), ("dull", "neg")]
+
+
+def test_header_names_are_stripped_and_extensions_read_in_any_case(tmp_path):
+    """`text, label` named its second column " label"; TEXTS.JSONL and LABELS.CSV (as Windows writes them)
+    were read line by line as plain text, JSON and header included, and refused as labels."""
+    (tmp_path / "LABELS.CSV").write_text("text, label\nfine, pos\ndull, neg\n")
+    assert data.read_labels(tmp_path / "LABELS.CSV") == [("fine", "pos"), ("dull", "neg")]
+    assert data.load_local(tmp_path / "LABELS.CSV") == [{"text": "fine"}, {"text": "dull"}]
+    (tmp_path / "TEXTS.JSONL").write_text('{"text": "a fine film"}\n')
+    assert data.load_local(tmp_path / "TEXTS.JSONL") == [{"text": "a fine film"}]
+
+
+def test_labels_file_errors_name_the_line_and_the_columns_there_are(tmp_path):
+    path = tmp_path / "tone.jsonl"
+    path.write_text('{"sentence": "fine", "tone": "up"}\n' * 4 + '{"sentence": "it"s fine", "tone": "flat"}\n')
+    with pytest.raises(SystemExit, match=r"tone.jsonl: line 5 is not JSON \(Expecting"):  # was "line 1" for every line
+        data.read_labels(path, "sentence", "tone")
+    path.write_text('{"sentence": "fine", "tone": "up"}\n')
+    with pytest.raises(SystemExit, match=r"no `text` column \(record 1; its columns: sentence, tone; name the"):
+        data.read_labels(path, "text", "tone")
+
+
 def test_a_quote_that_never_closes_is_an_error_not_one_long_text(tmp_path):
     path = tmp_path / "labels.csv"  # csv's lenient reader reads the rest of the file into the open quote
     path.write_text('label,text\npos,fine\npos,"a great film\nneg,dull\nneg,awful\n')
