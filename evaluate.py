@@ -52,7 +52,7 @@ from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
 from utils import (ArgumentParser, atomic_write_text, bounded, comma_list, folder, hub_answers, output_file,
-                   pick_device, run_cli)
+                   pick_device, run_cache_dir, run_cli)
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -575,7 +575,8 @@ def get_args(argv=None):
     p.add_argument("--plot", type=plot_file, default=None,
                    help="write a picture (.png, .pdf, .svg, .jpg) of attribute success against perplexity (needs "
                         "matplotlib)")
-    p.add_argument("--cache-dir", type=folder, default="cache", help="where train.py keeps the tiny corpus")
+    p.add_argument("--cache-dir", type=folder, default=None,
+                   help="where train.py keeps the tiny corpus (default: the checkpoint's run's, else cache)")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
     p.add_argument("--json", type=output_file, default=None,
                    help="write all results (with examples) to this JSON file, after each row")
@@ -610,6 +611,7 @@ def main(args):
               "toxicity": ToxicityJudge(args.toxicity_judge, device),
               "perplexity": HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None}
     model = DGLM(args.ckpt, device, args.precision)
+    args.cache_dir = args.cache_dir or run_cache_dir(model.config)  # run from another folder: the same corpus
     judges["perplexity"] = judges["perplexity"] or SelfPerplexity(model, args.seed)
     nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
     if prompts is None:

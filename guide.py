@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import ArgumentParser, Checkpoint, bounded, count, folder, pick_device, run_cli
+from utils import ArgumentParser, Checkpoint, bounded, count, folder, pick_device, run_cache_dir, run_cli, shell
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -233,7 +233,7 @@ def parse_guides(spec, available, ckpt="CKPT"):
             raise SystemExit(f"error: empty guide name in {spec!r} (use name[:weight], joined by ',' or '+')")
         if name not in available:
             paper = "" if name not in PAPER_GUIDES else (
-                f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {ckpt} --probes paper` adds "
+                f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {shell(ckpt)} --probes paper` adds "
                 "them (their data sets come from the hub, or --probe-data DIR)")
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none{paper})")
         try:
@@ -550,16 +550,16 @@ def main(argv=None):
     p.add_argument("--max-per-class", type=count, default=count("20k"), help="paper probes: examples per class and data set")
     p.add_argument("--probe-data", type=folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
-    p.add_argument("--cache-dir", type=folder, default="cache",
-                   help="where the embedding cache lives (train.py's --cache-dir)")
+    p.add_argument("--cache-dir", type=folder, default=None,
+                   help="where the embedding cache lives (default: the checkpoint's run's --cache-dir, else cache)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
-    encoder_name = Checkpoint(args.ckpt).config["encoder"]  # a missing or unreadable checkpoint: one line
-    device = pick_device(args.device)
-    cache = EmbeddingCache(cache_dir_for(args.cache_dir, encoder_name), encoder_name, device, args.batch_size,
+    config = Checkpoint(args.ckpt).config  # a missing or unreadable checkpoint: one line
+    encoder_name, device = config["encoder"], pick_device(args.device)
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir or run_cache_dir(config), encoder_name), encoder_name, device, args.batch_size,
                            args.dtype or default_dtype(device))
     if args.labels:
         return add_label_probes(args, encoder_name, cache)

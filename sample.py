@@ -28,7 +28,7 @@ from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, load_probes
 from utils import (ArgumentParser, autocast, bounded, free_text, load_for_inference, nonempty_text, output_file,
-                   pick_device, run_cli, use_bf16)
+                   pick_device, run_cli, shell, use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
@@ -134,9 +134,9 @@ class DGLM:
         example texts to steer toward (like) or away from (unlike); None when nothing steers."""
         if spec not in (None, "", "none", "like") and not self.guides:
             paper = self.config.get("train", {}).get("tier") == "paper"  # its probes' data sets could not be reached
-            add = f"`python guide.py --ckpt {self.ckpt} --probes paper` (--probe-data DIR for local copies of its data " \
+            add = f"`python guide.py --ckpt {shell(self.ckpt)} --probes paper` (--probe-data DIR for local copies of its data " \
                   "sets), or your own with --labels FILE" if paper else \
-                f"`python guide.py --ckpt {self.ckpt} --labels FILE` (a text and a label per row)"
+                f"`python guide.py --ckpt {shell(self.ckpt)} --labels FILE` (a text and a label per row)"
             raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with {add}, or steer by "
                              "example with --like")
         like_e, unlike_e = (self.embed(list(texts)) if texts else [] for texts in (like, unlike))

@@ -37,7 +37,7 @@ from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
                    folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
-                   pick_device, release, run_cli, save_checkpoint, use_bf16)
+                   pick_device, release, run_cli, save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -64,6 +64,7 @@ TEACHING_SWITCHES = {  # flag -> (config part, field, value): each turns one des
 RUN_SETTINGS = ("data", "tier", "encoder", "lm", "max_prefix_frac", "max_len", "vocab_size", "window", "batch_size",
                 "decoder_batch", "seed", *TEACHING_SWITCHES)
 NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16")  # flags of one invocation, not of the run
+PATH_FLAGS = ("data", "encoder", "lm", "cache_dir", "probe_data", "c4_path")  # may name a local file or folder
 
 
 def data_flags(add):
@@ -72,7 +73,7 @@ def data_flags(add):
     add("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
         "(default: %(default)s)")
     add("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder (default: %(default)s)")
-    add("--out", default="out", help="checkpoint directory")
+    add("--out", type=folder, default="out", help="checkpoint directory")
     add("--cache-dir", type=folder, default="cache", help="where the corpus and the embedding cache live")
     add("--max-prefix-frac", type=bounded(float, 0, 1), default=0.5,
         help="prefix length ~ U{0..frac*(words-1)} (default %(default)g)")
@@ -166,7 +167,8 @@ def get_args(argv=None):
     moved = lambda: trained.get("data_sha256") and os.path.isfile(args.data) and \
         data_lib.sha256_of(args.data) == trained["data_sha256"]  # the same texts at another path
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
-               for k in RUN_SETTINGS if k in trained and getattr(args, k) != trained[k] and not (k == "data" and moved())]
+               for k in RUN_SETTINGS if k in trained and local_path(k, getattr(args, k)) != local_path(k, trained[k])
+               and not (k == "data" and moved())]
     if changed:
         hint = ""
         if "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4"):
@@ -425,22 +427,20 @@ def train_probes(args, window, out, cache):
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
-        print(f"no probes: {args.data} has no labels; add them with `python guide.py --ckpt {out} --labels FILE`, "
+        print(f"no probes: {args.data} has no labels; add them with `python guide.py --ckpt {shell(out)} --labels FILE`, "
               "or steer by example with `sample.py --like TEXT`")
         return None
     try:
         probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
     except SystemExit as err:
         print(f"warning: no probes ({str(err).removeprefix('error: ')}); training goes on; add them later with "
-              f"`python guide.py --ckpt {out} --probes paper` (--probe-data DIR for local copies)", file=sys.stderr)
+              f"`python guide.py --ckpt {shell(out)} --probes paper` (--probe-data DIR for local copies)", file=sys.stderr)
         return None
     merge_probes(out / "probes.safetensors", probes, PAPER_GUIDES, args.encoder)
     return report
 
 
 def check_args(args, out):
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; give a folder for the checkpoint")
     where = next(p for p in (out, *out.parents) if p.exists())  # out, or the folder it will be made in
     try:  # a real write before the data work, not os.access (root passes it for folders such as /proc)
         os.rmdir(tempfile.mkdtemp(dir=where))
@@ -530,7 +530,15 @@ def new_config(args, window, tokenizer):
 
 def train_settings(args):
     """The run's flags as its checkpoint keeps them (config["train"]): the defaults of a later --resume."""
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")}
+    return {k: local_path(k, v) for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")}
+
+
+def local_path(key, value):
+    """A flag's value as the checkpoint keeps it: a local file or folder as an absolute path, so that a --resume
+    (or evaluate.py) from another working folder finds the same data, models and cache."""
+    if key in PATH_FLAGS and isinstance(value, str) and value not in ("tiny", "c4") and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def setup(args):
@@ -714,7 +722,7 @@ def main(args):
             progress.update(step + 1, losses, t1 - t0, t2 - t1, prefix_ids[:D], cont_ids[:D])
             if step + 1 == args.stop_at:
                 save(step + 1)
-                print(f"stopped at step {step + 1} (--stop-at); continue with --resume") if dist.is_main else None
+                print(f"stopped at step {step + 1} (--stop-at); continue with python train.py --resume{out_flag(args.out)}") if dist.is_main else None
                 break
             if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
                 save(step + 1)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -143,6 +144,8 @@ def output_file(value):
 
 def folder(value):
     """An argparse type: a folder a run reads and writes (made when missing), never a file."""
+    if not str(value).strip():  # Path("") is the working folder: a checkpoint among the sources, say
+        raise argparse.ArgumentTypeError("is empty (give a folder; . names this one)")
     if Path(value).exists() and not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"'{value}' is a file (give a folder)")
     return value
@@ -313,9 +316,14 @@ HELD = {}  # the --out folders this process holds: resolved path -> its open loc
 LOCK = "train.lock"
 
 
+def shell(path):
+    """A path as a suggested command line gives it: quoted where a shell would split it (a space, say)."""
+    return shlex.quote(str(path))
+
+
 def out_flag(out):
     """` --out OUT` for a command line that names the run's folder; nothing for train.py's default."""
-    return f" --out {out}" if Path(out) != Path("out") else ""
+    return f" --out {shell(out)}" if Path(out) != Path("out") else ""
 
 
 def hold(out):
@@ -366,6 +374,13 @@ def training_in(out):
     return None
 
 
+def run_cache_dir(config):
+    """The cache folder a checkpoint's run used, where it is still there (train.py keeps it as an absolute
+    path); else `cache` in the working folder. An explicit --cache-dir wins over both."""
+    kept = config.get("train", {}).get("cache_dir")
+    return kept if kept and os.path.isdir(kept) else "cache"
+
+
 def refuse_a_file(out):
     """A checkpoint is the folder train.py wrote; its checkpoint.safetensors alone is a one-line error."""
     if Path(out).is_file():
@@ -381,7 +396,7 @@ class Checkpoint:
         self.path = Path(out) / CHECKPOINT
         refuse_a_file(out)
         if not self.path.exists():
-            log, train = Path(out) / "log.jsonl", f"`python train.py --out {out}`"
+            log, train = Path(out) / "log.jsonl", f"`python train.py --out {shell(out)}`"
             steps = len(log.read_text().splitlines()) if log.exists() else 0  # a run logs every step from the first
             pid, locked = training_in(out), (Path(out) / LOCK).exists()  # no lock file: no flock here (Windows)
             if pid or (steps and not locked):

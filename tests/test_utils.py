@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, UNREACHABLE_HUB, hub_cache, run_python
 from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, free_text, keep_freed_memory,
-                   output_file, pick_device, run_cli)
+                   out_flag, output_file, pick_device, run_cache_dir, run_cli)
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -133,6 +133,23 @@ def test_non_ascii_arguments_and_output_work_in_the_c_locale():
     assert result.returncode == 0, result.stderr[-800:]
     assert result.stdout.decode("ascii").split() == ["'Caf\\xe9'", "Caf?"]
     assert free_text("Caf\udcc3\udca9") == "Caf\u00e9" and free_text("Caf\udce9") == "Caf\ufffd"  # not UTF-8
+
+
+def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
+    """`python train.py --out /tmp/my run`, pasted as suggested, trained into /tmp/my with `run` left over."""
+    folder = tmp_path / "my run"
+    with pytest.raises(SystemExit, match=f"train one with `python train.py --out '{folder}'`"):
+        Checkpoint(folder)
+    assert out_flag(folder) == f" --out '{folder}'" and out_flag("runs/a") == " --out runs/a" and out_flag("out") == ""
+
+
+def test_evaluate_and_guide_find_the_runs_cache_from_any_folder(trained, tmp_path, monkeypatch):
+    """evaluate.py run from another folder fetched and embedded the corpus again into ./cache."""
+    config = Checkpoint(trained / "out").config
+    assert run_cache_dir(config) == str(trained / "cache")  # kept as an absolute path
+    monkeypatch.chdir(tmp_path)
+    assert run_cache_dir(config) == str(trained / "cache")
+    assert run_cache_dir({"train": {"cache_dir": "/a/machine/it/was/trained/on"}}) == run_cache_dir({}) == "cache"
 
 
 def test_checkpoint_reads_one_group_of_tensors_at_a_time(trained):
