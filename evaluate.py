@@ -621,8 +621,6 @@ def main(args):
                   "evaluating on those", file=sys.stderr)
     sampling = sampling_config(args)
     for guide in args.guides:  # each checked before any work: an unknown last guide cost the others' minutes first
-        if guide == "like" and not (args.like or args.unlike):
-            raise SystemExit("error: --guides like steers by example: give it --like TEXT (or --unlike TEXT)")
         if guide != "none":
             model.guidance(guide, sampling, args.like, args.unlike)
     # warm-up, so that the first setting's s/sample does not include one-time start-up costs

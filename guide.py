@@ -229,12 +229,15 @@ def parse_guides(spec, available, ckpt="CKPT"):
         name, colon, weight = part.strip().partition(":")
         if name == "like":
             continue
+        if name == "none" and len(re.split(r"[,+]", spec)) > 1:  # evaluate.py --guides none,positive is two rows
+            raise SystemExit(f"error: guide {spec!r}: none (no guidance) stands alone; the guides of a list steer "
+                             "together (evaluate.py --guides gives one row each)")
         if not name:
             raise SystemExit(f"error: empty guide name in {spec!r} (use name[:weight], joined by ',' or '+')")
         if name not in available:
             paper = "" if name not in PAPER_GUIDES else (
-                f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {shell(ckpt)} --probes paper` adds "
-                "them (their data sets come from the hub, or --probe-data DIR)")
+                f"; {name!r} is one of the paper tier's guides: `python guide.py --ckpt {shell(ckpt)} --probes paper` "
+                "adds them (their data sets come from the hub, or --probe-data DIR)")
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none{paper})")
         try:
             value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1

@@ -16,6 +16,7 @@ or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,12 @@ class DGLM:
     def guidance(self, spec, sampling, like=(), unlike=()):
         """Guidance for a guide spec ('positive', 'negative:1,news:0.5'; 'none' or 'like': no probe) and
         example texts to steer toward (like) or away from (unlike); None when nothing steers."""
+        if "like" in {part.strip().partition(":")[0] for part in re.split(r"[,+]", spec or "")} and not (like or unlike):
+            raise SystemExit("error: the guide like steers by example: give it --like TEXT (or --unlike TEXT)")
         if spec not in (None, "", "none", "like") and not self.guides:
             paper = self.config.get("train", {}).get("tier") == "paper"  # its probes' data sets could not be reached
-            add = f"`python guide.py --ckpt {shell(self.ckpt)} --probes paper` (--probe-data DIR for local copies of its data " \
-                  "sets), or your own with --labels FILE" if paper else \
+            add = f"`python guide.py --ckpt {shell(self.ckpt)} --probes paper` (--probe-data DIR for local copies of " \
+                  "its data sets), or your own with --labels FILE" if paper else \
                 f"`python guide.py --ckpt {shell(self.ckpt)} --labels FILE` (a text and a label per row)"
             raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with {add}, or steer by "
                              "example with --like")
@@ -271,12 +274,15 @@ def get_args(argv=None):
                    help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", type=output_file, default=None,
                    help="write JSON lines {prefix, text, guide, scale, seed} here, each batch as it is done")
-    p.add_argument("--show-steps", action="store_true", help="print the decoded proposal at several denoising steps")
+    p.add_argument("--show-steps", action="store_true",
+                   help="print the decoded proposal at several denoising steps (one sample of one --prefix)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     add_sampling_args(p)
     args = p.parse_args(argv)
     if args.prefix is not None and args.prompts is not None:
         p.error("--prefix and --prompts: give one (a prefix, or a file of them)")
+    if args.show_steps and (args.out or args.prompts is not None):  # it would show the first prompt, write nothing
+        p.error("--show-steps prints one sample's denoising to the screen: give it --prefix, not --prompts or --out")
     if args.guide is not None and not args.guide.strip():
         p.error("argument --guide: is empty (a guide name, or none)")
     return args

@@ -365,7 +365,7 @@ def test_every_guide_is_checked_before_any_is_evaluated(trained, tmp_path, monke
                                                          str(tmp_path / "p.txt"), "--n", "1", *argv]))
     with pytest.raises(SystemExit, match="unknown guide 'bogus'"):
         run("--guides", "none,positive,bogus")
-    with pytest.raises(SystemExit, match="--guides like steers by example: give it --like TEXT"):
+    with pytest.raises(SystemExit, match="the guide like steers by example: give it --like TEXT"):
         run("--guides", "none,like")  # was an unguided row named like
 
 

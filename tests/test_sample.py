@@ -192,6 +192,11 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         ([*ckpt, "--guide", "joyful"], "unknown guide 'joyful' (available:"),
         ([*ckpt, "--prefix", "The movie", "--prompts", str(tmp_path / "p.txt")], "--prefix and --prompts: give one"),
         ([*ckpt, "--guide", " "], "argument --guide: is empty"),  # it meant positive
+        # evaluate.py's --guides none,positive is two rows; here it was "unknown guide 'none' (available: ..., none)"
+        ([*ckpt, "--guide", "none,positive"], "guide 'none,positive': none (no guidance) stands alone"),
+        ([*ckpt, "--guide", "positive+like"], "the guide like steers by example: give it --like TEXT"),  # was unguided
+        (["--show-steps", "--prompts", "p.txt"], "--show-steps prints one sample's denoising to the screen: give it "
+                                                 "--prefix, not --prompts or --out"),  # it showed the first, wrote none
         ([*ckpt, "--guide", "toxic"], f"`python guide.py --ckpt {trained / 'out'} --probes paper` adds them"),
         (["--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
         # a run still before its first save (sampled from another terminal): not "train one"
