@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -548,9 +549,11 @@ def main(argv=None):
     p.add_argument("--label-column", default="label", help="--labels: the column (or JSON field) of the labels")
     p.add_argument("--name", default=None, help="--labels: the probe's name (default: the file's name)")
     p.add_argument("--overwrite", action="store_true", help="--labels: replace guides of the same names")
-    p.add_argument("--probes", default="paper", choices=["paper"],
-                   help="without --labels: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
-    p.add_argument("--max-per-class", type=count, default=count("20k"), help="paper probes: examples per class and data set")
+    p.add_argument("--probes", default=None, choices=["paper"],
+                   help="without --labels (the default then): sentiment (SST-2, Amazon polarity), toxicity (Civil "
+                        "Comments), AG News topics")
+    p.add_argument("--max-per-class", type=count, default=None,
+                   help="paper probes: examples per class and data set (default 20k)")
     p.add_argument("--probe-data", type=folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
                    "civil_comments.jsonl, ag_news.jsonl (the hub's field names); the others are streamed")
     p.add_argument("--cache-dir", type=folder, default=None,
@@ -560,13 +563,22 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
+    paper = [flag for flag in ("probes", "max_per_class", "probe_data") if getattr(args, flag) is not None]
+    if args.labels and paper:  # each would be ignored
+        p.error(f"{', '.join('--' + f.replace('_', '-') for f in paper)} {'is' if len(paper) == 1 else 'are'} for "
+                "the paper probes, a run of their own; --labels trains probes of your file alone")
     config = Checkpoint(args.ckpt).config  # a missing or unreadable checkpoint: one line
+    try:  # the probes are saved beside the checkpoint at the end: a folder that refuses them, said before the work
+        tempfile.TemporaryFile(dir=args.ckpt).close()
+    except OSError as err:
+        raise SystemExit(f"error: cannot write probes into {args.ckpt} ({err.strerror}); copy the checkpoint "
+                         "folder somewhere writable and pass that --ckpt") from None
     encoder_name, device = config["encoder"], pick_device(args.device)
-    cache = EmbeddingCache(cache_dir_for(args.cache_dir or run_cache_dir(config), encoder_name), encoder_name, device, args.batch_size,
-                           args.dtype or default_dtype(device))
+    cache = EmbeddingCache(cache_dir_for(args.cache_dir or run_cache_dir(config), encoder_name), encoder_name, device,
+                           args.batch_size, args.dtype or default_dtype(device))
     if args.labels:
         return add_label_probes(args, encoder_name, cache)
-    probes, report = train_paper_probes(cache, args.max_per_class, args.probe_data)
+    probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
     path = Path(args.ckpt) / "probes.safetensors"
     merge_probes(path, probes, PAPER_GUIDES, encoder_name)
     print("held-out balanced accuracy (chance 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))

@@ -406,6 +406,8 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(taken),
                        "--overwrite"]) > 0.5
     assert "is a folder" in error("--labels", str(tmp_path))
+    assert "--probes, --max-per-class are for the paper probes, a run of their own; --labels trains" in \
+        error("--labels", str(few), "--probes", "paper", "--max-per-class", "5")  # each was ignored
     assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
                                                                        [(t, "a,b") for t in POSITIVE] + good[20:])))
 
@@ -469,3 +471,18 @@ def test_a_guide_bars_its_words_where_it_steers(tmp_path):
     assert bars("negative", loaded) == negation
     with pytest.raises(SystemExit, match="guide 'negative' bars the words 'rudeness', which this version does not"):
         bars("negative", {**loaded, "negative": ("sentiment", 0, 1.0, None, "rudeness")})
+
+
+def test_a_checkpoint_folder_that_refuses_the_probes_is_said_before_the_work(ckpt_copy, tmp_path, monkeypatch):
+    """A read-only checkpoint folder: the probes were fitted, then saving them was a SafetensorError traceback.
+    (Root writes into a read-only folder, so the refusal is the system's answer, faked here.)"""
+    import tempfile
+
+    def refuse(dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(guide, "EmbeddingCache", lambda *a, **k: pytest.fail("encoded before the check"))
+    labels = labels_file(tmp_path / "mood.csv", [("a fine day", "up")] * 10 + [("a dull day", "down")] * 10)
+    with pytest.raises(SystemExit, match=f"^error: cannot write probes into {ckpt_copy} \\(Permission denied\\); "
+                                         "copy the checkpoint folder somewhere writable"):
+        guide.main(["--ckpt", str(ckpt_copy), "--labels", str(labels)])
