@@ -133,7 +133,8 @@ class DGLM:
     def guidance(self, spec, sampling, like=(), unlike=()):
         """Guidance for a guide spec ('positive', 'negative:1,news:0.5'; 'none' or 'like': no probe) and
         example texts to steer toward (like) or away from (unlike); None when nothing steers."""
-        if "like" in {part.strip().partition(":")[0] for part in re.split(r"[,+]", spec or "")} and not (like or unlike):
+        names = {part.strip().partition(":")[0] for part in re.split(r"[,+]", spec or "")}
+        if "like" in names and not (like or unlike):
             raise SystemExit("error: the guide like steers by example: give it --like TEXT (or --unlike TEXT)")
         if spec not in (None, "", "none", "like") and not self.guides:
             paper = self.config.get("train", {}).get("tier") == "paper"  # its probes' data sets could not be reached

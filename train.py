@@ -64,7 +64,8 @@ TEACHING_SWITCHES = {  # flag -> (config part, field, value): each turns one des
 RUN_SETTINGS = ("data", "tier", "encoder", "lm", "max_prefix_frac", "max_len", "vocab_size", "window", "batch_size",
                 "decoder_batch", "seed", *TEACHING_SWITCHES)
 NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16")  # flags of one invocation, not of the run
-PATH_FLAGS = ("data", "encoder", "lm", "cache_dir", "probe_data", "c4_path")  # may name a local file or folder
+# Local paths a checkpoint keeps absolute (models keep the name given: the encoder's keys its cache and probes)
+PATH_FLAGS = ("data", "cache_dir", "probe_data", "c4_path")
 
 
 def data_flags(add):
@@ -427,14 +428,15 @@ def train_probes(args, window, out, cache):
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
-        print(f"no probes: {args.data} has no labels; add them with `python guide.py --ckpt {shell(out)} --labels FILE`, "
-              "or steer by example with `sample.py --like TEXT`")
+        print(f"no probes: {args.data} has no labels; add them with `python guide.py --ckpt {shell(out)} --labels "
+              "FILE`, or steer by example with `sample.py --like TEXT`")
         return None
     try:
         probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
     except SystemExit as err:
         print(f"warning: no probes ({str(err).removeprefix('error: ')}); training goes on; add them later with "
-              f"`python guide.py --ckpt {shell(out)} --probes paper` (--probe-data DIR for local copies)", file=sys.stderr)
+              f"`python guide.py --ckpt {shell(out)} --probes paper` (--probe-data DIR for local copies)",
+              file=sys.stderr)
         return None
     merge_probes(out / "probes.safetensors", probes, PAPER_GUIDES, args.encoder)
     return report
@@ -535,7 +537,7 @@ def train_settings(args):
 
 def local_path(key, value):
     """A flag's value as the checkpoint keeps it: a local file or folder as an absolute path, so that a --resume
-    (or evaluate.py) from another working folder finds the same data, models and cache."""
+    (or evaluate.py) from another working folder finds the same data and cache."""
     if key in PATH_FLAGS and isinstance(value, str) and value not in ("tiny", "c4") and os.path.exists(value):
         return os.path.abspath(value)
     return value
@@ -722,7 +724,9 @@ def main(args):
             progress.update(step + 1, losses, t1 - t0, t2 - t1, prefix_ids[:D], cont_ids[:D])
             if step + 1 == args.stop_at:
                 save(step + 1)
-                print(f"stopped at step {step + 1} (--stop-at); continue with python train.py --resume{out_flag(args.out)}") if dist.is_main else None
+                if dist.is_main:
+                    print(f"stopped at step {step + 1} (--stop-at); continue with python train.py --resume"
+                          f"{out_flag(args.out)}")
                 break
             if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
                 save(step + 1)
