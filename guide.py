@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import ArgumentParser, Checkpoint, bounded, count, folder, pick_device, run_cache_dir, run_cli, shell
+from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, pick_device, run_cache_dir, run_cli,
+                   shell)
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -367,10 +368,7 @@ def save_probes(path, probes, guides, encoder_name):
     tensors = {}
     for name, (w, b) in probes.items():
         tensors[f"{name}.weight"], tensors[f"{name}.bias"] = w.contiguous(), b.reshape(1)
-    meta = {"encoder": encoder_name, "guides": json.dumps(guides)}
-    tmp = str(path) + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    atomic_save(tensors, path, {"encoder": encoder_name, "guides": json.dumps(guides)})
 
 
 def load_probes(path, encoder_name=None, device="cpu"):

@@ -266,6 +266,16 @@ def atomic_save(tensors, path, metadata=None):
     from safetensors.torch import save_file
     tmp = f"{path}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    publish(tmp, path)
+
+
+def publish(tmp, path):
+    """Rename a finished temporary safetensors file into place, readable as any new file here (the umask):
+    safetensors writes its files 0600, which kept a checkpoint from the other users of a machine or from a
+    container's non-root user ("No such file or directory", since it could not be opened)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

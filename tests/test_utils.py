@@ -99,6 +99,20 @@ def test_pick_device_refuses_a_device_that_is_not_there(monkeypatch):
             pick_device(name)
 
 
+def test_saved_tensors_are_readable_as_any_new_file(tmp_path):
+    """safetensors writes 0600: a checkpoint trained as root in a container (or by a teammate) could not be
+    opened by another user, and said "No such file or directory"."""
+    import numpy as np
+    from encoder import write_shard
+    umask = os.umask(0o022)
+    try:
+        atomic_save({"a": torch.zeros(3)}, tmp_path / "ckpt.safetensors")
+        shard = write_shard(tmp_path / "cache", [b"k" * 20], np.zeros((1, 4), dtype=np.float32))
+    finally:
+        os.umask(umask)
+    assert [oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ckpt.safetensors", shard)] == ["0o644", "0o644"]
+
+
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
     import safetensors.torch
     path = tmp_path / "t.safetensors"
