@@ -209,9 +209,19 @@ def window_file(examples, directory):
 def save_fp16(emb, path):
     """Store (n, d) embeddings in fp16 (half the disk of fp32; the rounding, below 1e-3 of a component,
     is far below the prior's noise), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    save_cache_file({"emb": np.ascontiguousarray(emb, dtype=np.float16)}, path)
+
+
+def save_cache_file(arrays, path):
+    """Write a file of the embedding cache atomically; a cache folder that refuses it is a one-line error."""
+    from safetensors import SafetensorError
     tmp = path.with_suffix(".tmp")
-    save_file({"emb": np.ascontiguousarray(emb, dtype=np.float16)}, str(tmp))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(arrays, str(tmp))
+    except (OSError, SafetensorError) as err:
+        raise SystemExit(f"error: cannot write the embedding cache in {path.parent} ({err}); give a --cache-dir "
+                         "you can write") from None
     publish(tmp, path)
 
 
@@ -286,12 +296,9 @@ def cached_keys(directory):
 def write_shard(directory, keys, emb):
     """Add one shard (sha1 digests, (n, d) float32 embeddings) after the existing ones, atomically."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"shard-{len(list(directory.glob('shard-*.safetensors'))):05d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20).copy(),
-               "emb": np.ascontiguousarray(emb, dtype=np.float32)}, str(tmp))
-    publish(tmp, path)
+    save_cache_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20).copy(),
+                     "emb": np.ascontiguousarray(emb, dtype=np.float32)}, path)
     return path
 
 

@@ -113,6 +113,16 @@ def test_saved_tensors_are_readable_as_any_new_file(tmp_path):
     assert [oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ckpt.safetensors", shard)] == ["0o644", "0o644"]
 
 
+def test_a_cache_folder_that_refuses_a_file_is_one_line(tmp_path):
+    """A read-only --cache-dir: the encoder's shard write was a SafetensorError traceback in train.py."""
+    import numpy as np
+    from encoder import write_shard
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="^error: cannot write the embedding cache in .*a-file/minilm .*; give a "
+                                         "--cache-dir you can write$"):
+        write_shard(tmp_path / "a-file" / "minilm", [b"k" * 20], np.zeros((1, 4), dtype=np.float32))
+
+
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
     import safetensors.torch
     path = tmp_path / "t.safetensors"
