@@ -285,10 +285,13 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
             sizes, asdict(prior_config), lm_config, seq_len, *per_process, total, args.grad_checkpointing,
             embedding=embedding)
         if prior_micro is None:
-            raise SystemExit(f"error: training does not fit in {total / GiB:.0f} GiB of GPU memory even at "
-                             f"micro-batch 1 (estimate {format_estimate(estimate)}); try "
-                             "--grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
-        print(f"GPU {total / GiB:.0f} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
+            why = (f"training does not fit in {total / GiB:.3g} GiB of GPU memory even at micro-batch 1 (estimate "
+                   f"{format_estimate(estimate)}); try --grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
+            if len(gpus) == 1:  # the run's own GPU, or the one size asked for
+                raise SystemExit(f"error: {why}")
+            print(f"GPU {total / GiB:.3g} GiB: {why}")  # --sizes --gpu-memory 8,24: the plans of the others too
+            continue
+        print(f"GPU {total / GiB:.3g} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
               f"{decoder_micro} of {per_process[1]} per process; estimate {format_estimate(estimate)}")
         args.micro_batch = args.micro_batch or prior_micro
         args.decoder_micro_batch = args.decoder_micro_batch or decoder_micro

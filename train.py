@@ -63,7 +63,8 @@ TEACHING_SWITCHES = {  # flag -> (config part, field, value): each turns one des
 # What a run is: --resume refuses a flag that changes one of these (the seed, say, would re-split the data).
 RUN_SETTINGS = ("data", "tier", "encoder", "lm", "max_prefix_frac", "max_len", "vocab_size", "window", "batch_size",
                 "decoder_batch", "seed", *TEACHING_SWITCHES)
-NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16")  # flags of one invocation, not of the run
+# Flags of one invocation, not of the run: micro-batches are planned again for the GPU a --resume runs on
+NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16", "micro_batch", "decoder_micro_batch")
 # Local paths a checkpoint keeps absolute (models keep the name given: the encoder's keys its cache and probes)
 PATH_FLAGS = ("data", "cache_dir", "probe_data", "c4_path")
 
@@ -165,6 +166,9 @@ def get_args(argv=None):
     # like may change, what the run is (RUN_SETTINGS) may not.
     p.set_defaults(**{k: v for k, v in trained.items() if k not in NOT_RESUMED})
     args = p.parse_args(argv)
+    if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
+        p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
+                "(--micro-batch / --decoder-micro-batch set them)")
     moved = lambda: trained.get("data_sha256") and os.path.isfile(args.data) and \
         data_lib.sha256_of(args.data) == trained["data_sha256"]  # the same texts at another path
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"

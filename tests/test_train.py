@@ -16,7 +16,7 @@ import train
 from conftest import ROOT, UNREACHABLE_HUB, assert_one_line_error, cli_error, document, run_script, run_train
 from diffusion import Prior, PriorConfig
 from train import cosine_lr, get_args
-from utils import Checkpoint, load_for_inference
+from utils import CHECKPOINT, Checkpoint, load_for_inference
 
 
 def tensors_of(out):
@@ -71,6 +71,7 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--ema", "1"], "out of range (accepted: [0, 1))"),
         (["--batch-size", "-4"], "is not a count"),
         (["--sizes", "--gpu-memory", "24,lots"], "argument --gpu-memory: 'lots' is not a number"),
+        (["--gpu-memory", "1.3", *out], "--gpu-memory plans for GPUs with --sizes"),  # it set a CPU run's micro-batches
         (["--data", str(empty), *out], "holds no texts"),
         (["--data", str(tmp_path / "missing.txt"), *out], "does not exist"),
         (["--data", str(tmp_path), *out], "is a folder"),
@@ -157,6 +158,9 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     assert micro == sorted(micro) and micro[-1] == 64 and micro[0] < 64  # more memory, larger micro-batches
     with pytest.raises(SystemExit, match="does not fit in 8 GiB of GPU memory even at micro-batch 1"):
         train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "8"]))
+    train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "8,24.5"]))  # stopped at 8 before 24.5's plan
+    out = capsys.readouterr().out
+    assert "GPU 8 GiB: training does not fit" in out and "GPU 24.5 GiB: micro-batches prior" in out
 
 
 def test_cosine_lr_warms_up_and_decays():
@@ -337,6 +341,17 @@ def test_the_reconstruction_report_decodes_eagerly_under_compile(trained):
         assert len(decoded) == 2 and -1 <= cos <= 1 and counter.frame_count == 0
     finally:
         torch._dynamo.reset()
+
+
+def test_micro_batches_are_planned_again_on_resume(trained, tmp_path):
+    """A run planned on an 80 GB GPU and resumed on a 24 GB one kept the 80 GB micro-batches."""
+    from safetensors.torch import load_file, save_file
+    ckpt = Checkpoint(trained / "out")
+    shutil.copytree(trained / "out", tmp_path / "out")
+    config = dict(ckpt.config, train=dict(ckpt.config["train"], micro_batch=8, decoder_micro_batch=4))
+    save_file(load_file(str(ckpt.path)), str(tmp_path / "out" / CHECKPOINT), dict(ckpt.meta, config=json.dumps(config)))
+    args = train.get_args(["--out", str(tmp_path / "out"), "--resume"])
+    assert (args.micro_batch, args.decoder_micro_batch, args.batch_size) == (None, None, 16)
 
 
 def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path, monkeypatch):
