@@ -387,7 +387,7 @@ def main(args):
     print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads, {precision}): "
           f"prior {n_params(model.prior):.1f}M, decoder {n_params(model.decoder.lm):.1f}M + soft prompt "
           f"{n_params(model.decoder.soft):.1f}M params")
-    print(f"DDIM {args.steps} steps | {args.max_tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
+    print(f"{args.sampler.upper()} {args.steps} steps | {args.max_tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
           f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | "
           f"median of {args.repeats} rounds after a warm-up | seconds per batch\n")
     rows = []
@@ -407,7 +407,7 @@ def main(args):
     if args.profile:
         profile_guided(model, args.batch_sizes[-1], args)
     batch, t = rows[-1]
-    print(f"\nDDIM {args.steps} steps, {args.max_tokens} tokens, batch {batch}:")
+    print(f"\n{args.sampler.upper()} {args.steps} steps, {args.max_tokens} tokens, batch {batch}:")
     print(f"ratio guided/plain = {t['guided/plain']:.2f}")
 
 

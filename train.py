@@ -403,7 +403,8 @@ def preflight(args):
         except (OSError, SystemExit, ValueError):
             failed.append(f"{name} ({flag})")
     if failed:
-        instead = "train the offline tiny tier (--data tiny)" if args.tier == "paper" else \
+        tiny = "leave out --tier paper" if args.data == "tiny" else "--data tiny"
+        instead = f"train the offline tiny tier ({tiny})" if args.tier == "paper" else \
             f"leave them at the tiny tier's offline models (--lm {TINY_LM}, --encoder {TINY_ENCODER})"
         raise SystemExit(f"error: the {args.tier} tier could not download {', '.join(failed)}; without internet pass "
                          f"local copies with the flags named, or {instead}")

@@ -330,3 +330,13 @@ def test_prompt_is_the_prefix_not_an_abbreviation_of_the_prompts_file():
     """argparse took `--prompt "The movie"` for --prompts, a file, and failed on a missing file."""
     assert sample.get_args(["--prompt", "The movie"]).prefix == "The movie"
     assert sample.get_args(["--prompt", "The movie"]).prompts is None
+
+
+def test_cfg_on_a_prior_without_a_trained_null_prefix_is_refused(trained):
+    """--no-null-prefix trains no null prefix: --cfg-scale sampled with the untrained one, without a word."""
+    from sample import DGLM, SamplingConfig
+    model = DGLM(trained / "out", precision="fp32")
+    model.prior.config.p_uncond = 0.0  # as a run with --no-null-prefix has it
+    with pytest.raises(SystemExit, match="--cfg-scale 2 needs the learned null prefix"):
+        model.sample_proposals(["the film"], None, SamplingConfig(steps=2, cfg_scale=2.0), seed=0)
+    assert model.sample_proposals(["the film"], None, SamplingConfig(steps=2), seed=0).shape[0] == 1
