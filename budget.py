@@ -16,6 +16,7 @@
               activations while it embeds the next window beside training. The global batch stays
               the paper's; it is split into the largest micro-batches that fit.
 """
+import json
 import math
 import os
 import shutil
@@ -55,8 +56,29 @@ def count_params(build):
 
 
 def encoder_shape(name):
-    """(parameters, width, feed-forward width, heads) of a known sentence encoder by (the end of) its name, else None."""
-    return next((shape for key, shape in ENCODERS.items() if str(name).rstrip("/").endswith(key)), None)
+    """(parameters, width, feed-forward width, heads) of a sentence encoder: read from a local folder (a copy
+    of a known one under another name, say), else known by (the end of) its name, else None."""
+    return folder_shape(name) or next((shape for key, shape in ENCODERS.items()
+                                       if str(name).rstrip("/").endswith(key)), None)
+
+
+def folder_shape(folder):
+    """(parameters, width, feed-forward width, heads) of a sentence-transformers folder, from its config.json
+    and the shapes in its safetensors headers (no weights read); None where they cannot tell."""
+    from safetensors import safe_open
+    folder = Path(os.path.expanduser(str(folder)))
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        get = lambda *keys: next(config[k] for k in keys if k in config)  # T5's names, then BERT's
+        width, ff, heads = get("d_model", "hidden_size"), get("d_ff", "intermediate_size"), \
+            get("num_heads", "num_attention_heads")
+        params = 0
+        for file in folder.rglob("*.safetensors"):
+            with safe_open(str(file), "np") as f:
+                params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception:  # not a folder, no config.json, no such field, no safetensors header: not to be told
+        return None
+    return (params, width, ff, heads) if params else None
 
 
 def encoder_params(name):

@@ -81,6 +81,16 @@ def test_a_c4_run_counts_the_encoder_embedding_the_next_window_beside_training(c
         assert ("encoder activations (next C4 window)" in capsys.readouterr().out) == counted
 
 
+def test_a_local_encoder_folder_is_sized_from_its_files_not_its_name(tiny_t5):
+    """A local copy of sentence-t5-xl under another name counted no encoder (about 3.7 GiB too little); a
+    small model in a folder named like a large one counted the large one."""
+    from sentence_transformers import SentenceTransformer
+    params = sum(p.numel() for p in SentenceTransformer(tiny_t5, device="cpu").parameters())
+    assert budget.encoder_shape(tiny_t5) == (params, 32, 64, 4)  # T5's width, feed-forward and heads
+    assert budget.encoder_params("sentence-transformers/sentence-t5-xl") == 1.24e9  # a hub id: by its name
+    assert budget.encoder_shape("/no/such/folder") is None
+
+
 def test_the_disk_a_run_needs_is_named_and_a_small_disk_warned_of(tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
