@@ -199,15 +199,16 @@ def memory_estimate(sizes, prior_config, lm_config, seq_len, prior_micro, decode
 
 
 def plan_micro_batches(sizes, prior_config, lm_config, seq_len, prior_batch, decoder_batch, device_bytes,
-                       checkpointing=False, fill=0.9, embedding=0):
+                       checkpointing=False, fill=0.9, embedding=0, chosen=(None, None)):
     """The largest micro-batches (divisors of each process's batch) whose estimate fits in
     fill * device_bytes -> (prior micro, decoder micro, estimate); None for the micro-batches when
-    even 1 does not fit."""
+    even 1 does not fit. chosen: micro-batches given (--micro-batch, --decoder-micro-batch), kept
+    where they fit."""
     divisors = lambda n: [m for m in range(n, 0, -1) if n % m == 0]
     estimate = lambda p, d: memory_estimate(sizes, prior_config, lm_config, seq_len, p, d, checkpointing, embedding)
     fits = lambda p, d: estimate(p, d)["total"] <= fill * device_bytes
-    prior_micro = next((m for m in divisors(prior_batch) if fits(m, 1)), None)
-    decoder_micro = next((m for m in divisors(decoder_batch) if fits(1, m)), None)
+    prior_micro = next((m for m in [chosen[0]] * bool(chosen[0]) + divisors(prior_batch) if fits(m, 1)), None)
+    decoder_micro = next((m for m in [chosen[1]] * bool(chosen[1]) + divisors(decoder_batch) if fits(1, m)), None)
     if prior_micro is None or decoder_micro is None:
         return None, None, estimate(1, 1)
     return prior_micro, decoder_micro, estimate(prior_micro, decoder_micro)
@@ -302,10 +303,12 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
         gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
     # C4: the next window is embedded on the same GPU while this one trains
     embedding = embedding_activations(args.encoder, EMBED_BATCH, min(C4_TOKENS, args.max_len)) if args.data == "c4" else 0
+    chosen = (args.micro_batch, args.decoder_micro_batch)  # given: planned with, and lowered where they do not fit
+    plans = []
     for total in gpus:
         prior_micro, decoder_micro, estimate = plan_micro_batches(
             sizes, asdict(prior_config), lm_config, seq_len, *per_process, total, args.grad_checkpointing,
-            embedding=embedding)
+            embedding=embedding, chosen=chosen)
         if prior_micro is None:
             why = (f"training does not fit in {total / GiB:.3g} GiB of GPU memory even at micro-batch 1 (estimate "
                    f"{format_estimate(estimate)}); try --grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
@@ -313,8 +316,14 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
                 raise SystemExit(f"error: {why}")
             print(f"GPU {total / GiB:.3g} GiB: {why}")  # --sizes --gpu-memory 8,24: the plans of the others too
             continue
+        lowered = [f"{flag} {given}" for flag, given, planned in
+                   (("--micro-batch", chosen[0], prior_micro), ("--decoder-micro-batch", chosen[1], decoder_micro))
+                   if given and given != planned]
         print(f"GPU {total / GiB:.3g} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
-              f"{decoder_micro} of {per_process[1]} per process; estimate {format_estimate(estimate)}")
-        args.micro_batch = args.micro_batch or prior_micro
-        args.decoder_micro_batch = args.decoder_micro_batch or decoder_micro
+              f"{decoder_micro} of {per_process[1]} per process" +
+              (f" ({', '.join(lowered)} {'does' if len(lowered) == 1 else 'do'} not fit)" if lowered else "") +
+              f"; estimate {format_estimate(estimate)}")
+        plans.append((prior_micro, decoder_micro))
+    if plans:  # the run's GPU (on CUDA the only one planned for), or the first size of --sizes --gpu-memory
+        args.micro_batch, args.decoder_micro_batch = plans[0]
     return sizes

@@ -161,6 +161,12 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "8,24.5"]))  # stopped at 8 before 24.5's plan
     out = capsys.readouterr().out
     assert "GPU 8 GiB: training does not fit" in out and "GPU 24.5 GiB: micro-batches prior" in out
+    # micro-batches given are planned with (they were ignored), and lowered where they do not fit
+    train.main(get_args(["--data", "c4", "--sizes", "--gpu-memory", "24,80", "--micro-batch", "8",
+                         "--decoder-micro-batch", "4"]))
+    out = capsys.readouterr().out
+    assert "GPU 24 GiB: micro-batches prior 8 of 256, decoder 2 of 64 per process (--decoder-micro-batch 4 does not " \
+           "fit); estimate" in out and "GPU 80 GiB: micro-batches prior 8 of 256, decoder 4 of 64 per process;" in out
 
 
 def test_cosine_lr_warms_up_and_decays():
