@@ -202,13 +202,13 @@ def plan_micro_batches(sizes, prior_config, lm_config, seq_len, prior_batch, dec
                        checkpointing=False, fill=0.9, embedding=0, chosen=(None, None)):
     """The largest micro-batches (divisors of each process's batch) whose estimate fits in
     fill * device_bytes -> (prior micro, decoder micro, estimate); None for the micro-batches when
-    even 1 does not fit. chosen: micro-batches given (--micro-batch, --decoder-micro-batch), kept
-    where they fit."""
+    even 1 does not fit. chosen: micro-batches given (--micro-batch, --decoder-micro-batch), taken as
+    they are."""
     divisors = lambda n: [m for m in range(n, 0, -1) if n % m == 0]
     estimate = lambda p, d: memory_estimate(sizes, prior_config, lm_config, seq_len, p, d, checkpointing, embedding)
     fits = lambda p, d: estimate(p, d)["total"] <= fill * device_bytes
-    prior_micro = next((m for m in [chosen[0]] * bool(chosen[0]) + divisors(prior_batch) if fits(m, 1)), None)
-    decoder_micro = next((m for m in [chosen[1]] * bool(chosen[1]) + divisors(decoder_batch) if fits(1, m)), None)
+    prior_micro = chosen[0] or next((m for m in divisors(prior_batch) if fits(m, 1)), None)
+    decoder_micro = chosen[1] or next((m for m in divisors(decoder_batch) if fits(1, m)), None)
     if prior_micro is None or decoder_micro is None:
         return None, None, estimate(1, 1)
     return prior_micro, decoder_micro, estimate(prior_micro, decoder_micro)
@@ -303,7 +303,7 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
         gpus = [torch.cuda.get_device_properties(torch.device(device)).total_memory]
     # C4: the next window is embedded on the same GPU while this one trains
     embedding = embedding_activations(args.encoder, EMBED_BATCH, min(C4_TOKENS, args.max_len)) if args.data == "c4" else 0
-    chosen = (args.micro_batch, args.decoder_micro_batch)  # given: planned with, and lowered where they do not fit
+    chosen = (args.micro_batch, args.decoder_micro_batch)  # given: taken as they are, and estimated
     plans = []
     for total in gpus:
         prior_micro, decoder_micro, estimate = plan_micro_batches(
@@ -316,12 +316,10 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
                 raise SystemExit(f"error: {why}")
             print(f"GPU {total / GiB:.3g} GiB: {why}")  # --sizes --gpu-memory 8,24: the plans of the others too
             continue
-        lowered = [f"{flag} {given}" for flag, given, planned in
-                   (("--micro-batch", chosen[0], prior_micro), ("--decoder-micro-batch", chosen[1], decoder_micro))
-                   if given and given != planned]
+        over = any(chosen) and estimate["total"] > 0.9 * total  # the given ones, beyond what a plan allows
         print(f"GPU {total / GiB:.3g} GiB: micro-batches prior {prior_micro} of {per_process[0]}, decoder "
-              f"{decoder_micro} of {per_process[1]} per process" +
-              (f" ({', '.join(lowered)} {'does' if len(lowered) == 1 else 'do'} not fit)" if lowered else "") +
+              f"{decoder_micro} of {per_process[1]} per process" + (" (as given: more than the 90% of the GPU "
+              "planned for, so likely out of memory; smaller ones, or leave them to the plan)" if over else "") +
               f"; estimate {format_estimate(estimate)}")
         plans.append((prior_micro, decoder_micro))
     if plans:  # the run's GPU (on CUDA the only one planned for), or the first size of --sizes --gpu-memory
