@@ -387,7 +387,8 @@ def main(args):
     print(f"{model.ckpt} on {device} ({torch.get_num_threads()} CPU threads, {precision}): "
           f"prior {n_params(model.prior):.1f}M, decoder {n_params(model.decoder.lm):.1f}M + soft prompt "
           f"{n_params(model.decoder.soft):.1f}M params")
-    print(f"{args.sampler.upper()} {args.steps} steps | {args.max_tokens} tokens per row (end-of-text masked) | guide {args.guide}, "
+    print(f"{args.sampler.upper()} {args.steps} steps | {args.max_tokens} tokens per row (end-of-text masked) | "
+          f"guide {args.guide}, "
           f"scale {args.scale:g}, K = {args.mc_samples}, guided while logSNR <= {args.guide_max_logsnr:g} | "
           f"median of {args.repeats} rounds after a warm-up | seconds per batch\n")
     rows = []

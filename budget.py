@@ -311,7 +311,8 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
             embedding=embedding, chosen=chosen)
         if prior_micro is None:
             why = (f"training does not fit in {total / GiB:.3g} GiB of GPU memory even at micro-batch 1 (estimate "
-                   f"{format_estimate(estimate)}); try --grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger GPU")
+                   f"{format_estimate(estimate)}); try --grad-checkpointing, a smaller --lm (e.g. gpt2) or a larger "
+                   "GPU")
             if len(gpus) == 1:  # the run's own GPU, or the one size asked for
                 raise SystemExit(f"error: {why}")
             print(f"GPU {total / GiB:.3g} GiB: {why}")  # --sizes --gpu-memory 8,24: the plans of the others too

@@ -320,7 +320,8 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--c4-path", default=None, help="local copy of C4 en (*.json.gz) instead of the hub")
     p.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer (hub id or folder) for the C4 preparation")
-    p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="train.py's --seed (fixes the prefix split)")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
+                   help="train.py's --seed (fixes the prefix split)")
     p.add_argument("--max-prefix-frac", type=bounded(float, 0, 1), default=None,
                    help="train.py's --max-prefix-frac (default: 1.0 for c4, the paper tier; 0.5 otherwise)")
     args = p.parse_args(argv)

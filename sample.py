@@ -171,8 +171,9 @@ class DGLM:
     def sample_proposals(self, prefix_texts, guidance, sampling, seed, callback=None):
         """Proposals e (B, d) on the unit sphere, sampled from the prior given the prefixes."""
         if sampling.cfg_scale != 1 and not self.prior.config.p_uncond:  # its null prefix was never trained
-            raise SystemExit(f"error: --cfg-scale {sampling.cfg_scale:g} needs the learned null prefix, which the prior "
-                             f"of {self.ckpt} (trained with --no-null-prefix) does not have; leave --cfg-scale at 1")
+            raise SystemExit(f"error: --cfg-scale {sampling.cfg_scale:g} needs the learned null prefix, which the "
+                             f"prior of {self.ckpt} (trained with --no-null-prefix) does not have; leave --cfg-scale "
+                             "at 1")
         gen = torch.Generator(device=self.device).manual_seed(seed)
         e_prefix = self.embed(prefix_texts)
         x_prefix = standardize(e_prefix, self.mu, self.s)
