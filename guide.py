@@ -561,6 +561,8 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
+    if args.name is not None and not re.sub(r"\W+", "", args.name):  # "" fell back to the file's name
+        p.error(f"argument --name: {args.name!r} names no probe (give it letters or digits)")
     paper = [flag for flag in ("probes", "max_per_class", "probe_data") if getattr(args, flag) is not None]
     if args.labels and paper:  # each would be ignored
         p.error(f"{', '.join('--' + f.replace('_', '-') for f in paper)} {'is' if len(paper) == 1 else 'are'} for "

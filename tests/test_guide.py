@@ -406,6 +406,7 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(taken),
                        "--overwrite"]) > 0.5
     assert "is a folder" in error("--labels", str(tmp_path))
+    assert "argument --name: '' names no probe" in error("--labels", str(few), "--name", "")  # took the file's name
     assert "--probes, --max-per-class are for the paper probes, a run of their own; --labels trains" in \
         error("--labels", str(few), "--probes", "paper", "--max-per-class", "5")  # each was ignored
     assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
