@@ -50,6 +50,7 @@ import torch
 import data as data_lib
 from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
+from guide import guide_names
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
 from utils import (ArgumentParser, atomic_write_text, bounded, comma_list, folder, hub_answers, output_file,
                    pick_device, run_cache_dir, run_cli)
@@ -388,8 +389,7 @@ def attribute_success(result, guide, guides):
     """The share of samples matching a single guide's target (weights ignored); None for 'none',
     for composite guides ('negative,news:0.5', but 'negative+same-domain' is judged as negative) and for
     attributes no judge covers."""
-    names = [part.split(":")[0].strip() for part in re.split(r"[,+]", str(guide)) if part.strip()]
-    names = [n for n in names if not n.startswith("same-")]  # 'positive+same-domain' is judged as positive
+    names = [n for n in guide_names(str(guide)) if not n.startswith("same-")]  # 'positive+same-domain' is judged as positive
     if len(names) != 1 or names[0] == "none":
         return None
     return judged_share(result, *guide_target(names[0], guides))

@@ -220,18 +220,23 @@ def barred_words(spec, guides):
     return frozenset(words)
 
 
+def guide_names(spec):
+    """The guides a spec names, weights left out: 'negative:1,news:0.5' -> ['negative', 'news']."""
+    return [part.partition(":")[0].strip() for part in re.split(r"[,+]", spec or "") if part.strip()]
+
+
 def parse_guides(spec, available, ckpt="CKPT"):
     """'positive,tweet:0.5' (or 'positive+tweet:0.5') -> [(guide name, weight)]; 'none', 'like' or '' -> []
     ('like' stands for the --like / --unlike examples alone, which are not probes). ckpt: the checkpoint
     an unknown guide's error names."""
     if spec in (None, "", "none"):
         return []
-    parsed = []
-    for part in re.split(r"[,+]", spec):
+    parsed, parts = [], re.split(r"[,+]", spec)
+    for part in parts:
         name, colon, weight = part.strip().partition(":")
         if name == "like":
             continue
-        if name == "none" and len(re.split(r"[,+]", spec)) > 1:  # evaluate.py --guides none,positive is two rows
+        if name == "none" and len(parts) > 1:  # evaluate.py --guides none,positive is two rows
             raise SystemExit(f"error: guide {spec!r}: none (no guidance) stands alone; the guides of a list steer "
                              "together (evaluate.py --guides gives one row each)")
         if not name:

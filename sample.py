@@ -16,7 +16,6 @@ or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
 import argparse
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from data import input_file, not_utf8, text_lines
 from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
-from guide import build_guidance, load_probes
+from guide import build_guidance, guide_names, load_probes
 from utils import (ArgumentParser, autocast, bounded, free_text, load_for_inference, nonempty_text, output_file,
                    pick_device, run_cli, shell, use_bf16)
 
@@ -133,8 +132,7 @@ class DGLM:
     def guidance(self, spec, sampling, like=(), unlike=()):
         """Guidance for a guide spec ('positive', 'negative:1,news:0.5'; 'none' or 'like': no probe) and
         example texts to steer toward (like) or away from (unlike); None when nothing steers."""
-        names = {part.strip().partition(":")[0] for part in re.split(r"[,+]", spec or "")}
-        if "like" in names and not (like or unlike):
+        if "like" in guide_names(spec) and not (like or unlike):
             raise SystemExit("error: the guide like steers by example: give it --like TEXT (or --unlike TEXT)")
         if spec not in (None, "", "none", "like") and not self.guides:
             paper = self.config.get("train", {}).get("tier") == "paper"  # its probes' data sets could not be reached
