@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -37,8 +36,8 @@ from safetensors.torch import load_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, pick_device, run_cache_dir, run_cli,
-                   shell)
+from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, pick_device, refusal, run_cache_dir,
+                   run_cli, shell)
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -573,11 +572,9 @@ def main(argv=None):
         p.error(f"{', '.join('--' + f.replace('_', '-') for f in paper)} {'is' if len(paper) == 1 else 'are'} for "
                 "the paper probes, a run of their own; --labels trains probes of your file alone")
     config = Checkpoint(args.ckpt).config  # a missing or unreadable checkpoint: one line
-    try:  # the probes are saved beside the checkpoint at the end: a folder that refuses them, said before the work
-        tempfile.TemporaryFile(dir=args.ckpt).close()
-    except OSError as err:
-        raise SystemExit(f"error: cannot write probes into {args.ckpt} ({err.strerror}); copy the checkpoint "
-                         "folder somewhere writable and pass that --ckpt") from None
+    if why := refusal(args.ckpt):  # the probes are saved beside the checkpoint at the end: said before the work
+        raise SystemExit(f"error: cannot write probes into {args.ckpt} ({why}); copy the checkpoint folder "
+                         "somewhere writable and pass that --ckpt")
     encoder_name, device = config["encoder"], pick_device(args.device)
     cache = EmbeddingCache(cache_dir_for(args.cache_dir or run_cache_dir(config), encoder_name), encoder_name, device,
                            args.batch_size, args.dtype or default_dtype(device))

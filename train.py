@@ -20,7 +20,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
                    folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
-                   pick_device, release, run_cli, save_checkpoint, shell, use_bf16)
+                   pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -449,10 +448,8 @@ def train_probes(args, window, out, cache):
 
 def check_args(args, out):
     where = next(p for p in (out, *out.parents) if p.exists())  # out, or the folder it will be made in
-    try:  # a real write before the data work, not os.access (root passes it for folders such as /proc)
-        os.rmdir(tempfile.mkdtemp(dir=where))
-    except OSError as err:
-        raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({err.strerror})") from None
+    if why := refusal(where):  # before the data work
+        raise SystemExit(f"error: cannot write the checkpoint folder --out {out} ({why})")
     if out.is_dir():
         hold(out)  # before it is read: a run training there now may change it (a new --out is held once made)
     if args.data not in ("tiny", "c4"):  # a --data file that is not there, empty or unreadable, before the checkpoint

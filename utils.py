@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -140,6 +141,16 @@ def output_file(value):
     if not existed:
         path.unlink()
     return value
+
+
+def refusal(folder):
+    """Why `folder` refuses a new file (the system's words), or None: a real write, not os.access, which
+    root passes for folders such as /proc that refuse files."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError as err:
+        return err.strerror
+    return None
 
 
 def folder(value):

@@ -481,7 +481,7 @@ def test_a_checkpoint_folder_that_refuses_the_probes_is_said_before_the_work(ckp
 
     def refuse(dir=None, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     monkeypatch.setattr(guide, "EmbeddingCache", lambda *a, **k: pytest.fail("encoded before the check"))
     labels = labels_file(tmp_path / "mood.csv", [("a fine day", "up")] * 10 + [("a dull day", "down")] * 10)
     with pytest.raises(SystemExit, match=f"^error: cannot write probes into {ckpt_copy} \\(Permission denied\\); "
