@@ -517,16 +517,17 @@ def diagnostic_columns(results):
             ("proposal's nearest sentence: positive / negative (VADER)", near)]
 
 
-def markdown_row(r, cols):
-    return "| " + " | ".join(cell(r) for _, cell in cols) + " |"
+def markdown_row(cells):
+    """A table row; a '|' in a cell (a --match pattern, a label of the user's own) is escaped, not a column."""
+    return "| " + " | ".join(str(c).replace("|", r"\|") for c in cells) + " |"
 
 
 def markdown(results):
     """The main table, its footnote of judges, and the diagnostics table."""
     lines = []
     for cols in (columns(results), diagnostic_columns(results)):
-        lines += ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-        lines += [markdown_row(r, cols) for r in results] + [""]
+        lines += [markdown_row(h for h, _ in cols), "|" + "---|" * len(cols)]
+        lines += [markdown_row(cell(r) for _, cell in cols) for r in results] + [""]
     j = results[0]["judges"]
     lines.append(f"sentiment: {', '.join(j['sentiment'])} on the continuation ({j['sentiment'][0]} also on prompt + "
                  f"continuation; the first judge gives attribute success); toxic: "
@@ -631,7 +632,7 @@ def main(args):
         for scale in ([0.0] if guide == "none" else args.scales):
             results.append(evaluate_setting(model, prompts, args.n, guide, replace(sampling, scale=scale), args,
                                             judges, nearest))
-            print(markdown_row(results[-1], columns(results)), flush=True)
+            print(markdown_row(cell(results[-1]) for _, cell in columns(results)), flush=True)
             write_results(args, len(prompts), sampling, model.bf16, results)
     print("\n" + markdown(results))
     if args.plot:

@@ -3,6 +3,7 @@ the sweep plot and a run end to end."""
 import importlib.util
 import json
 import random
+import re
 import sys
 from types import SimpleNamespace
 
@@ -159,6 +160,19 @@ def test_guided_rows_report_perplexity_and_pooled_diversity_against_the_unguided
     assert (cells(without_base)[ppl], cells(without_base)[pooled]) == ("135.0", "0.720")
     no_bigrams = evaluate.markdown([guided, dict(base, dist2_pooled=0.0)]).splitlines()[2]  # e.g. --max-tokens 1
     assert cells(no_bigrams)[pooled] == "0.720"
+
+
+def test_a_bar_in_a_match_rule_or_a_guide_name_stays_in_its_cell():
+    """The README's --match '(?i)\\b(i|me|my)\\b' gave the header seven columns more than its rows."""
+    row = dict(SWEEP[1], guide="a|b", judges=dict(JUDGES, sentiment=["VADER"], match=r"(?i)\b(i|me|my)\b"),
+               sentiment={"VADER": {"positive": 0.4, "negative": 0.1}}, positive_with_prompt=0.5,
+               negative_with_prompt=0.1, dist1=0.9, dist2=0.95, dist3=0.97, dist2_pooled=0.71, avg_max_toxicity=0.1,
+               toxic_prompts=0.0, sentiment_probe={}, seconds_per_sample=0.01, example_cosine={"like": None,
+               "unlike": None}, proposal_cosine=0.2, proposal_spread=0.1, nearest_sentence=None, match=0.25)
+    header, rule, line = evaluate.markdown([row]).splitlines()[:3]
+    columns = lambda text: len(re.split(r"(?<!\\)\|", text)) - 2  # the bars not escaped
+    assert columns(header) == columns(rule) == columns(line)
+    assert r"matches /(?i)\b(i\|me\|my)\b/" in header and r"| a\|b |" in line and "| 25.0% |" in line
 
 
 def test_proposal_spread_is_the_mean_pairwise_cosine():
