@@ -19,6 +19,7 @@ import gc
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -165,6 +166,7 @@ def get_args(argv=None):
     # like may change, what the run is (RUN_SETTINGS) may not.
     p.set_defaults(**{k: v for k, v in trained.items() if k not in NOT_RESUMED})
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what Ctrl-C before a checkpoint repeats
     if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
         p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
                 "(--micro-batch / --decoder-micro-batch set them)")
@@ -534,7 +536,7 @@ def new_config(args, window, tokenizer):
 
 def train_settings(args):
     """The run's flags as its checkpoint keeps them (config["train"]): the defaults of a later --resume."""
-    return {k: local_path(k, v) for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device")}
+    return {k: local_path(k, v) for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device", "argv")}
 
 
 def local_path(key, value):
@@ -684,8 +686,8 @@ def peak_gpu_memory(device):
 def interrupted(args):
     """What Ctrl-C leaves in --out, and the command that goes on from it."""
     if not (Path(args.out) / CHECKPOINT).exists():
-        return ("interrupted before the first checkpoint (--save-every steps): train again with python "
-                f"train.py{out_flag(args.out)}")
+        return ("interrupted before the first checkpoint (--save-every steps), so nothing is kept: train again with "
+                f"the same command, python {shlex.join(['train.py', *args.argv])}")
     return (f"interrupted: the last checkpoint saved in {args.out} (every --save-every steps) is kept; continue it "
             f"with python train.py --resume{out_flag(args.out)}")
 

@@ -18,6 +18,7 @@ Tensors are stored with safetensors and configs as JSON: loading never unpickles
 written to a temporary name and renamed into place, so a kill during a save keeps the last one.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -46,14 +47,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(fn, interrupted="interrupted"):
-    """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) becomes one line
-    on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above;
+    """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) or a full disk becomes one
+    line on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above;
+    a closed pipe (`| head`) ends it quietly;
     Ctrl-C prints `interrupted` (what is kept, for a script that saves; a KeyboardInterrupt raised with a
     message of its own, as train.py's names its --out, prints that) and exits with 130."""
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?", not a traceback
         sys.stdout.reconfigure(errors="replace")  # (stderr's default already never fails)
     try:
         fn()
+        sys.stdout.flush()  # in here: a closed pipe's error at exit would be a traceback
+    except BrokenPipeError:  # `| head` has what it wanted; what is left to print goes nowhere, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports a process a closed pipe stopped
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {err.strerror}{f' ({err.filename})' if err.filename else ''}: free some space and run again "
+              "(files saved before, such as checkpoints, are as they were)", file=sys.stderr)
+        raise SystemExit(2) from None
     except SystemExit as err:
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
@@ -291,7 +303,13 @@ def publish(tmp, path):
 
 
 def atomic_write_text(path, text):
-    """UTF-8 whatever the locale (a label of the user's own may be any text), to PATH.tmp, then renamed."""
+    """UTF-8 whatever the locale (a label of the user's own may be any text), to PATH.tmp, then renamed over
+    the file (through a link, over the file it names). What is not a file (/dev/stdout, a pipe) is written into."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    path = os.path.realpath(path)
     tmp = Path(f"{path}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -418,7 +436,7 @@ class Checkpoint:
         refuse_a_file(out)
         if not self.path.exists():
             log, train = Path(out) / "log.jsonl", f"`python train.py --out {shell(out)}`"
-            steps = len(log.read_text().splitlines()) if log.exists() else 0  # a run logs every step from the first
+            steps = len(log.read_bytes().splitlines()) if log.exists() else 0  # a run logs every step from the first
             pid, locked = training_in(out), (Path(out) / LOCK).exists()  # no lock file: no flock here (Windows)
             if pid or (steps and not locked):
                 raise SystemExit(f"error: no checkpoint at {self.path} yet: the run training into {out}"
@@ -427,7 +445,7 @@ class Checkpoint:
                                  + ("" if pid else " (a run stopped before then saved none: train again)"))
             if steps:
                 raise SystemExit(f"error: no checkpoint at {self.path}: the run that trained into {out} stopped "
-                                 f"before its first checkpoint (--save-every steps); train again with {train}")
+                                 "before its first checkpoint (--save-every steps); run its train.py command again")
             raise SystemExit(f"error: no checkpoint at {self.path}; train one with {train}")
         try:
             with safe_open(str(self.path), "pt") as f:
@@ -503,14 +521,27 @@ def load_for_inference(out, device="cpu"):
         stats["mu"].to(device), stats["s"].to(device)
 
 
+def logged_step(line):
+    """The step of one log.jsonl line, or None for what is not a line of the log (blank, cut short, edited)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):  # not JSON (or not UTF-8), or JSON without a step
+        return None
+    return step if isinstance(step, int) else None
+
+
 class LossLog:
     """out/log.jsonl: one line of losses (and, every --log-every steps, throughput) per step. On
     --resume the lines after the checkpoint's step are dropped: the log of an uninterrupted run."""
 
     def __init__(self, path, start_step):
         self.path = Path(path)
-        lines = self.path.read_text().splitlines() if start_step and self.path.exists() else []
-        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
+        lines = self.path.read_bytes().splitlines() if start_step and self.path.exists() else []
+        steps = [logged_step(line) for line in lines]
+        kept = [line.decode() for line, step in zip(lines, steps) if step is not None and step <= start_step]
+        unreadable = sum(step is None and bool(line.strip()) for line, step in zip(lines, steps))
+        if unreadable:  # a line cut short by a crash or a full disk, or an edit: the losses of the others are kept
+            print(f"note: {self.path}: {unreadable} unreadable line(s) left out", file=sys.stderr)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(l + "\n" for l in kept))
         self.file = open(self.path, "a")

@@ -495,8 +495,10 @@ def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus,
             train.run_cli(lambda: run_train(corpus, tmp_path, out, "--steps", "6", "--save-every", "3"))
         assert exit_info.value.code == 130
         return capsys.readouterr().err.strip().splitlines()[-1]
-    assert ctrl_c_at(2) == f"interrupted before the first checkpoint (--save-every steps): train again with " \
-                           f"python train.py --out {out}"
+    # the command again, as typed: `python train.py --out run` alone trained another run (the tiny corpus, 2400 steps)
+    assert ctrl_c_at(2) == "interrupted before the first checkpoint (--save-every steps), so nothing is kept: train " \
+        f"again with the same command, python train.py --data {corpus} --out {out} --cache-dir {tmp_path / 'cache'} " \
+        "--batch-size 16 --decoder-batch 8 --warmup 2 --steps 6 --save-every 3"
     assert ctrl_c_at(4).endswith(f"is kept; continue it with python train.py --resume --out {out}")
     assert Checkpoint(out).step == 3
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, UNREACHABLE_HUB, hub_cache, run_python
-from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, comma_list, count, free_text, keep_freed_memory,
-                   out_flag, output_file, pick_device, run_cache_dir, run_cli)
+from utils import (ArgumentParser, Checkpoint, LossLog, atomic_save, bounded, comma_list, count, free_text,
+                   keep_freed_memory, out_flag, output_file, pick_device, run_cache_dir, run_cli)
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -145,6 +145,48 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
                         env={"LC_ALL": "C", "PYTHONUTF8": "0"})
     assert result.returncode == 0, result.stderr[-800:]
     assert path.read_bytes() == "caf\u00e9 \u263a".encode("utf-8")
+
+
+def test_a_log_line_that_is_not_one_is_left_out_not_a_traceback(tmp_path, capsys):
+    """A blank line an editor added, a line cut short by a crash or a full disk: --resume was a JSONDecodeError
+    (or UnicodeDecodeError), and sample.py's no-checkpoint message read the log as UTF-8."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"step": 1, "prior": 1.1}\n\n{"step": 2, "prior": 1.0}\ngarbage\n\xff\n{"step": 3}\n{"step": 2, "pri')
+    LossLog(log, 2).file.close()
+    assert log.read_text() == '{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n'
+    assert "3 unreadable line(s) left out" in capsys.readouterr().err
+    (tmp_path / "train.lock").touch()  # the run that logged ended (no process holds the lock)
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint .*; run its train.py command again"):
+        Checkpoint(tmp_path)
+
+
+def test_a_table_is_written_through_a_link_and_into_what_is_not_a_file(tmp_path):
+    """evaluate.py --md LINK replaced the link by a file and left the file it named as it was; --md
+    /dev/stdout printed nothing and, as root, replaced /dev/stdout itself."""
+    (tmp_path / "t.md").write_text("old")
+    (tmp_path / "link.md").symlink_to(tmp_path / "t.md")
+    (tmp_path / "stdout").symlink_to("/proc/self/fd/1")
+    result = run_python(f"import utils; utils.atomic_write_text({str(tmp_path / 'link.md')!r}, 'new'); "
+                        f"utils.atomic_write_text({str(tmp_path / 'stdout')!r}, 'table')")
+    assert result.returncode == 0, result.stderr[-800:]
+    assert (tmp_path / "link.md").is_symlink() and (tmp_path / "t.md").read_text() == "new"
+    assert (tmp_path / "stdout").is_symlink() and result.stdout == "table"
+
+
+def test_a_closed_pipe_ends_quietly_and_a_full_disk_is_one_line():
+    """`sample.py | head -2` and `sample.py --out /dev/full` ended in tracebacks."""
+    code = "import utils; utils.run_cli(lambda: [print(i) for i in range(10 ** 6)])"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.stdout.readline() == b"0\n"
+    child.stdout.close()  # as `head -1` does
+    assert child.wait(timeout=120) == 141 and child.stderr.read() == b""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    code = "import utils\ndef fill():\n    with open('/dev/full', 'w') as f:\n        f.write('x')\nutils.run_cli(fill)"
+    result = run_python(code)
+    assert result.returncode == 2 and result.stderr.startswith("error: No space left on device: free some space")
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_non_ascii_arguments_and_output_work_in_the_c_locale():
