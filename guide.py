@@ -376,14 +376,17 @@ def save_probes(path, probes, guides, encoder_name):
 
 
 def load_probes(path, encoder_name=None, device="cpu"):
-    """-> ({probe name: (w, b)} on `device`, {guide name: (probe name, target)})."""
+    """-> ({probe name: (w, b)} on `device`, {guide name: (probe name, target[, ...])}: guide_probes reads
+    a guide's entry)."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path), device=str(device))
     except (OSError, Exception) as err:  # safetensors raises its own error type for corrupt files
-        raise SystemExit(f"error: cannot read probes {path} ({err}); retrain with train.py") from None
+        raise SystemExit(f"error: cannot read probes {path} ({err}); restore it, or replace it: `python guide.py "
+                         f"--ckpt {shell(Path(path).parent)} --labels FILE` with probes of your own, or the next "
+                         "`train.py --resume` of its run with the run's own") from None
     if encoder_name is not None and meta.get("encoder") != encoder_name:
         raise SystemExit(f"error: probes in {path} were trained for encoder {meta.get('encoder')!r}, "
                          f"but the checkpoint uses {encoder_name!r}")
@@ -512,7 +515,10 @@ def add_label_probes(args, encoder_name, cache):
         raise SystemExit(f"error: label {bad[0]!r} cannot name a guide (no spaces, ',', '+' or ':'; not "
                          f"{' or '.join(sorted(RESERVED_GUIDES))})")
     path = Path(args.ckpt) / "probes.safetensors"
-    _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
+    try:
+        _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
+    except SystemExit:  # unreadable, or another encoder's: merge_probes replaces it, and says so
+        existing = {}
     taken = sorted(set(counts) & set(existing))
     if taken and not args.overwrite:
         raise SystemExit(f"error: {path} already has {'a guide' if len(taken) == 1 else 'guides'} named "

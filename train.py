@@ -34,7 +34,7 @@ from batches import load_data
 from decoder import TINY_LM, DecoderConfig
 from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
-from guide import PAPER_GUIDES, TINY_GUIDES, merge_probes, train_paper_probes, train_tiny_probes
+from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
                    folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
                    pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
@@ -425,6 +425,15 @@ def check_gpu(args):
                      "trains there anyway, far slower, or train the tiny tier: python train.py")
 
 
+def has_probes(path, encoder):
+    """Whether the run's probes file is there and readable; missing or damaged, the tier's own are trained again."""
+    try:
+        load_probes(path, encoder)
+    except SystemExit:
+        return False
+    return True
+
+
 def train_probes(args, window, out, cache):
     """The tier's probes, before the long loop, into out/probes.safetensors: the tiny corpus's labels
     (sentiment, domains) or the paper's data sets (sentiment, toxicity, topics). -> report or None."""
@@ -595,7 +604,7 @@ def setup(args):
     run = Models(args, config, stats["mu"], stats["s"], dist.device, ckpt)
     if ckpt:
         print(f"resumed from {out} at step {run.step}")
-    if dist.is_main and not (out / "probes.safetensors").exists():
+    if dist.is_main and not has_probes(out / "probes.safetensors", args.encoder):
         report = train_probes(args, window, out, cache)
         if report:
             print("probes (held-out accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))

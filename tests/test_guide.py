@@ -362,6 +362,20 @@ def test_more_than_two_labels_give_one_vs_rest_probes(ckpt_copy, tmp_path):
     assert {guides[k] for k in ("kind", "sad", "rude")} == {("tone-kind", 1), ("tone-sad", 1), ("tone-rude", 1)}
 
 
+def test_damaged_probes_point_to_a_fix_that_works_and_guide_py_replaces_them(ckpt_copy, tmp_path, capsys):
+    """The advice was `retrain with train.py` (a whole run again), and guide.py --labels refused the file too."""
+    import sample
+    from conftest import cli_error
+    probes = ckpt_copy / "probes.safetensors"
+    probes.write_bytes(probes.read_bytes()[:300])
+    err = cli_error(sample, ["--ckpt", str(ckpt_copy), "--guide", "positive"], capsys)
+    assert f"cannot read probes {probes} (" in err and f"`python guide.py --ckpt {ckpt_copy} --labels FILE`" in err
+    cheerful = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
+    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(cheerful)]) > 0.5
+    assert f"note: replacing {probes}: cannot read probes" in capsys.readouterr().out
+    assert set(guide.load_probes(probes, "minilm")[1]) == {"cheerful", "gloomy"}
+
+
 def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     from conftest import NEGATIVE, POSITIVE
     from utils import run_cli

@@ -15,6 +15,7 @@ import batches
 import train
 from conftest import ROOT, UNREACHABLE_HUB, assert_one_line_error, cli_error, document, run_script, run_train
 from diffusion import Prior, PriorConfig
+from guide import load_probes
 from train import cosine_lr, get_args
 from utils import CHECKPOINT, Checkpoint, load_for_inference
 
@@ -391,8 +392,11 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path, monkeypa
     with pytest.raises(SystemExit, match=r"data file .*toy.jsonl, which the run in .* trained on, does not exist; if "
                                          r"it was moved, python train.py --resume --data NEW_PATH finds it"):
         resume()
+    probes = tmp_path / "out" / "probes.safetensors"
+    probes.write_bytes(probes.read_bytes()[:300])  # damaged: the resume trains the tier's probes again
     resume("--data", str(moved))  # cache, batch sizes, learning rates, --steps 6, --save-every 3: the checkpoint's
     assert Checkpoint(tmp_path / "out").step == 6
+    assert {"positive", "negative"} <= set(load_probes(probes, "minilm")[1])
     assert_same_weights(tensors_of(tmp_path / "out"), tensors_of(trained / "out"), ("prior.", "decoder.", "opt_"))
     with pytest.raises(SystemExit, match="already at step 6; --resume trains on to --steps, so give more than 6"):
         resume()
