@@ -380,6 +380,7 @@ def main(args):
         model = RandomDGLM(device, precision=args.precision)
     else:
         model = DGLM(args.ckpt, device, args.precision)
+    model.prompt_room(args.max_tokens)  # before anything is printed
     if model.guidance(args.guide, sampling_config(args), args.like, args.unlike) is None:
         raise SystemExit("error: --guide none has nothing to compare; pick a guide such as positive, or --like TEXT")
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6

@@ -612,6 +612,7 @@ def main(args):
               "toxicity": ToxicityJudge(args.toxicity_judge, device),
               "perplexity": HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None}
     model = DGLM(args.ckpt, device, args.precision)
+    model.prompt_room(args.max_tokens)  # before any work
     args.cache_dir = args.cache_dir or run_cache_dir(model.config)  # run from another folder: the same corpus
     judges["perplexity"] = judges["perplexity"] or SelfPerplexity(model, args.seed)
     nearest = NearestSentence(model, args.cache_dir) if args.nearest else None

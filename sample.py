@@ -147,12 +147,13 @@ class DGLM:
                               n_samples=sampling.mc_samples, max_logsnr=sampling.guide_max_logsnr)
 
     def prompt_room(self, max_new_tokens):
-        """Prompt tokens that fit beside max_new_tokens new ones; a one-line error when none can be made."""
+        """Prompt tokens that fit beside max_new_tokens new ones; a one-line error when not one does (the
+        prompts would be cut to nothing, and their continuations read as if they went on from them)."""
         room = self.decoder.room(max_new_tokens)
-        if room < 0:
+        if room < 1:
             raise SystemExit(f"error: --max-tokens {max_new_tokens} does not fit the decoder's context of "
-                             f"{self.decoder.max_len} positions (at most {self.decoder.room()} new tokens after bos "
-                             f"and the {self.decoder.config.n_soft} soft-prompt slots)")
+                             f"{self.decoder.max_len} positions (at most {self.decoder.room(1)} new tokens after bos, "
+                             f"the {self.decoder.config.n_soft} soft-prompt slots and a prompt)")
         return room
 
     def prefix_ids(self, prefix_texts, max_new_tokens):

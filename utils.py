@@ -139,6 +139,8 @@ def comma_list(kind):
 def output_file(value):
     """An argparse type: a file a run writes (at its end or as it goes), checked before the run's work begins."""
     path = Path(value)
+    if not str(value).strip():  # Path("") is the working folder
+        raise argparse.ArgumentTypeError("is empty (give a file name)")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"'{value}' is a folder (give a file name)")
     folder = path.parent
@@ -422,6 +424,8 @@ def run_cache_dir(config):
 
 def refuse_a_file(out):
     """A checkpoint is the folder train.py wrote; its checkpoint.safetensors alone is a one-line error."""
+    if not str(out).strip():  # Path("") is the working folder: the error would suggest train.py --out ''
+        raise SystemExit("error: --ckpt is empty (give the folder train.py wrote; . names this one)")
     if Path(out).is_file():
         raise SystemExit(f"error: {out} is a file; a checkpoint is the folder train.py wrote (try {Path(out).parent})")
 

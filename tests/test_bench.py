@@ -19,6 +19,12 @@ def test_bench_runs_end_to_end_and_ends_with_the_ratio(trained, capsys):
     assert "batch 3" in lines[-2] and any(l.split("|")[0].strip() == "1" for l in lines)
 
 
+def test_a_max_tokens_beyond_the_context_is_refused_before_anything_is_printed(trained, capsys):
+    with pytest.raises(SystemExit, match="--max-tokens 200 does not fit the decoder's context"):
+        bench.main(bench.get_args(["--ckpt", str(trained / "out"), "--device", "cpu", "--max-tokens", "200"]))
+    assert capsys.readouterr().out == ""
+
+
 def test_bench_paper_config_builds_random_models_without_downloads(monkeypatch, capsys):
     """--config paper with the sizes shrunk (the real ones need ~4 GB and minutes on a CPU)."""
     shrink_paper_tier(monkeypatch)

@@ -381,6 +381,8 @@ def test_every_guide_is_checked_before_any_is_evaluated(trained, tmp_path, monke
         run("--guides", "none,positive,bogus")
     with pytest.raises(SystemExit, match="the guide like steers by example: give it --like TEXT"):
         run("--guides", "none,like")  # was an unguided row named like
+    with pytest.raises(SystemExit, match="--max-tokens 119 does not fit the decoder's context"):
+        run("--max-tokens", "119")  # every prompt was cut to nothing, its continuations judged as if they went on
 
 
 def test_an_empty_guide_or_prompt_file_name_is_refused_not_run_as_something_else(capsys):

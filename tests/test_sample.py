@@ -171,9 +171,10 @@ def test_prompts_longer_than_the_context_are_cut_and_max_tokens_beyond_it_refuse
     out = capsys.readouterr()  # the unguided and the guided rows are decoded from the same cut prompts: one warning
     assert out.err.count("warning: prompts longer than 87 tokens are cut to their last 87 tokens") == 1
     assert out.out.count("=== ") == 2 and out.out.count("  positive | ") == 2
-    with pytest.raises(SystemExit, match=r"--max-tokens 100000 does not fit the decoder's context of 128 positions "
-                                         r"\(at most 119 new tokens"):
-        sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--max-tokens", "100000", "--steps", "2"]))
+    for max_tokens in ("100000", "119"):  # 119 cut every prompt to nothing, and the text read as if it went on
+        with pytest.raises(SystemExit, match=rf"--max-tokens {max_tokens} does not fit the decoder's context of 128 "
+                                             r"positions \(at most 118 new tokens"):
+            sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--max-tokens", max_tokens, "--steps", "2"]))
 
 
 def test_min_tokens_defaults_to_24_and_shrinks_to_a_smaller_max_tokens():

@@ -57,6 +57,8 @@ def test_output_file_is_checked_before_the_work_that_fills_it(tmp_path):
         output_file(str(tmp_path / "nowhere" / "results.json"))
     with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
         output_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="^is empty"):  # it said "'' is a folder"
+        output_file("")
     assert not (tmp_path / "results.json").exists()  # the check leaves no empty file behind
     (tmp_path / "old.json").write_text("kept")
     assert output_file(str(tmp_path / "old.json")) and (tmp_path / "old.json").read_text() == "kept"
@@ -206,6 +208,8 @@ def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
     folder = tmp_path / "my run"
     with pytest.raises(SystemExit, match=f"train one with `python train.py --out '{folder}'`"):
         Checkpoint(folder)
+    with pytest.raises(SystemExit, match="--ckpt is empty"):  # it suggested `train.py --out ''`, which train.py refuses
+        Checkpoint("")
     assert out_flag(folder) == f" --out '{folder}'" and out_flag("runs/a") == " --out runs/a" and out_flag("out") == ""
 
 
