@@ -42,7 +42,6 @@ gpt2-large's architecture, 36 x 1280, vocab 50257; soft prompt 6 x 768), random 
 and random prompt embeddings: no encoder, tokenizer or hub access, so the sentence encoder's cost
 (sentence-t5-xl on the paper tier) is not included there.
 """
-import argparse
 import random
 import statistics
 import time
@@ -58,8 +57,8 @@ import data as data_lib
 import train
 from encoder import embed, load_encoder
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
-from utils import (ArgumentParser, Checkpoint, autocast, bounded, build_models, comma_list, folder,
-                   keep_freed_memory, pick_device, run_cli, use_bf16)
+from utils import (ArgumentParser, Checkpoint, RawHelpFormatter, autocast, bounded, build_models, comma_list,
+                   folder, keep_freed_memory, pick_device, run_cli, use_bf16)
 
 
 class RandomTokenizer:
@@ -121,8 +120,11 @@ def fixed_length(args):
 
 
 def sync(device):
+    """Wait for the GPU's queued work, so that a time is the work's, not its launch's."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+    elif str(device) == "mps":  # --device auto picks an Apple GPU where there is one
+        torch.mps.synchronize()
 
 
 def timed_rounds(runs, device, repeats):
@@ -335,11 +337,11 @@ def bench_embed(args, device):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory (ignored with --config paper)")
     p.add_argument("--config", default="ckpt", choices=["ckpt", "paper"],
                    help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     p.add_argument("--repeats", type=bounded(int, 1, 1000), default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--batch-sizes", type=comma_list(bounded(int, 1, 1e5)), default="1,64",
                    help="comma-separated batch sizes; the last one gives the final ratio")

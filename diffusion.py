@@ -99,7 +99,7 @@ class LogSNRSampler(nn.Module):
     100 equal bins; each keeps an EMA (decay 0.9) of the weighted loss of the examples that fell in
     it. lambda is drawn with density p(lambda) proportional to those EMAs, so training spends its
     samples where the weighted loss is large, and each example is re-weighted by
-    w(lambda) / p(lambda) so the objective stays  int w(lambda) E||v_hat - v||^2 dlambda.
+    w(lambda) / (p(lambda) int w) so the objective stays  int w(lambda) E||v_hat - v||^2 dlambda / int w.
     weighted=False: w = 1 (the loss weighting turned off, a teaching switch).
     Losses are observed while a batch is processed (observe) and folded into the bins once per
     training step (update), so a batch split into micro-batches updates the bins as the whole would.

@@ -4,10 +4,10 @@
     python evaluate.py --prompts openings.txt --n 4 --json results.json --md results.md
     python evaluate.py --guides none,positive,negative --scales 30,100,200,300 --plot sweep.png
     python evaluate.py --guides none,like --like "The food was delicious."   # steering by example
-    python evaluate.py --prompts prompts.txt --n 25 --max-tokens 20 --guides none,positive,nontoxic \
+    python evaluate.py --prompts prompts.txt --n 25 --max-tokens 20 --guides none,positive,nontoxic \\
         --sentiment-judge siebert/sentiment-roberta-large-english --toxicity-judge ID --ppl-model gpt2-xl
 
-The last line is the protocol of the paper's tables (N generations of T tokens per prompt from a prompts
+The last command is the protocol of the paper's tables (N generations of T tokens per prompt from a prompts
 file). For each (guide, scale) it continues every prompt n times and reports, each column naming its judge:
   - sentiment by each --sentiment-judge, never by the probe that steered: VADER (Hutto & Gilbert 2014)
     and TextBlob (the offline defaults, two lexicons: positive if the score >= 0.05, negative if <=
@@ -52,8 +52,8 @@ from decoder import encode_continuation, fit_length
 from encoder import EmbeddingCache, cache_dir_for
 from guide import guide_names
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
-from utils import (ArgumentParser, atomic_write_text, bounded, comma_list, folder, hub_answers, output_file,
-                   pick_device, run_cache_dir, run_cli)
+from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded, comma_list, folder, hub_answers,
+                   output_file, pick_device, run_cache_dir, run_cli)
 
 
 def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
@@ -546,7 +546,7 @@ def guide_name(text):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: held-out tiny prefixes)")
     p.add_argument("--n-prompts", type=bounded(int, 1, 1e6), default=50,

@@ -12,9 +12,9 @@ A probe is logistic regression on unit-norm sentence embeddings, p(y = 1 | e) = 
 Several attributes compose by summing their losses. The decoder never sees the probe.
 
 Guidance acts on the noisy steps only, while lambda_t <= max_logsnr (sample.py's default -2:
-a_t < 0.12, the first 22% of the steps); the cleaner steps run the plain denoiser. The attribute
-is settled while the proposal is still forming, so guiding those steps steers about as well as
-guiding all of them (README, "Teaching switches") for a fraction of the backward passes.
+a_t < 0.12, the noisiest 22% of t, 4 of 15 DDIM steps); the cleaner steps run the plain denoiser.
+The attribute is settled while the proposal is still forming, so guiding those steps steers about
+as well as guiding all of them (README, "Teaching switches") for a fraction of the backward passes.
 
 The file reads in that order: guidance (the loss, the step), guides (names -> probes and targets),
 then fitting probes (tiny corpus, the paper's data sets) and `python guide.py`, which adds probes

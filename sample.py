@@ -14,7 +14,6 @@ bars (guide.WORD_BARS: the tiny tier's negative guide bars negations; --no-word-
 Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16
 or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ from data import input_file, not_utf8, text_lines
 from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, guide_names, load_probes
-from utils import (ArgumentParser, autocast, bounded, free_text, load_for_inference, nonempty_text, output_file,
-                   pick_device, run_cli, shell, use_bf16)
+from utils import (ArgumentParser, RawHelpFormatter, autocast, bounded, free_text, load_for_inference, nonempty_text,
+                   output_file, pick_device, run_cli, shell, use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 
@@ -41,7 +40,7 @@ class SamplingConfig:
     cfg_scale: float = 1.0          # classifier-free guidance on the prefix (1: off)
     scale: float = 180.0            # guidance scale (0: unguided); the tiny tier's sweep chose 200 at 25 steps, and
                                     # 15 steps pull a tenth harder (README)
-    guide_max_logsnr: float = -2.0  # guide the steps with logSNR <= this (the noisiest 22%: 4 of 15 DDIM steps)
+    guide_max_logsnr: float = -2.0  # guide the steps with logSNR <= this (the noisiest 22% of t: 4 of 15 DDIM steps)
     mc_samples: int = 32            # Monte Carlo samples of the guidance loss (0: x_hat itself)
     like_weight: float = 20.0       # weight of each --like / --unlike example's -cos (+cos) in the guidance loss
     signal_level: float | None = None  # a of the re-noised proposal (None: the checkpoint's, 0.95)
@@ -65,12 +64,12 @@ def add_sampling_args(p, guidance_scale=True):
         p.add_argument("--scale", type=bounded(float, 0, 1e6), default=d.scale,
                        help="guidance scale (default %(default)g; 0 = unguided)")
     p.add_argument("--guide-max-logsnr", type=bounded(float, -15, 15), default=d.guide_max_logsnr,
-                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 22%%, 4 of "
-                        "15 DDIM steps; 15 = every step)")
+                   help="guide the denoising steps with logSNR <= this (default %(default)g: the noisiest 22%% of t, 4 "
+                        "of 15 DDIM steps; 15 = every step)")
     p.add_argument("--mc-samples", type=bounded(int, 0, 4096), default=d.mc_samples,
                    help="Monte Carlo samples around x_hat for the guidance loss (0 = x_hat itself)")
     p.add_argument("--like", action="append", default=[], metavar="TEXT", type=nonempty_text,
-                   help="steer toward the meaning of TEXT (repeatable; no probe needed; composes with --guide)")
+                   help="steer toward the meaning of TEXT (repeatable; no probe needed; composes with the guides)")
     p.add_argument("--unlike", action="append", default=[], metavar="TEXT", type=nonempty_text,
                    help="steer away from TEXT (repeatable)")
     p.add_argument("--like-weight", type=bounded(float, 0, 1e4), default=d.like_weight,
@@ -264,7 +263,7 @@ def show_steps(model, prefix, guidance, label, sampling, seed):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory written by train.py")
     p.add_argument("--guide", default=None,
                    help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none' (default: positive, or none "
@@ -277,7 +276,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", type=output_file, default=None,
-                   help="write JSON lines {prefix, text, guide, scale, seed} here, each batch as it is done")
+                   help="write JSON lines {prefix, text, guide, like, unlike, scale, seed} here, each batch as it "
+                        "is done (scale 0: unguided)")
     p.add_argument("--show-steps", action="store_true",
                    help="print the decoded proposal at several denoising steps (one sample of one --prefix)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
@@ -311,7 +311,8 @@ def main(args):
             with open(args.out, "a" if first_row else "w", encoding="utf-8") as f:
                 for prefix, text in zip(prefixes[first_row:first_row + len(texts)], texts):
                     f.write(json.dumps({"prefix": prefix, "text": text, "guide": args.guide, "like": args.like,
-                                        "unlike": args.unlike, "scale": args.scale, "seed": args.seed}) + "\n")
+                                        "unlike": args.unlike, "scale": args.scale if guidance is not None else 0.0,
+                                        "seed": args.seed}) + "\n")
         model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=write)
         print(f"wrote {len(prefixes)} samples to {args.out}")
         return

@@ -35,8 +35,8 @@ from decoder import TINY_LM, DecoderConfig
 from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, autocast, bounded, build_models, comma_list, count,
-                   folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
+                   comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
                    pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
@@ -144,7 +144,7 @@ def teaching_flags(add):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     for title, flags in (("data: what the run learns from and where it writes", data_flags),
                          ("optimisation: how long and how fast each model learns", optimisation_flags),
                          ("run: saving, resuming, devices, memory and speed", run_flags),

@@ -39,8 +39,28 @@ CHECKPOINT = "checkpoint.safetensors"
 # ----------------------------------------------------------------------------- command line
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help gives each flag's default, where its help does not say it already and there is one to give."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or default in ([], ""):  # a switch's True/False reads as the opposite of what it does
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)  # as typed
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """HelpFormatter for a description laid out by hand (a module's docstring): printed as it is."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line (exit code 2, as argparse does)."""
+    """argparse with its usage errors on one line (exit code 2, as argparse does) and the defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
 
     def error(self, message):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")

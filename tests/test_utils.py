@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, UNREACHABLE_HUB, hub_cache, run_python
-from utils import (ArgumentParser, Checkpoint, LossLog, atomic_save, bounded, comma_list, count, free_text,
-                   keep_freed_memory, out_flag, output_file, pick_device, run_cache_dir, run_cli)
+from utils import (ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, atomic_save, bounded, comma_list, count,
+                   free_text, keep_freed_memory, out_flag, output_file, pick_device, run_cache_dir, run_cli)
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -90,6 +90,23 @@ def test_usage_errors_and_raised_errors_are_one_line_with_exit_code_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(ctrl_c, interrupted="interrupted: kept")
     assert exit_info.value.code == 130 and capsys.readouterr().err == "\ninterrupted: kept\n"
+
+
+def test_help_gives_each_flags_default_once():
+    """sample.py --help named no default for --n, --steps, --seed and a dozen more."""
+    p = ArgumentParser(prog="x.py")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--sizes", type=comma_list(int), default=[1, 64], help="batch sizes")
+    p.add_argument("--scale", type=float, default=180.0, help="guidance scale (default %(default)g)")
+    p.add_argument("--fast", action="store_true", help="go fast")
+    p.add_argument("--no-bars", dest="bars", action="store_false", help="no bars")
+    p.add_argument("--prefix", default=None, help="a prefix")
+    text = " ".join(p.format_help().split())
+    assert "random seed (default: 0)" in text and "batch sizes (default: 1,64)" in text
+    assert "guidance scale (default 180) " in text and text.count("default") == 3  # none for switches and None
+    raw = ArgumentParser(prog="x.py", description="a docstring\n    laid out by hand", formatter_class=RawHelpFormatter)
+    raw.add_argument("--n", type=int, default=2, help="samples")
+    assert "a docstring\n    laid out by hand" in raw.format_help() and "samples (default: 2)" in raw.format_help()
 
 
 def test_pick_device_refuses_a_device_that_is_not_there(monkeypatch):
