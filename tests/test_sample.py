@@ -255,7 +255,7 @@ def test_before_the_first_checkpoint_the_error_says_whether_a_run_is_training_th
         trainer.kill()
         trainer.wait()
     assert f"no checkpoint at {out / CHECKPOINT}: the run that trained into {out} stopped before its first " \
-           f"checkpoint (--save-every steps); train again with `python train.py --out {out}`" in \
+           "checkpoint (--save-every steps); run its train.py command again" in \
            cli_error(sample, ["--ckpt", str(out)], capsys)
 
 
