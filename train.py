@@ -36,8 +36,8 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
-                   comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config, out_flag,
-                   pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
+                   comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
+                   out_flag, pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -545,7 +545,8 @@ def new_config(args, window, tokenizer):
 
 def train_settings(args):
     """The run's flags as its checkpoint keeps them (config["train"]): the defaults of a later --resume."""
-    return {k: local_path(k, v) for k, v in vars(args).items() if k not in ("resume", "overwrite", "encode_device", "argv")}
+    return {k: local_path(k, v) for k, v in vars(args).items()
+            if k not in ("resume", "overwrite", "encode_device", "argv")}
 
 
 def local_path(key, value):
@@ -695,8 +696,8 @@ def peak_gpu_memory(device):
 def interrupted(args):
     """What Ctrl-C leaves in --out, and the command that goes on from it."""
     if not (Path(args.out) / CHECKPOINT).exists():
-        return ("interrupted before the first checkpoint (--save-every steps), so nothing is kept: train again with "
-                f"the same command, python {shlex.join(['train.py', *args.argv])}")
+        return ("interrupted before the first checkpoint (--save-every steps), so there is none to resume: train "
+                f"again with the same command, python {shlex.join(['train.py', *args.argv])}")
     return (f"interrupted: the last checkpoint saved in {args.out} (every --save-every steps) is kept; continue it "
             f"with python train.py --resume{out_flag(args.out)}")
 

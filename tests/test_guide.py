@@ -370,8 +370,8 @@ def test_damaged_probes_point_to_a_fix_that_works_and_guide_py_replaces_them(ckp
     probes.write_bytes(probes.read_bytes()[:300])
     err = cli_error(sample, ["--ckpt", str(ckpt_copy), "--guide", "positive"], capsys)
     assert f"cannot read probes {probes} (" in err and f"`python guide.py --ckpt {ckpt_copy} --labels FILE`" in err
-    cheerful = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
-    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(cheerful)]) > 0.5
+    mood = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
+    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(mood)]) > 0.5
     assert f"note: replacing {probes}: cannot read probes" in capsys.readouterr().out
     assert set(guide.load_probes(probes, "minilm")[1]) == {"cheerful", "gloomy"}
 

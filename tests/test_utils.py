@@ -170,7 +170,8 @@ def test_a_log_line_that_is_not_one_is_left_out_not_a_traceback(tmp_path, capsys
     """A blank line an editor added, a line cut short by a crash or a full disk: --resume was a JSONDecodeError
     (or UnicodeDecodeError), and sample.py's no-checkpoint message read the log as UTF-8."""
     log = tmp_path / "log.jsonl"
-    log.write_bytes(b'{"step": 1, "prior": 1.1}\n\n{"step": 2, "prior": 1.0}\ngarbage\n\xff\n{"step": 3}\n{"step": 2, "pri')
+    log.write_bytes(b'{"step": 1, "prior": 1.1}\n\n{"step": 2, "prior": 1.0}\ngarbage\n\xff\n{"step": 3}\n'
+                    b'{"step": 2, "pri')
     LossLog(log, 2).file.close()
     assert log.read_text() == '{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n'
     assert "3 unreadable line(s) left out" in capsys.readouterr().err
