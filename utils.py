@@ -161,6 +161,8 @@ def output_file(value):
     path = Path(value)
     if not str(value).strip():  # Path("") is the working folder
         raise argparse.ArgumentTypeError("is empty (give a file name)")
+    if path.is_symlink() and not path.exists():  # a link to a file yet to be made: the check makes and removes that
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"'{value}' is a folder (give a file name)")
     folder = path.parent

@@ -191,6 +191,9 @@ def test_a_table_is_written_through_a_link_and_into_what_is_not_a_file(tmp_path)
     assert result.returncode == 0, result.stderr[-800:]
     assert (tmp_path / "link.md").is_symlink() and (tmp_path / "t.md").read_text() == "new"
     assert (tmp_path / "stdout").is_symlink() and result.stdout == "table"
+    (tmp_path / "new.md").symlink_to(tmp_path / "made-later.md")  # the check before the work leaves it a link
+    assert output_file(str(tmp_path / "new.md")) and (tmp_path / "new.md").is_symlink()
+    assert not (tmp_path / "made-later.md").exists()
 
 
 def test_a_closed_pipe_ends_quietly_and_a_full_disk_is_one_line():
