@@ -603,14 +603,29 @@ def write_results(args, n_prompts, sampling, bf16, results):
         atomic_write_text(args.md, markdown(results) + "\n")
 
 
+def load_judges(args, device):
+    """The judges, loaded before the model and any work (offline, they fail at once); every one that cannot
+    be loaded is named in the one error line, not just the first."""
+    failed = []
+
+    def load(make, *a):
+        try:
+            return make(*a)
+        except SystemExit as err:
+            failed.append(str(err).removeprefix("error: "))
+    judges = {"sentiment": [load(SentimentJudge, name.strip(), device) for name in args.sentiment_judge.split(",")],
+              "toxicity": load(ToxicityJudge, args.toxicity_judge, device),
+              "perplexity": load(HFPerplexity, args.ppl_model, device) if args.ppl_model != "self" else None}
+    if failed:
+        raise SystemExit("error: " + "; ".join(failed))
+    return judges
+
+
 def main(args):
     torch.manual_seed(args.seed)
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else None
     device = pick_device(args.device)
-    judges = {"sentiment": [SentimentJudge(name.strip(), device) for name in args.sentiment_judge.split(",")],
-              # the judges are loaded first: they fail fast offline
-              "toxicity": ToxicityJudge(args.toxicity_judge, device),
-              "perplexity": HFPerplexity(args.ppl_model, device) if args.ppl_model != "self" else None}
+    judges = load_judges(args, device)
     model = DGLM(args.ckpt, device, args.precision)
     model.prompt_room(args.max_tokens)  # before any work
     args.cache_dir = args.cache_dir or run_cache_dir(model.config)  # run from another folder: the same corpus

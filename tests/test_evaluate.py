@@ -235,6 +235,13 @@ def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --toxicity-judge .*, or an "
                                          r"offline judge \(profanity-check\)$"):
         evaluate.ToxicityJudge(str(tmp_path / "nowhere"))
+    # offline, every judge that cannot be loaded is named in the one line, not the first alone
+    nowhere = str(tmp_path / "nowhere")
+    args = evaluate.get_args(["--sentiment-judge", f"vader,{nowhere}", "--toxicity-judge", nowhere, "--ppl-model", nowhere])
+    with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --sentiment-judge .*; could not "
+                                         r"load the classifier .* for --toxicity-judge .*; could not load the reference "
+                                         r"language model .* for perplexity .*--ppl-model self$"):
+        evaluate.load_judges(args, "cpu")
     # the offline judges by the names the table's columns give them too
     assert evaluate.ToxicityJudge("alt-profanity-check").classifier is None
     assert evaluate.SentimentJudge("VADER").name == "VADER" and evaluate.SentimentJudge("TextBlob").name == "TextBlob"
