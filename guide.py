@@ -429,6 +429,16 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
 
     Returns ({probe: (w, b)}, {probe: held-out balanced accuracy}); see PAPER_GUIDES for the guides.
     """
+    unreachable = []  # each data set opened first: one line names every one that cannot be had, not the first
+    for source in data_lib.PROBE_SOURCES:
+        try:
+            data_lib.open_probe_source(source, data_dir)
+        except SystemExit as err:
+            unreachable.append((source, str(err)))
+    if unreachable:
+        first = unreachable[0][1]
+        rest = [source for source, why in unreachable[1:] if why != first]
+        raise SystemExit(first + (f" (likewise {', '.join(rest)}: DIR/<name>.jsonl each)" if rest else ""))
     probes, report = {}, {}
 
     def fit(name, rows, y, groups):

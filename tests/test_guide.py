@@ -280,6 +280,13 @@ def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
                                          f"names ('{field}' and its label): {why}") and "\n" not in str(err.value)
     with pytest.raises(SystemExit, match="--probe-data .*nowhere is not a folder"):
         data.read_labelled("sst2", 10, data_dir=str(tmp_path / "nowhere"))
+    # guide.py --probes paper with one local copy of four: the others named at once, not one per try
+    (tmp_path / "ag_news.jsonl").unlink()
+    with pytest.raises(SystemExit, match=r"^error: could not stream fancyzhx/amazon_polarity .*--probe-data DIR "
+                                         r"\(likewise civil_comments, ag_news: DIR/<name>.jsonl each\)$"):
+        guide.train_paper_probes(None, 10, str(tmp_path))
+    with pytest.raises(SystemExit, match="--probe-data .*nowhere is not a folder$"):  # the same for all: said once
+        guide.train_paper_probes(None, 10, str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- a user's labels and steering by example
