@@ -437,14 +437,15 @@ def has_probes(path, encoder):
 def train_probes(args, window, out, cache):
     """The tier's probes, before the long loop, into out/probes.safetensors: the tiny corpus's labels
     (sentiment, domains) or the paper's data sets (sentiment, toxicity, topics). -> report or None."""
-    if window.examples and "rating" in window.examples[0] and window.held_out:
+    if data_lib.tiny_format(window.examples) and data_lib.tiny_format(window.held_out):
         probes, report = train_tiny_probes(window.e_cont, window.examples, window.held_out_e_cont, window.held_out,
                                            lambda texts: cache.encode(texts, show_progress=False))
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
-        print(f"no probes: {args.data} has no labels; add them with `python guide.py --ckpt {shell(out)} --labels "
-              "FILE`, or steer by example with `sample.py --like TEXT`")
+        print(f"no probes: train.py fits them on the tiny corpus's ratings alone; add probes of your labels with "
+              f"`python guide.py --ckpt {shell(out)} --labels FILE` (a text and a label a row: {args.data} itself, if "
+              "it has a label column), or steer by example with `sample.py --like TEXT`")
         return None
     try:
         probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)

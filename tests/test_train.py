@@ -106,6 +106,23 @@ def test_a_data_file_that_is_not_there_empty_or_unreadable_is_named_before_anyth
         assert capsys.readouterr().out == ""  # not the run's description first
 
 
+def test_a_rating_field_of_the_users_own_is_not_taken_for_the_tiny_corpus(tmp_path, capsys):
+    """A .jsonl with a "rating" but not the tiny corpus's domains was a KeyError (no domain), a TypeError (a
+    string rating), or tiny-tier guides over probes of one class whose negative guide could not run."""
+    from types import SimpleNamespace
+    import data
+    tiny = [{"text": "a", "rating": 2.0, "domain": "movie"}, {"text": "b", "rating": -1, "domain": "news"}]
+    assert data.tiny_format(tiny)
+    for rows in ([{"text": "a", "rating": 5}], [dict(r, rating="5") for r in tiny],
+                 [dict(r, domain="shop") for r in tiny], [dict(r, rating=True) for r in tiny], []):
+        assert not data.tiny_format(rows)
+        args = SimpleNamespace(data="mine.jsonl", tier="tiny", encoder="minilm")
+        window = SimpleNamespace(examples=rows, held_out=rows)
+        assert train.train_probes(args, window, tmp_path, cache=None) is None
+        assert "no probes: train.py fits them on the tiny corpus's ratings alone" in capsys.readouterr().out
+    assert not (tmp_path / "probes.safetensors").exists()
+
+
 def test_offline_the_paper_tier_names_every_download_it_could_not_make(tmp_path):
     result = run_script("train.py", "--data", "c4", "--steps", "100k", "--out", str(tmp_path / "o"), cwd=tmp_path,
                         env={"DGLM_C4_PATH": ""})
