@@ -234,6 +234,9 @@ def parse_guides(spec, available, ckpt="CKPT"):
     for part in parts:
         name, colon, weight = part.strip().partition(":")
         if name == "like":
+            if colon:  # it was ignored, a word as much as a number
+                raise SystemExit(f"error: guide {spec!r}: like takes no weight; --like-weight sets the pull of each "
+                                 "--like / --unlike example")
             continue
         if name == "none" and len(parts) > 1:  # evaluate.py --guides none,positive is two rows
             raise SystemExit(f"error: guide {spec!r}: none (no guidance) stands alone; the guides of a list steer "

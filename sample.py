@@ -15,6 +15,7 @@ Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPU
 or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
 """
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,8 +299,8 @@ def main(args):
     model.prompt_room(sampling.max_tokens)  # before any work
     args.guide = args.guide or ("none" if args.like or args.unlike else "positive")
     guidance = model.guidance(args.guide, sampling, args.like, args.unlike)
-    label = "+".join([args.guide] * (args.guide != "none") + [f"like {t!r}" for t in args.like] +
-                     [f"unlike {t!r}" for t in args.unlike])
+    label = "+".join([part.strip() for part in re.split(r"[,+]", args.guide) if part.strip() not in ("none", "like")]
+                     + [f"like {t!r}" for t in args.like] + [f"unlike {t!r}" for t in args.unlike])  # like: once
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else [args.prefix] if args.prefix is not None \
         else DEMO_PREFIXES
     if args.show_steps:

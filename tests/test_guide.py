@@ -84,6 +84,10 @@ def test_parse_guides():
         with pytest.raises(SystemExit, match="out of range"):
             parse_guides(f"positive:{weight}", available)
     assert parse_guides("positive:0", available) == [("positive", 0.0)]
+    assert parse_guides("positive,like", available) == [("positive", 1.0)]  # the examples come with --like
+    for spec in ("positive,like:7", "like:banana"):  # a weight there was ignored, a word as much as a number
+        with pytest.raises(SystemExit, match="like takes no weight; --like-weight sets the pull"):
+            parse_guides(spec, available)
 
 
 def _toy(dim=16):

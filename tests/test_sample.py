@@ -306,6 +306,8 @@ def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, cap
     ckpt = ["--ckpt", str(trained / "out"), "--prefix", "the film", "--n", "1", "--steps", "4", "--max-tokens", "4"]
     sample.main(sample.get_args([*ckpt, "--like", "What a great day"]))  # no --guide: the example alone
     assert "like 'What a great day' | the film" in capsys.readouterr().out
+    sample.main(sample.get_args([*ckpt, "--guide", "positive+like", "--like", "What a great day"]))
+    assert "  positive+like 'What a great day' | the film" in capsys.readouterr().out  # not positive+like+like '...'
     sample.main(sample.get_args([*ckpt, "--guide", "negative", "--unlike", "I love it", "--show-steps"]))
     out = capsys.readouterr().out
     assert "[negative+unlike 'I love it'] 'the film': the proposal x_hat while denoising" in out
