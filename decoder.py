@@ -70,6 +70,13 @@ class DecoderConfig:
     n_positions: int = 128
     vocab_size: int = 8192    # of the BPE trained on the corpus
 
+    def __post_init__(self):  # an edit that breaks these fails here, in one line, not in a forward pass
+        for width, heads, names in ((self.soft_width, self.soft_heads, "soft_width / soft_heads"),
+                                    (self.n_embd, self.n_head, "n_embd / n_head")):
+            if width % heads or width % 2:
+                raise SystemExit(f"error: DecoderConfig: {names} {width} / {heads}: the width must be even and a "
+                                 "multiple of the heads")
+
     def lm_config(self, vocab_size, eos_id):
         """The GPT2Config (as a dict) of the language model trained from scratch. No dropout (a few
         epochs do not overfit); attention written out ("eager"), which for sequences this short beats

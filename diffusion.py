@@ -171,6 +171,11 @@ class PriorConfig:
     loss_weight: bool = True     # w(lambda) of Kingma & Gao; False: every noise level weighs the same
     adaptive_noise: bool = True  # lambda from the adaptive importance sampler; False: the cosine schedule
 
+    def __post_init__(self):  # an edit that breaks this fails here, in one line, not in a forward pass
+        if self.width % self.heads or self.width % 2:
+            raise SystemExit(f"error: PriorConfig: width {self.width} must be even and a multiple of heads "
+                             f"{self.heads}")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):

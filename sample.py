@@ -139,8 +139,8 @@ class DGLM:
             add = f"`python guide.py --ckpt {shell(self.ckpt)} --probes paper` (--probe-data DIR for local copies of " \
                   "its data sets), or your own with --labels FILE" if paper else \
                 f"`python guide.py --ckpt {shell(self.ckpt)} --labels FILE` (a text and a label per row)"
-            raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with {add}, or steer by "
-                             "example with --like")
+            raise SystemExit(f"error: {self.ckpt} has no probes.safetensors; add probes with {add}, steer by "
+                             "example with --like, or sample unguided with --guide none")
         like_e, unlike_e = (self.embed(list(texts)) if texts else [] for texts in (like, unlike))
         return build_guidance(spec, self.probes, self.guides, self.mu, self.s, sampling.scale, like=like_e,
                               unlike=unlike_e, like_weight=sampling.like_weight, ckpt=self.ckpt,

@@ -597,7 +597,8 @@ def setup(args):
     n_positions = config["lm_config"]["n_positions"]
     if args.max_len + config["decoder"]["n_soft"] + 2 > n_positions:
         raise SystemExit(f"error: --max-len {args.max_len} does not fit the language model's context of {n_positions} "
-                         f"positions (at most {n_positions - config['decoder']['n_soft'] - 2})")
+                         f"positions beside the {config['decoder']['n_soft']} soft-prompt slots, bos and end of text "
+                         f"(at most {n_positions - config['decoder']['n_soft'] - 2})")
     stats = ckpt.tensors("stats") if ckpt else dict(zip(("mu", "s"), latent_stats(window.e_cont)))
     if dist.is_main and not ckpt:
         out.mkdir(parents=True, exist_ok=True)

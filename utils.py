@@ -347,9 +347,13 @@ def model_config(prior_config: PriorConfig, decoder_config: DecoderConfig, encod
 
 def build_models(config, pretrained_lm=False):
     """(Prior, Decoder) from a checkpoint config; pretrained_lm loads GPT-2's weights by name."""
-    prior = Prior(PriorConfig(**config["prior"]))
-    decoder = Decoder(DecoderConfig(**config["decoder"]), config["lm_config"], config["bos_id"], config["eos_id"],
-                      pretrained=pretrained_lm)
+    try:
+        prior_config, decoder_config = PriorConfig(**config["prior"]), DecoderConfig(**config["decoder"])
+    except TypeError as err:  # a field this code does not have: renamed in an edit, say
+        raise SystemExit(f"error: the checkpoint's config was written by other code ({err}); train again with this "
+                         "code, or go back to that one") from None
+    prior = Prior(prior_config)
+    decoder = Decoder(decoder_config, config["lm_config"], config["bos_id"], config["eos_id"], pretrained=pretrained_lm)
     return prior, decoder
 
 
@@ -500,11 +504,12 @@ class Checkpoint:
             missing, unexpected = model.load_state_dict(self.tensors(name), strict=False)
         except RuntimeError as err:
             lines = str(err).strip().splitlines()
-            self.fail(f"does not match its config ({name}: {lines[1 if len(lines) > 1 else 0].strip()})")
+            self.fail(f"does not match its config ({name}: {lines[1 if len(lines) > 1 else 0].strip()}; or the "
+                      "code's models changed since it was written)")
         tied = {k for k in missing if k.endswith("lm_head.weight")}
         if set(missing) - tied or unexpected:
             self.fail(f"does not match its config ({name}: missing {sorted(set(missing) - tied)[:3]}, "
-                      f"unexpected {sorted(unexpected)[:3]})")
+                      f"unexpected {sorted(unexpected)[:3]}; or the code's models changed since it was written)")
 
     def restore_rng(self, device):
         """The random streams as they were at the save: the CPU's, and the GPU's where the saved run and

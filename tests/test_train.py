@@ -780,3 +780,11 @@ def test_paper_tier_probes_are_part_of_the_run_or_a_warning(probe_data, tmp_path
     args.probe_data = str(tmp_path / "nowhere")  # a folder that is not there is named, not passed over for the hub
     assert train.train_probes(args, window, tmp_path, cache) is None
     assert capsys.readouterr().err.startswith(f"warning: no probes (--probe-data {tmp_path / 'nowhere'} is not a folder)")
+
+
+def test_a_max_len_beyond_the_context_names_the_soft_prompt_slots_beside_it(corpus, trained, tmp_path):
+    """With n_soft raised in an edit, the error blamed --max-len alone."""
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    with pytest.raises(SystemExit, match=r"--max-len 200 does not fit the language model's context of 128 positions "
+                                         r"beside the 8 soft-prompt slots, bos and end of text \(at most 118\)"):
+        run_train(corpus, tmp_path, tmp_path / "o", "--max-len", "200", "--steps", "2")

@@ -109,6 +109,22 @@ def test_help_gives_each_flags_default_once():
     assert "a docstring\n    laid out by hand" in raw.format_help() and "samples (default: 2)" in raw.format_help()
 
 
+def test_a_learners_edit_that_breaks_a_config_or_an_old_checkpoint_is_one_line(trained):
+    """heads 3 at width 128 was a reshape error deep in diffusion.py (for the decoder's soft_heads too, which
+    named neither), after the data and probes; a renamed field, a TypeError traceback when loading."""
+    from decoder import DecoderConfig
+    from diffusion import PriorConfig
+    from utils import build_models
+    with pytest.raises(SystemExit, match="PriorConfig: width 128 must be even and a multiple of heads 3"):
+        PriorConfig(heads=3)
+    with pytest.raises(SystemExit, match="DecoderConfig: soft_width / soft_heads 128 / 3: the width must be even"):
+        DecoderConfig(soft_heads=3)
+    config = Checkpoint(trained / "out").config
+    renamed = dict(config, prior={("mlp_mult" if k == "mlp_ratio" else k): v for k, v in config["prior"].items()})
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint's config was written by other code \(.*'mlp_mult'"):
+        build_models(renamed)
+
+
 def test_pick_device_refuses_a_device_that_is_not_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
