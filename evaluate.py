@@ -56,9 +56,13 @@ from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded,
                    output_file, pick_device, run_cache_dir, run_cli)
 
 
-def heldout_prompts(cache_dir, n_prompts, n_words=4, seed=0):
-    """First n_words of held-out tiny-corpus sentences with at least 2 * n_words words."""
-    rows = data_lib.prepare_tiny(Path(cache_dir) / "tiny")
+def heldout_prompts(data, cache_dir, n_prompts, n_words=4, seed=0):
+    """First n_words of the held-out sentences with at least 2 * n_words words of the run's corpus: the tiny
+    corpus, or the run's own file (a C4 run: the tiny corpus's rated sentences, something to steer)."""
+    if data not in ("tiny", "c4") and not Path(data).is_file():
+        raise SystemExit(f"error: the held-out prompts come from the run's data file {data}, which is not there; "
+                         "give prompts with --prompts FILE (one a line)")
+    rows = data_lib.load_corpus("tiny" if data == "c4" else data, cache_dir)
     texts = [r["text"] for r in rows if data_lib.is_held_out(r["text"]) and len(r["text"].split()) >= 2 * n_words]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=g)[:n_prompts].tolist()
@@ -548,7 +552,8 @@ def guide_name(text):
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint directory")
-    p.add_argument("--prompts", default=None, help="file with one prompt per line (default: held-out tiny prefixes)")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (default: openings of the run's "
+                   "held-out texts)")
     p.add_argument("--n-prompts", type=bounded(int, 1, 1e6), default=50,
                    help="held-out prompts to use when --prompts is not given")
     p.add_argument("--n", type=bounded(int, 1, 1e5), default=4, help="continuations per prompt")
@@ -632,7 +637,7 @@ def main(args):
     judges["perplexity"] = judges["perplexity"] or SelfPerplexity(model, args.seed)
     nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
     if prompts is None:
-        prompts = heldout_prompts(args.cache_dir, args.n_prompts, seed=args.seed)
+        prompts = heldout_prompts(model.config.get("train", {}).get("data", "tiny"), args.cache_dir, args.n_prompts, seed=args.seed)
         if len(prompts) < args.n_prompts:
             print(f"note: --n-prompts {args.n_prompts}: the held-out sentences give {len(prompts)} prompts; "
                   "evaluating on those", file=sys.stderr)

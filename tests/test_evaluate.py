@@ -237,10 +237,11 @@ def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
         evaluate.ToxicityJudge(str(tmp_path / "nowhere"))
     # offline, every judge that cannot be loaded is named in the one line, not the first alone
     nowhere = str(tmp_path / "nowhere")
-    args = evaluate.get_args(["--sentiment-judge", f"vader,{nowhere}", "--toxicity-judge", nowhere, "--ppl-model", nowhere])
-    with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --sentiment-judge .*; could not "
-                                         r"load the classifier .* for --toxicity-judge .*; could not load the reference "
-                                         r"language model .* for perplexity .*--ppl-model self$"):
+    args = evaluate.get_args(["--sentiment-judge", f"vader,{nowhere}", "--toxicity-judge", nowhere,
+                              "--ppl-model", nowhere])
+    with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --sentiment-judge .*; could "
+                                         r"not load the classifier .* for --toxicity-judge .*; could not load the "
+                                         r"reference language model .* for perplexity .*--ppl-model self$"):
         evaluate.load_judges(args, "cpu")
     # the offline judges by the names the table's columns give them too
     assert evaluate.ToxicityJudge("alt-profanity-check").classifier is None
@@ -406,7 +407,8 @@ def test_more_held_out_prompts_than_there_are_says_how_many_it_uses(trained, mon
     import data
     texts = [f"the weather was cold and wet for {n} days in a row" for n in range(200)]
     held = [t for t in texts if data.is_held_out(t)]
-    monkeypatch.setattr(data, "prepare_tiny", lambda cache_dir: [{"text": t} for t in texts])
+    read = []
+    monkeypatch.setattr(data, "load_corpus", lambda path, cache_dir: read.append(path) or [{"text": t} for t in texts])
     prompts = []
 
     def first_row(model, p, *args):
@@ -417,4 +419,9 @@ def test_more_held_out_prompts_than_there_are_says_how_many_it_uses(trained, mon
         evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--n-prompts", "1000", "--n", "1",
                                          "--guides", "none"]))
     assert 0 < len(prompts) == len(held) < 1000
+    from utils import Checkpoint
+    assert read == [Checkpoint(trained / "out").config["train"]["data"]]  # the run's own file, not the tiny corpus
+    with pytest.raises(SystemExit, match="held-out prompts come from the run's data file .*nowhere.txt, which is not "
+                                         "there; give prompts with --prompts FILE"):
+        evaluate.heldout_prompts("nowhere.txt", "cache", 10)
     assert f"--n-prompts 1000: the held-out sentences give {len(held)} prompts" in capsys.readouterr().err
