@@ -637,7 +637,8 @@ def main(args):
     judges["perplexity"] = judges["perplexity"] or SelfPerplexity(model, args.seed)
     nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
     if prompts is None:
-        prompts = heldout_prompts(model.config.get("train", {}).get("data", "tiny"), args.cache_dir, args.n_prompts, seed=args.seed)
+        data = model.config.get("train", {}).get("data", "tiny")  # the run's corpus
+        prompts = heldout_prompts(data, args.cache_dir, args.n_prompts, seed=args.seed)
         if len(prompts) < args.n_prompts:
             print(f"note: --n-prompts {args.n_prompts}: the held-out sentences give {len(prompts)} prompts; "
                   "evaluating on those", file=sys.stderr)

@@ -294,8 +294,8 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     unlabelled = tmp_path / "unlabelled"  # trained on a data file without labels: no probes, so only --like steers
     shutil.copytree(trained / "out", unlabelled)
     (unlabelled / "probes.safetensors").unlink()
-    with pytest.raises(SystemExit, match="has no probes.safetensors; add probes with `python guide.py --ckpt .* --labels"
-                                         ".*, or sample unguided with --guide none$"):
+    with pytest.raises(SystemExit, match="has no probes.safetensors; add probes with `python guide.py --ckpt .* "
+                                         "--labels.*, or sample unguided with --guide none$"):
         sample.main(sample.get_args(["--ckpt", str(unlabelled), "--guide", "positive"]))
     model = DGLM(unlabelled)  # the paper tier: its probes' data sets were out of reach while it trained
     model.config["train"]["tier"] = "paper"

@@ -518,8 +518,8 @@ def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus,
         return capsys.readouterr().err.strip().splitlines()[-1]
     # the command again, as typed: `python train.py --out run` alone trained another run (the tiny corpus, 2400 steps)
     assert ctrl_c_at(2) == "interrupted before the first checkpoint (--save-every steps), so there is none to " \
-        f"resume: train again with the same command, python train.py --data {corpus} --out {out} --cache-dir {tmp_path / 'cache'} " \
-        "--batch-size 16 --decoder-batch 8 --warmup 2 --steps 6 --save-every 3"
+        f"resume: train again with the same command, python train.py --data {corpus} --out {out} --cache-dir " \
+        f"{tmp_path / 'cache'} --batch-size 16 --decoder-batch 8 --warmup 2 --steps 6 --save-every 3"
     assert ctrl_c_at(4).endswith(f"is kept; continue it with python train.py --resume --out {out}")
     assert Checkpoint(out).step == 3
 
