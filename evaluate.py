@@ -56,13 +56,18 @@ from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded,
                    output_file, pick_device, run_cache_dir, run_cli)
 
 
-def heldout_prompts(data, cache_dir, n_prompts, n_words=4, seed=0):
-    """First n_words of the held-out sentences with at least 2 * n_words words of the run's corpus: the tiny
-    corpus, or the run's own file (a C4 run: the tiny corpus's rated sentences, something to steer)."""
+def run_corpus(data, cache_dir):
+    """The rows of the run's corpus (its config's --data): the tiny corpus, or the run's own file (a C4 run:
+    the tiny corpus's rated sentences, something to steer)."""
     if data not in ("tiny", "c4") and not Path(data).is_file():
-        raise SystemExit(f"error: the held-out prompts come from the run's data file {data}, which is not there; "
-                         "give prompts with --prompts FILE (one a line)")
-    rows = data_lib.load_corpus("tiny" if data == "c4" else data, cache_dir)
+        raise SystemExit(f"error: evaluate.py reads the run's data file {data} (the held-out prompts, --nearest's "
+                         "sentences), which is not there; put it back, or give prompts with --prompts FILE")
+    return data_lib.load_corpus("tiny" if data == "c4" else data, cache_dir)
+
+
+def heldout_prompts(data, cache_dir, n_prompts, n_words=4, seed=0):
+    """First n_words of the held-out sentences with at least 2 * n_words words of the run's corpus."""
+    rows = run_corpus(data, cache_dir)
     texts = [r["text"] for r in rows if data_lib.is_held_out(r["text"]) and len(r["text"].split()) >= 2 * n_words]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=g)[:n_prompts].tolist()
@@ -220,11 +225,11 @@ def proposal_spread(e):
 
 class NearestSentence:
     """The proposal judged before the decoder writes it (--nearest): VADER on the proposal's nearest
-    training sentence of the tiny corpus by cosine. Against the judge on the decoded text it shows
+    training sentence of the run's corpus by cosine. Against the judge on the decoded text it shows
     which half loses an attribute: the prior and its guidance, or the decoder."""
 
-    def __init__(self, model, cache_dir):
-        rows = data_lib.prepare_tiny(Path(cache_dir) / "tiny")
+    def __init__(self, model, cache_dir, data="tiny"):
+        rows = run_corpus(data, cache_dir)
         self.texts = [r["text"] for r in rows if not data_lib.is_held_out(r["text"])]
         name = model.config["encoder"]
         cache = EmbeddingCache(cache_dir_for(cache_dir, name), name, model.device)
@@ -576,7 +581,7 @@ def get_args(argv=None):
                    help="a rule as a judge: also report the share of continuations REGEX matches (re.search), "
                         "e.g. for an attribute of your own labels")
     p.add_argument("--nearest", action="store_true",
-                   help="also judge each proposal by VADER on its nearest training sentence (tiny corpus; "
+                   help="also judge each proposal by VADER on its nearest training sentence (of the run's corpus; "
                         "embeds the corpus once into the cache if it is not there)")
     p.add_argument("--plot", type=plot_file, default=None,
                    help="write a picture (.png, .pdf, .svg, .jpg) of attribute success against perplexity (needs "
@@ -635,9 +640,9 @@ def main(args):
     model.prompt_room(args.max_tokens)  # before any work
     args.cache_dir = args.cache_dir or run_cache_dir(model.config)  # run from another folder: the same corpus
     judges["perplexity"] = judges["perplexity"] or SelfPerplexity(model, args.seed)
-    nearest = NearestSentence(model, args.cache_dir) if args.nearest else None
+    data = model.config.get("train", {}).get("data", "tiny")  # the run's corpus
+    nearest = NearestSentence(model, args.cache_dir, data) if args.nearest else None
     if prompts is None:
-        data = model.config.get("train", {}).get("data", "tiny")  # the run's corpus
         prompts = heldout_prompts(data, args.cache_dir, args.n_prompts, seed=args.seed)
         if len(prompts) < args.n_prompts:
             print(f"note: --n-prompts {args.n_prompts}: the held-out sentences give {len(prompts)} prompts; "

@@ -358,9 +358,12 @@ def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(t
     import encoder
     from conftest import NEGATIVE, POSITIVE
     sentences = [t for t in POSITIVE + NEGATIVE if not data.is_held_out(t)]
-    monkeypatch.setattr(data, "prepare_tiny", lambda cache_dir: [{"text": t} for t in sentences])
+    rows = [{"text": t} for t in sentences]
+    monkeypatch.setattr(data, "load_corpus", lambda path, cache_dir: rows if path == "mine.txt" else [])
+    (tmp_path / "mine.txt").write_text("the run's own file")
+    monkeypatch.chdir(tmp_path)
     model = SimpleNamespace(config={"encoder": encoder.TINY_ENCODER}, device="cpu")
-    judge = evaluate.NearestSentence(model, tmp_path)
+    judge = evaluate.NearestSentence(model, tmp_path, "mine.txt")  # the run's corpus, not the tiny one
     queries = sentences[:3] + sentences[-5:]
     proposals = judge.bank[[sentences.index(q) for q in queries]]  # each proposal is a training sentence itself
     labels = evaluate.vader_labels(queries)
@@ -368,7 +371,7 @@ def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(t
     assert labels.count(1) >= 3 and labels.count(-1) >= 4  # the check is not trivial
     # the corpus embeddings are cached: a second judge needs no encoder
     monkeypatch.setattr(encoder, "load_encoder", lambda *a, **k: pytest.fail("re-encoded a cached corpus"))
-    assert torch.equal(evaluate.NearestSentence(model, tmp_path).bank, judge.bank)
+    assert torch.equal(evaluate.NearestSentence(model, tmp_path, "mine.txt").bank, judge.bank)
 
 
 def test_bad_evaluation_input_is_one_line(capsys):
@@ -421,7 +424,7 @@ def test_more_held_out_prompts_than_there_are_says_how_many_it_uses(trained, mon
     assert 0 < len(prompts) == len(held) < 1000
     from utils import Checkpoint
     assert read == [Checkpoint(trained / "out").config["train"]["data"]]  # the run's own file, not the tiny corpus
-    with pytest.raises(SystemExit, match="held-out prompts come from the run's data file .*nowhere.txt, which is not "
-                                         "there; give prompts with --prompts FILE"):
+    with pytest.raises(SystemExit, match="reads the run's data file nowhere.txt .*, which is not there; put it back, "
+                                         "or give prompts with --prompts FILE"):
         evaluate.heldout_prompts("nowhere.txt", "cache", 10)
     assert f"--n-prompts 1000: the held-out sentences give {len(held)} prompts" in capsys.readouterr().err
