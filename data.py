@@ -45,13 +45,6 @@ DOMAIN_FILES = {  # file in hutto_ICWSM_2014.tar.gz -> domain label
     "nytEditorialSnippets_GroundTruth.txt": "news",
 }
 DOMAINS = list(DOMAIN_FILES.values())
-
-
-def tiny_format(rows):
-    """Whether every row is in the tiny corpus's format (a numeric rating, one of its four domains), which its
-    probes are fitted on; a file of the user's own with a rating field of another kind gets none of them."""
-    return bool(rows) and all(isinstance(r.get("rating"), (int, float)) and not isinstance(r["rating"], bool)
-                              and r.get("domain") in DOMAINS for r in rows)
 HELD_OUT_PERCENT = 4  # sentences whose sha1 falls here are never trained on (eval prefixes)
 
 
@@ -88,6 +81,13 @@ def prepare_tiny(cache_dir):
                 rows.append({"text": " ".join(parts[2].split()), "rating": float(parts[1]), "domain": domain})
     write_jsonl(corpus, rows)
     return rows
+
+
+def tiny_format(rows):
+    """Whether every row is in the tiny corpus's format (a numeric rating, one of its four domains), which its
+    probes are fitted on; a file of the user's own with a rating field of another kind gets none of them."""
+    return bool(rows) and all(isinstance(r.get("rating"), (int, float)) and not isinstance(r["rating"], bool)
+                              and r.get("domain") in DOMAINS for r in rows)
 
 
 def fetch_sdist(sdist):
