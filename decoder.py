@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import Block, RMSNorm, logsnr_cosine, q_sample, timestep_embedding
+from diffusion import Block, RMSNorm, check_heads, logsnr_cosine, q_sample, timestep_embedding
 
 TINY_LM = "tiny"
 # Training pads a batch's length to a multiple of PAD_LENGTH and its scored positions to one of PAD_SCORED,
@@ -70,12 +70,9 @@ class DecoderConfig:
     n_positions: int = 128
     vocab_size: int = 8192    # of the BPE trained on the corpus
 
-    def __post_init__(self):  # an edit that breaks these fails here, in one line, not in a forward pass
-        for width, heads, names in ((self.soft_width, self.soft_heads, "soft_width / soft_heads"),
-                                    (self.n_embd, self.n_head, "n_embd / n_head")):
-            if width % heads or width % 2:
-                raise SystemExit(f"error: DecoderConfig: {names} {width} / {heads}: the width must be even and a "
-                                 "multiple of the heads")
+    def __post_init__(self):
+        check_heads("DecoderConfig: soft_width / soft_heads", self.soft_width, self.soft_heads)
+        check_heads("DecoderConfig: n_embd / n_head", self.n_embd, self.n_head)
 
     def lm_config(self, vocab_size, eos_id):
         """The GPT2Config (as a dict) of the language model trained from scratch. No dropout (a few

@@ -171,10 +171,15 @@ class PriorConfig:
     loss_weight: bool = True     # w(lambda) of Kingma & Gao; False: every noise level weighs the same
     adaptive_noise: bool = True  # lambda from the adaptive importance sampler; False: the cosine schedule
 
-    def __post_init__(self):  # an edit that breaks this fails here, in one line, not in a forward pass
-        if self.width % self.heads or self.width % 2:
-            raise SystemExit(f"error: PriorConfig: width {self.width} must be even and a multiple of heads "
-                             f"{self.heads}")
+    def __post_init__(self):
+        check_heads("PriorConfig: width / heads", self.width, self.heads)
+
+
+def check_heads(names, width, heads):
+    """A transformer's width must split into its heads (and, for the timestep features, in two): an edit that
+    breaks this fails where the config is made, in one line, not in a forward pass."""
+    if width % heads or width % 2:
+        raise SystemExit(f"error: {names} {width} / {heads}: the width must be even and a multiple of the heads")
 
 
 class RMSNorm(nn.Module):

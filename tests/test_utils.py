@@ -115,7 +115,7 @@ def test_a_learners_edit_that_breaks_a_config_or_an_old_checkpoint_is_one_line(t
     from decoder import DecoderConfig
     from diffusion import PriorConfig
     from utils import build_models
-    with pytest.raises(SystemExit, match="PriorConfig: width 128 must be even and a multiple of heads 3"):
+    with pytest.raises(SystemExit, match="PriorConfig: width / heads 128 / 3: the width must be even"):
         PriorConfig(heads=3)
     with pytest.raises(SystemExit, match="DecoderConfig: soft_width / soft_heads 128 / 3: the width must be even"):
         DecoderConfig(soft_heads=3)
