@@ -471,7 +471,8 @@ class Checkpoint:
             if pid or (steps and not locked):
                 raise SystemExit(f"error: no checkpoint at {self.path} yet: the run training into {out}"
                                  + (f" (process {pid})" if pid else "") + f" has logged {steps} steps and saves its "
-                                 "first checkpoint after --save-every steps (500 by default); wait for it"
+                                 "first checkpoint after --save-every steps (by default 500 on the tiny tier, 2000 on "
+                                 "the paper tier); wait for it"
                                  + ("" if pid else " (a run stopped before then saved none: train again)"))
             if steps:
                 raise SystemExit(f"error: no checkpoint at {self.path}: the run that trained into {out} stopped "

@@ -249,8 +249,10 @@ def test_before_the_first_checkpoint_the_error_says_whether_a_run_is_training_th
     try:
         assert trainer.stdout.readline().strip() == "held"
         assert f"yet: the run training into {out} (process {trainer.pid}) has logged 2 steps and saves its first " \
-               "checkpoint after --save-every steps (500 by default); wait for it\n" in \
-               cli_error(sample, ["--ckpt", str(out)], capsys)
+               "checkpoint after --save-every steps (by default 500 on the tiny tier, 2000 on the paper tier); " \
+               "wait for it\n" in cli_error(sample, ["--ckpt", str(out)], capsys)
+        import train  # the defaults the message names
+        assert (train.get_args([]).save_every, train.get_args(["--data", "c4"]).save_every) == (500, 2000)
     finally:
         trainer.kill()
         trainer.wait()
