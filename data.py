@@ -256,6 +256,26 @@ def c4_chunks(text, tokenizer, chunk=128, keep=C4_TOKENS, max_tokens_per_char=0.
     return [" ".join(tokenizer.decode(ids[i:i + keep]).split()) for i in range(0, len(ids), chunk)]
 
 
+def c4_texts(stream, path):
+    """The `text` of each record of a C4 stream; a file that is not C4 (not JSON lines, records without a
+    `text`), or a stream that breaks off, ends in one line instead of pyarrow's or datasets' traceback."""
+    path = path or os.environ.get(C4_PATH_ENV)
+    where = f"the C4 files at {path}" if path else "C4 from the hub"
+    records = iter(stream)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as err:  # pyarrow's ArrowInvalid for a file that is not JSON lines; a connection that drops
+            raise SystemExit(f"error: cannot read {where} ({type(err).__name__}: {str(err)[:200]}); C4 en is "
+                             "JSON lines with a \"text\" field, in *.json or *.json.gz files") from None
+        if not isinstance(record.get("text"), str):
+            raise SystemExit(f"error: a record of {where} has no \"text\" field (its fields: "
+                             f"{', '.join(record) or 'none'}); C4 en is JSON lines with a \"text\" field") from None
+        yield record["text"]
+
+
 class C4Examples:
     """C4 `en` as a stream of training examples {text, prefix, continuation}, never held whole.
 
@@ -286,8 +306,8 @@ class C4Examples:
         if start["dataset"] is not None:
             self.stream.load_state_dict(start["dataset"])
         doc, skip, state = start["doc"], start["chunk"], start["dataset"]
-        for record in self.stream:
-            texts = c4_chunks(record["text"], self.tokenizer, self.chunk, self.keep, self.max_tokens_per_char)
+        for text in c4_texts(self.stream, self.path):
+            texts = c4_chunks(text, self.tokenizer, self.chunk, self.keep, self.max_tokens_per_char)
             for k in range(skip, len(texts)):
                 if not texts[k]:
                     continue

@@ -315,3 +315,15 @@ def test_a_quote_that_never_closes_is_an_error_not_one_long_text(tmp_path):
         data.read_labels(path)
     path.write_text('label,text\npos,"a great\nfilm"\nneg,"a ""dull"" one"\nneg,"awful" really\n')
     assert data.read_labels(path) == [("a great film", "pos"), ('a "dull" one', "neg"), ("awful really", "neg")]
+
+
+def test_a_c4_path_that_is_not_c4_is_one_line(c4_copy, tmp_path):
+    """A file that is not JSON lines was pyarrow's ArrowInvalid traceback; records without `text` a KeyError."""
+    _, _, tokenizer = c4_copy
+    (tmp_path / "notes.json").write_text("# not JSON\n")
+    (tmp_path / "other.json").write_text('{"content": "a text", "url": "x"}\n')
+    with pytest.raises(SystemExit, match=f"^error: cannot read the C4 files at {tmp_path / 'notes.json'} "
+                                         r"\(ArrowInvalid: .*\); C4 en is JSON lines with a \"text\" field"):
+        list(data.C4Examples(tokenizer, path=tmp_path / "notes.json"))
+    with pytest.raises(SystemExit, match=r"has no \"text\" field \(its fields: content, url\)"):
+        list(data.C4Examples(tokenizer, path=tmp_path / "other.json"))
