@@ -292,7 +292,7 @@ def bench_train(args, device):
         report[name] = dict(seconds=seconds, memory=memory, mfu=peak and flops / seconds / peak)
         memory = f"{memory / budget.GiB:.1f} GiB" if memory is not None else "n/a on a CPU"
         unit = f"{batch * (seq + 10) / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
-        print(f"{name:>7} step: batch {batch} in micro-batches of {micro}: {seconds:.3f} s, {unit}, "
+        print(f"{name:>7} step: batch {batch} in micro-batches of {min(micro, batch)}: {seconds:.3f} s, {unit}, "
               f"{rate(flops, seconds, peak)}, peak memory {memory}")
     return report
 
@@ -374,6 +374,8 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.train and args.embed:
         raise SystemExit("error: --train and --embed time different things; give one")
+    if args.profile and (args.train or args.embed):
+        raise SystemExit("error: --profile profiles a guided generation; leave out --train / --embed")
     if args.train:
         return bench_train(args, device)
     if args.embed:

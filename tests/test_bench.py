@@ -83,6 +83,9 @@ def test_bench_train_times_both_steps_with_micro_batches_and_reports_mfu(monkeyp
     assert "prior step: batch 256 in micro-batches of 64:" in out and "decoder step: batch 64 in micro-batches of 16:" in out
     for name in ("prior", "decoder"):
         assert report[name]["seconds"] > 0 and 0 < report[name]["mfu"] < 1 and report[name]["memory"] is None
+    bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1",
+                               "--micro-batch", "1000", "--decoder-micro-batch", "64"]))
+    assert "prior step: batch 256 in micro-batches of 256:" in capsys.readouterr().out  # not of 1000
 
 
 def test_bench_train_on_a_device_of_unknown_peak_reports_no_mfu(monkeypatch, capsys):
@@ -120,3 +123,10 @@ def test_bench_embed_times_the_encoder_at_each_batch_and_counts_only_its_linear_
     assert sorted(report) == [4, 16] and all(r["texts_per_s"] > 0 and 0 < r["mfu"] < 1 for r in report.values())
     with pytest.raises(SystemExit, match="^error: --train and --embed"):
         bench.main(bench.get_args(["--train", "--embed"]))
+
+
+def test_profile_goes_with_generation_alone(capsys):
+    """--profile --train timed the steps and printed no profile, without a word."""
+    from conftest import cli_error
+    for flag in ("--train", "--embed"):
+        assert "--profile profiles a guided generation" in cli_error(bench, [flag, "--profile"], capsys)
