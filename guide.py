@@ -552,6 +552,9 @@ def add_label_probes(args, encoder_name, cache):
     print(f"{len(rows)} examples{copies}, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
           f"saved to {path}; guides: {', '.join(guides)}")
+    dashed = sorted(g for g in guides if g.startswith("-"))
+    if dashed:  # argparse reads `--guide -x` as a flag without its value
+        print(f"note: give a guide that starts with '-' after '=': sample.py --guide={dashed[0]}")
     if accuracy_ < chance + 0.1:  # the probe reads little of the labels from the embeddings: its gradient is mostly noise
         print("warning: the probe is barely better than chance on its held-out examples, so its guides will steer "
               "little or at random; more examples, or labels the text itself shows, help", file=sys.stderr)
@@ -584,6 +587,8 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
+    if args.labels is not None and not args.labels.strip():  # "" would have meant the paper probes
+        p.error("argument --labels: is empty (give your labelled .csv, .tsv or .jsonl)")
     if args.name is not None and not re.sub(r"\W+", "", args.name):  # "" fell back to the file's name
         p.error(f"argument --name: {args.name!r} names no probe (give it letters or digits)")
     paper = [flag for flag in ("probes", "max_per_class", "probe_data") if getattr(args, flag) is not None]

@@ -361,6 +361,16 @@ def test_copies_of_a_row_are_held_out_with_it(ckpt_copy, tmp_path, capsys):
         guide.main(["--ckpt", str(ckpt_copy), "--labels", str(few), "--cache-dir", str(tmp_path / "cache")])
 
 
+def test_a_label_that_starts_with_a_dash_comes_with_how_to_name_its_guide(ckpt_copy, tmp_path, capsys):
+    """`sample.py --guide -x` is argparse's "expected one argument"; `--guide=-x` steers."""
+    from conftest import NEGATIVE, POSITIVE
+    import sample
+    path = labels_file(tmp_path / "signs.csv", [(t, "-x") for t in POSITIVE] + [(t, "x") for t in NEGATIVE])
+    guide.main(["--ckpt", str(ckpt_copy), "--labels", str(path), "--cache-dir", str(tmp_path / "cache")])
+    assert "note: give a guide that starts with '-' after '=': sample.py --guide=-x\n" in capsys.readouterr().out
+    assert sample.get_args(["--ckpt", str(ckpt_copy), "--guide=-x"]).guide == "-x"
+
+
 def test_more_than_two_labels_give_one_vs_rest_probes(ckpt_copy, tmp_path):
     from conftest import NEGATIVE, POSITIVE, TOXIC
     rows = [(t, "kind") for t in POSITIVE] + [(t, "sad") for t in NEGATIVE] + [(t, "rude") for t in TOXIC]
@@ -432,6 +442,7 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
                        "--overwrite"]) > 0.5
     assert "is a folder" in error("--labels", str(tmp_path))
     assert "argument --name: '' names no probe" in error("--labels", str(few), "--name", "")  # took the file's name
+    assert "argument --labels: is empty" in error("--labels", "")  # it trained the paper probes instead
     assert "--probes, --max-per-class are for the paper probes, a run of their own; --labels trains" in \
         error("--labels", str(few), "--probes", "paper", "--max-per-class", "5")  # each was ignored
     assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
