@@ -29,6 +29,7 @@ Paper tier: pretrained `gpt2` / `gpt2-large` and its tokenizer, through the same
 Names: *_ids token-id lists, x a standardised latent, z its noised version at signal level a.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,10 @@ class Decoder(nn.Module):
         if pretrained:
             try:
                 self.lm = GPT2LMHeadModel.from_pretrained(config.lm)
-            except OSError:
+            except (OSError, ValueError) as err:
+                if os.path.isdir(config.lm):
+                    from utils import not_a_model  # (utils imports this file)
+                    raise not_a_model(config.lm, "GPT-2 model", err) from None
                 raise SystemExit(f"error: could not load the language model {config.lm!r} from the hub or disk; "
                                  "without internet pass a local GPT-2 folder with --lm, or use the tiny tier "
                                  f"(--lm {TINY_LM})") from None
@@ -376,11 +380,13 @@ def train_tokenizer(texts, vocab_size):
 def load_tokenizer(path_or_id, flag="--lm"):
     """A tokenizer by hub id or folder; offline, one line naming `flag`, the option that takes a local copy."""
     from transformers import AutoTokenizer
-    from utils import hub_answers  # (utils imports this file)
+    from utils import hub_answers, not_a_model  # (utils imports this file)
     hub_answers(path_or_id)  # offline, a tokenizer not in the local cache fails at once instead of retrying
     try:
         return AutoTokenizer.from_pretrained(path_or_id)
-    except OSError:
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path_or_id):
+            raise not_a_model(path_or_id, "tokenizer", err) from None
         tiny = f", or use the tiny tier (--lm {TINY_LM})" if flag == "--lm" else ""
         raise SystemExit(f"error: could not load the tokenizer {path_or_id!r}; without internet pass a local "
                          f"GPT-2 folder with {flag}{tiny}") from None

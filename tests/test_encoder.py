@@ -166,3 +166,61 @@ def test_an_encoder_stored_in_fp16_loads_in_fp32_unless_asked(tiny_t5, tmp_path)
     dtypes = lambda model: {p.dtype for p in model.parameters()}
     assert dtypes(encoder_lib.load_encoder(str(tmp_path / "fp16"))) == {torch.float32}
     assert dtypes(encoder_lib.load_encoder(str(tmp_path / "fp16"), dtype="bf16")) == {torch.bfloat16}
+
+
+def test_each_encoder_folder_has_a_cache_of_its_own_whatever_its_name(tmp_path, monkeypatch):
+    """The cache was named by --encoder as typed, `/` turned into `_`: `enc` typed in two working folders (two
+    models) shared one cache, as did `x/enc` and `x_enc`, and a run trained on the other model's embeddings."""
+    for folder in ("a/enc", "b/enc", "x/enc", "x_enc", "minilm"):
+        (tmp_path / folder).mkdir(parents=True)
+    name = lambda encoder: encoder_lib.cache_dir_for("cache", encoder).relative_to("cache/embeddings")
+    monkeypatch.chdir(tmp_path / "a")
+    in_a = name("enc")
+    assert name(str(tmp_path / "a" / "enc")) == in_a  # one folder, however it is typed
+    monkeypatch.chdir(tmp_path / "b")
+    assert name("enc") != in_a
+    monkeypatch.chdir(tmp_path)
+    names = [name(n) for n in ("x/enc", "x_enc", "someone/st5", "someone_st5", "minilm")]
+    assert len(set(names)) == len(names) and len(names[0].parts) == 1
+    assert str(names[-1]) == "minilm"  # the shipped model's alias, not the folder of that name
+
+
+def test_a_damaged_cache_file_is_named_in_one_line(tiny_t5, tmp_path):
+    cache = encoder_lib.EmbeddingCache(tmp_path / "cache", tiny_t5)
+    cache.encode(T5_TEXTS, show_progress=False)
+    shard = next((tmp_path / "cache").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])  # as a full disk or a crash leaves it
+    with pytest.raises(SystemExit, match=f"^error: the embedding cache file {shard} is damaged .*; delete it"):
+        encoder_lib.EmbeddingCache(tmp_path / "cache", tiny_t5)
+    examples = [{"prefix": "", "continuation": "a b"}]
+    encode = lambda texts, show_progress=False: np.ones((len(texts), 4), dtype=np.float32)
+    encoder_lib.window_embeddings(examples, tmp_path / "windows", encode)
+    _, window = encoder_lib.window_file(examples, tmp_path / "windows")
+    window.write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit, match=f"^error: the embedding cache file {window} is damaged"):
+        encoder_lib.window_embeddings(examples, tmp_path / "windows", encode)
+
+
+def test_a_folder_that_holds_no_model_and_an_empty_name_are_one_line(tmp_path):
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match=f"^error: the folder {tmp_path} holds no sentence-transformers model"):
+        encoder_lib.load_encoder(str(tmp_path))
+    with pytest.raises(SystemExit, match="^error: the sentence encoder's name is empty"):
+        encoder_lib.load_encoder("")  # an empty model that failed at its first text with an AttributeError
+    from decoder import load_tokenizer
+    with pytest.raises(SystemExit, match=f"^error: the folder {tmp_path} holds no tokenizer that loads"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_encoder_cli_says_when_the_stream_ends_before_its_first_window(c4_copy, tiny_t5, tmp_path, capsys):
+    root, _, tokenizer = c4_copy
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    args = ["--data", "c4", "--c4-path", str(root), "--tokenizer", str(tmp_path / "tok"), "--window", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--encoder", tiny_t5, "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"^error: the C4 stream ends after \d+ windows of 4 \(--first-window 1000\); "
+                                         "nothing to embed"):  # it read on for a while and ended without a word
+        encoder_lib.main(args + ["--first-window", "1000"])
+    encoder_lib.main(args + ["--max-texts", "1000"])
+    out = capsys.readouterr().out.splitlines()
+    windows = len(list(encoder_lib.cache_dir_for(tmp_path / "cache", tiny_t5).glob("window-*")))
+    assert out[-1] == f"the C4 stream ends after {windows} windows"

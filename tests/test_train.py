@@ -121,6 +121,28 @@ def test_a_rating_field_of_the_users_own_is_not_taken_for_the_tiny_corpus(tmp_pa
         assert train.train_probes(args, window, tmp_path, cache=None) is None
         assert "no probes: train.py fits them on the tiny corpus's ratings alone" in capsys.readouterr().out
     assert not (tmp_path / "probes.safetensors").exists()
+    c4 = SimpleNamespace(data="c4", tier="tiny", encoder="minilm")  # C4 has no label column to suggest
+    assert train.train_probes(c4, SimpleNamespace(examples=[], held_out=[]), tmp_path, cache=None) is None
+    assert "(a text and a label a row), or steer" in capsys.readouterr().out
+
+
+def test_a_model_folder_is_kept_by_its_absolute_path(tmp_path, monkeypatch):
+    """`--encoder enc` was kept as typed: sample.py run from another folder loaded another `enc`, or none."""
+    for folder in ("enc", "lm", "minilm"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = get_args(["--encoder", "enc", "--lm", "lm"])
+    assert (args.encoder, args.lm) == (str(tmp_path / "enc"), str(tmp_path / "lm"))
+    assert train.train_settings(args)["encoder"] == str(tmp_path / "enc")
+    args = get_args(["--encoder", "someone/st5", "--lm", "gpt2"])  # hub ids stay ids; minilm is the shipped model
+    assert (args.encoder, args.lm, get_args([]).encoder) == ("someone/st5", "gpt2", "minilm")
+
+
+def test_a_folder_that_holds_no_language_model_is_named_before_any_work(tmp_path, capsys):
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "notes.csv").write_text("a,b\n")
+    err = cli_error(train, ["--lm", str(tmp_path / "lm"), "--out", str(tmp_path / "out")], capsys)
+    assert err.startswith(f"error: the folder {tmp_path / 'lm'} holds no GPT-2 model that loads (")
 
 
 def test_offline_the_paper_tier_names_every_download_it_could_not_make(tmp_path):
