@@ -209,7 +209,7 @@ def missing_folder(name):
 def not_a_model(folder, what, err):
     """The one line for a local folder that a model or tokenizer would not load from: the library's reason,
     its first line (a hub id that did not load gets its caller's line instead, naming what to pass offline)."""
-    why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(": ")  # a list follows a colon
     return SystemExit(f"error: the folder {folder} holds no {what} that loads ({why})")
 
 
