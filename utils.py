@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from decoder import Decoder, DecoderConfig, load_tokenizer
+from decoder import Decoder, DecoderConfig
 from diffusion import Prior, PriorConfig
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -541,8 +541,9 @@ def checkpoint_tokenizer(out):
     if not folder.is_dir():
         raise SystemExit(f"error: {out} has no tokenizer/ folder (train.py writes it beside {CHECKPOINT}); "
                          "copy the whole checkpoint folder")
+    from transformers import AutoTokenizer
     try:
-        return load_tokenizer(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder))  # a folder of the run's own: nothing to download
     except (ValueError, OSError) as err:  # a damaged tokenizer.json (UnicodeDecodeError too), an emptied folder
         raise SystemExit(f"error: the tokenizer in {folder} is unreadable or incomplete ({type(err).__name__}); "
                          "copy the checkpoint folder again, or retrain") from None

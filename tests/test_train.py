@@ -165,7 +165,9 @@ def test_offline_without_hf_hub_offline_the_paper_tier_fails_at_once_and_quietly
 def test_the_paper_tier_stops_before_its_downloads_when_pytorch_sees_no_gpu(corpus, tmp_path, monkeypatch):
     """--device auto on a machine whose PyTorch sees no GPU (a CPU build of torch, or a driver too old for its
     CUDA build): one line naming the cause, nothing written; --device cpu and the tiny tier go on."""
-    (tmp_path / "gpt2").mkdir(), (tmp_path / "st5").mkdir()  # local folders: the preflight downloads nothing
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")  # local folders: the preflight
+    (tmp_path / "st5").mkdir()                                                    # downloads nothing
     result = run_script("train.py", "--tier", "paper", "--data", str(corpus), "--lm", str(tmp_path / "gpt2"),
                         "--encoder", str(tmp_path / "st5"), "--out", str(tmp_path / "o"), cwd=tmp_path,
                         env={"CUDA_VISIBLE_DEVICES": ""})
