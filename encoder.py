@@ -178,7 +178,8 @@ def cache_dir_for(cache_dir, encoder_name):
     is known by its absolute path: `enc` typed in two working folders is two encoders, and one folder typed
     from anywhere is one. A name a file name cannot hold as it is (a hub id's `/`, a path) gets a digest of
     the name, so that `x/enc` and `x_enc` never share a cache."""
-    name = os.path.abspath(encoder_name) if encoder_name != TINY_ENCODER and os.path.isdir(encoder_name) else encoder_name
+    local = encoder_name != TINY_ENCODER and os.path.isdir(encoder_name)
+    name = os.path.abspath(encoder_name) if local else encoder_name
     safe = re.sub(r"[^\w.-]+", "_", name)
     if safe != name:
         safe = f"{safe.strip('_')[-60:]}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
@@ -227,13 +228,9 @@ def read_cache_file(path):
     """A file of the embedding cache, read whole; one that a crash or a full disk left damaged is one line."""
     try:
         return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error type, and KeyError-like ones for missing tensors
-        raise damaged(path, err) from None
-
-
-def damaged(path, err):
-    return SystemExit(f"error: the embedding cache file {path} is damaged ({type(err).__name__}: {str(err)[:200]}); "
-                      "delete it, and its texts are embedded again")
+    except Exception as err:  # safetensors raises its own error type
+        raise SystemExit(f"error: the embedding cache file {path} is damaged ({type(err).__name__}: "
+                         f"{str(err)[:200]}); delete it, and its texts are embedded again") from None
 
 
 def save_cache_file(arrays, path):
@@ -321,7 +318,8 @@ def main(argv=None):
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
                                    "continuations exactly as train.py splits them.")
     p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
-    p.add_argument("--max-texts", type=count, default=count("200k"), help="--data c4: examples to encode, in whole windows (rounded up to a multiple of --window)")
+    p.add_argument("--max-texts", type=count, default=count("200k"),
+                   help="--data c4: examples to encode, in whole windows (rounded up to a multiple of --window)")
     p.add_argument("--window", type=count, default=count("200k"), help="--data c4: train.py's --window")
     p.add_argument("--first-window", type=bounded(int, 0, 1e9), default=0,
                    help="--data c4: read past this many windows first (so several GPUs can each fill their own "

@@ -561,7 +561,8 @@ def train_settings(args):
 def local_path(key, value):
     """A flag's value as the checkpoint keeps it: a local file or folder as an absolute path, so that a --resume
     (or evaluate.py) from another working folder finds the same data and cache."""
-    if key in PATH_FLAGS and isinstance(value, str) and value not in ("tiny", "c4", TINY_ENCODER) and os.path.exists(value):
+    aliases = ("tiny", "c4", TINY_ENCODER)  # --data, --lm, --encoder names that are not paths
+    if key in PATH_FLAGS and isinstance(value, str) and value not in aliases and os.path.exists(value):
         return os.path.abspath(value)
     return value
 
