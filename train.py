@@ -168,6 +168,9 @@ def get_args(argv=None):
     p.set_defaults(**{k: v for k, v in trained.items() if k not in NOT_RESUMED})
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what Ctrl-C before a checkpoint repeats
+    for flag in ("encoder", "lm"):
+        if not getattr(args, flag).strip():  # it read as a download of no name
+            p.error(f"argument --{flag}: is empty (default: {p.get_default(flag)})")
     if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
         p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
                 "(--micro-batch / --decoder-micro-batch set them)")

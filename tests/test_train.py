@@ -126,7 +126,7 @@ def test_a_rating_field_of_the_users_own_is_not_taken_for_the_tiny_corpus(tmp_pa
     assert "(a text and a label a row), or steer" in capsys.readouterr().out
 
 
-def test_a_model_folder_is_kept_by_its_absolute_path(tmp_path, monkeypatch):
+def test_a_model_folder_is_kept_by_its_absolute_path(tmp_path, monkeypatch, capsys):
     """`--encoder enc` was kept as typed: sample.py run from another folder loaded another `enc`, or none."""
     for folder in ("enc", "lm", "minilm"):
         (tmp_path / folder).mkdir()
@@ -136,6 +136,10 @@ def test_a_model_folder_is_kept_by_its_absolute_path(tmp_path, monkeypatch):
     assert train.train_settings(args)["encoder"] == str(tmp_path / "enc")
     args = get_args(["--encoder", "someone/st5", "--lm", "gpt2"])  # hub ids stay ids; minilm is the shipped model
     assert (args.encoder, args.lm, get_args([]).encoder) == ("someone/st5", "gpt2", "minilm")
+    for flag in ("--encoder", "--lm"):  # "could not download  (--encoder)"
+        with pytest.raises(SystemExit):
+            get_args([flag, " "])
+        assert f"argument {flag}: is empty" in capsys.readouterr().err
 
 
 def test_a_folder_that_holds_no_language_model_is_named_before_any_work(tmp_path, capsys):
