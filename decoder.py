@@ -19,7 +19,7 @@ minutes learns to read the soft prompt slowly, so the noised proposal is also pr
 zero-initialised), scaled by the signal level a and added to GPT-2's last hidden state at every
 position:
 
-    logits_t = W_tok (h_t + a C z)      (W_tok: the tied token embeddings)
+    logits_t = W_tok (h_t + a (C z + c))      (W_tok: the tied token embeddings; C, c a Linear layer)
 
 i.e. a bias on every next-token distribution toward the words of the proposal (its effect is
 measured in the README, "Why these defaults"). At a = 0 the decoder is a plain prefix LM.

@@ -201,7 +201,8 @@ def unstandardize(x, mu, s):
 
 
 def project_to_sphere(x, mu, s):
-    """The latent of the unit embedding nearest x's direction: standardize(unstandardize(x)).
+    """The latent of the unit embedding in the direction of mu + s x (the point x stands for in embedding
+    space): standardize(unstandardize(x)).
 
     A prior sample x is only approximately the latent of a unit vector; the decoder is trained on
     latents of unit vectors, so a sample is projected before it is decoded."""

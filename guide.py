@@ -50,9 +50,13 @@ class Guidance:
            example: (e_text, 0, "like" | "unlike", weight), the loss -cos(e, e_text) (or +cos): no probe.
     n_samples K: Monte Carlo samples around x_hat (K = 0 uses x_hat itself; the reference code uses 32).
     max_logsnr: guide the steps with lambda_t <= max_logsnr (15: every step); the others are unguided.
-    aggregate: "reference": log mean_k exp(loss_k), as the paper's reference code aggregates;
-               "lgd": -log mean_k exp(-loss_k) = -log mean_k p(y | x_k), LGD-MC's likelihood average;
-               "mean": mean_k loss_k.
+    aggregate, over the K draws of loss_k = sum_j weight_j * l_j(x_k) (each term's BCE or cosine, summed first):
+               "reference": log mean_k exp(loss_k), as the paper's reference code aggregates one probe (it
+                 aggregates each probe over the draws, then sums); its gradient weights the draws by
+                 softmax_k(loss_k), the worst draws most;
+               "lgd": -log mean_k exp(-loss_k), LGD-MC's likelihood average (for one probe of weight 1:
+                 -log mean_k p(y | x_k)); its gradient weights the best draws most;
+               "mean": mean_k loss_k, every draw alike.
     The Monte Carlo draws come from the generator of bind(), seeded per generation, so the same
     seed gives the same guided sample every time (and the sampler's own noise is untouched).
     barred: words the text of this guidance is decoded without (see WORD_BARS).
