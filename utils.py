@@ -528,11 +528,16 @@ class Checkpoint:
             torch.cuda.set_rng_state(rng["cuda"], device)
 
     def load_optimizer(self, opt, name):
+        """AdamW's moments and step counts from the checkpoint; the groups' learning rates stay as this
+        command built the optimizer, so that a --resume may lower them (after a nan loss, say)."""
         state = {}
         for key, value in self.tensors(name).items():
             i, k = key.split(".", 1)
             state.setdefault(int(i), {})[k] = value
-        opt.load_state_dict({"state": state, "param_groups": json.loads(self.meta[f"{name}.param_groups"])})
+        saved, built = json.loads(self.meta[f"{name}.param_groups"]), opt.state_dict()["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in built]:
+            self.fail(f"holds the {name} state of other parameters than the model's (the code may have changed)")
+        opt.load_state_dict({"state": state, "param_groups": built})
 
 
 def checkpoint_tokenizer(out):

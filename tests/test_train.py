@@ -452,6 +452,8 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path, monkeypa
     resume("--steps", "7", "--decoder-lr", "1e-3")  # a longer run; the checkpoint keeps its flags for the next --resume
     ckpt = Checkpoint(tmp_path / "out")
     assert ckpt.step == 7 and ckpt.config["train"]["steps"] == 7 and ckpt.config["train"]["decoder_lr"] == 1e-3
+    # and step 7 trained at it: the optimizer's groups came back from the checkpoint with the old peak
+    assert [g["peak_lr"] for g in json.loads(ckpt.meta["opt_decoder.param_groups"])] == [1e-3, 1e-3]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_path, monkeypatch, capsys):
