@@ -221,7 +221,7 @@ class C4Windows:
             self.next = self.pool.submit(self.load, self.window.end, self.window.next_position, self.dist.world > 1)
 
 
-def read_corpus(args, tokenizer, cache, room):
+def read_corpus(args, tokenizer, cache, room, report=True):
     """--data tiny or a file -> (one Window over the whole corpus, tokenizer); trains the tiny BPE."""
     rows = data_lib.load_corpus(args.data, args.cache_dir)
     if args.data != "tiny":  # a --resume may find the file elsewhere: its content says it is the same
@@ -237,8 +237,9 @@ def read_corpus(args, tokenizer, cache, room):
     examples, tokenized = train + held_out, time.time()
     e_cont = cache.encode([ex["continuation"] for ex in examples])
     e_prefix = cache.encode([ex["prefix"] for ex in examples])
-    print(f"data: {len(train)} training texts, {len(held_out)} held out; {len(cache)} texts in the embedding cache "
-          f"(tokenizer {tokenized - began:.0f} s, embedding {time.time() - tokenized:.0f} s)")
+    if report:  # the main process's line; under torchrun the others read the same corpus
+        print(f"data: {len(train)} training texts, {len(held_out)} held out; {len(cache)} texts in the embedding "
+              f"cache (tokenizer {tokenized - began:.0f} s, embedding {time.time() - tokenized:.0f} s)")
     return Window(examples, e_prefix, e_cont, tokenizer, room, args.batch_size, args.seed), tokenizer
 
 
@@ -255,7 +256,7 @@ def load_data(args, ckpt, dist):
     cache = EmbeddingCache(cache_dir_for(args.cache_dir, args.encoder), args.encoder, args.encode_device,
                            dtype="bf16" if args.bf16 else None)
     if corpus:
-        window, tokenizer = read_corpus(args, tokenizer, cache, args.max_len)
+        window, tokenizer = read_corpus(args, tokenizer, cache, args.max_len, report=dist.is_main)
         return Corpus(window), tokenizer, cache
     c4 = C4Windows(args, tokenizer, cache, args.max_len, dist, json.loads(ckpt.meta.get("data", "null")) if ckpt else None)
     if dist.is_main:

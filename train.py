@@ -617,7 +617,7 @@ def setup(args):
         hold(out)
         tokenizer.save_pretrained(str(out / "tokenizer"))
     run = Models(args, config, stats["mu"], stats["s"], dist.device, ckpt)
-    if ckpt:
+    if ckpt and dist.is_main:
         print(f"resumed from {out} at step {run.step}")
     if dist.is_main and not has_probes(out / "probes.safetensors", args.encoder):
         report = train_probes(args, window, out, cache)
@@ -752,6 +752,8 @@ def main(args):
             progress.update(step + 1, losses, t1 - t0, t2 - t1, prefix_ids[:D], cont_ids[:D])
             if step + 1 == args.stop_at:
                 save(step + 1)
+                progress.bar.n = step + 1  # the bar counts a step when the next one begins: this one too
+                progress.bar.close()       # and the line below on a line of its own
                 if dist.is_main:
                     print(f"stopped at step {step + 1} (--stop-at); continue with python train.py --resume"
                           f"{out_flag(args.out)}")

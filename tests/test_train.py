@@ -333,6 +333,7 @@ train.micro_batches = micro_batches
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training on cpu x 2" in result.stdout and "prior 2 x 4, decoder 1 x 4" in result.stdout  # 2 micro-batches a process
     assert "rank 1 rows of 16 [(8, 12), (12, 16)]" in result.stdout  # the main process's plan, in every process
+    assert result.stdout.count("data: ") == 1  # the run's own lines once, not once a process
     one = [json.loads(l) for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     two = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two] == [1, 2, 3, 4]
@@ -509,8 +510,10 @@ def test_an_existing_checkpoint_is_never_silently_replaced(corpus, trained, tmp_
     with pytest.raises(SystemExit, match="data file .*missing.txt' does not exist"):  # not sent to another --out
         train.main(get_args(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]))
     assert (tmp_path / "out" / "checkpoint.safetensors").read_bytes() == before
+    capsys.readouterr()
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "3", "--stop-at", "2", "--overwrite")
     assert Checkpoint(tmp_path / "out").step == 2
+    assert "2/3" in capsys.readouterr().err  # the bar closed with the step it stopped at (it stood at 1/3, open)
     with pytest.raises(SystemExit, match=run + "step 2 of 3\\); continue it with --resume, train into another --out"):
         run_train(corpus, tmp_path, tmp_path / "out", "--steps", "3")
     (tmp_path / "a-file").write_text("not a folder")
