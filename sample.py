@@ -249,10 +249,10 @@ def read_prompt_file(path):
 
 
 def show_steps(model, prefix, guidance, label, sampling, seed):
-    """Decode the predicted proposal x_hat at a few points of the trajectory, guided and not."""
+    """Decode the predicted proposal x_hat at a few points of the trajectory, unguided and (with a guide) guided."""
     steps = sampling.steps
     points = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
-    for name, g in (("unguided", None), (label, guidance)):
+    for name, g in [("unguided", None)] + ([(label, guidance)] if guidance is not None else []):
         trajectory = []
         model.sample_proposals([prefix], g, sampling, seed,
                                callback=lambda i, lam, x_hat: trajectory.append((i, lam, x_hat.clone())) if i in points else None)

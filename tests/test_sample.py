@@ -315,6 +315,8 @@ def test_like_and_unlike_from_the_command_line_compose_with_a_guide(trained, cap
     out = capsys.readouterr().out
     assert "[negative+unlike 'I love it'] 'the film': the proposal x_hat while denoising" in out
     assert out.count("  step ") == 2 * 4  # the steps 1, 2, 3 and 4, unguided and guided
+    sample.main(sample.get_args([*ckpt, "--guide", "none", "--show-steps"]))
+    assert capsys.readouterr().out.count("  step ") == 4  # unguided once (it showed the same steps again under "[]")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash .ci/gpu runs it)")
