@@ -37,7 +37,8 @@ from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
                    comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
-                   not_a_model, out_flag, pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
+                   not_a_model, out_flag, pick_device, refusal, release, run_cache_dir, run_cli, save_checkpoint, shell,
+                   use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -168,6 +169,10 @@ def get_args(argv=None):
     p.set_defaults(**{k: v for k, v in trained.items() if k not in NOT_RESUMED})
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what Ctrl-C before a checkpoint repeats
+    if trained.get("cache_dir") and args.cache_dir == trained["cache_dir"] and not os.path.isdir(args.cache_dir):
+        args.cache_dir = run_cache_dir({"train": trained})  # gone (a moved clone): `cache` here, as sample.py reads
+        print(f"note: the run's cache folder {trained['cache_dir']} is gone; using {os.path.abspath(args.cache_dir)} "
+              "(--cache-dir chooses another)")
     for flag in ("encoder", "lm"):
         if not getattr(args, flag).strip():  # it read as a download of no name
             p.error(f"argument --{flag}: is empty (default: {p.get_default(flag)})")

@@ -821,3 +821,19 @@ def test_a_max_len_beyond_the_context_names_the_soft_prompt_slots_beside_it(corp
     with pytest.raises(SystemExit, match=r"--max-len 200 does not fit the language model's context of 128 positions "
                                          r"beside the 8 soft-prompt slots, bos and end of text \(at most 118\)"):
         run_train(corpus, tmp_path, tmp_path / "o", "--max-len", "200", "--steps", "2")
+
+
+def test_a_resume_whose_cache_folder_is_gone_uses_the_working_folders_and_says_so(trained, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A moved clone's --resume made the old cache folder again, fetched and embedded the corpus there, and said
+    nothing; sample.py and evaluate.py read `cache` in the working folder in that case."""
+    from safetensors.torch import save_file
+    shutil.copytree(trained / "out", tmp_path / "out")
+    ckpt = Checkpoint(tmp_path / "out")
+    config = dict(ckpt.config, train=dict(ckpt.config["train"], cache_dir=str(tmp_path / "gone")))
+    save_file(load_file(str(ckpt.path)), str(ckpt.path), dict(ckpt.meta, config=json.dumps(config)))
+    monkeypatch.chdir(tmp_path)
+    assert get_args(["--resume"]).cache_dir == "cache"
+    assert f"note: the run's cache folder {tmp_path / 'gone'} is gone; using {tmp_path / 'cache'}" in \
+        capsys.readouterr().out
+    assert get_args(["--resume", "--cache-dir", "mine"]).cache_dir == "mine"
