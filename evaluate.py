@@ -600,6 +600,11 @@ def get_args(argv=None):
             re.compile(args.match)
         except re.error as err:
             p.error(f"argument --match: {args.match!r} is not a regular expression ({err})")
+    if args.ppl_model.strip().lower() == "self":  # in any case, as the judges' names
+        args.ppl_model = "self"
+    args.sentiment_judge = [name.strip() for name in args.sentiment_judge.split(",") if name.strip()]  # "vader,": one
+    if not args.sentiment_judge:
+        p.error("argument --sentiment-judge: names no judge (e.g. vader,textblob)")
     return args
 
 
@@ -623,7 +628,7 @@ def load_judges(args, device):
             return make(*a)
         except SystemExit as err:
             failed.append(str(err).removeprefix("error: "))
-    judges = {"sentiment": [load(SentimentJudge, name.strip(), device) for name in args.sentiment_judge.split(",")],
+    judges = {"sentiment": [load(SentimentJudge, name, device) for name in args.sentiment_judge],
               "toxicity": load(ToxicityJudge, args.toxicity_judge, device),
               "perplexity": load(HFPerplexity, args.ppl_model, device) if args.ppl_model != "self" else None}
     if failed:

@@ -246,6 +246,9 @@ def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
     # the offline judges by the names the table's columns give them too
     assert evaluate.ToxicityJudge("alt-profanity-check").classifier is None
     assert evaluate.SentimentJudge("VADER").name == "VADER" and evaluate.SentimentJudge("TextBlob").name == "TextBlob"
+    args = evaluate.get_args(["--ppl-model", "SELF", "--sentiment-judge", "vader, "])  # were "could not load 'SELF'"
+    assert (args.ppl_model, args.sentiment_judge) == ("self", ["vader"])              # and "the classifier ''"
+    assert evaluate.load_judges(args, "cpu")["perplexity"] is None
     with pytest.raises(SystemExit, match=r"has no 'toxic' label \(its labels: negative, positive\)"):
         evaluate.ToxicityJudge(str(classifiers["sentiment"]))
 
