@@ -611,8 +611,9 @@ def get_args(argv=None):
 def write_results(args, n_prompts, sampling, bf16, results):
     """--json / --md, rewritten whole (atomically) after every row: an interrupted sweep keeps the rows it finished."""
     if args.json:
+        shared = {k: v for k, v in vars(sampling).items() if k != "scale"}  # each row has its own scale
         atomic_write_text(args.json, json.dumps({"ckpt": str(args.ckpt), "prompts": n_prompts, "n": args.n,
-                                                 "sampling": vars(sampling), "precision": "bf16" if bf16 else "fp32",
+                                                 "sampling": shared, "precision": "bf16" if bf16 else "fp32",
                                                  "results": results}, indent=2))
     if args.md:
         atomic_write_text(args.md, markdown(results) + "\n")

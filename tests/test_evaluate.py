@@ -298,6 +298,7 @@ def test_evaluate_end_to_end(ckpt, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     results = report["results"]
     assert [(r["guide"], r["scale"]) for r in results] == [("none", 0.0), ("positive", 10.0), ("positive", 30.0)]
+    assert "scale" not in report["sampling"] and report["sampling"]["steps"] == 3  # not the default 180 beside them
     for r in results:
         assert r["samples"] == 4 and 0 <= r["toxic"] <= 1 and 0 < r["dist2_pooled"] <= 1
         assert r["match"] == sum(bool(e["text"]) for e in r["examples"]) / 4  # "." matches every non-empty text
