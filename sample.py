@@ -277,8 +277,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", type=output_file, default=None,
-                   help="write JSON lines {prefix, text, guide, like, unlike, scale, seed} here, each batch as it "
-                        "is done (scale 0: unguided)")
+                   help="write JSON lines {prefix, text, guide, like, unlike, scale, seed, batch_size} here, each "
+                        "batch as it is done (scale 0: unguided; the seed and batch size draw a row's noise)")
     p.add_argument("--show-steps", action="store_true",
                    help="print the decoded proposal at several denoising steps (one sample of one --prefix)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
@@ -313,7 +313,7 @@ def main(args):
                 for prefix, text in zip(prefixes[first_row:first_row + len(texts)], texts):
                     f.write(json.dumps({"prefix": prefix, "text": text, "guide": args.guide, "like": args.like,
                                         "unlike": args.unlike, "scale": args.scale if guidance is not None else 0.0,
-                                        "seed": args.seed}) + "\n")
+                                        "seed": args.seed, "batch_size": args.batch_size}) + "\n")
         model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=write)
         print(f"wrote {len(prefixes)} samples to {args.out}")
         return

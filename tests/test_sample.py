@@ -21,6 +21,7 @@ def test_sample_cli_writes_jsonl_and_prints_unguided_beside_guided(trained, tmp_
                                  "--n", "3", "--steps", "5", "--out", str(out_file)]))
     rows = [json.loads(l) for l in out_file.read_text().splitlines()]
     assert len(rows) == 3 and all({"prefix", "text", "guide", "like", "unlike", "seed"} <= set(r) for r in rows)
+    assert {r["batch_size"] for r in rows} == {100}  # with the seed, what draws a row's noise (README)
     assert {r["scale"] for r in rows} == {180.0}
     sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "none", "--prefix", "the film",
                                  "--n", "1", "--steps", "2", "--max-tokens", "2", "--out", str(out_file)]))
