@@ -171,8 +171,9 @@ def get_args(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what Ctrl-C before a checkpoint repeats
     if trained.get("cache_dir") and args.cache_dir == trained["cache_dir"] and not os.path.isdir(args.cache_dir):
         args.cache_dir = run_cache_dir({"train": trained})  # gone (a moved clone): `cache` here, as sample.py reads
-        print(f"note: the run's cache folder {trained['cache_dir']} is gone; using {os.path.abspath(args.cache_dir)} "
-              "(--cache-dir chooses another)")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process says it
+            print(f"note: the run's cache folder {trained['cache_dir']} is gone; using "
+                  f"{os.path.abspath(args.cache_dir)} (--cache-dir chooses another)")
     for flag in ("encoder", "lm"):
         if not getattr(args, flag).strip():  # it read as a download of no name
             p.error(f"argument --{flag}: is empty (default: {p.get_default(flag)})")

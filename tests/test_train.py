@@ -837,3 +837,5 @@ def test_a_resume_whose_cache_folder_is_gone_uses_the_working_folders_and_says_s
     assert f"note: the run's cache folder {tmp_path / 'gone'} is gone; using {tmp_path / 'cache'}" in \
         capsys.readouterr().out
     assert get_args(["--resume", "--cache-dir", "mine"]).cache_dir == "mine"
+    monkeypatch.setenv("RANK", "1")  # another process under torchrun: the same folder, no second note
+    assert get_args(["--resume"]).cache_dir == "cache" and "note:" not in capsys.readouterr().out
