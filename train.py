@@ -666,9 +666,12 @@ class Progress:
     def update(self, step, losses, t_prior, t_decoder, prefix_ids, cont_ids):
         if not all(map(math.isfinite, losses)):
             if self.dist.is_main:
+                self.bar.close()  # the line below on a line of its own
+                kept = (Path(self.args.out) / CHECKPOINT).exists()
                 print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step}; stopped "
-                      f"without saving, the last good checkpoint in {self.args.out}/ is kept (try a lower learning "
-                      "rate, then --resume)", file=sys.stderr)
+                      "without saving, " + (f"the last good checkpoint in {self.args.out}/ is kept (try a lower "
+                      "learning rate, then --resume)" if kept else "before a first checkpoint (try a lower learning "
+                      "rate, and train again)"), file=sys.stderr)
             raise SystemExit(1)
         self.bar.set_postfix_str(f"prior {losses[0]:.3f} | decoder {losses[1]:.3f}")
         self.step_seconds[0] += t_prior

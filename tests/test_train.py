@@ -471,9 +471,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, trained, tmp_
     with pytest.raises(SystemExit) as exit_info:
         run_train(corpus, tmp_path, tmp_path / "out", "--steps", "8", "--save-every", "3")
     assert exit_info.value.code == 1
-    assert "loss became nan (prior)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "\nerror: the loss became nan (prior)" in err and "the last good checkpoint in" in err  # not on the bar
     assert Checkpoint(tmp_path / "out").step == 3
     assert all(torch.isfinite(v).all() for v in tensors_of(tmp_path / "out").values() if v.is_floating_point())
+    calls.clear()  # at step 5 again, with no checkpoint yet: none is "kept"
+    with pytest.raises(SystemExit):
+        run_train(corpus, tmp_path, tmp_path / "first", "--steps", "8", "--save-every", "6")
+    assert "stopped without saving, before a first checkpoint (try a lower learning rate, and train again)" in \
+        capsys.readouterr().err
 
 
 def test_a_run_ends_by_saying_where_its_wall_time_went(corpus, trained, tmp_path, monkeypatch, capsys):
