@@ -327,7 +327,8 @@ def main(argv=None):
                         "range of windows at once)")
     p.add_argument("--cache-dir", type=folder, default="cache", help="train.py's --cache-dir")
     p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
-    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=256, help="texts per forward pass")
+    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=None,
+                   help=f"texts per forward pass (default: {EMBED_BATCH}, {CPU_EMBED_BATCH} on a CPU, as train.py)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")

@@ -212,7 +212,8 @@ def test_a_folder_that_holds_no_model_and_an_empty_name_are_one_line(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-def test_encoder_cli_says_when_the_stream_ends_before_its_first_window(c4_copy, tiny_t5, tmp_path, capsys):
+def test_encoder_cli_says_when_the_stream_ends_before_its_first_window(c4_copy, tiny_t5, tmp_path, capsys,
+                                                                         monkeypatch):
     root, _, tokenizer = c4_copy
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     args = ["--data", "c4", "--c4-path", str(root), "--tokenizer", str(tmp_path / "tok"), "--window", "4",
@@ -220,7 +221,10 @@ def test_encoder_cli_says_when_the_stream_ends_before_its_first_window(c4_copy, 
     with pytest.raises(SystemExit, match=r"^error: the C4 stream ends after \d+ windows of 4 \(--first-window 1000\); "
                                          "nothing to embed"):  # it read on for a while and ended without a word
         encoder_lib.main(args + ["--first-window", "1000"])
+    made, real = [], encoder_lib.EmbeddingCache
+    monkeypatch.setattr(encoder_lib, "EmbeddingCache", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     encoder_lib.main(args + ["--max-texts", "1000"])
+    assert made[0].batch_size == encoder_lib.CPU_EMBED_BATCH  # as train.py embeds on a CPU (it ran 256 a pass)
     out = capsys.readouterr().out.splitlines()
     windows = len(list(encoder_lib.cache_dir_for(tmp_path / "cache", tiny_t5).glob("window-*")))
     assert out[-1] == f"the C4 stream ends after {windows} windows"
