@@ -560,8 +560,9 @@ def add_label_probes(args, encoder_name, cache):
     if dashed:  # argparse reads `--guide -x` as a flag without its value
         print(f"note: give a guide that starts with '-' after '=': sample.py --guide={dashed[0]}")
     if accuracy_ < chance + 0.1:  # the probe reads little of the labels from the embeddings: its gradient is mostly noise
-        print("warning: the probe is barely better than chance on its held-out examples, so its guides will steer "
-              "little or at random; more examples, or labels the text itself shows, help", file=sys.stderr)
+        print(f"warning: the probe is {'no' if accuracy_ <= chance else 'barely'} better than chance on its held-out "
+              "examples, so its guides will steer little or at random; more examples, or labels the text itself "
+              "shows, help", file=sys.stderr)
     return accuracy_
 
 
