@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, pick_device, refusal, run_cache_dir,
-                   run_cli, shell)
+from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, nonempty, pick_device, refusal,
+                   run_cache_dir, run_cli, shell)
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -573,7 +573,7 @@ def main(argv=None):
     p = ArgumentParser(description="Train probes for an existing checkpoint and add them to its "
                                    "probes.safetensors (probes already there for its encoder are kept).")
     p.add_argument("--ckpt", default="out", help="checkpoint directory (its config names the encoder)")
-    p.add_argument("--labels", default=None, help="your labelled .csv, .tsv or .jsonl: a probe and a guide per label")
+    p.add_argument("--labels", type=nonempty("your labelled .csv, .tsv or .jsonl"), default=None, help="your labelled .csv, .tsv or .jsonl: a probe and a guide per label")
     p.add_argument("--text-column", default="text", help="--labels: the column (or JSON field) of the texts")
     p.add_argument("--label-column", default="label", help="--labels: the column (or JSON field) of the labels")
     p.add_argument("--name", default=None, help="--labels: the probe's name (default: the file's name)")
@@ -592,8 +592,6 @@ def main(argv=None):
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=128, help="texts per encoder forward pass")
     args = p.parse_args(argv)
-    if args.labels is not None and not args.labels.strip():  # "" would have meant the paper probes
-        p.error("argument --labels: is empty (give your labelled .csv, .tsv or .jsonl)")
     if args.name is not None and not re.sub(r"\W+", "", args.name):  # "" fell back to the file's name
         p.error(f"argument --name: {args.name!r} names no probe (give it letters or digits)")
     paper = [flag for flag in ("probes", "max_per_class", "probe_data") if getattr(args, flag) is not None]

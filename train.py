@@ -37,7 +37,7 @@ from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
                    comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
-                   not_a_model, out_flag, pick_device, refusal, release, run_cache_dir, run_cli, save_checkpoint, shell,
+                   nonempty, not_a_model, out_flag, pick_device, refusal, release, run_cli, save_checkpoint, shell,
                    use_bf16)
 
 # ----------------------------------------------------------------------------- config
@@ -74,9 +74,9 @@ PATH_FLAGS = ("data", "cache_dir", "probe_data", "c4_path", "encoder", "lm")
 def data_flags(add):
     add("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
     add("--tier", default=None, choices=list(TIERS), help="sizes and defaults (default: paper for --data c4, else tiny)")
-    add("--encoder", default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
+    add("--encoder", type=nonempty("minilm, a hub id or a folder"), default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
         "(default: %(default)s)")
-    add("--lm", default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder (default: %(default)s)")
+    add("--lm", type=nonempty("tiny, a hub id or a folder"), default=None, help="decoder: tiny (from scratch) or a GPT-2 hub id / folder (default: %(default)s)")
     add("--out", type=folder, default="out", help="checkpoint directory")
     add("--cache-dir", type=folder, default="cache", help="where the corpus and the embedding cache live")
     add("--max-prefix-frac", type=bounded(float, 0, 1), default=0.5,
@@ -170,13 +170,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what Ctrl-C before a checkpoint repeats
     if trained.get("cache_dir") and args.cache_dir == trained["cache_dir"] and not os.path.isdir(args.cache_dir):
-        args.cache_dir = run_cache_dir({"train": trained})  # gone (a moved clone): `cache` here, as sample.py reads
+        args.cache_dir = "cache"  # gone (a moved clone): the working folder's, as run_cache_dir gives sample.py
         if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process says it
             print(f"note: the run's cache folder {trained['cache_dir']} is gone; using "
                   f"{os.path.abspath(args.cache_dir)} (--cache-dir chooses another)")
-    for flag in ("encoder", "lm"):
-        if not getattr(args, flag).strip():  # it read as a download of no name
-            p.error(f"argument --{flag}: is empty (default: {p.get_default(flag)})")
     if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
         p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
                 "(--micro-batch / --decoder-micro-batch set them)")

@@ -255,11 +255,18 @@ def free_text(value):
         return os.fsencode(value).decode("utf-8", "replace")
 
 
+def nonempty(what):
+    """An argparse type: a value with something in it; `what` names what to give instead of an empty one."""
+    def parse(value):
+        if not str(value).strip():
+            raise argparse.ArgumentTypeError(f"is empty (give {what})")
+        return value
+    return parse
+
+
 def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
-    if not str(value).strip():
-        raise argparse.ArgumentTypeError("is empty (give a sentence)")
-    return free_text(value)
+    return free_text(nonempty("a sentence")(value))
 
 
 def pick_device(name):
