@@ -58,7 +58,8 @@ class Guidance:
                  -log mean_k p(y | x_k)); its gradient weights the best draws most;
                "mean": mean_k loss_k, every draw alike.
     The Monte Carlo draws come from the generator of bind(), seeded per generation, so the same
-    seed gives the same guided sample every time (and the sampler's own noise is untouched).
+    seed gives the same guided sample every time; sample.py seeds it apart from the sampler's own
+    noise (sample.noise_seed), which the draws leave untouched.
     barred: words the text of this guidance is decoded without (see WORD_BARS).
     """
 

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,6 +32,15 @@ from utils import (ArgumentParser, RawHelpFormatter, autocast, bounded, free_tex
                    output_file, pick_device, run_cli, shell, use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
+GUIDANCE_NOISE, DECODING_NOISE = 1, 2  # the roles of noise_seed
+
+
+def noise_seed(seed, role):
+    """The seed of one kind of noise in a generation seeded `seed`: the prior's noise takes seed itself,
+    the guidance's Monte Carlo draws and the decoding's noise each a seed of their own drawn from (seed,
+    role) by numpy's SeedSequence. Seeded with seed itself, the draws would be the prior's starting noise
+    (one CPU generator, one stream); seeded seed + 1, the decoding would be the next seed's starting noise."""
+    return int(np.random.SeedSequence([seed, role]).generate_state(1, np.uint64)[0])
 
 
 @dataclass
@@ -176,8 +186,8 @@ class DGLM:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         e_prefix = self.embed(prefix_texts)
         x_prefix = standardize(e_prefix, self.mu, self.s)
-        if guidance is not None:  # "prefix" targets from the prefixes; Monte Carlo noise seeded by seed
-            guidance = guidance.bind(e_prefix, seed)
+        if guidance is not None:  # "prefix" targets from the prefixes; Monte Carlo noise of its own seed
+            guidance = guidance.bind(e_prefix, noise_seed(seed, GUIDANCE_NOISE))
         with autocast(self.device, self.bf16):
             x = self.prior.sample(x_prefix, steps=sampling.steps, method=sampling.sampler,
                                   cfg_scale=sampling.cfg_scale, guidance=guidance, generator=gen, callback=callback)
@@ -193,7 +203,7 @@ class DGLM:
         and n encodings, and uses neither a probe nor a judge.
         """
         B, n = len(prefix_texts), sampling.best_of
-        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        gen = torch.Generator(device=self.device).manual_seed(noise_seed(seed, DECODING_NOISE))
         x = standardize(e, self.mu, self.s).repeat(n, 1)  # candidate k of row b: k * B + b
         barred = barred if sampling.word_bars else frozenset()
         if barred and barred not in self.barred_ids:

@@ -108,6 +108,23 @@ def test_generation_runs_in_batches_each_seeded_by_its_first_row(trained):
                        model.generate(prompts[4:], g, FAST, seed=7))
 
 
+def test_a_generations_kinds_of_noise_are_streams_of_their_own(trained, monkeypatch):
+    """The guidance's Monte Carlo draws are not rows of the prior's starting noise (one CPU generator seeded
+    alike would make them so), and the decoding's noise is not the next seed's starting noise."""
+    model = DGLM(trained / "out", precision="fp32")
+    drawn, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: drawn.append(randn(*args, **kwargs)) or drawn[-1])
+    prompts = ["the film", "our trip", "a day", "the food"]
+    e = model.sample_proposals(prompts, model.guidance("positive", FAST), FAST, seed=3)
+    start, *mc = drawn  # z_1 (4, d), then the K = 4 draws of each guided step (4, d)
+    assert len(mc) >= 1 and all(not torch.isclose(m[:, None], start[None]).all(-1).any() for m in mc)
+    drawn.clear()
+    model.decode(prompts, e, FAST, seed=3)
+    model.sample_proposals(prompts, None, FAST, seed=4)
+    decoding, next_start = drawn
+    assert decoding.shape == next_start.shape and not torch.equal(decoding, next_start)
+
+
 def test_bf16_precision_runs_the_networks_in_bf16_and_agrees_with_fp32(trained):
     bf16, fp32 = DGLM(trained / "out", precision="bf16"), DGLM(trained / "out", precision="fp32")
     seen = []
