@@ -3,7 +3,7 @@
 It learns p(x_c | x_p): the standardised embedding x_c of a continuation given the embedding x_p
 of its prefix (DGLM sec. 3.2). Notation (Kingma et al. 2021, "Variational Diffusion Models"):
 
-    lambda_t = log SNR(t)          cosine schedule: lambda(t) = -2 log tan(pi t / 2), t rescaled to span [-15, 15]
+    lambda_t = log SNR(t)          cosine schedule: lambda(t) = -2 log tan(pi t / 2), t rescaled so that lambda spans [-15, 15]
     a_t = sigmoid(lambda_t)        signal variance ("alpha bar"); 1 - a_t is the noise variance
     q(z_t | x):  z_t = sqrt(a_t) x + sqrt(1 - a_t) eps,       eps ~ N(0, I)
     v target:    v   = sqrt(a_t) eps - sqrt(1 - a_t) x        (Salimans & Ho 2022)
@@ -336,8 +336,8 @@ class Prior(nn.Module):
         """Draw x ~ p(x | x_prefix) with `steps` denoising steps from lambda = -15 toward +15: the denoiser
         runs last at lambda(1 / steps) (+4.5 at 15 steps), and its x_hat there is the sample.
 
-        method: "ddim" (deterministic, Song et al. 2021) or "ddpm" (ancestral, var_interp = lambda of
-                the paper: the variance interpolated in log space between the two usual choices).
+        method: "ddim" (deterministic, Song et al. 2021) or "ddpm" (ancestral; var_interp, a weight and not
+                a logSNR, interpolates the variance in log space between the two usual choices).
         guidance: optional callable(predict, z, logsnr) -> (x_hat, eps_hat) that bends the prediction
                   (guide.py); predict(z, logsnr) -> (x_hat, eps_hat) is the plain denoiser.
         callback: optional f(step, logsnr, x_hat) to watch the proposal form.

@@ -8,7 +8,7 @@
 
 Generation (DGLM sec. 3): embed the prefix -> sample a continuation latent x from the prior with
 DDIM/DDPM, bending the noisy denoising steps with the probes' gradient (guide.py) -> the proposal
-e = normalize(mu + s x) on the unit sphere -> its latent standardize(e) (encoder.project_to_sphere)
+e = normalize(mu + s x) on the unit sphere -> its latent standardize(e) (what encoder.project_to_sphere computes)
 re-noised at a = 0.95 -> soft prompt -> GPT-2 writes the continuation, without the words a guide
 bars (guide.WORD_BARS: the tiny tier's negative guide bars negations; --no-word-bars lets them in).
 Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16
@@ -56,7 +56,7 @@ class SamplingConfig:
     like_weight: float = 20.0       # weight of each --like / --unlike example's -cos (+cos) in the guidance loss
     signal_level: float | None = None  # a of the re-noised proposal (None: the checkpoint's, 0.95)
     max_tokens: int = 32            # continuation length in tokens
-    min_tokens: int = 24            # no end-of-text before this many tokens (a fifth past the data's length: README)
+    min_tokens: int = 24            # no end-of-text before this many tokens (unguided text then runs a fifth past the data's: README)
     top_p: float = 0.9              # nucleus sampling mass
     temperature: float = 0.7        # 0: greedy
     repetition_penalty: float = 1.2  # CTRL-style, on the prompt's and the generated tokens
