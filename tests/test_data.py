@@ -44,6 +44,8 @@ def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
         data.load_local(tmp_path / "missing.txt")
     with pytest.raises(SystemExit, match="is a folder \\(accepted: tiny, c4, a .txt, .jsonl, .csv or .tsv file\\)"):
         data.load_local(tmp_path)
+    with pytest.raises(SystemExit, match="'/dev/null' is not a file \\(a pipe or a device: save it to a file first\\)"):
+        data.load_local("/dev/null")  # said "does not exist"
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{not json\n')
     with pytest.raises(SystemExit, match="cannot read .*bad.jsonl: line 3 is not JSON"):
         data.load_local(tmp_path / "bad.jsonl")

@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, UNREACHABLE_HUB, hub_cache, run_python
 from utils import (ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, atomic_save, bounded, comma_list, count,
-                   free_text, keep_freed_memory, out_flag, output_file, pick_device, run_cache_dir, run_cli)
+                   folder, free_text, keep_freed_memory, nonempty, nonempty_text, out_flag, output_file, path_arg,
+                   pick_device, run_cache_dir, run_cli)
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -210,6 +211,27 @@ def test_a_table_is_written_through_a_link_and_into_what_is_not_a_file(tmp_path)
     (tmp_path / "new.md").symlink_to(tmp_path / "made-later.md")  # the check before the work leaves it a link
     assert output_file(str(tmp_path / "new.md")) and (tmp_path / "new.md").is_symlink()
     assert not (tmp_path / "made-later.md").exists()
+
+
+def test_a_leading_tilde_is_home_in_every_path_flag_as_the_shell_would_make_it(tmp_path, monkeypatch):
+    """--out=~/runs and a quoted "~/runs" reach the script unexpanded: they made a folder named ~ in the
+    working folder, and a model folder ~/enc was tried as a hub id."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    home = str(tmp_path / "home")
+    assert folder("~/runs") == path_arg("~/runs") == nonempty("a folder")("~/runs") == f"{home}/runs"
+    assert output_file("~/t.md") == f"{home}/t.md" and not (tmp_path / "home" / "t.md").exists()
+    import train
+    args = train.get_args(["--out=~/r", "--data", "~/texts.txt", "--cache-dir", "~/c", "--encoder", "~/enc"])
+    assert (args.out, args.data, args.cache_dir, args.encoder) == (f"{home}/r", f"{home}/texts.txt", f"{home}/c",
+                                                                   f"{home}/enc")
+    assert nonempty_text("~/ is a smile") == "~/ is a smile"  # text is text
+
+
+def test_a_link_to_a_missing_folder_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # was a FileExistsError traceback after the data work
+    with pytest.raises(argparse.ArgumentTypeError, match="is a link to .*nowhere', which does not exist"):
+        folder(str(tmp_path / "dangling"))
 
 
 def test_a_closed_pipe_ends_quietly_and_a_full_disk_is_one_line():
