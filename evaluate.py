@@ -419,10 +419,12 @@ def plot_file(value):
     return output_file(value)
 
 
-def plot_sweep(results, path, guides, ppl_name="the reference LM"):
+def plot_sweep(results, path, guides, ppl_name="the reference LM", match=None):
     """Attribute success (y) against perplexity (x): one curve per guide over its scales, each point
     labelled with the scale; the unguided setting (guide none or scale 0) is marked as a star on each
-    curve, at that guide's own success measure (matplotlib: checked with --plot, plot_file)."""
+    curve, at that guide's own success measure (matplotlib: checked with --plot, plot_file). With
+    match (--match's REGEX) the y axis is the share of continuations the rule matches, for every guide.
+    -> the guides left out: those no judge covers, without match."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -430,13 +432,16 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
     unguided = next((r for r in results if r["guide"] == "none"), None)
     fig, ax = plt.subplots(figsize=(7, 5))
     drawn = starred = False
+    left_out = []
     for guide in dict.fromkeys(r["guide"] for r in results if r["guide"] != "none"):
-        points = sorted(((r["scale"], r["perplexity"], r["attribute_success"]) for r in results if r["guide"] == guide),
+        success = (lambda r: r["match"]) if match is not None else (lambda r: attribute_success(r, guide, guides))
+        points = sorted(((r["scale"], r["perplexity"], success(r)) for r in results if r["guide"] == guide),
                         key=lambda p: p[0])
         if unguided is not None and not any(scale == 0 for scale, _, _ in points):
-            points.insert(0, (0.0, unguided["perplexity"], attribute_success(unguided, guide, guides)))
+            points.insert(0, (0.0, unguided["perplexity"], success(unguided)))
         points = [p for p in points if ok(p[1]) and ok(p[2])]
         if not points:
+            left_out.append(guide)
             continue
         drawn = True
         line, = ax.plot([p[1] for p in points], [100 * p[2] for p in points], "o-", label=guide)
@@ -451,7 +456,8 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
     if starred:
         ax.plot([], [], "*", color="black", markersize=10, label="unguided (scale 0)")
     ax.set_xlabel(f"perplexity of the continuation given the prompt\nunder {ppl_name}")
-    ax.set_ylabel("attribute success (% judged to have the guide's target)")
+    ax.set_ylabel(f"% of continuations matching /{match}/" if match is not None else
+                  "attribute success (% judged to have the guide's target)")
     ax.set_title("guidance-scale sweep (points: guidance scale)")
     ax.grid(alpha=0.3)
     if drawn:
@@ -459,6 +465,7 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM"):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return left_out
 
 
 # ----------------------------------------------------------------------------- tables and main
@@ -585,8 +592,8 @@ def get_args(argv=None):
                    help="also judge each proposal by VADER on its nearest training sentence (of the run's corpus; "
                         "embeds the corpus once into the cache if it is not there)")
     p.add_argument("--plot", type=plot_file, default=None,
-                   help="write a picture (.png, .pdf, .svg, .jpg) of attribute success against perplexity (needs "
-                        "matplotlib)")
+                   help="write a picture (.png, .pdf, .svg, .jpg) of attribute success (with --match: the share "
+                        "the rule matches) against perplexity (needs matplotlib)")
     p.add_argument("--cache-dir", type=folder, default=None,
                    help="where train.py keeps the tiny corpus (default: the checkpoint's run's, else cache)")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="random seed")
@@ -670,8 +677,10 @@ def main(args):
             write_results(args, len(prompts), sampling, model.bf16, results)
     print("\n" + markdown(results))
     if args.plot:
-        plot_sweep(results, args.plot, model.guides, judges["perplexity"].name)
-        print(f"wrote {args.plot}")
+        left_out = plot_sweep(results, args.plot, model.guides, judges["perplexity"].name, args.match)
+        print(f"wrote {args.plot}" + (f" (without {', '.join(left_out)}: no judge covers "
+                                      f"{'it' if len(left_out) == 1 else 'them'}; --match REGEX judges by a rule)"
+                                      if left_out else ""))
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def build_guidance(spec, probes, guides, mu, s, scale, like=(), unlike=(), like_
     the unit embeddings of example texts to steer toward (like) or away from (unlike), each at
     like_weight; None when nothing steers. ckpt: the checkpoint an unknown guide's error names.
     kwargs: Guidance's."""
-    terms = probe_terms(spec, probes, guides, ckpt=ckpt)
+    terms = [term for term in probe_terms(spec, probes, guides, ckpt=ckpt) if term[3] != 0]  # x:0 steers nothing,
+    # so it is the unguided sample exactly (the guided path's x_hat, rederived, differs by its rounding in bf16)
     terms += [(e, torch.zeros(()), "like", like_weight) for e in like]
     terms += [(e, torch.zeros(()), "unlike", like_weight) for e in unlike]
     return Guidance(terms, mu, s, scale, barred=barred_words(spec, guides), **kwargs) if terms else None
@@ -243,6 +244,8 @@ def parse_guides(spec, available, ckpt="CKPT"):
                 raise SystemExit(f"error: guide {spec!r}: like takes no weight; --like-weight sets the pull of each "
                                  "--like / --unlike example")
             continue
+        if name == "none" and colon:
+            raise SystemExit(f"error: guide {spec!r}: none (no guidance) takes no weight")
         if name == "none" and len(parts) > 1:  # evaluate.py --guides none,positive is two rows
             raise SystemExit(f"error: guide {spec!r}: none (no guidance) stands alone; the guides of a list steer "
                              "together (evaluate.py --guides gives one row each)")
@@ -256,7 +259,9 @@ def parse_guides(spec, available, ckpt="CKPT"):
         try:
             value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1
         except ValueError:
-            raise SystemExit(f"error: guide weight {weight!r} in {part!r} is not a number (use name:weight)") from None
+            plus = "; '+' joins guides, so write 1e2, not 1e+2" if weight.lower().endswith("e") else ""
+            raise SystemExit(f"error: guide weight {weight!r} in {part!r} is not a number (use name:weight{plus})") \
+                from None
         if not 0 <= value <= 1e4:  # also refuses nan and inf, which would turn every step's noise into nan
             raise SystemExit(f"error: guide weight {weight!r} in {part!r} is out of range (accepted: [0, 10000]; "
                              "to steer the other way, use the opposite guide)")
@@ -428,6 +433,9 @@ def balanced_accuracy(w, b, e, y):
     return 0.5 * (right[y == 1].float().mean() + right[y == 0].float().mean()).item()
 
 
+MIN_FITTED = 5  # examples of each class a paper probe is fitted on, at the least (20k of each by default)
+
+
 def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress=True):
     """The paper tier's probes on embeddings from `cache` (an encoder.EmbeddingCache).
 
@@ -447,24 +455,28 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
         first = unreachable[0][1]
         rest = [source for source, why in unreachable[1:] if why != first]
         raise SystemExit(first + (f" (likewise {', '.join(rest)}: DIR/<name>.jsonl each)" if rest else ""))
+    sentiment = [(row, source) for source in ("sst2", "amazon_polarity")
+                 for row in data_lib.read_labelled(source, max_per_class, data_dir)]
+    toxicity = data_lib.read_labelled("civil_comments", max_per_class, data_dir)
+    news = data_lib.read_labelled("ag_news", max_per_class, data_dir)
+    tasks = [("sentiment", [row for row, _ in sentiment], [row[1] for row, _ in sentiment], [s for _, s in sentiment]),
+             ("toxicity", toxicity, [row[1] for row in toxicity], [0] * len(toxicity))]
+    tasks += [(topic, news, [float(row[1] == k) for row in news], [0] * len(news))
+              for k, topic in enumerate(data_lib.AG_NEWS_TOPICS)]
+    for name, rows, y, _ in tasks:  # before any encoding: a probe fitted on nothing would be all zeros
+        fitted = [sum(1 for (_, _, h), label in zip(rows, y) if label == c and not h) for c in (0, 1)]
+        if min(fitted) < MIN_FITTED:
+            raise SystemExit(f"error: the {name} probe would be fitted on {fitted[0]} / {fitted[1]} examples of its two "
+                             f"classes (after the held-out ones); it needs {MIN_FITTED} of each: more data, or a "
+                             "larger --max-per-class")
     probes, report = {}, {}
-
-    def fit(name, rows, y, groups):
+    for name, rows, y, groups in tasks:
         e = torch.from_numpy(cache.encode([text for text, _, _ in rows], show_progress=show_progress))
         y = torch.tensor(y, dtype=torch.float32)
         held = torch.tensor([h for _, _, h in rows])
         train_groups = [g for g, h in zip(groups, held.tolist()) if not h]
         probes[name] = train_probe(e[~held], y[~held], balanced_weights(y[~held], train_groups))
         report[name] = balanced_accuracy(*probes[name], e[held], y[held])
-
-    sentiment = [(row, source) for source in ("sst2", "amazon_polarity")
-                 for row in data_lib.read_labelled(source, max_per_class, data_dir)]
-    fit("sentiment", [row for row, _ in sentiment], [row[1] for row, _ in sentiment], [s for _, s in sentiment])
-    toxicity = data_lib.read_labelled("civil_comments", max_per_class, data_dir)
-    fit("toxicity", toxicity, [row[1] for row in toxicity], [0] * len(toxicity))
-    news = data_lib.read_labelled("ag_news", max_per_class, data_dir)
-    for k, topic in enumerate(data_lib.AG_NEWS_TOPICS):
-        fit(topic, news, [float(row[1] == k) for row in news], [0] * len(news))
     return probes, report
 
 
@@ -599,6 +611,10 @@ def main(argv=None):
     if args.labels and paper:  # each would be ignored
         p.error(f"{', '.join('--' + f.replace('_', '-') for f in paper)} {'is' if len(paper) == 1 else 'are'} for "
                 "the paper probes, a run of their own; --labels trains probes of your file alone")
+    mine = [f"--{flag.replace('_', '-')}" for flag in ("text_column", "label_column", "name", "overwrite")
+            if getattr(args, flag) != p.get_default(flag)]
+    if mine and not args.labels:
+        p.error(f"{', '.join(mine)} {'is' if len(mine) == 1 else 'are'} for --labels FILE")
     config = Checkpoint(args.ckpt).config  # a missing or unreadable checkpoint: one line
     if why := refusal(args.ckpt):  # the probes are saved beside the checkpoint at the end: said before the work
         raise SystemExit(f"error: cannot write probes into {args.ckpt} ({why}); copy the checkpoint folder "
@@ -608,11 +624,27 @@ def main(argv=None):
                            args.batch_size, args.dtype or default_dtype(device))
     if args.labels:
         return add_label_probes(args, encoder_name, cache)
-    probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
     path = Path(args.ckpt) / "probes.safetensors"
+    try:
+        _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
+    except SystemExit:  # unreadable, or another encoder's: merge_probes replaces it, and says so
+        existing = {}
+    paper_probes = set().union(*map(guide_probes, PAPER_GUIDES.values()))
+    relying = sorted(g for g, v in existing.items() if g not in PAPER_GUIDES and set(guide_probes(v)) & paper_probes)
+    if relying:  # replacing the probe would silently change what those guides steer toward
+        clash = sorted(set().union(*(guide_probes(existing[g]) for g in relying)) & paper_probes)
+        raise SystemExit(f"error: the guide(s) {', '.join(relying)} of {path} read a probe named "
+                         f"{', '.join(map(repr, clash))}, which the paper probes would replace; train yours again "
+                         "under another --name first, or add the paper probes to a copy of the checkpoint")
+    probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
     merge_probes(path, probes, PAPER_GUIDES, encoder_name)
     print("held-out balanced accuracy (chance 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
     print(f"probes saved to {path}; guides: {', '.join(PAPER_GUIDES)}")
+    weak = [name for name, accuracy_ in report.items() if accuracy_ < 0.6]
+    if weak:
+        print(f"warning: the probe(s) {', '.join(weak)} are barely better than chance or worse on their held-out "
+              "examples, so their guides will steer little or at random; more examples help (--max-per-class)",
+              file=sys.stderr)
     return report
 
 

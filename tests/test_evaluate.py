@@ -103,6 +103,15 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+def test_a_plot_of_guides_no_judge_covers_uses_the_rule_or_names_what_it_leaves_out(tmp_path):
+    """A sweep of a user's own guides, judged by --match, gave empty axes and no word."""
+    pytest.importorskip("matplotlib")
+    sweep = [dict(fake_result(g, s, 0.3, 0.2, 20 + s), match=0.1 + s / 100) for g, s in
+             [("none", 0.0), ("formal", 50.0), ("formal", 100.0), ("positive", 50.0)]]
+    assert evaluate.plot_sweep(sweep, tmp_path / "a.png", GUIDES) == ["formal"]
+    assert evaluate.plot_sweep(sweep, tmp_path / "b.png", GUIDES, match=r"\bsir\b") == []
+
+
 def test_a_plot_it_cannot_draw_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys):
     # after a sweep of hours, a plot that cannot be drawn would have been a traceback (or a skipped plot)
     with pytest.raises(SystemExit):

@@ -84,6 +84,10 @@ def test_parse_guides():
         with pytest.raises(SystemExit, match="out of range"):
             parse_guides(f"positive:{weight}", available)
     assert parse_guides("positive:0", available) == [("positive", 0.0)]
+    with pytest.raises(SystemExit, match="none \\(no guidance\\) takes no weight"):  # said "unknown guide 'none'"
+        parse_guides("none:0.5", available)
+    with pytest.raises(SystemExit, match="'1e' in 'positive:1e' is not a number .*write 1e2, not 1e\\+2"):
+        parse_guides("positive:1e+2", available)
     assert parse_guides("positive,like", available) == [("positive", 1.0)]  # the examples come with --like
     for spec in ("positive,like:7", "like:banana"):  # a weight there was ignored, a word as much as a number
         with pytest.raises(SystemExit, match="like takes no weight; --like-weight sets the pull"):
@@ -195,6 +199,10 @@ def test_build_guidance_from_names():
     g = build_guidance("negative:2", probes, guides, torch.zeros(8), torch.ones(8), 10.0, **kw)
     assert g.terms[0][2] == 0 and g.terms[0][3] == 2.0 and g.scale == 10.0 and g.n_samples == 4
     assert build_guidance("none", probes, guides, torch.zeros(8), torch.ones(8), 10.0, **kw) is None
+    # weight 0 steers nothing: the unguided sample itself (the guided path's rounding in bf16 made other text)
+    assert build_guidance("negative:0", probes, guides, torch.zeros(8), torch.ones(8), 10.0, **kw) is None
+    g = build_guidance("negative:0,positive", probes, guides, torch.zeros(8), torch.ones(8), 10.0, **kw)
+    assert [term[2:] for term in g.terms] == [(1, 1.0)]
 
 
 def test_same_domain_targets_come_from_each_prefix():
@@ -255,6 +263,31 @@ def test_paper_probes_from_local_copies_are_merged_and_beat_chance(probe_data, c
     e = torch.from_numpy(embed(model, list(TOPIC_HELD_OUT.values())))
     logits = torch.stack([e @ probes[t][0] + probes[t][1] for t in data.AG_NEWS_TOPICS], 1)
     assert (logits.argmax(1) == torch.arange(4)).float().mean() >= 0.75  # chance is 0.25
+
+
+def test_paper_probes_refuse_to_fit_on_too_few_or_to_take_a_probe_a_users_guide_reads(probe_data, ckpt_copy,
+                                                                                        tmp_path, capsys):
+    """--max-per-class 1 held every example out and saved probes of zeros over the run's own; a user's
+    guides on a probe named sports were re-pointed to the AG News one. Neither touches probes.safetensors now."""
+    from encoder import TINY_ENCODER
+    path = ckpt_copy / "probes.safetensors"
+    mine = {"sentiment": (torch.randn(384), torch.tensor(0.0)), "sports": (torch.randn(384), torch.tensor(0.0))}
+    guide.save_probes(path, mine, {**guide.TINY_GUIDES, "happy": ("sports", 1), "sad": ("sports", 0)}, TINY_ENCODER)
+    before = path.read_bytes()
+    argv = ["--ckpt", str(ckpt_copy), "--probes", "paper", "--probe-data", str(probe_data),
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"the guide\(s\) happy, sad of .* read a probe named 'sports', which the "
+                                         "paper probes would replace"):
+        guide.main(argv)
+    assert path.read_bytes() == before
+    guide.save_probes(path, mine, guide.TINY_GUIDES, TINY_ENCODER)
+    before = path.read_bytes()
+    with pytest.raises(SystemExit, match="the sentiment probe would be fitted on 0 / 0 examples of its two classes"):
+        guide.main(argv + ["--max-per-class", "1"])
+    assert path.read_bytes() == before and not (tmp_path / "cache").exists()  # refused before any encoding
+    with pytest.raises(SystemExit):
+        guide.main(argv + ["--name", "mine"])  # ignored before: --name names a --labels probe
+    assert "--name is for --labels FILE" in capsys.readouterr().err
 
 
 def test_a_text_is_read_once_with_each_label(tmp_path):
