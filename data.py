@@ -447,6 +447,9 @@ def read_table(path, text, what):
                          "quoted text)")
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     names = [name.strip() for name in next((row for row in reader if any(f.strip() for f in row)), [])]
+    twice = sorted({name for name in names if name and names.count(name) > 1})
+    if twice:  # the last of the two columns would win, silently
+        raise SystemExit(f"error: {what} {path}: the header names the column {twice[0]!r} twice")
     rows = []
     for row in reader:
         if len(row) > len(names) and any(field.strip() for field in row[len(names):]):  # empty extras: trailing commas
@@ -480,6 +483,12 @@ def read_labels(path, text_column="text", label_column="label"):
     rows = []
     as_text = lambda value: "" if value is None else str(value)  # 0 is a label (JSON's 0 / 1 classes), null is none
     for n, record in enumerate(records, start=2 if suffix != ".jsonl" else 1):
+        label = record.get(label_column) if isinstance(record, dict) else None
+        if isinstance(label, (list, dict)):
+            raise SystemExit(f"error: {path} record {n} has a label that is a JSON {type(label).__name__}, not a word "
+                             "or a number")
+        if isinstance(label, float) and label.is_integer():  # JSON's 1 and 1.0 are one label
+            record = {**record, label_column: int(label)}
         missing = [c for c in (text_column, label_column) if not isinstance(record, dict) or c not in record]
         if missing:
             found = f"its columns: {', '.join(map(str, record))}; " if isinstance(record, dict) else ""

@@ -420,7 +420,8 @@ def merge_probes(path, probes, guides, encoder_name):
             print(f"note: replacing {path}: {str(err).removeprefix('error: ')}")
     changed = sorted(g for g in guides if g in old_guides and list(old_guides[g]) != json.loads(json.dumps(guides[g])))
     if changed:  # e.g. the paper's probes over a tiny checkpoint's: its positive and negative steer differently now
-        print(f"note: {path}: the guides {', '.join(changed)} are replaced by the new ones of those names")
+        print(f"note: {path}: " + (f"the guide {changed[0]} is replaced by the new one of that name" if len(changed) == 1
+                                   else f"the guides {', '.join(changed)} are replaced by the new ones of those names"))
     save_probes(path, {**old_probes, **probes}, {**old_guides, **guides}, encoder_name)
 
 
@@ -569,6 +570,12 @@ def add_label_probes(args, encoder_name, cache):
     print(f"{len(rows)} examples{copies}, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
           f"saved to {path}; guides: {', '.join(guides)}")
+    held = lambda v: {part.partition(":")[0].strip() for part in re.split(r"[,+]", v[3])} if len(v) > 3 else set()
+    holding = {g: sorted(held(v) & set(taken)) for g, v in existing.items() if g not in guides and held(v) & set(taken)}
+    if holding:  # e.g. the tiny tier's negative holds same-domain as it steers
+        replaced = sorted(set().union(*holding.values()))
+        print(f"note: the guide(s) {', '.join(sorted(holding))} hold {', '.join(replaced)}, which now steer"
+              f"{'s' if len(replaced) == 1 else ''} as your labels do")
     dashed = sorted(g for g in guides if g.startswith("-"))
     if dashed:  # argparse reads `--guide -x` as a flag without its value
         print(f"note: give a guide that starts with '-' after '=': sample.py --guide={dashed[0]}")

@@ -240,6 +240,14 @@ def test_labels_from_json_keep_numbers_and_refuse_null(tmp_path):
     path.write_text('{"text": "a dull film", "label": 0}\n{"text": "a fine film", "label": null}\n')
     with pytest.raises(SystemExit, match="record 2 has an empty label"):
         data.read_labels(path)
+    path.write_text('{"text": "a dull film", "label": 0.0}\n{"text": "a fine film", "label": 1}\n')
+    assert data.read_labels(path) == [("a dull film", "0"), ("a fine film", "1")]  # 0.0 and 0 were two labels
+    path.write_text('{"text": "a dull film", "label": 0}\n{"text": "a fine film", "label": ["good"]}\n')
+    with pytest.raises(SystemExit, match="record 2 has a label that is a JSON list, not a word or a number"):
+        data.read_labels(path)  # was a guide named "['good']"
+    (tmp_path / "twice.csv").write_text("text,label,label\na dull film,0,x\n")  # the last column won
+    with pytest.raises(SystemExit, match="the header names the column 'label' twice"):
+        data.read_labels(tmp_path / "twice.csv")
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_text_or_column(tmp_path):

@@ -461,6 +461,11 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     assert "already has a guide named 'positive'; pass --overwrite" in error("--labels", str(taken))
     assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(taken),
                        "--overwrite"]) > 0.5
+    held = labels_file(tmp_path / "held.csv", [(t, "same-domain") for t in POSITIVE] + [(t, "away") for t in NEGATIVE])
+    capsys.readouterr()
+    assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(held),
+                       "--overwrite"]) > 0.5  # the tiny tier's negative holds same-domain: it changed, unsaid
+    assert "note: the guide(s) negative hold same-domain, which now steers as your labels do" in capsys.readouterr().out
     empty = labels_file(tmp_path / "empty.tsv", good[:30] + [("", "cheerful")], sep="\t")
     assert "record 32 has an empty text" in error("--labels", str(empty))
     assert "has no `text` or `label` column" in error("--labels", str(labels_file(tmp_path / "cols.csv", good,
