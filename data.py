@@ -146,10 +146,9 @@ def write_jsonl(path, rows):
 
 def input_file(path, what, accepted=""):
     """Path(path) when it names a file; a folder or a missing path is a one-line error about `what`."""
-    if not Path(path).is_file():  # Path("") is ".", a folder
-        why = ("is a folder" if str(path) and Path(path).is_dir() else
-               "is not a file (a pipe or a device: save it to a file first)" if Path(path).exists() else
-               "does not exist")
+    if not Path(path).is_file():
+        why = ("does not exist" if not str(path) or not Path(path).exists() else  # Path("") is ".", a folder
+               "is a folder" if Path(path).is_dir() else "is not a file (a pipe or a device: save it to a file first)")
         raise SystemExit(f"error: {what} {str(path)!r} {why}" + (f" (accepted: {accepted})" if accepted else ""))
     return Path(path)
 

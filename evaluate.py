@@ -53,7 +53,7 @@ from encoder import EmbeddingCache, cache_dir_for
 from guide import guide_names
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
 from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded, comma_list, folder, hub_answers,
-                   output_file, path_arg, pick_device, run_cache_dir, run_cli)
+                   missing_folder, output_file, path_arg, pick_device, run_cache_dir, run_cli)
 
 
 def run_corpus(data, cache_dir):
@@ -274,15 +274,18 @@ class HFPerplexity:
     continuation's tokens count."""
 
     def __init__(self, name, device="cpu", batch_size=16):
+        answers = None
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            hub_answers(name)  # offline, a model not in the local cache fails at once instead of retrying
+            answers = hub_answers(name)  # offline, a model not in the local cache fails at once instead of retrying
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             # fp32 on every device: a judge's figures compare across machines (bf16 rounds GPT-2's logits by ~0.1)
             self.lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device).eval()
         except Exception as err:  # offline hub, missing folder, not a causal LM: many error types
-            raise SystemExit(f"error: could not load the reference language model {name!r} for perplexity "
-                             f"({type(err).__name__}); pass a local folder with --ppl-model or use --ppl-model self") from None
+            why = ("no such folder" if missing_folder(name) else "no internet, and not in the local cache"
+                   if answers is False else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}")
+            raise SystemExit(f"error: could not load the reference language model {name!r} for perplexity ({why}); "
+                             "pass a local folder with --ppl-model or use --ppl-model self") from None
         self.name, self.device, self.batch_size = name, device, batch_size
         cfg = self.lm.config
         self.max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024

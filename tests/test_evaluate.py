@@ -250,8 +250,12 @@ def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
                               "--ppl-model", nowhere])
     with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --sentiment-judge .*; could "
                                          r"not load the classifier .* for --toxicity-judge .*; could not load the "
-                                         r"reference language model .* for perplexity .*--ppl-model self$"):
+                                         r"reference language model .* for perplexity \(no such folder\); pass a "
+                                         r"local folder with --ppl-model or use --ppl-model self$"):
         evaluate.load_judges(args, "cpu")
+    with pytest.raises(SystemExit, match=r"model 'nobody/no-such-lm' for perplexity \(no internet, and not in the "
+                                         r"local cache\)"):  # was "(OSError)", as for a folder of something else
+        evaluate.HFPerplexity("nobody/no-such-lm")
     # the offline judges by the names the table's columns give them too
     assert evaluate.ToxicityJudge("alt-profanity-check").classifier is None
     assert evaluate.SentimentJudge("VADER").name == "VADER" and evaluate.SentimentJudge("TextBlob").name == "TextBlob"
