@@ -235,7 +235,10 @@ def compute_line(args, prior_config, decoder_config, lm_config, encoder_params, 
         (f" + {args.steps * flops['embedding']:.1e} FLOPs" if flops["embedding"] else " FLOPs")
     peak = peak_flops(device, True, args.peak_tflops)[0] if args.peak_tflops or str(device).startswith("cuda") else None
     if peak:
-        hours = lambda flop, gpus: f"{args.steps * flop / (0.4 * peak * gpus) / 3600:.1f} h"
+        def hours(flop, gpus):  # at 40% MFU; a tiny run's in minutes or seconds
+            seconds = args.steps * flop / (0.4 * peak * gpus)
+            return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+                else f"{seconds:.1f} s"
         line += f"; at 40% MFU about {hours(step, world)} of training steps"
         if flops["embedding"]:
             line += f" and {hours(flops['embedding'], world)} of embedding, in the background"
@@ -326,3 +329,8 @@ def describe_run(args, prior_config, decoder_config, lm_config, device=None, wor
     if plans:  # the run's GPU (on CUDA the only one planned for), or the first size of --sizes --gpu-memory
         args.micro_batch, args.decoder_micro_batch = plans[0]
     return sizes
+
+
+if __name__ == "__main__":  # a module of train.py's, with no command line of its own
+    raise SystemExit("budget.py has no command line: python train.py [--data c4] --sizes --gpu-memory 24,40,80 "
+                     "prints what it works out, without training")

@@ -53,7 +53,7 @@ from encoder import EmbeddingCache, cache_dir_for
 from guide import guide_names
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
 from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded, comma_list, folder, hub_answers,
-                   missing_folder, output_file, path_arg, pick_device, run_cache_dir, run_cli)
+                   missing_folder, nonempty, output_file, path_arg, pick_device, run_cache_dir, run_cli)
 
 
 def run_corpus(data, cache_dir):
@@ -399,7 +399,7 @@ def guide_target(name, guides):
 
 def attribute_success(result, guide, guides):
     """The share of samples matching a single guide's target (weights ignored); None for 'none',
-    for composite guides ('negative,news:0.5', but 'negative+same-domain' is judged as negative) and for
+    for composite guides ('negative+news:0.5', but 'negative+same-domain' is judged as negative) and for
     attributes no judge covers."""
     names = [n for n in guide_names(str(guide)) if not n.startswith("same-")]  # 'positive+same-domain' is judged as positive
     if len(names) != 1 or names[0] == "none":
@@ -588,7 +588,7 @@ def get_args(argv=None):
                         "folder); the first gives attribute success")
     p.add_argument("--toxicity-judge", default="profanity-check",
                    help="profanity-check (alt-profanity-check, offline) or a Hugging Face toxicity classifier")
-    p.add_argument("--match", default=None, metavar="REGEX",
+    p.add_argument("--match", type=nonempty("a regular expression", str), default=None, metavar="REGEX",
                    help="a rule as a judge: also report the share of continuations REGEX matches (re.search), "
                         "e.g. for an attribute of your own labels")
     p.add_argument("--nearest", action="store_true",

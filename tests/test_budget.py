@@ -1,4 +1,6 @@
 """budget.py: analytic FLOPs against counted ones, the memory estimate and the micro-batch plan."""
+import re
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -125,3 +127,13 @@ def test_throughput_reports_mfu_against_the_peak():
     assert r["prior_mfu"] == pytest.approx(3 * prior.flops_per_example() * 256 / 0.5 / 1e12)
     assert budget.peak_flops("cpu", False)[0] > 1e8  # measured on a CPU
     assert budget.peak_flops("cpu", False, given_tflops=5)[0] == 5e12
+
+
+def test_the_time_at_a_given_peak_is_in_a_unit_that_shows_it(capsys):
+    import train
+    for argv, expected in ((["--peak-tflops", "989"], r"about \d+\.\d s of training steps"),  # was "0.0 h"
+                           (["--data", "c4", "--steps", "100k", "--peak-tflops", "989"],
+                            r"about \d+\.\d h of training steps and \d+\.\d h of embedding")):
+        args = train.get_args(argv + ["--sizes"])
+        budget.describe_run(args, *train.planned_configs(args))
+        assert re.search(expected, capsys.readouterr().out), argv

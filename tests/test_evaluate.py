@@ -394,6 +394,7 @@ def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(t
 def test_bad_evaluation_input_is_one_line(capsys):
     from conftest import cli_error
     for argv, message in [(["--match", "(unclosed"], "argument --match: '(unclosed' is not a regular expression"),
+                          (["--match", ""], "argument --match: is empty (give a regular expression)"),  # column dropped
                           (["--scales", "10,nan"], "argument --scales: 'nan' is out of range"),
                           (["--n", "0"], "argument --n: '0' is out of range")]:
         err = cli_error(evaluate, argv, capsys)
