@@ -409,6 +409,22 @@ def load_probes(path, encoder_name=None, device="cpu"):
     return probes, guides
 
 
+def guides_on_disk(path, encoder_name):
+    """The guides of the probes file `path` for this encoder: {} where there is none, or it is unreadable
+    or another encoder's (merge_probes replaces those, and says so)."""
+    try:
+        return load_probes(path, encoder_name)[1] if path.exists() else {}
+    except SystemExit:
+        return {}
+
+
+def readers(guides, probe_names, exclude=()):
+    """{guide: the probes of probe_names it reads} for the guides not in exclude: the guides that a new
+    probe of one of those names would silently turn toward something else."""
+    return {g: sorted(set(guide_probes(v)) & set(probe_names)) for g, v in guides.items()
+            if g not in exclude and set(guide_probes(v)) & set(probe_names)}
+
+
 def merge_probes(path, probes, guides, encoder_name):
     """Write probes and guides into `path`, keeping those already there for the same encoder
     (a probe or guide of the same name is replaced)."""
@@ -546,21 +562,18 @@ def add_label_probes(args, encoder_name, cache):
         raise SystemExit(f"error: label {bad[0]!r} cannot name a guide (no spaces, ',', '+' or ':'; not "
                          f"{' or '.join(sorted(RESERVED_GUIDES))})")
     path = Path(args.ckpt) / "probes.safetensors"
-    try:
-        _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
-    except SystemExit:  # unreadable, or another encoder's: merge_probes replaces it, and says so
-        existing = {}
+    existing = guides_on_disk(path, encoder_name)
     taken = sorted(set(counts) & set(existing))
     if taken and not args.overwrite:
         raise SystemExit(f"error: {path} already has {'a guide' if len(taken) == 1 else 'guides'} named "
                          f"{', '.join(map(repr, taken))}; pass --overwrite to replace it, or rename the label")
     name = args.name or re.sub(r"\W+", "-", Path(args.labels).stem)
     new_probes = {name} if len(counts) == 2 else {f"{name}-{label}" for label in counts}
-    relying = sorted(g for g, v in existing.items() if g not in counts and set(guide_probes(v)) & new_probes)
+    relying = readers(existing, new_probes, exclude=counts)
     if relying:  # replacing the probe would silently change what those guides steer toward
-        clash = sorted(set().union(*(guide_probes(existing[g]) for g in relying)) & new_probes)
+        clash = sorted(set().union(*relying.values()))
         raise SystemExit(f"error: {path} already has a probe named {', '.join(map(repr, clash))}, which the guide(s) "
-                         f"{', '.join(relying)} use; name the new probe with --name")
+                         f"{', '.join(sorted(relying))} use; name the new probe with --name")
     texts = [text for text, _ in rows]
     e = torch.from_numpy(cache.encode(texts))
     probes, guides, accuracy_, chance = train_label_probes(e, texts, labels, name)
@@ -632,17 +645,13 @@ def main(argv=None):
     if args.labels:
         return add_label_probes(args, encoder_name, cache)
     path = Path(args.ckpt) / "probes.safetensors"
-    try:
-        _, existing = load_probes(path, encoder_name) if path.exists() else ({}, {})
-    except SystemExit:  # unreadable, or another encoder's: merge_probes replaces it, and says so
-        existing = {}
     paper_probes = set().union(*map(guide_probes, PAPER_GUIDES.values()))
-    relying = sorted(g for g, v in existing.items() if g not in PAPER_GUIDES and set(guide_probes(v)) & paper_probes)
+    relying = readers(guides_on_disk(path, encoder_name), paper_probes, exclude=PAPER_GUIDES)
     if relying:  # replacing the probe would silently change what those guides steer toward
-        clash = sorted(set().union(*(guide_probes(existing[g]) for g in relying)) & paper_probes)
-        raise SystemExit(f"error: the guide(s) {', '.join(relying)} of {path} read a probe named "
-                         f"{', '.join(map(repr, clash))}, which the paper probes would replace; train yours again "
-                         "under another --name first, or add the paper probes to a copy of the checkpoint")
+        raise SystemExit(f"error: the guide(s) {', '.join(sorted(relying))} of {path} read a probe named "
+                         f"{', '.join(map(repr, sorted(set().union(*relying.values()))))}, which the paper probes "
+                         "would replace; train yours again under another --name first, or add the paper probes to a "
+                         "copy of the checkpoint")
     probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
     merge_probes(path, probes, PAPER_GUIDES, encoder_name)
     print("held-out balanced accuracy (chance 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
