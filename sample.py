@@ -56,7 +56,7 @@ class SamplingConfig:
     like_weight: float = 20.0       # weight of each --like / --unlike example's -cos (+cos) in the guidance loss
     signal_level: float | None = None  # a of the re-noised proposal (None: the checkpoint's, 0.95)
     max_tokens: int = 32            # continuation length in tokens
-    min_tokens: int = 24            # no end-of-text before this many tokens (unguided text then runs a fifth past the data's: README)
+    min_tokens: int = 24            # no end-of-text before this many tokens (why 24: README)
     top_p: float = 0.9              # nucleus sampling mass
     temperature: float = 0.7        # 0: greedy
     repetition_penalty: float = 1.2  # CTRL-style, on the prompt's and the generated tokens
