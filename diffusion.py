@@ -3,7 +3,7 @@
 It learns p(x_c | x_p): the standardised embedding x_c of a continuation given the embedding x_p
 of its prefix (DGLM sec. 3.2). Notation (Kingma et al. 2021, "Variational Diffusion Models"):
 
-    lambda_t = log SNR(t)          cosine schedule: lambda(t) = -2 log tan(pi t / 2), t rescaled so that lambda spans [-15, 15]
+    lambda_t = log SNR(t)          cosine schedule: lambda(t) = -2 log tan(pi t / 2), t rescaled: lambda spans [-15, 15]
     a_t = sigmoid(lambda_t)        signal variance ("alpha bar"); 1 - a_t is the noise variance
     q(z_t | x):  z_t = sqrt(a_t) x + sqrt(1 - a_t) eps,       eps ~ N(0, I)
     v target:    v   = sqrt(a_t) eps - sqrt(1 - a_t) x        (Salimans & Ho 2022)

@@ -436,8 +436,9 @@ def merge_probes(path, probes, guides, encoder_name):
             print(f"note: replacing {path}: {str(err).removeprefix('error: ')}")
     changed = sorted(g for g in guides if g in old_guides and list(old_guides[g]) != json.loads(json.dumps(guides[g])))
     if changed:  # e.g. the paper's probes over a tiny checkpoint's: its positive and negative steer differently now
-        print(f"note: {path}: " + (f"the guide {changed[0]} is replaced by the new one of that name" if len(changed) == 1
-                                   else f"the guides {', '.join(changed)} are replaced by the new ones of those names"))
+        print(f"note: {path}: " + (f"the guide {changed[0]} is replaced by the new one of that name"
+                                   if len(changed) == 1 else
+                                   f"the guides {', '.join(changed)} are replaced by the new ones of those names"))
     save_probes(path, {**old_probes, **probes}, {**old_guides, **guides}, encoder_name)
 
 
@@ -483,9 +484,9 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
     for name, rows, y, _ in tasks:  # before any encoding: a probe fitted on nothing would be all zeros
         fitted = [sum(1 for (_, _, h), label in zip(rows, y) if label == c and not h) for c in (0, 1)]
         if min(fitted) < MIN_FITTED:
-            raise SystemExit(f"error: the {name} probe would be fitted on {fitted[0]} / {fitted[1]} examples of its two "
-                             f"classes (after the held-out ones); it needs {MIN_FITTED} of each: more data, or a "
-                             "larger --max-per-class")
+            raise SystemExit(f"error: the {name} probe would be fitted on {fitted[0]} / {fitted[1]} examples of its "
+                             f"two classes (after the held-out ones); it needs {MIN_FITTED} of each: more data, or "
+                             "a larger --max-per-class")
     probes, report = {}, {}
     for name, rows, y, groups in tasks:
         e = torch.from_numpy(cache.encode([text for text, _, _ in rows], show_progress=show_progress))
