@@ -421,8 +421,8 @@ def guides_on_disk(path, encoder_name):
 def readers(guides, probe_names, exclude=()):
     """{guide: the probes of probe_names it reads} for the guides not in exclude: the guides that a new
     probe of one of those names would silently turn toward something else."""
-    return {g: sorted(set(guide_probes(v)) & set(probe_names)) for g, v in guides.items()
-            if g not in exclude and set(guide_probes(v)) & set(probe_names)}
+    read = {g: sorted(set(guide_probes(v)) & set(probe_names)) for g, v in guides.items() if g not in exclude}
+    return {g: names for g, names in read.items() if names}
 
 
 def merge_probes(path, probes, guides, encoder_name):
@@ -584,8 +584,8 @@ def add_label_probes(args, encoder_name, cache):
     print(f"{len(rows)} examples{copies}, labels " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"held-out balanced accuracy {accuracy_:.3f} (chance {chance:.3f}); probes {', '.join(probes)} "
           f"saved to {path}; guides: {', '.join(guides)}")
-    held = lambda v: {part.partition(":")[0].strip() for part in re.split(r"[,+]", v[3])} if len(v) > 3 else set()
-    holding = {g: sorted(held(v) & set(taken)) for g, v in existing.items() if g not in guides and held(v) & set(taken)}
+    held = {g: set(guide_names(v[3])) & set(taken) for g, v in existing.items() if g not in guides and len(v) > 3}
+    holding = {g: names for g, names in held.items() if names}
     if holding:  # e.g. the tiny tier's negative holds same-domain as it steers
         replaced = sorted(set().union(*holding.values()))
         print(f"note: the guide(s) {', '.join(sorted(holding))} hold {', '.join(replaced)}, which now steer"
