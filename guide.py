@@ -381,6 +381,30 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     return probes, report
 
 
+def refit_tiny_probes(config, cache, data_dir):
+    """guide.py --probes tiny: the probes train.py fitted for a run on the tiny corpus (or a file in its format:
+    a text, a rating and a domain a row), fitted again on the run's own split and cached embeddings, so that an
+    edit of train_tiny_probes or TINY_GUIDES reaches a trained run in seconds. -> (probes, report)"""
+    run = config["train"]
+    data = run["data"]
+    if data == "c4":
+        raise SystemExit("error: --probes tiny fits on the tiny corpus's ratings and domains, which C4 has not; "
+                         "use --probes paper, or --labels FILE")
+    if run.get("data_sha256") and os.path.isfile(data) and data_lib.sha256_of(data) != run["data_sha256"]:
+        raise SystemExit(f"error: {data} has changed since the run trained on it, so its split would not be the "
+                         "run's; restore it, or fit probes of your labels with --labels FILE")
+    train, held_out = data_lib.make_examples(data_lib.load_corpus(data, data_dir), run["seed"], run["max_prefix_frac"])
+    if not (data_lib.tiny_format(train) and data_lib.tiny_format(held_out)):
+        raise SystemExit(f"error: --probes tiny fits on the tiny corpus's ratings and domains; {data} has no rating "
+                         "and domain in every row: fit probes of your labels with --labels FILE, or the paper's with --probes paper")
+
+    def continuations(examples):
+        return torch.from_numpy(cache.encode([ex["continuation"] for ex in examples]))
+
+    return train_tiny_probes(continuations(train), train, continuations(held_out), held_out,
+                             lambda texts: cache.encode(texts, show_progress=False))
+
+
 def save_probes(path, probes, guides, encoder_name):
     tensors = {}
     for name, (w, b) in probes.items():
@@ -398,8 +422,8 @@ def load_probes(path, encoder_name=None, device="cpu"):
         tensors = load_file(str(path), device=str(device))
     except (OSError, Exception) as err:  # safetensors raises its own error type for corrupt files
         raise SystemExit(f"error: cannot read probes {path} ({err}); restore it, or replace it: `python guide.py "
-                         f"--ckpt {shell(Path(path).parent)} --labels FILE` with probes of your own, or the next "
-                         "`train.py --resume` of its run with the run's own") from None
+                         f"--ckpt {shell(Path(path).parent)}` with its tier's own (--labels FILE: probes of your "
+                         "own)") from None
     if encoder_name is not None and meta.get("encoder") != encoder_name:
         raise SystemExit(f"error: probes in {path} were trained for encoder {meta.get('encoder')!r}, "
                          f"but the checkpoint uses {encoder_name!r}")
@@ -612,9 +636,10 @@ def main(argv=None):
     p.add_argument("--label-column", default="label", help="--labels: the column (or JSON field) of the labels")
     p.add_argument("--name", default=None, help="--labels: the probe's name (default: the file's name)")
     p.add_argument("--overwrite", action="store_true", help="--labels: replace guides of the same names")
-    p.add_argument("--probes", default=None, choices=["paper"],
-                   help="without --labels (the default then): sentiment (SST-2, Amazon polarity), toxicity (Civil "
-                        "Comments), AG News topics")
+    p.add_argument("--probes", default=None, choices=["tiny", "paper"],
+                   help="without --labels, the tier's probes (default: the run's tier): tiny fits train.py's again on "
+                        "the run's corpus and cached embeddings (after an edit of guide.py, say); paper: sentiment "
+                        "(SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
     p.add_argument("--max-per-class", type=count, default=None,
                    help="paper probes: examples per class and data set (default 20k)")
     p.add_argument("--probe-data", type=folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
@@ -631,7 +656,10 @@ def main(argv=None):
     paper = [flag for flag in ("probes", "max_per_class", "probe_data") if getattr(args, flag) is not None]
     if args.labels and paper:  # each would be ignored
         p.error(f"{', '.join('--' + f.replace('_', '-') for f in paper)} {'is' if len(paper) == 1 else 'are'} for "
-                "the paper probes, a run of their own; --labels trains probes of your file alone")
+                "the tier's probes, a run of their own; --labels trains probes of your file alone")
+    if args.probes == "tiny" and paper[1:]:
+        p.error(f"{' and '.join('--' + f.replace('_', '-') for f in paper[1:])} {'is' if len(paper) == 2 else 'are'} "
+                "for --probes paper; --probes tiny fits on the run's own corpus")
     mine = [f"--{flag.replace('_', '-')}" for flag in ("text_column", "label_column", "name", "overwrite")
             if getattr(args, flag) != p.get_default(flag)]
     if mine and not args.labels:
@@ -641,27 +669,35 @@ def main(argv=None):
         raise SystemExit(f"error: cannot write probes into {args.ckpt} ({why}); copy the checkpoint folder "
                          "somewhere writable and pass that --ckpt")
     encoder_name, device = config["encoder"], pick_device(args.device)
+    tier = args.probes or config.get("train", {}).get("tier", "paper")
+    if tier == "tiny" and (args.max_per_class or args.probe_data):  # the paper tier's flags name the tier
+        tier = "paper"
     cache = EmbeddingCache(cache_dir_for(args.cache_dir or run_cache_dir(config), encoder_name), encoder_name, device,
                            args.batch_size, args.dtype or default_dtype(device))
     if args.labels:
         return add_label_probes(args, encoder_name, cache)
     path = Path(args.ckpt) / "probes.safetensors"
-    paper_probes = set().union(*map(guide_probes, PAPER_GUIDES.values()))
-    relying = readers(guides_on_disk(path, encoder_name), paper_probes, exclude=PAPER_GUIDES)
+    guides = TINY_GUIDES if tier == "tiny" else PAPER_GUIDES
+    relying = readers(guides_on_disk(path, encoder_name), set().union(*map(guide_probes, guides.values())),
+                      exclude=guides)
     if relying:  # replacing the probe would silently change what those guides steer toward
         raise SystemExit(f"error: the guide(s) {', '.join(sorted(relying))} of {path} read a probe named "
-                         f"{', '.join(map(repr, sorted(set().union(*relying.values()))))}, which the paper probes "
-                         "would replace; train yours again under another --name first, or add the paper probes to a "
-                         "copy of the checkpoint")
-    probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
-    merge_probes(path, probes, PAPER_GUIDES, encoder_name)
-    print("held-out balanced accuracy (chance 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-    print(f"probes saved to {path}; guides: {', '.join(PAPER_GUIDES)}")
+                         f"{', '.join(map(repr, sorted(set().union(*relying.values()))))}, which the {tier} probes "
+                         f"would replace; train yours again under another --name first, or add the {tier} probes to "
+                         "a copy of the checkpoint")
+    if tier == "tiny":
+        probes, report = refit_tiny_probes(config, cache, args.cache_dir or run_cache_dir(config))
+    else:
+        probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
+    merge_probes(path, probes, guides, encoder_name)
+    print(("held-out accuracy: " if tier == "tiny" else "held-out balanced accuracy (chance 0.5): ")
+          + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    print(f"probes saved to {path}; guides: {', '.join(guides)}")
     weak = [name for name, accuracy_ in report.items() if accuracy_ < 0.6]
     if weak:
         print(f"warning: the probe(s) {', '.join(weak)} are barely better than chance or worse on their held-out "
-              "examples, so their guides will steer little or at random; more examples help (--max-per-class)",
-              file=sys.stderr)
+              "examples, so their guides will steer little or at random; more examples help"
+              + (" (--max-per-class)" if tier == "paper" else ""), file=sys.stderr)
     return report
 
 

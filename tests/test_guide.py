@@ -423,11 +423,41 @@ def test_damaged_probes_point_to_a_fix_that_works_and_guide_py_replaces_them(ckp
     probes = ckpt_copy / "probes.safetensors"
     probes.write_bytes(probes.read_bytes()[:300])
     err = cli_error(sample, ["--ckpt", str(ckpt_copy), "--guide", "positive"], capsys)
-    assert f"cannot read probes {probes} (" in err and f"`python guide.py --ckpt {ckpt_copy} --labels FILE`" in err
+    assert f"cannot read probes {probes} (" in err and f"`python guide.py --ckpt {ckpt_copy}` with its tier's own" in err
     mood = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
     assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(mood)]) > 0.5
     assert f"note: replacing {probes}: cannot read probes" in capsys.readouterr().out
     assert set(guide.load_probes(probes, "minilm")[1]) == {"cheerful", "gloomy"}
+
+
+def test_the_runs_own_probes_are_fitted_again_with_an_edited_guide(trained, ckpt_copy, monkeypatch, capsys):
+    """An edit of TINY_GUIDES reached a trained run only through a --resume that trained on: a finished run
+    refused it. guide.py fits the tier's probes again: the same tensors as the run's, the edited guides."""
+    from safetensors.torch import load_file
+    from utils import run_cli
+    path = ckpt_copy / "probes.safetensors"
+    path.unlink()
+    monkeypatch.setitem(guide.TINY_GUIDES, "positive", ("sentiment", 1, 0.8))
+    report = guide.main(["--ckpt", str(ckpt_copy)])  # --probes tiny, the run's tier; the run's own cache
+    assert set(report) == {"sentiment", "sentiment_no_negation", "movie", "tweet"} and report["sentiment"] > 0.8
+    before, after = load_file(trained / "out" / "probes.safetensors"), load_file(path)
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert guide.load_probes(path, "minilm")[1]["positive"] == ("sentiment", 1, 0.8)
+    assert "held-out accuracy: sentiment" in capsys.readouterr().out
+
+    def error(*argv):
+        with pytest.raises(SystemExit):
+            run_cli(lambda: guide.main(["--ckpt", str(ckpt_copy), "--probes", "tiny", *argv]))
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    assert "--max-per-class is for --probes paper" in error("--max-per-class", "5")
+    monkeypatch.setattr(data, "load_corpus", lambda *a: [{"text": f"a plain text {i}"} for i in range(50)])
+    assert "has no rating and domain in every row" in error()
+    monkeypatch.setattr(data, "sha256_of", lambda path: "0" * 64)  # the run's file, edited since
+    assert "has changed since the run trained on it" in error()
+    assert torch.equal(load_file(path)["sentiment.weight"], before["sentiment.weight"])  # nothing written
 
 
 def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
@@ -481,7 +511,7 @@ def test_labelled_file_errors_are_one_line(ckpt_copy, tmp_path, capsys):
     assert "is a folder" in error("--labels", str(tmp_path))
     assert "argument --name: '' names no probe" in error("--labels", str(few), "--name", "")  # took the file's name
     assert "argument --labels: is empty" in error("--labels", "")  # it trained the paper probes instead
-    assert "--probes, --max-per-class are for the paper probes, a run of their own; --labels trains" in \
+    assert "--probes, --max-per-class are for the tier's probes, a run of their own; --labels trains" in \
         error("--labels", str(few), "--probes", "paper", "--max-per-class", "5")  # each was ignored
     assert "cannot name a guide" in error("--labels", str(labels_file(tmp_path / "comma.csv",
                                                                        [(t, "a,b") for t in POSITIVE] + good[20:])))
