@@ -279,7 +279,7 @@ def bench_train(args, device):
                       B, prior_micro, 3 * prior.flops_per_example() * B),
             "decoder": (lambda: train.decoder_step(decoder, decoder, opt_decoder, x[:D], prefix_ids, cont_ids,
                                                    rows(D, decoder_micro), 1, amp),
-                        D, decoder_micro, 3 * D * (seq + 10) * decoder.flops_per_token(seq + 10))}
+                        D, decoder_micro, 3 * D * decoder.flops_per_sequence(seq + 10))}
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     print(f"{'paper-sized random models' if args.config == 'paper' else args.ckpt} on {device} "
           f"({'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}): "

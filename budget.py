@@ -2,7 +2,7 @@
 
   sizes       parameter counts of the prior, the soft-prompt generator and the language model, built
               on the meta device from configs alone (nothing is allocated or downloaded)
-  FLOPs, MFU  analytic forward FLOPs (Prior.flops_per_example, Decoder.flops_per_token) times 3 for
+  FLOPs, MFU  analytic forward FLOPs (Prior.flops_per_example, Decoder.flops_per_sequence) times 3 for
               a training step (forward + backward); model FLOP utilisation = achieved FLOP/s over the
               device's peak bf16 FLOP/s (a table of common GPUs, --peak-tflops, or on a CPU a measured
               large matrix product)
@@ -29,7 +29,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from data import C4_TOKENS, HELD_OUT_PERCENT
-from decoder import SoftPromptGenerator, gpt2_flops_per_token
+from decoder import SoftPromptGenerator, training_flops
 from diffusion import Prior
 from encoder import EMBED_BATCH, cache_dir_for, disk_usage
 from utils import CHECKPOINT
@@ -100,15 +100,16 @@ def embedding_activations(name, batch, text_len):
     return batch * tokens * (4 * ff + 12 * width) + 2 * batch * heads * tokens ** 2
 
 
-def step_flops(prior_config, lm_config, seq_len, prior_batch, decoder_batch, encoder_params=None, embed_len=0):
-    """Analytic FLOPs of one training step, the decoder's sequences of seq_len tokens: the prior's and
-    the decoder's forward + backward (3x the forward), and, with encoder_params, the
+def step_flops(prior_config, lm_config, seq_len, n_soft, prior_batch, decoder_batch, encoder_params=None,
+               embed_len=0):
+    """Analytic FLOPs of one training step, the decoder's sequences of seq_len tokens (n_soft of them
+    slots): the prior's and the decoder's forward + backward (3x the forward), and, with encoder_params, the
     forward pass of the frozen encoder over the prior_batch new texts of embed_len tokens that a C4 step
     brings (each window's texts are embedded once; about 2 FLOPs per parameter and token)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         prior = Prior(prior_config)
-    lm = gpt2_flops_per_token(lm_config["n_layer"], lm_config["n_embd"], lm_config["vocab_size"], seq_len)
-    return {"prior": 3 * prior_batch * prior.flops_per_example(), "decoder": 3 * decoder_batch * seq_len * lm,
+    lm = training_flops(lm_config["n_layer"], lm_config["n_embd"], lm_config["vocab_size"], seq_len, n_soft)
+    return {"prior": 3 * prior_batch * prior.flops_per_example(), "decoder": 3 * decoder_batch * lm,
             "embedding": 2 * (encoder_params or 0) * embed_len * prior_batch}
 
 
@@ -147,7 +148,7 @@ class Throughput:
         self.examples += batch
         self.sequences += len(lengths)
         self.tokens += sum(lengths)
-        self.flops_decoder += sum(3 * n * self.decoder.flops_per_token(n) for n in lengths)
+        self.flops_decoder += sum(3 * self.decoder.flops_per_sequence(n) for n in lengths)
 
     def report(self):
         """{prior_samples_s, prior_tflops, prior_mfu, decoder_samples_s, decoder_tokens_s, ...}; resets."""
@@ -224,8 +225,8 @@ def compute_line(args, prior_config, decoder_config, lm_config, encoder_params, 
     40% MFU where the peak is known (CUDA or --peak-tflops); an estimate until a GPU run measures it."""
     c4 = args.data == "c4"
     text_len = min(C4_TOKENS, args.max_len) if c4 else args.max_len
-    flops = step_flops(prior_config, lm_config, text_len + decoder_config.n_soft + 2, args.batch_size,
-                       args.decoder_batch, encoder_params if c4 else None, text_len)
+    flops = step_flops(prior_config, lm_config, text_len + decoder_config.n_soft + 2, decoder_config.n_soft,
+                       args.batch_size, args.decoder_batch, encoder_params if c4 else None, text_len)
     step = flops["prior"] + flops["decoder"]
     line = (f"compute (analytic, texts of {text_len} tokens): {step:.1e} FLOPs a training step (prior "
             f"{flops['prior']:.1e}, decoder {flops['decoder']:.1e})")

@@ -315,18 +315,26 @@ class Decoder(nn.Module):
             result.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
         return result
 
-    def flops_per_token(self, context):
+    def flops_per_sequence(self, n):
+        """Forward FLOPs of one training sequence of n tokens (training_flops)."""
         c = self.lm.config
-        return gpt2_flops_per_token(c.n_layer, c.n_embd, c.vocab_size, context)
+        return training_flops(c.n_layer, c.n_embd, c.vocab_size, n, self.config.n_soft)
 
 
 def gpt2_flops_per_token(n_layer, n_embd, vocab_size, context):
     """Forward FLOPs per token of GPT-2 at sequence length `context` (2 per multiply-add): the weight
     matrices of every layer, attention over the context (q k^T and the weighted sum of v, counted over
-    the whole context as is usual for MFU) and the LM head; the soft-prompt generator (a few small
-    matrices per example) is left out."""
+    the whole context as is usual for MFU) and the LM head."""
     layer = 2 * 12 * n_embd ** 2 + 2 * 2 * context * n_embd
     return n_layer * layer + 2 * n_embd * vocab_size
+
+
+def training_flops(n_layer, n_embd, vocab_size, n, n_soft):
+    """Forward FLOPs of one training sequence of n tokens, [bos][prefix][k slots][continuation][eos]: every
+    token through GPT-2's layers, the LM head only at the n - k - 1 positions Decoder.forward scores (on the
+    tiny tier the head is half a token's FLOPs). The soft-prompt generator (a few small matrices per example)
+    is left out."""
+    return n * gpt2_flops_per_token(n_layer, n_embd, vocab_size, n) - (n_soft + 1) * 2 * n_embd * vocab_size
 
 
 def fit_length(prefix_ids, continuation_ids, room):

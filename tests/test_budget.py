@@ -25,24 +25,43 @@ def test_the_priors_analytic_flops_match_the_counted_matrix_products():
 
 
 def test_the_decoders_analytic_flops_per_token_match_gpt2_counted():
+    from decoder import gpt2_flops_per_token
     decoder = tiny_decoder(300, dim=16)
     decoder.lm.set_attn_implementation("eager")  # attention as matrix products the counter sees
     T = 20
     ids = torch.randint(0, 300, (2, T))
     counted = counted_flops(lambda: decoder.lm(input_ids=ids))
     # counted attention covers the whole context (no causal saving in the matrix products): the formula's convention
-    assert decoder.flops_per_token(T) * 2 * T == pytest.approx(counted, rel=0.01)
+    c = decoder.lm.config
+    assert gpt2_flops_per_token(c.n_layer, c.n_embd, c.vocab_size, T) * 2 * T == pytest.approx(counted, rel=0.01)
+
+
+def test_a_training_sequences_flops_count_the_lm_head_only_where_a_token_is_scored():
+    """Throughput counted the LM head at every position, slots and bos included, where Decoder.forward
+    computes it at the scored ones alone: the tiny tier's decoder MFU read about an eighth too high."""
+    decoder = tiny_decoder(300, dim=16)
+    decoder.lm.set_attn_implementation("eager")
+    prefix_ids, cont_ids = [[5, 6, 7]] * 16, [list(range(10, 18))] * 16  # 1 + 3 + 3 slots + 8 + eos = 16 tokens,
+    n = 16                                                                  # 12 scored a row: no padding of either
+    x, noise = torch.randn(16, 16), {"a": torch.full((16,), 0.9), "eps": torch.randn(16, 16)}
+    counted = counted_flops(lambda: decoder(prefix_ids, cont_ids, x, noise)) - \
+        counted_flops(lambda: decoder.condition(x, noise["a"]))  # the soft-prompt generator, left out
+    assert 16 * decoder.flops_per_sequence(n) == pytest.approx(counted, rel=0.01)
+    head = 2 * decoder.lm.config.n_embd * 300
+    assert decoder.flops_per_sequence(n) == pytest.approx(counted_flops(lambda: decoder.lm(
+        input_ids=torch.zeros(1, n, dtype=torch.long))) - 4 * head, rel=0.01)  # bos and the 3 slots score nothing
 
 
 def test_step_flops_count_the_three_models_and_the_texts_a_c4_step_embeds():
     config = PriorConfig(dim=48, n_tokens=6, token_dim=16, width=64, depth=4, heads=4)
     decoder = tiny_decoder(300, dim=16)
     lm = decoder.lm.config.to_dict()
-    flops = budget.step_flops(config, lm, 20, 8, 4)
+    flops = budget.step_flops(config, lm, 20, 3, 8, 4)
     assert flops["prior"] == 3 * 8 * Prior(config).flops_per_example()        # forward + backward, per example
-    assert flops["decoder"] == 3 * 4 * 20 * decoder.flops_per_token(20)       # per token of each sequence
+    assert flops["decoder"] == 3 * 4 * decoder.flops_per_sequence(20)        # each sequence of 20 tokens, 3 slots
     assert flops["embedding"] == 0                                             # a corpus is embedded once, up front
-    assert budget.step_flops(config, lm, 20, 8, 4, encoder_params=1e6, embed_len=16)["embedding"] == 2 * 1e6 * 16 * 8
+    assert budget.step_flops(config, lm, 20, 3, 8, 4, encoder_params=1e6, embed_len=16)["embedding"] == \
+        2 * 1e6 * 16 * 8
 
 
 def test_memory_estimate_grows_with_the_micro_batch_and_checkpointing_saves_activations():
