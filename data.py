@@ -285,12 +285,12 @@ class C4Examples:
     run started). `position` is where the stream stands after the last example it yielded, a small
     JSON-serialisable dict: save it with a checkpoint and pass it back as `position=` to continue
     exactly there. It holds the `datasets` stream's own state_dict() taken before the current
-    document, so resuming skips whole files instead of re-reading them. With several processes,
-    each passes its rank and the world size and streams its own part (and keeps its own position).
+    document, so resuming skips whole files instead of re-reading them. Under torchrun every process
+    reads the same stream: train.py splits the embedding of each window between them, not the stream.
     """
 
     def __init__(self, tokenizer, path=None, seed=0, position=None, chunk=128, keep=C4_TOKENS,
-                 max_tokens_per_char=0.25, max_prefix_frac=1.0, rank=0, world_size=1):
+                 max_tokens_per_char=0.25, max_prefix_frac=1.0):
         self.tokenizer, self.path, self.seed = tokenizer, path, seed
         self.chunk, self.keep, self.max_tokens_per_char = chunk, keep, max_tokens_per_char
         self.max_prefix_frac = max_prefix_frac
@@ -298,9 +298,6 @@ class C4Examples:
         # dataset: the datasets stream's state before the current document (None: the start)
         self.position = dict(position) if position else {"doc": 0, "chunk": 0, "dataset": None}
         self.stream = open_c4(path)  # opened here, so that an offline hub fails before training starts
-        if world_size > 1:
-            from datasets.distributed import split_dataset_by_node
-            self.stream = split_dataset_by_node(self.stream, rank, world_size)
 
     def __iter__(self):
         start = self.position

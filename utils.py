@@ -11,11 +11,12 @@ Checkpoint: one self-describing directory (--out / --ckpt) holding everything sa
     config.json              a copy of the config, for reading
     tokenizer/               the decoder's tokenizer
     probes.safetensors       linear probes and the guides built on them (guide.py)
-    log.jsonl                losses and throughput, one line per step
+    log.jsonl                losses and throughput, one line per step (C4: and one per window)
     train.lock               held (flock) by the train.py training into the directory, while it does
 
-Tensors are stored with safetensors and configs as JSON: loading never unpickles. Every file is
-written to a temporary name and renamed into place, so a kill during a save keeps the last one.
+Tensors are stored with safetensors and configs as JSON: loading never unpickles. The checkpoint, its
+config and the probes are written to a temporary name and renamed into place, so a kill during a save
+keeps the last one; the log is appended to, the tokenizer written once before the first step.
 """
 import argparse
 import errno
@@ -492,7 +493,7 @@ class Checkpoint:
         refuse_a_file(out)
         if not self.path.exists():
             log, train = Path(out) / "log.jsonl", f"`python train.py --out {shell(out)}`"
-            steps = len(log.read_bytes().splitlines()) if log.exists() else 0  # a run logs every step from the first
+            steps = len({logged_step(line) for line in log.read_bytes().splitlines()} - {None}) if log.exists() else 0
             pid, locked = training_in(out), (Path(out) / LOCK).exists()  # no lock file: no flock here (Windows)
             if pid or (steps and not locked):
                 raise SystemExit(f"error: no checkpoint at {self.path} yet: the run training into {out}"
@@ -595,7 +596,8 @@ def logged_step(line):
 
 
 class LossLog:
-    """out/log.jsonl: one line of losses (and, every --log-every steps, throughput) per step. On
+    """out/log.jsonl: one line of losses (and, every --log-every steps, throughput) per step, and on C4 one
+    per window (its preparation time). On
     --resume the lines after the checkpoint's step are dropped: the log of an uninterrupted run."""
 
     def __init__(self, path, start_step):

@@ -210,7 +210,8 @@ def test_min_tokens_defaults_to_24_and_shrinks_to_a_smaller_max_tokens():
 def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     ckpt = ["--ckpt", str(trained / "out")]
     (tmp_path / "training").mkdir()
-    (tmp_path / "training" / "log.jsonl").write_text('{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n')
+    (tmp_path / "training" / "log.jsonl").write_text('{"step": 1, "prior": 1.1}\n{"step": 2, "prior": 1.0}\n'
+                                                     '{"step": 2, "window_seconds": 9.5}\n')  # a C4 window's line
     cases = [
         ([*ckpt, "--guide", "joyful"], "unknown guide 'joyful' (available:"),
         ([*ckpt, "--prefix", "The movie", "--prompts", str(tmp_path / "p.txt")], "--prefix and --prompts: give one"),
