@@ -7,11 +7,11 @@
     python bench.py --embed --batch-sizes 32,128,512             # the sentence encoder: texts/s, MFU
 
 --train times train.py's prior_step and decoder_step (AdamW, clipping, bf16 autocast where native) on
-random latents and token ids at the batch of train.py's tier (paper: 256 for the prior, 64 sequences of
-88 + 10 tokens for the decoder; tiny, --config ckpt: 256 and 32 of 48 + 10), split into the micro-batches
-the memory estimate allows on the GPU
-(--micro-batch / --decoder-micro-batch override): seconds per step, samples and tokens per second,
-peak memory and model FLOP utilisation (budget.py) for each.
+random latents and token ids at the batch of train.py's paper tier (256 for the prior, 64 sequences of
+88 + 10 tokens for the decoder) or of --ckpt's run (the tiny tier's: 256 and 32 of 48 + 10), split into
+the micro-batches the memory estimate allows on the GPU (--micro-batch / --decoder-micro-batch
+override): seconds per step, samples and tokens per second, peak memory and model FLOP utilisation
+(budget.py) for each.
 
 --embed times the sentence encoder (--encoder, default --ckpt's) embedding --n-texts texts of --texts (the
 tiny corpus, or a file) as train.py embeds a corpus, with --batch-sizes texts per forward pass: texts/s,
@@ -242,18 +242,20 @@ def time_steps(step, repeats, device):
 def bench_train(args, device):
     """--train: the prior and decoder training steps at the tier's batch, as train.py runs them."""
     keep_freed_memory()  # as train.py does
-    tier_args = train.get_args(["--data", "c4"] if args.config == "paper" else [])
     config, prior, decoder = random_models(args, device)
+    run = vars(train.get_args(["--data", "c4"] if args.config == "paper" else []))
+    run.update(config.get("train", {}) if args.config == "ckpt" else {})  # the checkpoint's run: its batches, lengths
     bf16 = use_bf16(args.precision, device)
-    B, D = tier_args.batch_size, tier_args.decoder_batch
-    seq = min(data_lib.C4_TOKENS, tier_args.max_len)  # tokens per text: C4 chunks have 88, the tiny tier's at most 48
+    B, D = run["batch_size"], run["decoder_batch"]
+    seq = min(data_lib.C4_TOKENS, run["max_len"]) if run["data"] == "c4" else run["max_len"]  # tokens of a text (C4: 88)
+    n = seq + config["decoder"]["n_soft"] + 2  # a decoder sequence: bos, the text, the slots and eos
     prior_micro, decoder_micro = args.micro_batch or B, args.decoder_micro_batch or D
     if str(device).startswith("cuda") and not (args.micro_batch and args.decoder_micro_batch):
         sizes = {"prior": sum(p.numel() for p in prior.parameters()),
                  "soft_prompt": sum(p.numel() for p in decoder.soft.parameters()),
                  "lm": sum(p.numel() for p in decoder.lm.parameters()), "encoder": None}
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        planned = budget.plan_micro_batches(sizes, config["prior"], config["lm_config"], seq + 10, B, D, total,
+        planned = budget.plan_micro_batches(sizes, config["prior"], config["lm_config"], n, B, D, total,
                                             args.grad_checkpointing)
         if planned[0] is None:
             raise SystemExit(f"error: the training steps do not fit in {total / budget.GiB:.0f} GiB even at "
@@ -270,7 +272,7 @@ def bench_train(args, device):
     split = torch.randint(0, seq, (D,), generator=g).tolist()
     tokens = torch.randint(0, vocab - 1, (D, seq), generator=g).tolist()
     prefix_ids, cont_ids = [t[:k] for t, k in zip(tokens, split)], [t[k:] for t, k in zip(tokens, split)]
-    opt_prior = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=True)  # as train.py
+    opt_prior = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=True)  # fused, as train.py (the rate: no matter)
     opt_decoder = torch.optim.AdamW(decoder.parameters(), lr=1e-6, fused=True)
     amp = lambda: autocast(device, bf16)
     rows = lambda n, m: train.micro_batches(n, 0, 1, m)
@@ -279,7 +281,7 @@ def bench_train(args, device):
                       B, prior_micro, 3 * prior.flops_per_example() * B),
             "decoder": (lambda: train.decoder_step(decoder, decoder, opt_decoder, x[:D], prefix_ids, cont_ids,
                                                    rows(D, decoder_micro), 1, amp),
-                        D, decoder_micro, 3 * D * decoder.flops_per_sequence(seq + 10))}
+                        D, decoder_micro, 3 * D * decoder.flops_per_sequence(n))}
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     print(f"{'paper-sized random models' if args.config == 'paper' else args.ckpt} on {device} "
           f"({'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}): "
@@ -291,7 +293,7 @@ def bench_train(args, device):
         seconds, memory = time_steps(lambda: step().item(), args.repeats, device)
         report[name] = dict(seconds=seconds, memory=memory, mfu=peak and flops / seconds / peak)
         memory = f"{memory / budget.GiB:.1f} GiB" if memory is not None else "n/a on a CPU"
-        unit = f"{batch * (seq + 10) / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
+        unit = f"{batch * n / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
         print(f"{name:>7} step: batch {batch} in micro-batches of {min(micro, batch)}: {seconds:.3f} s, {unit}, "
               f"{rate(flops, seconds, peak)}, peak memory {memory}")
     return report
