@@ -126,7 +126,7 @@ class C4Windows:
         self.started, self.log = time.time(), None
         state = state or {"start": 0, "position": None}
         if dist.is_main:
-            print(f"C4: reading the window from step {state['start']} ({args.window} texts), then embedding it "
+            print(f"C4: reading the window from step {state['start']} ({args.window} examples), then embedding it "
                   "unless the cache has it")
         self.window = self.joined(self.load(state["start"], state["position"], dist.world > 1, dist.is_main))
         cache.encoder()  # here, not first in the background thread that embeds the next window
@@ -187,7 +187,7 @@ class C4Windows:
     def report(self, waited):
         wall = time.time() - self.started
         if self.dist.is_main:
-            tqdm.write(f"C4 window from step {self.window.start}: {len(self.window.examples)} texts, prepared in "
+            tqdm.write(f"C4 window from step {self.window.start}: {len(self.window.examples)} examples, prepared in "
                        f"{self.window.seconds:.0f} s in the background; training waited {waited:.1f} s "
                        f"({100 * waited / wall:.1f}% of the wall time); embedding cache "
                        f"{disk_usage(self.cache.dir) / 1e9:.2f} GB on disk")
@@ -201,7 +201,7 @@ class C4Windows:
         examples, next_position = data_lib.c4_window(self.tokenizer, self.args.c4_path, self.args.seed, position,
                                                      self.args.window, self.args.max_prefix_frac)
         if len(examples) < self.args.batch_size:
-            raise SystemExit(f"error: the C4 stream ran out ({len(examples)} texts left, a batch needs "
+            raise SystemExit(f"error: the C4 stream ran out ({len(examples)} examples left, a batch needs "
                              f"{self.args.batch_size})")
         if share:
             embed_share(examples, self.cache.dir, self.embed, self.dist.rank, self.dist.world, show_progress)
@@ -260,6 +260,6 @@ def load_data(args, ckpt, dist):
         return Corpus(window), tokenizer, cache
     c4 = C4Windows(args, tokenizer, cache, args.max_len, dist, json.loads(ckpt.meta.get("data", "null")) if ckpt else None)
     if dist.is_main:
-        print(f"C4 window from step {c4.window.start}: {len(c4.window.examples)} texts, prepared in "
+        print(f"C4 window from step {c4.window.start}: {len(c4.window.examples)} examples, prepared in "
               f"{c4.window.seconds:.0f} s; embedding cache {disk_usage(cache.dir) / 1e9:.2f} GB on disk (fp16)")
     return c4, tokenizer, cache

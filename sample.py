@@ -12,7 +12,8 @@ e = normalize(mu + s x) on the unit sphere -> its latent standardize(e) (what en
 re-noised at a = 0.95 -> soft prompt -> GPT-2 writes the continuation, without the words a guide
 bars (guide.WORD_BARS: the tiny tier's negative guide bars negations; --no-word-bars lets them in).
 Precision: bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16
-or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides.
+or AMX), fp32 elsewhere; --precision fp32 or bf16 overrides. The sentence encoder (prompts, --like
+examples, --best-of candidates) runs in fp32 either way: a few texts, and the exact embedding.
 """
 import json
 import re

@@ -86,7 +86,8 @@ def data_flags(add):
         help="prefix + continuation tokens per text, longer ones are cut (default %(default)s)")
     add("--vocab-size", type=bounded(count, 300, 1e6), default=8192, help="BPE vocabulary of the tiny tier's tokenizer")
     add("--c4-path", type=path_arg, default=None, help="a local copy of C4 en (folder of .json.gz files) for --data c4")
-    add("--window", type=count, default=count("200k"), help="--data c4: texts per window of the stream")
+    add("--window", type=count, default=count("200k"),
+        help="--data c4: examples (prefix and continuation pairs) per window of the stream")
     add("--drop-windows", action=argparse.BooleanOptionalAction, default=False,
         help="--data c4: delete a window's embeddings once a checkpoint lies past it, so that the cache holds a few "
              "windows instead of every window of the run (a later run on them, or another run sharing the cache, "

@@ -195,7 +195,7 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
     assert "tier paper | encoder sentence-transformers/sentence-t5-xl (1240.0M) | language model gpt2-large (774.0M)" \
            " | prior 119.3M | soft prompt 57.2M" in out
     # gpt2-large's 98-token sequences, 64 a step, against sentence-T5 XL over the 256 new texts of 88 tokens
-    assert "decoder 2.9e+13), and 5.6e+13 to embed its 256 new C4 texts" in out
+    assert "decoder 2.9e+13), and 5.6e+13 to embed its 256 new C4 examples" in out
     train.main(get_args(["--data", "c4", "--sizes", "--steps", "100k", "--peak-tflops", "989"]))
     assert "at 40% MFU about 2.4 h of training steps and 3.9 h of embedding, in the background" in capsys.readouterr().out
     plans = [line for line in out.splitlines() if line.startswith("GPU ")]
