@@ -1,6 +1,6 @@
 """What train.py trains on, batch by batch: unit embeddings and token ids of (prefix, continuation) pairs.
 
-  Batches      deterministic, length-grouped batches: epoch e's order depends only on (seed, e)
+  Batches      deterministic, length-grouped batches: an epoch's order depends only on (seed, epoch)
   Window       examples ready to train on: embeddings (held-out rows set apart), token ids, batches
   Corpus       a corpus read whole (tiny, a file): one Window, trained on for as many epochs as the steps need
   C4Windows    --data c4: consecutive windows of the stream, each embedded once (stored on disk) and prepared
@@ -29,31 +29,31 @@ from utils import checkpoint_tokenizer
 
 
 class Batches:
-    """Deterministic, length-grouped batches: epoch e's order depends only on (seed, e).
+    """Deterministic, length-grouped batches: an epoch's order depends only on (seed, epoch).
 
-    Texts of similar length share a batch (sorted inside windows of 16 batches), which
+    Texts of similar length share a batch (sorted inside blocks of 16 batches), which
     removes most padding from the decoder step; the batch order is shuffled.
     """
 
     def __init__(self, lengths, batch_size, seed):
         self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
         self.per_epoch = max(1, len(lengths) // batch_size)
-        self.current = (None, None)  # (e, epoch e's batches): computed once per epoch, not per step
+        self.current = (None, None)  # (epoch, its batches): computed once per epoch, not per step
 
-    def epoch(self, e):
-        rng = np.random.default_rng([self.seed, e])
+    def epoch(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
-        window = 16 * self.batch_size
-        for i in range(0, len(order), window):
-            chunk = order[i:i + window]
-            order[i:i + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+        block = 16 * self.batch_size
+        for i in range(0, len(order), block):
+            part = order[i:i + block]
+            order[i:i + block] = part[np.argsort(self.lengths[part], kind="stable")]
         batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.per_epoch)]
         return [rng.permutation(batches[i]) for i in rng.permutation(len(batches))]
 
     def get(self, step):
-        e = step // self.per_epoch
-        if self.current[0] != e:
-            self.current = (e, self.epoch(e))
+        epoch = step // self.per_epoch
+        if self.current[0] != epoch:
+            self.current = (epoch, self.epoch(epoch))
         return self.current[1][step % self.per_epoch]
 
 

@@ -11,7 +11,7 @@ learns p(continuation | prefix, proposal) and the prior learns p(e_continuation 
   --data PATH   a local .txt (one text per line), .jsonl (a `text` field) or .csv / .tsv (a `text` column).
   --data c4     C4 `en`, streamed with `datasets` from the hub, or from a local copy of its
                 .json.gz files (--c4-path DIR or $DGLM_C4_PATH). Prepared as in the paper: documents
-                with > 0.25 GPT-2 tokens per character dropped, 128-token windows, the first 88
+                with > 0.25 GPT-2 tokens per character dropped, 128-token chunks, the first 88
                 tokens of each kept. C4Examples streams it resumably; see its `position`.
   probe data    SST-2, Amazon polarity, Civil Comments and AG News (the paper tier's probes, guide.py),
                 streamed from the hub or read from local copies (--probe-data DIR).
@@ -239,7 +239,7 @@ def stream_from_hub(hub_id, *config, offline):
                          f"offline, {offline}") from None
 
 
-C4_TOKENS = 88  # GPT-2 tokens kept of each 128-token window of a C4 document (the paper's preparation)
+C4_TOKENS = 88  # GPT-2 tokens kept of each 128-token chunk of a C4 document (the paper's preparation)
 
 
 def c4_chunks(text, tokenizer, chunk=128, keep=C4_TOKENS, max_tokens_per_char=0.25):
@@ -247,9 +247,9 @@ def c4_chunks(text, tokenizer, chunk=128, keep=C4_TOKENS, max_tokens_per_char=0.
 
     Documents with more than `max_tokens_per_char` GPT-2 tokens per character are dropped: tables,
     code, markup and non-English text (English prose has 4 to 5 characters per token). The tokens
-    are cut into windows of `chunk` tokens and each window keeps its first `keep` tokens; the text
-    is whitespace-normalised (split_text joins words with single spaces anyway). Windows that hold
-    no word give "".
+    are cut into chunks of `chunk` tokens and each chunk keeps its first `keep` tokens; the text
+    is whitespace-normalised (split_text joins words with single spaces anyway). Chunks that hold
+    no word give "". (A window, elsewhere, is --window examples of the stream.)
     """
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if not ids or len(ids) > max_tokens_per_char * len(text):
@@ -294,7 +294,7 @@ class C4Examples:
         self.tokenizer, self.path, self.seed = tokenizer, path, seed
         self.chunk, self.keep, self.max_tokens_per_char = chunk, keep, max_tokens_per_char
         self.max_prefix_frac = max_prefix_frac
-        # doc: documents read before the current one; chunk: its windows already used;
+        # doc: documents read before the current one; chunk: its chunks already used;
         # dataset: the datasets stream's state before the current document (None: the start)
         self.position = dict(position) if position else {"doc": 0, "chunk": 0, "dataset": None}
         self.stream = open_c4(path)  # opened here, so that an offline hub fails before training starts
@@ -343,7 +343,8 @@ def split_text(text, rng, max_prefix_frac=1.0):
 
 
 def make_examples(rows, seed, max_prefix_frac):
-    """Fixed prefix/continuation split per text (so embeddings can be cached), train/held-out split."""
+    """Each row's prefix/continuation split, the same in every run of a seed on the same rows (so embeddings
+    can be cached), and the train/held-out split (by a hash of the text alone)."""
     rng = random.Random(seed)
     train, held_out = [], []
     for row in rows:

@@ -1,4 +1,5 @@
-"""Train DGLM: one loop that alternates a prior step and a decoder step on the same batch.
+"""Train DGLM: one loop that alternates a prior step and a decoder step on the same batch (the decoder
+on its first --decoder-batch rows).
 
     python train.py                          # tiny tier: rated sentences, MiniLM, a small GPT-2; CPU, minutes
     python train.py --data c4 --steps 100k   # paper tier: C4, Sentence-T5 XL, GPT-2 large; one CUDA GPU

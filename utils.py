@@ -158,8 +158,8 @@ def comma_list(kind):
 
 
 def path_arg(value):
-    """An argparse type: a file, folder or model path, a leading ~ expanded as the shell does for a word
-    of its own, but not in --out=~/runs or a quoted "~/runs" (which would make a folder named ~)."""
+    """An argparse type: a file, folder or model path, a leading ~ expanded here too, where the shell
+    leaves it (--out=~/runs, a quoted "~/runs"), which would otherwise make a folder named ~."""
     return os.path.expanduser(value)
 
 
