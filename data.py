@@ -199,10 +199,18 @@ C4_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 
 
 def c4_files(path):
-    """A folder of C4 shards, one file, or a glob -> sorted list of files in the C4 record format."""
+    """A folder of C4 shards, one file, or a glob -> sorted list of files in the C4 record format. In a
+    folder holding allenai/c4's train shards (c4-train.*), those alone: not its validation shards, and
+    one variant only (en, not en.noblocklist beside it)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(str(f) for f in path.rglob("*") if f.name.endswith(C4_SUFFIXES))
+        train = [f for f in files if Path(f).name.startswith("c4-train.")]
+        variants = sorted({str(Path(f).parent.relative_to(path)) for f in train})
+        if len(variants) > 1:
+            raise SystemExit(f"error: {path} holds C4 train shards in {len(variants)} folders ({', '.join(variants[:4])}"
+                             f"); point --c4-path at one of them, e.g. {path / variants[0]}")
+        files = train or files
     elif path.is_file():
         files = [str(path)]
     else:
@@ -211,6 +219,14 @@ def c4_files(path):
         raise SystemExit(f"error: no C4 files at {path} (expected .json or .json.gz files with one "
                          '{"text", "timestamp", "url"} record per line, as in allenai/c4)')
     return files
+
+
+def c4_fingerprint(path):
+    """What a --resume checks of a local C4 copy: a digest of its files' names (relative) and sizes. The
+    stream's position counts documents and files, so in other files it would point elsewhere."""
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    listing = [(os.path.relpath(f, root), os.path.getsize(f)) for f in c4_files(path)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def open_c4(path=None):

@@ -180,11 +180,13 @@ def get_args(argv=None):
     if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
         p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
                 "(--micro-batch / --decoder-micro-batch set them)")
-    moved = lambda: trained.get("data_sha256") and os.path.isfile(args.data) and \
-        data_lib.sha256_of(args.data) == trained["data_sha256"]  # the same texts at another path
+    digest = trained.get("data_sha256") and os.path.isfile(args.data) and data_lib.sha256_of(args.data)
+    if digest and digest != trained["data_sha256"] and local_path("data", args.data) == trained["data"]:
+        raise SystemExit(f"error: {args.data} has changed since the run in {out} trained on it (another sha256), so "
+                         "--resume would train on other texts; restore it, or start a new run with another --out")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
                for k in RUN_SETTINGS if k in trained and local_path(k, getattr(args, k)) != local_path(k, trained[k])
-               and not (k == "data" and moved())]
+               and not (k == "data" and digest == trained["data_sha256"])]  # the same texts at another path
     if changed:
         hint = ""
         if "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4"):
@@ -196,8 +198,15 @@ def get_args(argv=None):
                 hint = f" ({args.data} holds other texts than the file it was trained on)"
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
                          f"it: {', '.join(changed)}; leave them out, or start a new run with another --out{hint}")
+    c4_copy = args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV))
+    if trained.get("c4_fingerprint") and (not c4_copy or data_lib.c4_fingerprint(c4_copy) != trained["c4_fingerprint"]):
+        raise SystemExit(f"error: the run in {out} trained on the C4 files at {trained.get('c4_path') or '$' + data_lib.C4_PATH_ENV}, and "
+                         f"{c4_copy or 'the hub'} holds other files (names or sizes), where its stream position would "
+                         "point elsewhere; point --c4-path at the run's copy, or start a new run with another --out")
     if not args.resume:  # a model folder by its absolute path: as the checkpoint, its probes and the cache name it
         args.encoder, args.lm = local_path("encoder", args.encoder), local_path("lm", args.lm)
+        if c4_copy and not args.sizes:  # what a --resume checks the copy against
+            args.c4_fingerprint = data_lib.c4_fingerprint(c4_copy)
     return args
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -177,6 +178,26 @@ def test_c4_chunks_drop_garbage_and_keep_88_of_every_128_tokens(c4_copy):
             assert chunk == " ".join(tokenizer.decode(ids[128 * j:128 * j + 88]).split()) and chunk in doc
             assert 0 < _n_tokens(tokenizer, chunk) <= 88 + 1
         assert _n_tokens(tokenizer, chunks[0]) == 88 and doc.startswith(chunks[0])
+
+
+def test_c4_files_of_an_allenai_c4_folder_are_one_variants_train_shards(tmp_path):
+    """Every .json(.gz) under the folder was read, sorted by path: en.noblocklist's shards before en's, and
+    the validation shards among them."""
+    for name in ("en/c4-train.00000-of-00002.json.gz", "en/c4-train.00001-of-00002.json.gz",
+                 "en/c4-validation.00000-of-00001.json.gz", "notes.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert [Path(f).name for f in data.c4_files(tmp_path)] == ["c4-train.00000-of-00002.json.gz",
+                                                               "c4-train.00001-of-00002.json.gz"]
+    (tmp_path / "en.noblocklist").mkdir()
+    (tmp_path / "en.noblocklist" / "c4-train.00000-of-00001.json.gz").write_text("")
+    with pytest.raises(SystemExit, match=r"holds C4 train shards in 2 folders \(en, en.noblocklist\); point "
+                                         r"--c4-path at one of them, e.g. .*en$"):
+        data.c4_files(tmp_path)
+    assert len(data.c4_files(tmp_path / "en")) == 2
+    (tmp_path / "mine").mkdir()  # shards of one's own, named otherwise: all of them
+    (tmp_path / "mine" / "a.jsonl").write_text("")
+    assert [Path(f).name for f in data.c4_files(tmp_path / "mine")] == ["a.jsonl"]
 
 
 def test_c4_stream_from_a_local_copy(c4_copy):

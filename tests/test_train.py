@@ -430,6 +430,12 @@ def test_resume_matches_an_uninterrupted_run(corpus, trained, tmp_path, monkeypa
         resume("--data", str(other))
     with pytest.raises(SystemExit, match=r"\(there is no file at .*nowhere.jsonl\)"):
         resume("--data", str(tmp_path / "nowhere.jsonl"))
+    kept = data.read_text()  # edited in place: the resume trained on the new texts and took their sha256
+    data.write_text(kept + "\n" + json.dumps({"text": "one more text", "rating": 2.0, "domain": "movie"}))
+    with pytest.raises(SystemExit, match=r"toy.jsonl has changed since the run in .* trained on it \(another sha256\), "
+                                         r"so --resume would train on other texts; restore it"):
+        resume()
+    data.write_text(kept)
     with pytest.raises(SystemExit, match=r"--stop-at 3 is not after step 3, where the run in .* stands"):
         resume("--stop-at", "3")  # it would be ignored, and a C4 run would not prepare the windows after it
     moved = tmp_path / "moved" / "toy.jsonl"  # the same texts elsewhere: its sha256 says so
@@ -675,6 +681,12 @@ def test_train_on_c4_through_windows_resumes_exactly(c4_run, tmp_path):
     window = json.loads(ckpt.meta["data"])
     assert ckpt.step == 3 and window["start"] == 2 and window["position"]["doc"] > 0  # inside the second window
     shutil.rmtree(lm)
+    other = tmp_path / "other" / "en"  # another C4 copy: the saved position would point elsewhere in it
+    shutil.copytree(tmp / "c4" / "en", other)
+    with gzip.open(other / "c4-train.00000-of-00001.json.gz", "at", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "one more document", "timestamp": "", "url": ""}) + "\n")
+    with pytest.raises(SystemExit, match=r"trained on the C4 files at .*en, and .*other.en holds other files"):
+        run(tmp / "resumed", "--resume", "--lm", str(lm), "--c4-path", str(other))
     run(tmp / "resumed", "--resume", "--lm", str(lm))
     meta, meta_straight = Checkpoint(tmp / "resumed").meta, Checkpoint(tmp / "straight").meta
     assert meta["data"] == meta_straight["data"] and json.loads(meta["data"])["start"] == 4  # a third window
