@@ -402,8 +402,8 @@ def save_checkpoint(out, config, step, models, optimizers, extra_tensors, data_s
     if torch.cuda.is_initialized():  # training on a GPU draws its noise there (Checkpoint.restore_rng)
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     Path(out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out) / "config.json", json.dumps(dict(config, step=step), indent=2))
     atomic_save(tensors, Path(out) / CHECKPOINT, meta)
+    atomic_write_text(Path(out) / "config.json", json.dumps(dict(config, step=step), indent=2))  # after: never ahead
 
 
 HELD = {}  # the --out folders this process holds: resolved path -> its open lock file
@@ -444,6 +444,30 @@ def hold(out):
     f.write(f"{os.getpid()}\n")
     f.flush()
     HELD[key] = f
+    freed = remove_partial_saves(out)  # the folder is this run's now: nothing else is saving into it
+    if freed:
+        size = f"{freed / 2 ** 30:.1f} GiB" if freed >= 2 ** 30 else f"{freed / 2 ** 20:.1f} MiB"
+        print(f"note: removed {size} of files that a save stopped midway left in {out}")
+
+
+def remove_partial_saves(out):
+    """What a save killed midway leaves in `out`: the PATH.tmp of a checkpoint's files (atomic_save,
+    atomic_write_text) and the temporary file safetensors itself writes before it renames it (.tmp and six
+    characters, a safetensors header at its start). Nothing else: --out may be a folder of other files.
+    -> bytes freed"""
+    ours = {f"{name}.tmp" for name in (CHECKPOINT, "config.json", "probes.safetensors")}
+    freed = 0
+    for f in Path(out).iterdir():
+        if f.is_file() and (f.name in ours or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", f.name) and is_safetensors(f)):
+            freed += f.stat().st_size
+            f.unlink()
+    return freed
+
+
+def is_safetensors(path):
+    """Whether a file starts as safetensors does: 8 bytes of header length, then the JSON header's '{'."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
 
 
 def release(out):

@@ -173,6 +173,23 @@ def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
     assert torch.equal(safetensors.torch.load_file(str(path))["a"], torch.ones(3))
 
 
+def test_a_run_that_takes_its_folder_removes_what_a_killed_save_left_and_nothing_else(tmp_path, capsys):
+    """A kill during a save left safetensors' own temporary (.tmp and six characters; 11 GiB at the paper
+    tier) or checkpoint.safetensors.tmp, one more each kill, and no later run removed them."""
+    from utils import hold, release
+    atomic_save({"a": torch.ones(1000)}, tmp_path / "whole.safetensors")
+    half = (tmp_path / "whole.safetensors").read_bytes()[:2000]  # what a save killed midway leaves
+    for name in (".tmpAb12Cd", "checkpoint.safetensors.tmp", "probes.safetensors.tmp"):
+        (tmp_path / name).write_bytes(half)
+    for name in (".tmpXy34Ef", "notes.tmp", "data.safetensors.tmp"):  # a user's files in an --out of other files
+        (tmp_path / name).write_text("mine")
+    hold(tmp_path)
+    release(tmp_path)
+    left = sorted(f.name for f in tmp_path.iterdir())
+    assert left == [".tmpXy34Ef", "data.safetensors.tmp", "notes.tmp", "train.lock", "whole.safetensors"]
+    assert f"note: removed 0.0 MiB of files that a save stopped midway left in {tmp_path}" in capsys.readouterr().out
+
+
 def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     """evaluate.py's tables name guides, and a guide of the user's own labels may be any text: written as UTF-8
     under a locale whose encoding is ASCII (C, with Python's UTF-8 mode off), not a UnicodeEncodeError."""
