@@ -200,9 +200,14 @@ class C4Windows:
         began = time.time()
         examples, next_position = data_lib.c4_window(self.tokenizer, self.args.c4_path, self.args.seed, position,
                                                      self.args.window, self.args.max_prefix_frac)
-        if len(examples) < self.args.batch_size:
-            raise SystemExit(f"error: the C4 stream ran out ({len(examples)} examples left, a batch needs "
-                             f"{self.args.batch_size})")
+        trained = sum(not data_lib.is_held_out(ex["text"]) for ex in examples)
+        if trained < self.args.batch_size:  # else the window's one batch would be smaller than asked
+            if len(examples) < self.args.window:
+                raise SystemExit(f"error: the C4 stream ran out ({trained} training examples left, a batch needs "
+                                 f"{self.args.batch_size})")
+            raise SystemExit(f"error: the window from step {start} holds {trained} training examples once the "
+                             f"held-out ones (4%) are set apart, fewer than a batch of {self.args.batch_size}; give "
+                             "a larger --window")
         if share:
             embed_share(examples, self.cache.dir, self.embed, self.dist.rank, self.dist.world, show_progress)
         e_prefix, e_cont = (None, None) if share else \

@@ -177,6 +177,8 @@ def get_args(argv=None):
         if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process says it
             print(f"note: the run's cache folder {trained['cache_dir']} is gone; using "
                   f"{os.path.abspath(args.cache_dir)} (--cache-dir chooses another)")
+    if args.data == "c4" and args.window < args.batch_size:  # a window is trained on once, a batch at a time
+        p.error(f"--window {args.window} is smaller than a batch (--batch-size {args.batch_size})")
     if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
         p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
                 "(--micro-batch / --decoder-micro-batch set them)")

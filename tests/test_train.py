@@ -693,6 +693,18 @@ def test_train_on_c4_through_windows_resumes_exactly(c4_run, tmp_path):
     assert_same_weights(tensors_of(tmp / "resumed"), tensors_of(tmp / "straight"), ("prior.", "decoder.", "opt_"))
 
 
+def test_a_window_too_small_for_a_batch_is_refused_before_it_is_embedded(c4_run, tmp_path, monkeypatch, capsys):
+    """A window of 4 with 1 held out trained a batch of 3 without a word; one of 3 said the stream ran out."""
+    tmp, run = c4_run
+    assert "--window 3 is smaller than a batch (--batch-size 4)" in cli_error(train, ["--data", "c4", "--window", "3",
+                                                                                     "--batch-size", "4"], capsys)
+    monkeypatch.setattr(batches.data_lib, "is_held_out", lambda text: True)  # every example held out
+    with pytest.raises(SystemExit, match=r"the window from step 0 holds 0 training examples once the held-out ones "
+                                         r"\(4%\) are set apart, fewer than a batch of 4; give a larger --window"):
+        run(tmp_path / "out", "--window", "4", "--cache-dir", str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("window-*"))  # nothing embedded
+
+
 def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tmp_path):
     """Under torchrun each process embeds its share of each window, the first (in the main thread,
     before training) included; the joined files equal the one process's, and so does the training."""
