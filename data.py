@@ -285,7 +285,8 @@ def c4_texts(stream, path):
         except StopIteration:
             return
         except Exception as err:  # pyarrow's ArrowInvalid for a file that is not JSON lines; a connection that drops
-            raise SystemExit(f"error: cannot read {where} ({type(err).__name__}: {str(err)[:200]}); C4 en is "
+            why = " ".join(str(err).split())[:200]  # one line: pyarrow's messages span several
+            raise SystemExit(f"error: cannot read {where} ({type(err).__name__}: {why}); C4 en is "
                              "JSON lines with a \"text\" field, in *.json or *.json.gz files") from None
         if not isinstance(record.get("text"), str):
             raise SystemExit(f"error: a record of {where} has no \"text\" field (its fields: "

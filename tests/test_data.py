@@ -351,3 +351,9 @@ def test_a_c4_path_that_is_not_c4_is_one_line(c4_copy, tmp_path):
         list(data.C4Examples(tokenizer, path=tmp_path / "notes.json"))
     with pytest.raises(SystemExit, match=r"has no \"text\" field \(its fields: content, url\)"):
         list(data.C4Examples(tokenizer, path=tmp_path / "other.json"))
+    (tmp_path / "mixed").mkdir()  # files whose columns differ: pyarrow's CastError spread over nine lines
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "a text of the first file", "label": 1}\n' * 3)
+    (tmp_path / "mixed" / "b.jsonl").write_text('{"text": "a text of the second file", "url": "x"}\n' * 3)
+    with pytest.raises(SystemExit) as err:
+        list(data.C4Examples(tokenizer, path=tmp_path / "mixed"))
+    assert str(err.value).startswith("error: cannot read the C4 files at") and "\n" not in str(err.value)
