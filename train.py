@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -796,5 +797,14 @@ def main(args):
     dist.finish()
 
 
+def stop_on_sigterm():
+    """SIGTERM (what a scheduler, `docker stop` or `timeout` sends) stops the run as Ctrl-C does: with the line
+    that says what is kept and how to go on (interrupted), not silently."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
 if __name__ == "__main__":
+    stop_on_sigterm()
     run_cli(lambda: main(get_args()))  # Ctrl-C: main names what it leaves (interrupted)

@@ -569,6 +569,29 @@ def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus,
     assert Checkpoint(out).step == 3
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_the_line_that_says_how_to_go_on(corpus, trained, tmp_path):
+    """A scheduler's, docker stop's or timeout's SIGTERM ended the run with no word (exit 143)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--out", str(out),
+                             "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16", "--decoder-batch", "8",
+                             "--warmup", "2", "--steps", "100000", "--save-every", "5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 240
+    while not (out / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err[-800:]
+    assert err.strip().splitlines()[-1].endswith(f"is kept; continue it with python train.py --resume --out {out}")
+    assert Checkpoint(out).step >= 5
+
+
 # Runs train.py's own CLI in a child process; checkpoint writes go through safetensors' save_file,
 # which this wrapper can make hang half-way through the HANG_AT_SAVE-th checkpoint (0: never).
 KILLABLE_TRAIN = r"""
