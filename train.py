@@ -699,16 +699,21 @@ class Progress:
                 tqdm.write(f"step {step}: {budget.format_throughput(throughput)}")
 
     def reconstruction(self, step, losses=None, final=False):
-        """Embed held-out texts -> decode them from their embeddings -> re-embed: the mean cosine."""
-        if not self.dist.is_main or not self.held_texts:
+        """Embed held-out texts -> decode them from their embeddings -> re-embed: the mean cosine. At the end,
+        also where the run's time (and on a GPU its memory) went."""
+        if not self.dist.is_main:
             return
         texts = self.held_texts if final else self.held_texts[:32]
         cos, decoded = reconstruction_cosine(self.run.decoder, self.tokenizer, self.cache, texts, self.run.mu,
-                                             self.run.s, self.dist.device)
+                                             self.run.s, self.dist.device) if texts else (None, [])
         if not final:
-            tqdm.write(f"step {step}: prior {losses[0]:.3f} | decoder {losses[1]:.3f} | reconstruction cosine {cos:.3f}")
+            tqdm.write(f"step {step}: prior {losses[0]:.3f} | decoder {losses[1]:.3f}"
+                       + (f" | reconstruction cosine {cos:.3f}" if texts else ""))
             return
-        print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(texts)}): {cos:.3f}")
+        if texts:
+            print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(texts)}): {cos:.3f}")
+        else:  # a small C4 --window may hold none
+            print("no reconstruction cosine: the run's first window holds no held-out text")
         for original, text in list(zip(texts, decoded))[:3]:
             print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
         if str(self.dist.device).startswith("cuda"):

@@ -726,6 +726,11 @@ def test_a_window_too_small_for_a_batch_is_refused_before_it_is_embedded(c4_run,
                                          r"\(4%\) are set apart, fewer than a batch of 4; give a larger --window"):
         run(tmp_path / "out", "--window", "4", "--cache-dir", str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("window-*"))  # nothing embedded
+    monkeypatch.setattr(batches.data_lib, "is_held_out", lambda text: False)  # a first window with none held out
+    capsys.readouterr()
+    run(tmp_path / "out", "--window", "8", "--steps", "2", "--cache-dir", str(tmp_path / "cache"))
+    out = capsys.readouterr().out  # it ended at the progress bar: no time, no GPU memory
+    assert "no reconstruction cosine: the run's first window holds no held-out text" in out and "done in " in out
 
 
 def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tmp_path):
