@@ -507,6 +507,9 @@ def check_args(args, out):
     if args.decoder_batch > args.batch_size:
         raise SystemExit(f"error: --decoder-batch {args.decoder_batch} is larger than --batch-size {args.batch_size} "
                          "(the decoder trains on the first rows of the prior's batch)")
+    if args.probe_data and not args.resume and not Path(args.probe_data).is_dir():  # else a warning, after the data
+        raise SystemExit(f"error: --probe-data {args.probe_data} is not a folder (the local copies of the paper "
+                         "probes' data sets)")
 
 
 def existing_run(args, out):

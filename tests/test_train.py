@@ -85,6 +85,8 @@ def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--lm", str(tmp_path / "gpt2"), *out], f"--lm {tmp_path / 'gpt2'}: no such folder"),
         (["--encoder", "./st5", *out], "--encoder ./st5: no such folder"),
         (["--data", "c4", "--c4-path", str(tmp_path / "c4"), *out], f"no C4 files at {tmp_path / 'c4'}"),
+        # a warning after the first window was embedded (minutes at 200k examples)
+        (["--probe-data", str(tmp_path / "probes"), *out], f"--probe-data {tmp_path / 'probes'} is not a folder"),
         (["--lm", "someone/gpt2", *out], "could not download someone/gpt2 (--lm); without internet pass local "
                                          "copies with the flags named, or leave them at the tiny tier's"),
     ]
