@@ -735,6 +735,20 @@ def test_a_window_too_small_for_a_batch_is_refused_before_it_is_embedded(c4_run,
     assert "no reconstruction cosine: the run's first window holds no held-out text" in out and "done in " in out
 
 
+def test_a_cache_of_other_windows_is_named_before_the_run_embeds_its_own(c4_run, tmp_path, capsys):
+    """Windows filled with other flags (encoder.py's --max-prefix-frac 1.0 for a run's 0.5, another --seed)
+    were embedded again with no word: hours at paper scale."""
+    tmp, run = c4_run
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--steps", "2"]
+    run(tmp_path / "a", *cache)
+    assert "note: the cache holds other C4 windows" not in capsys.readouterr().out
+    run(tmp_path / "b", *cache)  # the same windows: read, not embedded
+    assert "note: the cache holds other C4 windows" not in capsys.readouterr().out
+    run(tmp_path / "c", *cache, "--seed", "1")
+    assert "note: the cache holds other C4 windows but not this one; a window is found by its texts, which --seed" \
+        in capsys.readouterr().out
+
+
 def test_two_processes_share_the_embedding_of_each_c4_window(c4_run, tiny_t5, tmp_path):
     """Under torchrun each process embeds its share of each window, the first (in the main thread,
     before training) included; the joined files equal the one process's, and so does the training."""
