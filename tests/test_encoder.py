@@ -103,6 +103,16 @@ def test_an_encoder_that_cannot_be_downloaded_fails_in_one_sentence(monkeypatch)
             encoder_lib.load_encoder(name)
 
 
+def test_encoder_cli_offline_names_every_download_it_needs_in_one_line(tmp_path):
+    """It named the tokenizer, then on the next try C4, then the encoder: three runs to learn what it lacks."""
+    from conftest import assert_one_line_error, run_script
+    result = run_script("encoder.py", "--data", "c4", "--encoder", "sentence-transformers/sentence-t5-xl",
+                        "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path,
+                        env={"DGLM_C4_PATH": "", "HF_HUB_CACHE": str(tmp_path / "hub"), **UNREACHABLE_HUB})
+    assert_one_line_error(result, "error: could not download gpt2 (--tokenizer), sentence-transformers/sentence-t5-xl "
+                                  "(--encoder), allenai/c4 (--c4-path); without internet pass local copies")
+
+
 def test_offline_without_hf_hub_offline_an_encoder_in_the_hub_cache_loads_by_its_hub_id(tiny_t5, tmp_path):
     """The paper tier's path: trained online, sampled offline. The hub does not answer (an address nothing
     listens on), so hub_answers switches the libraries offline and the cached copy loads at once."""
