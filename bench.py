@@ -262,7 +262,7 @@ def bench_train(args, device):
                              f"micro-batch 1 ({budget.format_estimate(planned[2])}); try --grad-checkpointing")
         prior_micro, decoder_micro = args.micro_batch or planned[0], args.decoder_micro_batch or planned[1]
     if args.grad_checkpointing:
-        decoder.lm.gradient_checkpointing_enable()
+        decoder.checkpoint_activations()
     if args.compile:  # as train.py --compile: what the two steps call (compiled in the warm-up step)
         prior.net.compile()
         decoder.lm.transformer.compile()

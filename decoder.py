@@ -182,6 +182,12 @@ class Decoder(nn.Module):
             return self.soft(z, a), None
         return self.soft(z, a), a[:, None].to(z.dtype) * self.hidden_cond(z)  # a = 0: a plain prefix LM
 
+    def checkpoint_activations(self):
+        """--grad-checkpointing: GPT-2's blocks are recomputed in the backward pass instead of keeping their
+        activations (activation_checkpointing_enable: the name that transformers 6 keeps)."""
+        enable = getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable
+        enable()
+
     def _hidden(self, bias, **lm_inputs):
         """GPT-2's last hidden states (B, T, D) and its key/value cache, with `bias` (B, D) added at
         every position when hidden_cond."""
@@ -226,7 +232,7 @@ class Decoder(nn.Module):
         z = q_sample(x, noise["eps"], noise["a"])  # z = sqrt(a) x + sqrt(1-a) eps
         ids, slots, attn = (t.to(device) for t in self._layout(prefix_ids, continuation_ids, left_pad=False))
         soft, bias = self.condition(z, noise["a"])
-        h, _ = self._hidden(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn)
+        h, _ = self._hidden(bias, inputs_embeds=self._embed(ids, slots, soft), attention_mask=attn, use_cache=False)
         targets = ids[:, 1:]                                       # position t predicts token t + 1 ...
         scored = ~(slots | (attn == 0))[:, 1:]                     # ... unless that is a slot or padding
         rows = scored.flatten().nonzero().squeeze(1)               # the vocabulary only where scored, plus

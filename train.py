@@ -533,7 +533,7 @@ class Models:
         self.prior, self.decoder = build_models(config, pretrained_lm=not ckpt and args.lm != TINY_LM)
         self.prior, self.decoder = self.prior.to(device), self.decoder.to(device)
         if args.grad_checkpointing:
-            self.decoder.lm.gradient_checkpointing_enable()
+            self.decoder.checkpoint_activations()
         self.ema = make_ema(self.prior)
         self.mu, self.s = mu.to(device), s.to(device)
         # fused: one kernel for the whole AdamW update on any device (CPU, CUDA, MPS); a CPU's default

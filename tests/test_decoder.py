@@ -85,6 +85,30 @@ def test_padding_to_few_shapes_leaves_the_loss_as_it_was(monkeypatch):
     torch.testing.assert_close(padded, dec(prefixes, continuations, x, noise))
 
 
+def test_activation_checkpointing_gives_the_same_gradients_without_a_warning(capfd):
+    """--grad-checkpointing printed transformers' FutureWarning (the old name) and its use_cache line."""
+    import warnings
+    torch.manual_seed(0)
+    dec = small_decoder(50).train()  # checkpointing acts in training only; dropout is drawn again alike
+    prefixes, continuations = [[5, 6], [], [7] * 9], [[7, 8, 9], [10], [11, 12]]
+    x, noise = torch.randn(3, 384), dec.draw_noise(3, "cpu")
+
+    def gradients():
+        dec.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        dec(prefixes, continuations, x, noise).backward()
+        return [p.grad.clone() for p in dec.lm.parameters() if p.grad is not None]
+
+    plain = gradients()
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning fails the test
+        dec.checkpoint_activations()
+        checkpointed = gradients()
+    assert capfd.readouterr().err == ""
+    assert len(plain) == len(checkpointed) and all(torch.allclose(a, b) for a, b in zip(plain, checkpointed))
+
+
 @pytest.mark.parametrize("hidden_cond", [False, True])
 def test_batched_left_padded_generation_matches_one_by_one(hidden_cond):
     torch.manual_seed(0)
