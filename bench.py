@@ -160,12 +160,12 @@ def bench_batch(model, batch, args):
     guided = model.guidance(args.guide, sampling, args.like, args.unlike)
     guided_k0 = model.guidance(args.guide, replace(sampling, mc_samples=0), args.like, args.unlike)
     plain = replace(sampling, signal_level=0.0)
-    decode = lambda e, s=sampling: model.decode(prefixes, e, s, seed=0)
+    decode = lambda e, s=sampling, barred=frozenset(): model.decode(prefixes, e, s, seed=0, barred=barred)
     propose = lambda g: model.sample_proposals(prefixes, g, sampling, seed=0)
     runs = {
         "plain": lambda: decode(random_e, plain),
         "unguided": lambda: decode(propose(None)),
-        "guided": lambda: decode(propose(guided)),
+        "guided": lambda: decode(propose(guided), barred=guided.barred),  # as sample.py: the guide's word bars
         "embed": lambda: model.embed(prefixes),
         "prior": lambda: propose(None),
         "prior_guided": lambda: propose(guided),
@@ -193,7 +193,7 @@ def profile_guided(model, batch, args):
     guided = model.guidance(args.guide, sampling, args.like, args.unlike)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0)
+        model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0, guided.barred)
         sync(model.device)
     key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"
     print(f"\nprofile of one guided generation, batch {batch} (top ops by {key}):")

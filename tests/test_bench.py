@@ -19,6 +19,17 @@ def test_bench_runs_end_to_end_and_ends_with_the_ratio(trained, capsys):
     assert "batch 3" in lines[-2] and any(l.split("|")[0].strip() == "1" for l in lines)
 
 
+def test_the_guided_row_decodes_without_the_guides_words_as_sample_py_does(trained, monkeypatch):
+    """--guide negative timed its decoding without the negation bars that sample.py decodes with."""
+    from sample import DGLM
+    seen, decode = [], DGLM.decode
+    monkeypatch.setattr(DGLM, "decode", lambda self, *a, barred=frozenset(), **k: seen.append(barred) or
+                        decode(self, *a, barred=barred, **k))
+    bench.main(bench.get_args(["--ckpt", str(trained / "out"), "--device", "cpu", "--steps", "2", "--max-tokens", "3",
+                               "--batch-sizes", "1", "--repeats", "1", "--mc-samples", "2", "--guide", "negative"]))
+    assert "not" in set().union(*seen) and frozenset() in seen  # the guided row's bars; the others' none
+
+
 def test_a_max_tokens_beyond_the_context_is_refused_before_anything_is_printed(trained, capsys):
     with pytest.raises(SystemExit, match="--max-tokens 200 does not fit the decoder's context"):
         bench.main(bench.get_args(["--ckpt", str(trained / "out"), "--device", "cpu", "--max-tokens", "200"]))
