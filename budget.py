@@ -29,7 +29,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from data import C4_TOKENS, HELD_OUT_PERCENT
-from decoder import SoftPromptGenerator, training_flops
+from decoder import SoftPromptGenerator, gpt2_sequence_flops
 from diffusion import Prior
 from encoder import EMBED_BATCH, cache_dir_for, disk_usage
 from utils import CHECKPOINT
@@ -108,7 +108,7 @@ def step_flops(prior_config, lm_config, seq_len, n_soft, prior_batch, decoder_ba
     brings (each window's texts are embedded once; about 2 FLOPs per parameter and token)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         prior = Prior(prior_config)
-    lm = training_flops(lm_config["n_layer"], lm_config["n_embd"], lm_config["vocab_size"], seq_len, n_soft)
+    lm = gpt2_sequence_flops(lm_config["n_layer"], lm_config["n_embd"], lm_config["vocab_size"], seq_len, n_soft)
     return {"prior": 3 * prior_batch * prior.flops_per_example(), "decoder": 3 * decoder_batch * lm,
             "embedding": 2 * (encoder_params or 0) * embed_len * prior_batch}
 

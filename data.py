@@ -221,12 +221,15 @@ def c4_files(path):
     return files
 
 
-def c4_fingerprint(path):
-    """What a --resume checks of a local C4 copy: a digest of its files' names (relative) and sizes. The
-    stream's position counts documents and files, so in other files it would point elsewhere."""
-    root = Path(path) if Path(path).is_dir() else Path(path).parent
-    listing = [(os.path.relpath(f, root), os.path.getsize(f)) for f in c4_files(path)]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+def c4_fingerprint(path, n_files=None):
+    """What a --resume checks of a local C4 copy: {path, files: how many, sha256 of the first n_files (default:
+    all) names and sizes}. Names are taken below the files' common folder, so the copy may move, or be named
+    by a folder above it. The stream's position counts files and documents: in others it would point elsewhere."""
+    files = c4_files(path)
+    root = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
+    listing = [(os.path.relpath(f, root), os.path.getsize(f)) for f in files[:n_files]]
+    return {"path": os.path.abspath(str(path)), "files": len(listing),
+            "sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
 
 
 def open_c4(path=None):

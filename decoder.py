@@ -322,9 +322,9 @@ class Decoder(nn.Module):
         return result
 
     def flops_per_sequence(self, n):
-        """Forward FLOPs of one training sequence of n tokens (training_flops)."""
+        """Forward FLOPs of one training sequence of n tokens (gpt2_sequence_flops)."""
         c = self.lm.config
-        return training_flops(c.n_layer, c.n_embd, c.vocab_size, n, self.config.n_soft)
+        return gpt2_sequence_flops(c.n_layer, c.n_embd, c.vocab_size, n, self.config.n_soft)
 
 
 def gpt2_flops_per_token(n_layer, n_embd, vocab_size, context):
@@ -335,7 +335,7 @@ def gpt2_flops_per_token(n_layer, n_embd, vocab_size, context):
     return n_layer * layer + 2 * n_embd * vocab_size
 
 
-def training_flops(n_layer, n_embd, vocab_size, n, n_soft):
+def gpt2_sequence_flops(n_layer, n_embd, vocab_size, n, n_soft):
     """Forward FLOPs of one training sequence of n tokens, [bos][prefix][k slots][continuation][eos]: every
     token through GPT-2's layers, the LM head only at the n - k - 1 positions Decoder.forward scores (on the
     tiny tier the head is half a token's FLOPs). The soft-prompt generator (a few small matrices per example)

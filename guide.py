@@ -381,7 +381,7 @@ def train_tiny_probes(train_e, train_rows, test_e, test_rows, encode):
     return probes, report
 
 
-def refit_tiny_probes(config, cache, data_dir):
+def refit_tiny_probes(config, cache, cache_dir):
     """guide.py --probes tiny: the probes train.py fitted for a run on the tiny corpus (or a file in its format:
     a text, a rating and a domain a row), fitted again on the run's own split and cached embeddings, so that an
     edit of train_tiny_probes or TINY_GUIDES reaches a trained run in seconds. -> (probes, report)"""
@@ -393,7 +393,7 @@ def refit_tiny_probes(config, cache, data_dir):
     if run.get("data_sha256") and os.path.isfile(data) and data_lib.sha256_of(data) != run["data_sha256"]:
         raise SystemExit(f"error: {data} has changed since the run trained on it, so its split would not be the "
                          "run's; restore it, or fit probes of your labels with --labels FILE")
-    train, held_out = data_lib.make_examples(data_lib.load_corpus(data, data_dir), run["seed"], run["max_prefix_frac"])
+    train, held_out = data_lib.make_examples(data_lib.load_corpus(data, cache_dir), run["seed"], run["max_prefix_frac"])
     if not (data_lib.tiny_format(train) and data_lib.tiny_format(held_out)):
         raise SystemExit(f"error: --probes tiny fits on the tiny corpus's ratings and domains; {data} has no rating "
                          "and domain in every row: fit probes of your labels with --labels FILE, or the paper's with --probes paper")
@@ -637,9 +637,10 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="--labels: the probe's name (default: the file's name)")
     p.add_argument("--overwrite", action="store_true", help="--labels: replace guides of the same names")
     p.add_argument("--probes", default=None, choices=["tiny", "paper"],
-                   help="without --labels, the tier's probes (default: the run's tier): tiny fits train.py's again on "
-                        "the run's corpus and cached embeddings (after an edit of guide.py, say); paper: sentiment "
-                        "(SST-2, Amazon polarity), toxicity (Civil Comments), AG News topics")
+                   help="without --labels, the tier's probes (default: the run's tier, paper with --max-per-class or "
+                        "--probe-data): tiny fits train.py's again on the run's corpus and cached embeddings (after an "
+                        "edit of guide.py, say); paper: sentiment (SST-2, Amazon polarity), toxicity (Civil Comments), "
+                        "AG News topics")
     p.add_argument("--max-per-class", type=count, default=None,
                    help="paper probes: examples per class and data set (default 20k)")
     p.add_argument("--probe-data", type=folder, default=None, help="local copies: sst2.jsonl, amazon_polarity.jsonl, "
@@ -653,13 +654,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.name is not None and not re.sub(r"\W+", "", args.name):  # "" fell back to the file's name
         p.error(f"argument --name: {args.name!r} names no probe (give it letters or digits)")
-    paper = [flag for flag in ("probes", "max_per_class", "probe_data") if getattr(args, flag) is not None]
-    if args.labels and paper:  # each would be ignored
-        p.error(f"{', '.join('--' + f.replace('_', '-') for f in paper)} {'is' if len(paper) == 1 else 'are'} for "
-                "the tier's probes, a run of their own; --labels trains probes of your file alone")
-    if args.probes == "tiny" and paper[1:]:
-        p.error(f"{' and '.join('--' + f.replace('_', '-') for f in paper[1:])} {'is' if len(paper) == 2 else 'are'} "
-                "for --probes paper; --probes tiny fits on the run's own corpus")
+    flags = lambda names: [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+    tiers, paper = flags(("probes", "max_per_class", "probe_data")), flags(("max_per_class", "probe_data"))
+    if args.labels and tiers:  # each would be ignored
+        p.error(f"{', '.join(tiers)} {'is' if len(tiers) == 1 else 'are'} for the tier's probes, a run of their "
+                "own; --labels trains probes of your file alone")
+    if args.probes == "tiny" and paper:
+        p.error(f"{' and '.join(paper)} {'is' if len(paper) == 1 else 'are'} for --probes paper; --probes tiny fits "
+                "on the run's own corpus")
     mine = [f"--{flag.replace('_', '-')}" for flag in ("text_column", "label_column", "name", "overwrite")
             if getattr(args, flag) != p.get_default(flag)]
     if mine and not args.labels:

@@ -37,10 +37,10 @@ from decoder import TINY_LM, DecoderConfig
 from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, autocast, bounded, build_models,
-                   comma_list, count, failed_downloads, folder, hold, keep_freed_memory, missing_folder, model_config,
-                   nonempty, not_a_model, out_flag, path_arg, pick_device, refusal, release, run_cli, save_checkpoint,
-                   shell, use_bf16)
+from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, Terminated, autocast, bounded,
+                   build_models, comma_list, count, failed_downloads, folder, hold, keep_freed_memory, missing_folder,
+                   model_config, nonempty, not_a_model, out_flag, path_arg, pick_device, refusal, release, run_cli,
+                   save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -183,13 +183,15 @@ def get_args(argv=None):
     if args.gpu_memory and not args.sizes:  # a run plans for the GPU it runs on
         p.error("--gpu-memory plans for GPUs with --sizes; a run plans its micro-batches for its own GPU "
                 "(--micro-batch / --decoder-micro-batch set them)")
-    digest = trained.get("data_sha256") and os.path.isfile(args.data) and data_lib.sha256_of(args.data)
-    if digest and digest != trained["data_sha256"] and local_path("data", args.data) == trained["data"]:
-        raise SystemExit(f"error: {args.data} has changed since the run in {out} trained on it (another sha256), so "
-                         "--resume would train on other texts; restore it, or start a new run with another --out")
+    same_texts = False  # a data file with the texts the run trained on, wherever it is now
+    if trained.get("data_sha256") and os.path.isfile(args.data):
+        same_texts = data_lib.sha256_of(args.data) == trained["data_sha256"]
+        if not same_texts and local_path("data", args.data) == trained["data"]:
+            raise SystemExit(f"error: {args.data} has changed since the run in {out} trained on it (another sha256), "
+                             "so --resume would train on other texts; restore it, or start a new run with another --out")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
                for k in RUN_SETTINGS if k in trained and local_path(k, getattr(args, k)) != local_path(k, trained[k])
-               and not (k == "data" and digest == trained["data_sha256"])]  # the same texts at another path
+               and not (k == "data" and same_texts)]
     if changed:
         hint = ""
         if "data" in trained and args.data != trained["data"] and trained["data"] not in ("tiny", "c4"):
@@ -202,15 +204,27 @@ def get_args(argv=None):
         raise SystemExit(f"error: --resume continues the run in {out} as it was trained, and these flags would change "
                          f"it: {', '.join(changed)}; leave them out, or start a new run with another --out{hint}")
     c4_copy = args.data == "c4" and (args.c4_path or os.environ.get(data_lib.C4_PATH_ENV))
-    if trained.get("c4_fingerprint") and (not c4_copy or data_lib.c4_fingerprint(c4_copy) != trained["c4_fingerprint"]):
-        raise SystemExit(f"error: the run in {out} trained on the C4 files at {trained.get('c4_path') or '$' + data_lib.C4_PATH_ENV}, and "
-                         f"{c4_copy or 'the hub'} holds other files (names or sizes), where its stream position would "
-                         "point elsewhere; point --c4-path at the run's copy, or start a new run with another --out")
+    if trained.get("c4_fingerprint"):  # a run on a local copy of C4: its position counts its files and documents
+        check_c4_copy(c4_copy, trained["c4_fingerprint"], out)
     if not args.resume:  # a model folder by its absolute path: as the checkpoint, its probes and the cache name it
         args.encoder, args.lm = local_path("encoder", args.encoder), local_path("lm", args.lm)
         if c4_copy and not args.sizes:  # what a --resume checks the copy against
             args.c4_fingerprint = data_lib.c4_fingerprint(c4_copy)
     return args
+
+
+def check_c4_copy(c4_copy, trained, out):
+    """--resume of a run on a local C4 copy: the files it read must still be there, first in the listing, with
+    their sizes (files added after them, shards still downloading, say, are fine). Else the saved stream
+    position, counted in files and documents, would point elsewhere."""
+    if not c4_copy:
+        raise SystemExit(f"error: the run in {out} read a local copy of C4 ({trained['path']}); pass it with "
+                         f"--c4-path (or ${data_lib.C4_PATH_ENV}) to --resume")
+    now = data_lib.c4_fingerprint(c4_copy, trained["files"])
+    if (now["files"], now["sha256"]) != (trained["files"], trained["sha256"]):
+        raise SystemExit(f"error: the run in {out} read the C4 files at {trained['path']}, and {c4_copy} does not begin "
+                         "with the same files (names and sizes), so the run's stream position would point elsewhere; "
+                         "point --c4-path at the run's copy, or start a new run with another --out")
 
 
 def model_configs(args, dim):
@@ -500,9 +514,9 @@ def check_args(args, out):
     if args.decoder_batch > args.batch_size:
         raise SystemExit(f"error: --decoder-batch {args.decoder_batch} is larger than --batch-size {args.batch_size} "
                          "(the decoder trains on the first rows of the prior's batch)")
-    if args.probe_data and not args.resume and not Path(args.probe_data).is_dir():  # else a warning, after the data
-        raise SystemExit(f"error: --probe-data {args.probe_data} is not a folder (the local copies of the paper "
-                         "probes' data sets)")
+    if args.probe_data and args.tier == "paper" and not args.resume and not Path(args.probe_data).is_dir():
+        raise SystemExit(f"error: --probe-data {args.probe_data}: no such folder (the local copies of the paper "
+                         "probes' data sets)")  # else a warning, after the first window is embedded
 
 
 def existing_run(args, out):
@@ -708,8 +722,8 @@ class Progress:
             return
         if texts:
             print(f"reconstruction cosine (held-out, embed -> decode -> re-embed, n={len(texts)}): {cos:.3f}")
-        else:  # a small C4 --window may hold none
-            print("no reconstruction cosine: the run's first window holds no held-out text")
+        else:  # a small C4 --window (the first one is held out from) may hold none
+            print("no reconstruction cosine: the run holds no held-out text (on C4, in its first window)")
         for original, text in list(zip(texts, decoded))[:3]:
             print(f"  {original[:70]!r}\n   -> {text[:70]!r}")
         if str(self.dist.device).startswith("cuda"):
@@ -789,8 +803,8 @@ def main(args):
         else:  # the last step
             save(args.steps)
             progress.reconstruction(args.steps, final=True)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted(args)) from None
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        raise type(err)(interrupted(args)) from None
     finally:
         if data is not None:
             data.close()  # C4: stop embedding a window this run will not train on (exit would wait for it)
@@ -802,7 +816,7 @@ def stop_on_sigterm():
     """SIGTERM (what a scheduler, `docker stop` or `timeout` sends) stops the run as Ctrl-C does: with the line
     that says what is kept and how to go on (interrupted), not silently."""
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
     signal.signal(signal.SIGTERM, handler)
 
 

@@ -27,6 +27,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,12 +68,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where it arrives (train.stop_on_sigterm): run_cli handles it as Ctrl-C, exit code 143."""
+
+
 def run_cli(fn, interrupted="interrupted"):
     """Run a script's fn(): an `error: ...` (bad input, missing file, offline hub) or a full disk becomes one
     line on stderr and exit code 2, with no traceback, like the usage errors of ArgumentParser above;
     a closed pipe (`| head`) ends it quietly;
     Ctrl-C prints `interrupted` (what is kept, for a script that saves; a KeyboardInterrupt raised with a
-    message of its own, as train.py's names its --out, prints that) and exits with 130."""
+    message of its own, as train.py's names its --out, prints that) and exits with 130 (143 for Terminated)."""
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?", not a traceback
         sys.stdout.reconfigure(errors="replace")  # (stderr's default already never fails)
     try:
@@ -94,7 +99,7 @@ def run_cli(fn, interrupted="interrupted"):
         raise
     except KeyboardInterrupt as err:
         print(f"\n{err.args[0] if err.args else interrupted}", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(143 if isinstance(err, Terminated) else 130) from None  # 128 + the signal, as a shell says
 
 
 MAX_COUNT = 10 ** 9  # steps, texts, examples: more is a typo (1e12 steps would run for decades)
@@ -459,21 +464,23 @@ def hold(out):
     f.write(f"{os.getpid()}\n")
     f.flush()
     HELD[key] = f
-    freed = remove_partial_saves(out)  # the folder is this run's now: nothing else is saving into it
+    freed = remove_partial_saves(out)  # the folder is this run's now (guide.py may still write its probes)
     if freed:
-        size = f"{freed / 2 ** 30:.1f} GiB" if freed >= 2 ** 30 else f"{freed / 2 ** 20:.1f} MiB"
+        size = next(f"{freed / 2 ** k:.1f} {unit}" for k, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                    if freed >= 2 ** k or k == 0)
         print(f"note: removed {size} of files that a save stopped midway left in {out}")
 
 
-def remove_partial_saves(out):
+def remove_partial_saves(out, idle=60):
     """What a save killed midway leaves in `out`: the PATH.tmp of a checkpoint's files (atomic_save,
     atomic_write_text) and the temporary file safetensors itself writes before it renames it (.tmp and six
-    characters, a safetensors header at its start). Nothing else: --out may be a folder of other files.
-    -> bytes freed"""
+    characters, a safetensors header at its start), untouched for `idle` seconds (a file being written, by a
+    guide.py adding probes, say, is newer). Nothing else: --out may be a folder of other files. -> bytes freed"""
     ours = {f"{name}.tmp" for name in (CHECKPOINT, "config.json", "probes.safetensors")}
     freed = 0
     for f in Path(out).iterdir():
-        if f.is_file() and (f.name in ours or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", f.name) and is_safetensors(f)):
+        temporary = f.name in ours or (re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", f.name) and is_safetensors(f))
+        if f.is_file() and temporary and time.time() - f.stat().st_mtime > idle:
             freed += f.stat().st_size
             f.unlink()
     return freed

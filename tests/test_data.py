@@ -200,6 +200,20 @@ def test_c4_files_of_an_allenai_c4_folder_are_one_variants_train_shards(tmp_path
     assert [Path(f).name for f in data.c4_files(tmp_path / "mine")] == ["a.jsonl"]
 
 
+def test_a_c4_copys_fingerprint_holds_where_it_moves_or_gains_files_after_its_own(c4_copy, tmp_path):
+    import shutil
+    root = c4_copy[0]
+    first = data.c4_fingerprint(root)
+    assert first["files"] == 2 and data.c4_fingerprint(root.parent)["sha256"] == first["sha256"]  # the folder above
+    moved = tmp_path / "elsewhere" / "en"
+    shutil.copytree(root, moved)
+    assert data.c4_fingerprint(moved)["sha256"] == first["sha256"] and data.c4_fingerprint(moved)["path"] == str(moved)
+    shutil.copy(moved / "c4-train.00001-of-00002.json.gz", moved / "c4-train.00002-of-00002.json.gz")  # downloaded on
+    assert data.c4_fingerprint(moved, 2)["sha256"] == first["sha256"] and data.c4_fingerprint(moved)["files"] == 3
+    (moved / "c4-train.00000-of-00002.json.gz").write_bytes(b"")  # a file the run read, changed
+    assert data.c4_fingerprint(moved, 2)["sha256"] != first["sha256"]
+
+
 def test_c4_stream_from_a_local_copy(c4_copy):
     root, docs, tokenizer = c4_copy
     stream = data.C4Examples(tokenizer, path=root.parent, seed=1)

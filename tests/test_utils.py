@@ -183,11 +183,14 @@ def test_a_run_that_takes_its_folder_removes_what_a_killed_save_left_and_nothing
         (tmp_path / name).write_bytes(half)
     for name in (".tmpXy34Ef", "notes.tmp", "data.safetensors.tmp"):  # a user's files in an --out of other files
         (tmp_path / name).write_text("mine")
+    for f in tmp_path.iterdir():
+        os.utime(f, (0, 0))  # long untouched: a killed save's
+    (tmp_path / ".tmpNow123").write_bytes(half)  # being written now (guide.py adding probes, say)
     hold(tmp_path)
     release(tmp_path)
     left = sorted(f.name for f in tmp_path.iterdir())
-    assert left == [".tmpXy34Ef", "data.safetensors.tmp", "notes.tmp", "train.lock", "whole.safetensors"]
-    assert f"note: removed 0.0 MiB of files that a save stopped midway left in {tmp_path}" in capsys.readouterr().out
+    assert left == [".tmpNow123", ".tmpXy34Ef", "data.safetensors.tmp", "notes.tmp", "train.lock", "whole.safetensors"]
+    assert f"note: removed 5.9 KiB of files that a save stopped midway left in {tmp_path}" in capsys.readouterr().out
 
 
 def test_text_files_are_utf8_whatever_the_locale(tmp_path):
