@@ -478,8 +478,9 @@ def balanced_accuracy(w, b, e, y):
 MIN_FITTED = 5  # examples of each class a paper probe is fitted on, at the least (20k of each by default)
 
 
-def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress=True):
-    """The paper tier's probes on embeddings from `cache` (an encoder.EmbeddingCache).
+def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress=True, flag="--max-per-class"):
+    """The paper tier's probes on embeddings from `cache` (an encoder.EmbeddingCache); `flag`: the caller's
+    name for max_per_class (train.py's is --probe-examples), for its errors.
 
       sentiment   SST-2 + Amazon polarity, each (data set, label) cell weighted equally
       toxicity    Civil Comments, toxic when the toxicity score > 0.5, classes weighted equally
@@ -510,7 +511,7 @@ def train_paper_probes(cache, max_per_class=20_000, data_dir=None, show_progress
         if min(fitted) < MIN_FITTED:
             raise SystemExit(f"error: the {name} probe would be fitted on {fitted[0]} / {fitted[1]} examples of its "
                              f"two classes (after the held-out ones); it needs {MIN_FITTED} of each: more data, or "
-                             "a larger --max-per-class")
+                             f"a larger {flag}")
     probes, report = {}, {}
     for name, rows, y, groups in tasks:
         e = torch.from_numpy(cache.encode([text for text, _, _ in rows], show_progress=show_progress))

@@ -485,7 +485,7 @@ def train_probes(args, window, out, cache):
               + "), or steer by example with `sample.py --like TEXT`")
         return None
     try:
-        probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data)
+        probes, report = train_paper_probes(cache, args.probe_examples, args.probe_data, flag="--probe-examples")
     except SystemExit as err:
         print(f"warning: no probes ({str(err).removeprefix('error: ')}); training goes on; add them later with "
               f"`python guide.py --ckpt {shell(out)} --probes paper` (--probe-data DIR for local copies)",

@@ -902,6 +902,9 @@ def test_paper_tier_probes_are_part_of_the_run_or_a_warning(probe_data, tmp_path
     args.probe_data = str(tmp_path / "nowhere")  # a folder that is not there is named, not passed over for the hub
     assert train.train_probes(args, window, tmp_path, cache) is None
     assert capsys.readouterr().err.startswith(f"warning: no probes (--probe-data {tmp_path / 'nowhere'} is not a folder)")
+    args.probe_data, args.probe_examples = str(probe_data), 1  # too few: train.py's flag, not guide.py's
+    assert train.train_probes(args, window, tmp_path, cache) is None
+    assert "more data, or a larger --probe-examples); training goes on" in capsys.readouterr().err
 
 
 def test_a_max_len_beyond_the_context_names_the_soft_prompt_slots_beside_it(corpus, trained, tmp_path):
