@@ -247,7 +247,7 @@ def bench_train(args, device):
     run.update(config.get("train", {}) if args.config == "ckpt" else {})  # the checkpoint's run: its batches, lengths
     bf16 = use_bf16(args.precision, device)
     B, D = run["batch_size"], run["decoder_batch"]
-    seq = min(data_lib.C4_TOKENS, run["max_len"]) if run["data"] == "c4" else run["max_len"]  # tokens of a text (C4: 88)
+    seq = min(data_lib.C4_TOKENS, run["max_len"]) if run["data"] == "c4" else run["max_len"]  # a text's tokens
     n = seq + config["decoder"]["n_soft"] + 2  # a decoder sequence: bos, the text, the slots and eos
     prior_micro, decoder_micro = args.micro_batch or B, args.decoder_micro_batch or D
     if str(device).startswith("cuda") and not (args.micro_batch and args.decoder_micro_batch):

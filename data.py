@@ -208,8 +208,8 @@ def c4_files(path):
         train = [f for f in files if Path(f).name.startswith("c4-train.")]
         variants = sorted({str(Path(f).parent.relative_to(path)) for f in train})
         if len(variants) > 1:
-            raise SystemExit(f"error: {path} holds C4 train shards in {len(variants)} folders ({', '.join(variants[:4])}"
-                             f"); point --c4-path at one of them, e.g. {path / variants[0]}")
+            raise SystemExit(f"error: {path} holds C4 train shards in {len(variants)} folders "
+                             f"({', '.join(variants[:4])}); point --c4-path at one of them, e.g. {path / variants[0]}")
         files = train or files
     elif path.is_file():
         files = [str(path)]

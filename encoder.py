@@ -13,7 +13,8 @@ Encoding is the slow part of data preparation, so every text is embedded once an
 a corpus read whole (tiny, a local file) in a cache of safetensors shards keyed by sha1(text)
 (EmbeddingCache); a window of the C4 stream in a file of its own, named by a digest of its texts
 and stored in fp16 (window_embeddings), so that host memory holds two windows at most (the one training,
-the next being prepared) however long the run. At paper scale the windows can be filled ahead of training, on a GPU in bf16:
+the next being prepared) however long the run. At paper scale the windows can be filled ahead of training,
+on a GPU in bf16:
 
     python encoder.py --data c4 --max-texts 1M --encoder sentence-transformers/sentence-t5-xl --device cuda
 

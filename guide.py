@@ -396,7 +396,8 @@ def refit_tiny_probes(config, cache, cache_dir):
     train, held_out = data_lib.make_examples(data_lib.load_corpus(data, cache_dir), run["seed"], run["max_prefix_frac"])
     if not (data_lib.tiny_format(train) and data_lib.tiny_format(held_out)):
         raise SystemExit(f"error: --probes tiny fits on the tiny corpus's ratings and domains; {data} has no rating "
-                         "and domain in every row: fit probes of your labels with --labels FILE, or the paper's with --probes paper")
+                         "and domain in every row: fit probes of your labels with --labels FILE, or the paper's with "
+                         "--probes paper")
 
     def continuations(examples):
         return torch.from_numpy(cache.encode([ex["continuation"] for ex in examples]))

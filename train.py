@@ -187,8 +187,9 @@ def get_args(argv=None):
     if trained.get("data_sha256") and os.path.isfile(args.data):
         same_texts = data_lib.sha256_of(args.data) == trained["data_sha256"]
         if not same_texts and local_path("data", args.data) == trained["data"]:
-            raise SystemExit(f"error: {args.data} has changed since the run in {out} trained on it (another sha256), "
-                             "so --resume would train on other texts; restore it, or start a new run with another --out")
+            raise SystemExit(f"error: {args.data} has changed since the run in {out} trained on it (another "
+                             "sha256), so --resume would train on other texts; restore it, or start a new run with "
+                             "another --out")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {trained[k]})"
                for k in RUN_SETTINGS if k in trained and local_path(k, getattr(args, k)) != local_path(k, trained[k])
                and not (k == "data" and same_texts)]
@@ -222,9 +223,9 @@ def check_c4_copy(c4_copy, trained, out):
                          f"--c4-path (or ${data_lib.C4_PATH_ENV}) to --resume")
     now = data_lib.c4_fingerprint(c4_copy, trained["files"])
     if (now["files"], now["sha256"]) != (trained["files"], trained["sha256"]):
-        raise SystemExit(f"error: the run in {out} read the C4 files at {trained['path']}, and {c4_copy} does not begin "
-                         "with the same files (names and sizes), so the run's stream position would point elsewhere; "
-                         "point --c4-path at the run's copy, or start a new run with another --out")
+        raise SystemExit(f"error: the run in {out} read the C4 files at {trained['path']}, and {c4_copy} does not "
+                         "begin with the same files (names and sizes), so the run's stream position would point "
+                         "elsewhere; point --c4-path at the run's copy, or start a new run with another --out")
 
 
 def model_configs(args, dim):

@@ -466,9 +466,8 @@ def hold(out):
     HELD[key] = f
     freed = remove_partial_saves(out)  # the folder is this run's now (guide.py may still write its probes)
     if freed:
-        size = next(f"{freed / 2 ** k:.1f} {unit}" for k, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
-                    if freed >= 2 ** k or k == 0)
-        print(f"note: removed {size} of files that a save stopped midway left in {out}")
+        k, unit = next((k, unit) for k, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "bytes")) if freed >= 2 ** k)
+        print(f"note: removed {freed / 2 ** k:.1f} {unit} of files that a save stopped midway left in {out}")
 
 
 def remove_partial_saves(out, idle=60):
@@ -479,8 +478,9 @@ def remove_partial_saves(out, idle=60):
     ours = {f"{name}.tmp" for name in (CHECKPOINT, "config.json", "probes.safetensors")}
     freed = 0
     for f in Path(out).iterdir():
-        temporary = f.name in ours or (re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", f.name) and is_safetensors(f))
-        if f.is_file() and temporary and time.time() - f.stat().st_mtime > idle:
+        if not f.is_file() or time.time() - f.stat().st_mtime <= idle:
+            continue
+        if f.name in ours or (re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", f.name) and is_safetensors(f)):
             freed += f.stat().st_size
             f.unlink()
     return freed
@@ -488,8 +488,11 @@ def remove_partial_saves(out, idle=60):
 
 def is_safetensors(path):
     """Whether a file starts as safetensors does: 8 bytes of header length, then the JSON header's '{'."""
-    with open(path, "rb") as f:
-        return f.read(9)[8:] == b"{"
+    try:
+        with open(path, "rb") as f:
+            return f.read(9)[8:] == b"{"
+    except OSError:  # unreadable: not ours to remove
+        return False
 
 
 def release(out):

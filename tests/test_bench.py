@@ -103,7 +103,8 @@ def test_bench_train_on_a_checkpoint_times_its_runs_batches(trained, capsys):
     """--ckpt timed the tiny tier's default batches (256 / 32), whatever batches its run trained on."""
     bench.main(bench.get_args(["--train", "--ckpt", str(trained / "out"), "--device", "cpu", "--repeats", "1"]))
     out = capsys.readouterr().out
-    assert "prior step: batch 16 in micro-batches of 16:" in out and "decoder step: batch 8 in micro-batches of 8:" in out
+    assert "prior step: batch 16 in micro-batches of 16:" in out
+    assert "decoder step: batch 8 in micro-batches of 8:" in out
 
 
 def test_bench_train_on_a_device_of_unknown_peak_reports_no_mfu(monkeypatch, capsys):

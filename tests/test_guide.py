@@ -423,7 +423,8 @@ def test_damaged_probes_point_to_a_fix_that_works_and_guide_py_replaces_them(ckp
     probes = ckpt_copy / "probes.safetensors"
     probes.write_bytes(probes.read_bytes()[:300])
     err = cli_error(sample, ["--ckpt", str(ckpt_copy), "--guide", "positive"], capsys)
-    assert f"cannot read probes {probes} (" in err and f"`python guide.py --ckpt {ckpt_copy}` with its tier's own" in err
+    assert f"cannot read probes {probes} (" in err
+    assert f"`python guide.py --ckpt {ckpt_copy}` with its tier's own" in err
     mood = labels_file(tmp_path / "mood.csv", [(t, "cheerful") for t in POSITIVE] + [(t, "gloomy") for t in NEGATIVE])
     assert guide.main(["--ckpt", str(ckpt_copy), "--cache-dir", str(tmp_path / "cache"), "--labels", str(mood)]) > 0.5
     assert f"note: replacing {probes}: cannot read probes" in capsys.readouterr().out
