@@ -745,13 +745,19 @@ def peak_gpu_memory(device):
             "CUDA context)")
 
 
+def launcher():
+    """How this run was started, for the commands it suggests: python, or torchrun with its processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+
+
 def interrupted(args):
     """What Ctrl-C leaves in --out, and the command that goes on from it."""
     if not (Path(args.out) / CHECKPOINT).exists():
         return ("interrupted before the first checkpoint (--save-every steps), so there is none to resume: train "
-                f"again with the same command, python {shlex.join(['train.py', *args.argv])}")
+                f"again with the same command, {launcher()} {shlex.join(['train.py', *args.argv])}")
     return (f"interrupted: the last checkpoint saved in {args.out} (every --save-every steps) is kept; continue it "
-            f"with python train.py --resume{out_flag(args.out)}")
+            f"with {launcher()} train.py --resume{out_flag(args.out)}")
 
 
 def main(args):
@@ -795,7 +801,7 @@ def main(args):
                 progress.bar.n = step + 1  # the bar counts a step when the next one begins: this one too
                 progress.bar.close()       # and the line below on a line of its own
                 if dist.is_main:
-                    print(f"stopped at step {step + 1} (--stop-at); continue with python train.py --resume"
+                    print(f"stopped at step {step + 1} (--stop-at); continue with {launcher()} train.py --resume"
                           f"{out_flag(args.out)}")
                 break
             if (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -585,6 +585,9 @@ def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus,
         f"{tmp_path / 'cache'} --batch-size 16 --decoder-batch 8 --warmup 2 --steps 6 --save-every 3"
     assert ctrl_c_at(4).endswith(f"is kept; continue it with python train.py --resume --out {out}")
     assert Checkpoint(out).step == 3
+    monkeypatch.setenv("WORLD_SIZE", "8")  # under torchrun: the command that started it, not python's
+    assert train.interrupted(train.get_args(["--out", str(out)])).endswith(
+        f"continue it with torchrun --nproc_per_node 8 train.py --resume --out {out}")
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_the_line_that_says_how_to_go_on(corpus, trained, tmp_path):
