@@ -593,7 +593,8 @@ def add_label_probes(args, encoder_name, cache):
     taken = sorted(set(counts) & set(existing))
     if taken and not args.overwrite:
         raise SystemExit(f"error: {path} already has {'a guide' if len(taken) == 1 else 'guides'} named "
-                         f"{', '.join(map(repr, taken))}; pass --overwrite to replace it, or rename the label")
+                         f"{', '.join(map(repr, taken))}; pass --overwrite to replace "
+                         f"{'it' if len(taken) == 1 else 'them'}, or rename the label")
     name = args.name or re.sub(r"\W+", "-", Path(args.labels).stem)
     new_probes = {name} if len(counts) == 2 else {f"{name}-{label}" for label in counts}
     relying = readers(existing, new_probes, exclude=counts)
@@ -693,10 +694,11 @@ def main(argv=None):
         probes, report = refit_tiny_probes(config, cache, args.cache_dir or run_cache_dir(config))
     else:
         probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
+    kept = sorted(set(guides_on_disk(path, encoder_name)) - set(guides))  # a user's, say: merge_probes keeps them
     merge_probes(path, probes, guides, encoder_name)
     print(("held-out accuracy: " if tier == "tiny" else "held-out balanced accuracy (chance 0.5): ")
           + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-    print(f"probes saved to {path}; guides: {', '.join(guides)}")
+    print(f"probes saved to {path}; guides: {', '.join(guides)}" + (f"; kept: {', '.join(kept)}" if kept else ""))
     weak = [name for name, accuracy_ in report.items() if accuracy_ < 0.6]
     if weak:
         print(f"warning: the probe(s) {', '.join(weak)} are barely better than chance or worse on their held-out "

@@ -283,14 +283,15 @@ def get_args(argv=None):
     p.add_argument("--prefix", "--prompt", default=None, type=free_text, help="one prefix to continue ('' for none)")
     p.add_argument("--prompts", type=path_arg, default=None,
                    help="file with one prefix per line (one prefix: --prefix TEXT)")
-    p.add_argument("--n", type=bounded(int, 1, 100_000), default=2, help="samples per prefix")
+    p.add_argument("--n", type=bounded(int, 1, 100_000), default=None, help="samples per prefix (default 2)")
     p.add_argument("--batch-size", type=bounded(int, 1, 100_000), default=100,
                    help="rows generated at once (prompts x --n in batches of this many; less memory when smaller)")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 62), default=0,
                    help="random seed (same seed -> same noise guided or not)")
     p.add_argument("--out", type=output_file, default=None,
-                   help="write JSON lines {prefix, text, guide, like, unlike, scale, seed, batch_size} here, each "
-                        "batch as it is done (scale 0: unguided; the seed and batch size draw a row's noise)")
+                   help="write JSON lines {prefix, text, guide, like, unlike, scale, seed, batch_size} here (a file "
+                        "there is replaced), each batch as it is done (scale 0: unguided; the seed and batch size "
+                        "draw a row's noise)")
     p.add_argument("--show-steps", action="store_true",
                    help="print the decoded proposal at several denoising steps (one sample of one --prefix)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
@@ -298,10 +299,12 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.prefix is not None and args.prompts is not None:
         p.error("--prefix and --prompts: give one (a prefix, or a file of them)")
-    if args.show_steps and (args.out or args.prompts is not None):  # it would show the first prompt, write nothing
-        p.error("--show-steps prints one sample's denoising to the screen: give it --prefix, not --prompts or --out")
+    if args.show_steps and (args.out or args.prompts is not None or (args.n or 1) > 1):  # it would show the
+        p.error("--show-steps prints one sample's denoising to the screen: give it --prefix, not --prompts, --out "
+                "or --n")  # first prompt's first sample, write nothing
     if args.guide is not None and not args.guide.strip():
         p.error("argument --guide: is empty (a guide name, or none)")
+    args.n = args.n or 2
     return args
 
 
@@ -313,6 +316,9 @@ def main(args):
     guidance = model.guidance(args.guide, sampling, args.like, args.unlike)
     label = "+".join([part.strip() for part in re.split(r"[,+]", args.guide) if part.strip() not in ("none", "like")]
                      + [f"like {t!r}" for t in args.like] + [f"unlike {t!r}" for t in args.unlike])  # like: once
+    if guidance is None and label:  # positive:0: the unguided rows, shown once
+        print(f"note: --guide {args.guide} steers nothing (every weight is 0): the samples are unguided",
+              file=sys.stderr)
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else [args.prefix] if args.prefix is not None \
         else DEMO_PREFIXES
     if args.show_steps:
@@ -327,9 +333,9 @@ def main(args):
                                         "unlike": args.unlike, "scale": args.scale if guidance is not None else 0.0,
                                         "seed": args.seed, "batch_size": args.batch_size}) + "\n")
         model.generate(prefixes, guidance, sampling, args.seed, args.batch_size, label, on_batch=write)
-        print(f"wrote {len(prefixes)} samples to {args.out}")
+        print(f"wrote {len(prefixes)} sample{'s' if len(prefixes) > 1 else ''} to {args.out}")
         return
-    width = max(len("unguided"), len(label))
+    width = max(len("unguided"), len(label) if guidance is not None else 0)
 
     def show(first_row, guided):  # each batch printed as it is done, beside the unguided rows of the same noise
         rows = prefixes[first_row:first_row + len(guided)]  # one batch, seeded as generate seeds it (seed + first row)

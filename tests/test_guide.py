@@ -445,6 +445,12 @@ def test_the_runs_own_probes_are_fitted_again_with_an_edited_guide(trained, ckpt
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert guide.load_probes(path, "minilm")[1]["positive"] == ("sentiment", 1, 0.8)
     assert "held-out accuracy: sentiment" in capsys.readouterr().out
+    probes, guides = guide.load_probes(path, "minilm")  # a guide of the user's own: kept, and said to be
+    mine = {**probes, "mine": (torch.randn(384), torch.tensor(0.0))}
+    guide.save_probes(path, mine, {**guides, "cheery": ("mine", 1)}, "minilm")
+    guide.main(["--ckpt", str(ckpt_copy)])
+    assert "same-domain; kept: cheery" in capsys.readouterr().out
+    assert guide.load_probes(path, "minilm")[1]["cheery"] == ("mine", 1)
 
     def error(*argv):
         with pytest.raises(SystemExit):

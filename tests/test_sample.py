@@ -26,6 +26,12 @@ def test_sample_cli_writes_jsonl_and_prints_unguided_beside_guided(trained, tmp_
     sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "none", "--prefix", "the film",
                                  "--n", "1", "--steps", "2", "--max-tokens", "2", "--out", str(out_file)]))
     assert json.loads(out_file.read_text())["scale"] == 0.0  # unguided rows said 180, as if guided
+    assert "wrote 1 sample to " in capsys.readouterr().out
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "positive:0", "--prefix", "the film",
+                                 "--n", "1", "--steps", "2", "--max-tokens", "2"]))
+    printed = capsys.readouterr()  # the unguided row alone, without a word
+    assert "unguided |" in printed.out and "positive:0 |" not in printed.out
+    assert "note: --guide positive:0 steers nothing (every weight is 0): the samples are unguided" in printed.err
     sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--guide", "negative", "--prefix", "a",
                                  "--n", "1", "--steps", "3"]))
     printed = capsys.readouterr()
@@ -220,7 +226,8 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         ([*ckpt, "--guide", "none,positive"], "guide 'none,positive': none (no guidance) stands alone"),
         ([*ckpt, "--guide", "positive+like"], "the guide like steers by example: give it --like TEXT"),  # was unguided
         (["--show-steps", "--prompts", "p.txt"], "--show-steps prints one sample's denoising to the screen: give it "
-                                                 "--prefix, not --prompts or --out"),  # it showed the first, wrote none
+                                                 "--prefix, not --prompts, --out or --n"),  # it showed the first
+        (["--show-steps", "--n", "3"], "give it --prefix, not --prompts, --out or --n"),  # it showed one, said nothing
         ([*ckpt, "--guide", "toxic"], f"`python guide.py --ckpt {trained / 'out'} --probes paper` adds them"),
         (["--ckpt", str(tmp_path / "nowhere")], "no checkpoint at"),
         # a run still before its first save (sampled from another terminal): not "train one"
