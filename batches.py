@@ -208,8 +208,8 @@ class C4Windows:
             raise SystemExit(f"error: the window from step {start} holds {trained} training examples once the "
                              f"held-out ones ({data_lib.HELD_OUT_PERCENT}%) are set apart, fewer than a batch of "
                              f"{self.args.batch_size}; give a larger --window")
-        cached = window_file(examples, self.cache.dir)[1].exists()
-        if not cached and show_progress and any(self.cache.dir.glob("window-*.safetensors")):
+        if show_progress and not window_file(examples, self.cache.dir)[1].exists() \
+                and any(self.cache.dir.glob("window-*.safetensors")):  # the first window, in the main process
             print("note: the cache holds other C4 windows but not this one; a window is found by its texts, which "
                   "--seed, --max-prefix-frac, --window, the tokenizer and the C4 copy change (encoder.py --data c4 "
                   "fills windows with its own flags: give it the run's)")

@@ -674,17 +674,14 @@ def main(argv=None):
         raise SystemExit(f"error: cannot write probes into {args.ckpt} ({why}); copy the checkpoint folder "
                          "somewhere writable and pass that --ckpt")
     encoder_name, device = config["encoder"], pick_device(args.device)
-    tier = args.probes or config.get("train", {}).get("tier", "paper")
-    if tier == "tiny" and (args.max_per_class or args.probe_data):  # the paper tier's flags name the tier
-        tier = "paper"
+    tier = args.probes or ("paper" if paper else config.get("train", {}).get("tier", "paper"))  # the run's tier
     cache = EmbeddingCache(cache_dir_for(args.cache_dir or run_cache_dir(config), encoder_name), encoder_name, device,
                            args.batch_size, args.dtype or default_dtype(device))
     if args.labels:
         return add_label_probes(args, encoder_name, cache)
     path = Path(args.ckpt) / "probes.safetensors"
-    guides = TINY_GUIDES if tier == "tiny" else PAPER_GUIDES
-    relying = readers(guides_on_disk(path, encoder_name), set().union(*map(guide_probes, guides.values())),
-                      exclude=guides)
+    guides, on_disk = TINY_GUIDES if tier == "tiny" else PAPER_GUIDES, guides_on_disk(path, encoder_name)
+    relying = readers(on_disk, set().union(*map(guide_probes, guides.values())), exclude=guides)
     if relying:  # replacing the probe would silently change what those guides steer toward
         raise SystemExit(f"error: the guide(s) {', '.join(sorted(relying))} of {path} read a probe named "
                          f"{', '.join(map(repr, sorted(set().union(*relying.values()))))}, which the {tier} probes "
@@ -694,7 +691,7 @@ def main(argv=None):
         probes, report = refit_tiny_probes(config, cache, args.cache_dir or run_cache_dir(config))
     else:
         probes, report = train_paper_probes(cache, args.max_per_class or count("20k"), args.probe_data)
-    kept = sorted(set(guides_on_disk(path, encoder_name)) - set(guides))  # a user's, say: merge_probes keeps them
+    kept = sorted(set(on_disk) - set(guides))  # a user's, say: merge_probes keeps them
     merge_probes(path, probes, guides, encoder_name)
     print(("held-out accuracy: " if tier == "tiny" else "held-out balanced accuracy (chance 0.5): ")
           + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
