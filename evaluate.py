@@ -19,7 +19,8 @@ file). For each (guide, scale) it continues every prompt n times and reports, ea
   - perplexity of the continuation given the prompt under a reference LM (--ppl-model): `self` is our
     own decoder run unguided, its soft prompt built from pure noise at a = 0 (a plain prefix LM; the
     tiny tier's stand-in, biased toward our own samples), or a Hugging Face causal LM such as gpt2-xl
-    (the paper's judge). exp(total NLL / total tokens) over all samples of a setting
+    (the paper's judge). exp(total NLL / total tokens) over all samples of a setting, on each continuation's
+    text tokenised again (as any reference LM reads it), its end-of-text not scored
   - Dist-1/2/3: distinct word n-grams / all n-grams among each prompt's samples, averaged over prompts;
     Dist-2 pooled: over all continuations of the setting (a collapse onto a few phrases shows here)
   - domain mix (tiny tier): the domain probes' argmax on the re-embedded continuation, to show whether
