@@ -3,8 +3,9 @@ and the importance sampler, the denoiser."""
 import pytest
 import torch
 
-from diffusion import (LogSNRSampler, Prior, PriorConfig, ddpm_step, eps_from_v, logsnr_cosine, loss_weight,
-                       loss_weight_integral, posterior, q_sample, signal_level, v_target, x0_from_eps, x0_from_v)
+from diffusion import (Block, LogSNRSampler, Prior, PriorConfig, ddpm_step, ema_update, eps_from_v, logsnr_cosine,
+                       loss_weight, loss_weight_integral, make_ema, posterior, q_sample, signal_level, v_target,
+                       x0_from_eps, x0_from_v)
 
 SMALL = PriorConfig(dim=16, n_tokens=4, token_dim=8, width=32, depth=2, heads=2)
 
@@ -101,6 +102,61 @@ def test_denoiser_shapes_and_null_prefix():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_the_written_out_attention_is_pytorchs_and_a_new_denoiser_is_not_blind_to_z():
+    torch.manual_seed(0)
+    W, heads, B, N = 32, 2, 3, 5
+    block = Block(W, heads, 2, W // 2)
+    torch.nn.init.normal_(block.modulation.weight, std=0.1)
+    with torch.no_grad():
+        block.modulation.weight[5 * W:] = 0  # gate2 = 0: the block's output is its attention branch alone
+    h, cond = torch.randn(B, N, W), torch.randn(B, W // 2)
+    shift1, scale1, gate1 = block.modulation(cond)[:, None].chunk(6, dim=-1)[:3]
+    q, k, v = block.qkv(block.norm1(h) * (1 + scale1) + shift1).view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    attn = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W)
+    torch.testing.assert_close(block(h, cond), h + gate1 * block.proj(attn))
+    # adaLN-Zero: zero-initialised modulations scale by 1 + 0, so once the last layer (zero too) has
+    # learned anything the output depends on z
+    net = Prior(SMALL).net
+    torch.nn.init.normal_(net.merge.weight, std=0.1)
+    lam, prefix = torch.zeros(1), torch.randn(1, 16)
+    assert (net(torch.randn(1, 16), lam, prefix) - net(torch.randn(1, 16), lam, prefix)).abs().max() > 1e-3
+
+
+def test_the_prior_loss_is_the_importance_weighted_mean_squared_v_error():
+    torch.manual_seed(0)
+    prior = Prior(SMALL)
+    for p in prior.net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, x_prefix = torch.randn(6, 16), torch.randn(6, 16)
+    noise = prior.draw_noise(6, "cpu")
+    noise["importance"] = torch.rand(6) + 0.5
+    loss = prior(x, x_prefix, noise)
+    lam, eps = noise["logsnr"], noise["eps"]
+    a = torch.sigmoid(lam)[:, None]
+    z, v = a.sqrt() * x + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x
+    mse = (prior.net(z, lam, x_prefix, noise["drop"]) - v).pow(2).mean(-1)
+    torch.testing.assert_close(loss, noise["importance"] * mse)
+    # the sampler learns from w(lambda) ||v_hat - v||^2, whatever the importance
+    (seen_lam, seen_loss), = prior.noise_levels.pending
+    torch.testing.assert_close(seen_lam, lam)
+    torch.testing.assert_close(seen_loss, loss_weight(lam) * mse)
+
+
+def test_each_bin_keeps_an_ema_of_its_mean_weighted_loss_and_the_average_model_one_of_the_weights():
+    sampler = LogSNRSampler()
+    sampler.observe(torch.tensor([0.1, 0.2]), torch.tensor([3.0, 5.0]))  # one bin (0.3 wide) ...
+    sampler.observe(torch.tensor([0.25]), torch.tensor([7.0]))           # ... seen three times: mean 5
+    sampler.update()
+    expected = torch.ones(100, dtype=torch.float64)
+    expected[sampler.bin_of(torch.tensor(0.1))] = 0.9 * 1 + 0.1 * 5.0
+    torch.testing.assert_close(sampler.bin_loss, expected)
+    torch.manual_seed(0)
+    model, other = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    ema = make_ema(model)
+    ema_update(ema, other, 0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * model.weight + 0.1 * other.weight)
+
+
 def test_prior_loss_falls():
     torch.manual_seed(0)
     prior = Prior(SMALL)
@@ -141,6 +197,7 @@ def test_importance_sampler_weights_integrate_the_target_weighting():
     lam, importance = sampler.sample(400_000, generator=g)
     # E_p[w/(p int w) f] = int w f / int w; with f = 1 it is 1, with f = 1[lambda > 0] the weight mass above 0
     assert importance.mean().item() == pytest.approx(1.0, rel=0.01)
+    assert lam.unique().numel() > 390_000  # uniform within its bin, not the bin's centre
     grid = torch.linspace(-15, 15, 10001)
     above = torch.trapezoid(loss_weight(grid) * (grid > 0), grid) / sampler.weight_integral
     assert (importance * (lam > 0)).mean().item() == pytest.approx(above.item(), rel=0.02)
@@ -172,6 +229,9 @@ def test_the_teaching_switches_change_the_noise_levels_and_weights():
     x = torch.randn(8, 16)
     plain(x, x).sum().backward()
     assert plain.noise_levels.pending == []  # nothing to adapt
+    weighted = Prior(PriorConfig(dim=16, n_tokens=4, token_dim=8, width=32, depth=2, heads=2, adaptive_noise=False))
+    noise = weighted.draw_noise(1000, "cpu")  # the cosine schedule's levels, still weighted by w(lambda)
+    torch.testing.assert_close(noise["importance"], loss_weight(noise["logsnr"]))
 
 
 class GaussianDenoiser(torch.nn.Module):

@@ -46,6 +46,15 @@ def test_standardize_round_trip_and_the_projection_onto_the_sphere():
     assert torch.allclose((mu + s * projected).norm(dim=-1), torch.ones(5), atol=1e-5)  # ... its projection is
 
 
+def test_latents_are_standardised_dimension_by_dimension():
+    # unit vectors whose dimensions spread unequally: each dimension gets its own mean and std
+    e = torch.nn.functional.normalize(torch.randn(2000, 8) * torch.tensor([4.0, 2, 1, 1, 1, 1, 0.5, 0.1]) + 0.3, dim=-1)
+    mu, s = encoder_lib.latent_stats(e)
+    x = encoder_lib.standardize(e, mu, s)
+    torch.testing.assert_close(x.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.ones(8))
+
+
 def window_of(texts):
     return [{"text": t, "prefix": " ".join(t.split()[:2]), "continuation": " ".join(t.split()[2:])} for t in texts]
 

@@ -269,6 +269,50 @@ def test_k_accumulated_micro_batches_give_the_update_of_the_whole_batch():
     assert not torch.equal(p1["noise_levels.bin_loss"], torch.ones(100, dtype=torch.float64))  # the sampler learned
 
 
+def test_the_decoder_steps_loss_is_its_mean_over_every_scored_token_eos_included():
+    from test_decoder import tiny_decoder
+    torch.manual_seed(0)
+    decoder = tiny_decoder(40, dim=16).train()
+    x, prefix_ids, cont_ids = torch.randn(3, 16), [[1, 2], [], [3]], [[11, 12, 13], [14], [15, 16]]
+    amp = lambda: torch.autocast("cpu", enabled=False)
+    torch.manual_seed(1)
+    loss = train.decoder_step(decoder, decoder, torch.optim.SGD(decoder.parameters(), lr=0.0), x, prefix_ids,
+                              cont_ids, [slice(0, 3)], 1, amp)
+    torch.manual_seed(1)  # the same noise and dropout: the decoder's own mean (n_tokens left to it)
+    torch.testing.assert_close(loss, decoder(prefix_ids, cont_ids, x))
+
+
+def test_each_step_trains_the_prior_then_the_decoder_on_the_same_latents(corpus, trained, tmp_path, monkeypatch):
+    """The loop's plumbing: the prior learns continuation given prefix, the decoder the first rows of
+    the same standardised continuations, and the EMA follows the prior with its warm-up decay."""
+    calls = {"batch": [], "prior": [], "decoder": [], "ema": []}
+
+    def spy(name, fn, keep):
+        def wrapped(*args):
+            calls[name].append(keep(*args))
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(batches.Corpus, "batch",
+                        spy("batch", batches.Corpus.batch, lambda self, step: self.window.batch(step)))
+    monkeypatch.setattr(train, "prior_step",
+                        spy("prior", train.prior_step, lambda p, r, o, x, x_prefix, *_: (x, x_prefix)))
+    monkeypatch.setattr(train, "decoder_step",
+                        spy("decoder", train.decoder_step, lambda d, r, o, x, p_ids, c_ids, *_: (x, c_ids)))
+    monkeypatch.setattr(train, "ema_update", spy("ema", train.ema_update, lambda ema, prior, decay: decay))
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    run_train(corpus, tmp_path, tmp_path / "out", "--steps", "2")
+    mu, s = load_for_inference(tmp_path / "out")[-2:]
+    assert len(calls["batch"]) == len(calls["prior"]) == len(calls["decoder"]) == 2
+    for (e_prefix, e_cont, _, cont_ids), (x, x_prefix), (x_dec, cont_dec) in zip(calls["batch"], calls["prior"],
+                                                                                 calls["decoder"]):
+        torch.testing.assert_close(x, (e_cont - mu) / s)
+        torch.testing.assert_close(x_prefix, (e_prefix - mu) / s)
+        torch.testing.assert_close(x_dec, x[:8])  # --decoder-batch 8
+        assert cont_dec == cont_ids[:8]
+    assert calls["ema"] == pytest.approx([1 / 10, 2 / 11])  # min(--ema, (1 + step) / (10 + step))
+
+
 def test_under_torchrun_each_process_draws_its_own_dropout_and_the_shared_noise():
     """Every process seeds the shared stream alike (the batch's noise is drawn alike everywhere); the
     decoder's dropout draws from each process's own stream, seeded by (seed, rank, step), and leaves the
