@@ -218,6 +218,40 @@ def test_repetition_penalty_spares_end_of_text_bos_and_padding():
         assert dec.generate([[7]], x[:1], max_new_tokens=1, repetition_penalty=1.0, **GREEDY) == [[7]]
 
 
+def test_repetition_penalty_pushes_a_seen_negative_logit_down_and_counts_the_generated_tokens():
+    """CTRL: a seen token's logit is divided by the penalty when positive, multiplied when negative (dividing
+    would raise it), and every generated token is seen from then on, not only the prompt's."""
+    dec = tiny_decoder(12)
+    bias = torch.full((12,), -30.0)
+    bias[7], bias[8] = -1.0, -1.3
+    x = torch.randn(1, 32)
+    with fixed_logits(dec, bias):
+        assert dec.generate([[7]], x, max_new_tokens=1, repetition_penalty=1.5, **GREEDY) == [[8]]  # -1.5 < -1.3
+        bias[:] = -30.0
+        bias[5], bias[6] = 2.0, 1.9
+        out = dec.generate([[3]], x, max_new_tokens=3, repetition_penalty=1.2, min_new_tokens=3, **GREEDY)
+        assert out == [[5, 6, 5]]  # 5, then 5 seen (1.67) loses to 6 (1.9), then 6 seen too (1.58) loses to 5
+
+
+def test_a_prompt_too_long_for_the_context_keeps_its_last_tokens():
+    dec = tiny_decoder(40)
+    room = dec.room(8)
+    prompt = torch.randint(1, 40, (room + 20,), generator=torch.Generator().manual_seed(0)).tolist()
+    x = torch.randn(1, 32)
+    run = lambda p: dec.generate([p], x, max_new_tokens=8, repetition_penalty=1.0, top_p=1.0, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    assert run(prompt) == run(prompt[-room:]) != run(prompt[:room])
+
+
+def test_every_parameter_of_the_decoder_takes_part_in_the_training_loss():
+    """A parameter the forward pass leaves out (the soft prompt's position embedding, say) is saved in every
+    checkpoint and learns nothing."""
+    torch.manual_seed(0)
+    dec = small_decoder(50, hidden_cond=True)
+    dec([[5, 6], []], [[7, 8, 9], [10]], torch.randn(2, 384)).backward()
+    assert [name for name, p in dec.named_parameters() if p.grad is None] == []  # None: not in the graph (a zero-init gate: 0)
+
+
 def test_barred_tokens_are_never_drawn_however_likely():
     """Tokens 5 and 6 are the likeliest (then 4): barred, greedy decoding and sampling at a high
     temperature write neither, also where end-of-text is held back."""

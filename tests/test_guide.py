@@ -54,6 +54,25 @@ def test_tiny_probes_keep_the_whole_sentiment_probe_when_no_text_can_be_negated(
     assert "no training text to negate" in capsys.readouterr().out
 
 
+def test_the_sentiment_probes_read_both_signs_and_share_a_boundary_at_the_whole_probes_norm():
+    """sentiment_no_negation is the sentiment probe fitted without the negation direction, then rescaled to the
+    whole probe's norm: the fit's decisions (its bias scaled with it) at the norm a guide's scale was set for."""
+    label = torch.tensor([i % 2 for i in range(40)], dtype=torch.float32)
+    e = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    e[:, 0] += 2 * label - 0.5  # sentiment, its boundary off the origin
+    e[:, 1] += 2 * (1 - label)  # the negatives hold more negations
+    rows = [{"rating": 4 * y - 2, "domain": "ab"[i // 2 % 2], "continuation": ["it was sad", "it was great"][int(y)]}
+            for i, y in enumerate(label.tolist())]
+    negation = lambda texts: torch.tensor([[0.0, float(" not " in t)] + [0.0] * 6 for t in texts])  # along dim 1
+    probes, _ = guide.train_tiny_probes(e, rows, e, rows, encode=negation)
+    (w, b), (w_n, b_n) = probes["sentiment"], probes["sentiment_no_negation"]
+    assert guide.accuracy(w, b, e, label) > 0.9  # fitted on the negative ratings as well as the positive
+    fit_w, fit_b = probe_without(e, label, balanced_weights(label, [r["domain"] for r in rows]), torch.eye(8)[1])
+    assert fit_w.norm() < 0.5 * w.norm()  # the rescaling matters here
+    assert w_n.norm().item() == pytest.approx(w.norm().item(), rel=1e-5)
+    torch.testing.assert_close(torch.cat([w_n, b_n[None]]) / w_n.norm(), torch.cat([fit_w, fit_b[None]]) / fit_w.norm())
+
+
 def test_balanced_weights_give_each_group_and_label_equal_mass():
     y = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0, 0.0])
     groups = ["a", "a", "a", "a", "b", "b", "b", "b", "b"]
@@ -151,8 +170,8 @@ def test_guidance_acts_only_on_steps_up_to_max_logsnr():
     assert torch.equal(plain, never)
 
 
-@pytest.mark.parametrize("n_samples", [0, 5])
-def test_loss_from_dot_products_equals_the_loss_on_the_k_samples_themselves(n_samples):
+@pytest.mark.parametrize("n_samples,aggregate", [(0, "reference"), (5, "reference"), (5, "lgd"), (5, "mean")])
+def test_loss_from_dot_products_equals_the_loss_on_the_k_samples_themselves(n_samples, aggregate):
     """Guidance.loss never forms the K x B x d samples; written out directly they give the same loss."""
     torch.manual_seed(0)
     d, B = 12, 3
@@ -160,15 +179,22 @@ def test_loss_from_dot_products_equals_the_loss_on_the_k_samples_themselves(n_sa
     x_hat = torch.randn(B, d, requires_grad=True)
     a = torch.tensor([0.05, 0.5, 0.9])
     terms = [(torch.randn(d), torch.tensor(0.3), 1, 1.0),
-             (torch.randn(d), torch.tensor(-0.2), torch.tensor([0.0, 1, 0.5]), 0.5)]  # per-example targets
-    fast = _guidance(terms, mu, s, 1.0, n_samples=n_samples).bind(torch.zeros(B, d), seed=7).loss(x_hat, a)
+             (torch.randn(d), torch.tensor(-0.2), torch.tensor([0.0, 1, 0.5]), 0.5),  # per-example targets
+             (torch.randn(d), torch.tensor(0.8), "prefix", 2.0)]  # the probe's own probability on each prefix
+    e_prefix = torch.nn.functional.normalize(torch.randn(B, d), dim=-1)
+    g = _guidance(terms, mu, s, 1.0, n_samples=n_samples, aggregate=aggregate)
+    fast = g.bind(e_prefix, seed=7).loss(x_hat, a)
     K = max(n_samples, 1)
     noise = torch.randn(n_samples, d, generator=torch.Generator().manual_seed(7)) if n_samples else torch.zeros(1, d)
     x = x_hat[None] + ((1 - a) / a).sqrt()[None, :, None] * noise[:, None]          # (K, B, d)
     e = unstandardize(x, mu, s)
+    target = lambda w, b, t: torch.sigmoid(e_prefix @ w + b) if t == "prefix" else torch.as_tensor(t).float()
     total = sum(weight * torch.nn.functional.binary_cross_entropy_with_logits(
-        e @ w + b, torch.as_tensor(t).float().expand(K, B), reduction="none") for w, b, t, weight in terms)
-    slow = torch.logsumexp(total, 0) - torch.log(torch.tensor(float(K)))
+        e @ w + b, target(w, b, t).expand(K, B), reduction="none") for w, b, t, weight in terms)  # (K, B): per draw
+    log_k = torch.log(torch.tensor(float(K)))
+    slow = {"reference": torch.logsumexp(total, 0) - log_k,     # log mean_k exp(L_k)
+            "lgd": -(torch.logsumexp(-total, 0) - log_k),       # -log mean_k exp(-L_k)
+            "mean": total.mean(0)}[aggregate]
     torch.testing.assert_close(fast, slow)
     g_fast, = torch.autograd.grad(fast.sum(), x_hat, retain_graph=True)
     g_slow, = torch.autograd.grad(slow.sum(), x_hat)
@@ -209,7 +235,7 @@ def test_same_domain_targets_come_from_each_prefix():
     from guide import TINY_GUIDES, build_guidance
     torch.manual_seed(0)
     d = 8
-    probes = {n: (torch.randn(d), torch.tensor(0.0)) for n in ["sentiment", "movie", "tweet", "product", "news"]}
+    probes = {n: (torch.randn(d), torch.randn(())) for n in ["sentiment", "movie", "tweet", "product", "news"]}
     mu, s = torch.zeros(d), torch.ones(d)
     g = build_guidance("positive,same-domain:2", probes, TINY_GUIDES, mu, s, 1.0, n_samples=0, max_logsnr=15.0)
     assert [t[2] for t in g.terms] == [1, "prefix", "prefix", "prefix", "prefix"]

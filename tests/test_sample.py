@@ -151,6 +151,30 @@ def test_bf16_precision_runs_the_networks_in_bf16_and_agrees_with_fp32(trained):
     assert torch.isfinite(guided).all()
 
 
+def test_the_sampling_options_reach_the_guidance_and_the_decoder(trained, monkeypatch):
+    """The guidance is bound to the prefixes' unit embeddings and steers up to guide_max_logsnr; the decoder
+    reads the proposals' standardised latents and every decoding option, none left at its default."""
+    import guide
+    from encoder import standardize
+    model = DGLM(trained / "out", precision="fp32")
+    options = SamplingConfig(steps=2, scale=50.0, guide_max_logsnr=1.5, mc_samples=2, signal_level=0.6, max_tokens=5,
+                             min_tokens=3, top_p=0.8, temperature=0.5, repetition_penalty=1.7)
+    bound, fed = [], []
+    bind, generate = guide.Guidance.bind, model.decoder.generate
+    monkeypatch.setattr(guide.Guidance, "bind", lambda self, e, seed: bound.append(e) or bind(self, e, seed))
+    monkeypatch.setattr(model.decoder, "generate", lambda ids, x, **kw: fed.append((x, kw)) or generate(ids, x, **kw))
+    prompts = ["the film", "our trip"]
+    g = model.guidance("positive", options)
+    assert (g.scale, g.max_logsnr, g.n_samples) == (50.0, 1.5, 2)
+    e = model.sample_proposals(prompts, g, options, seed=0)
+    torch.testing.assert_close(bound[0], model.embed(prompts))  # not their standardised latents
+    model.decode(prompts, e, options, seed=0)
+    (x, kw), = fed
+    torch.testing.assert_close(x, standardize(e, model.mu, model.s))
+    assert {k: kw[k] for k in ("a", "max_new_tokens", "min_new_tokens", "top_p", "temperature", "repetition_penalty")} \
+        == dict(a=0.6, max_new_tokens=5, min_new_tokens=3, top_p=0.8, temperature=0.5, repetition_penalty=1.7)
+
+
 def test_best_of_keeps_each_rows_candidate_closest_to_its_proposal(trained):
     model = DGLM(trained / "out", precision="fp32")
     prefixes = ["the film", "this phone", "i think"]
