@@ -249,7 +249,8 @@ def test_every_parameter_of_the_decoder_takes_part_in_the_training_loss():
     torch.manual_seed(0)
     dec = small_decoder(50, hidden_cond=True)
     dec([[5, 6], []], [[7, 8, 9], [10]], torch.randn(2, 384)).backward()
-    assert [name for name, p in dec.named_parameters() if p.grad is None] == []  # None: not in the graph (a zero-init gate: 0)
+    # None: not in the graph at all (a zero-initialised gate's gradient is 0, not None)
+    assert [name for name, p in dec.named_parameters() if p.grad is None] == []
 
 
 def test_barred_tokens_are_never_drawn_however_likely():
