@@ -2,6 +2,7 @@
 the sweep plot and a run end to end."""
 import importlib.util
 import json
+import math
 import random
 import re
 import sys
@@ -25,6 +26,60 @@ def test_distinct_n_and_the_lexicon_judges():
     texts = ["What a wonderful, happy day!", "This is awful and sad.", "The table is brown."]
     assert evaluate.vader_labels(texts) == [1, -1, 0] and evaluate.textblob_labels(texts) == [1, -1, 0]
     assert evaluate.SentimentJudge("textblob").labels(["The movie was not bad."]) == [1]  # it reads negation
+    mild = ["It is okay.", "It was a little dull."]  # compound 0.23 / -0.34, polarity 0.5 / -0.24: past 0.05 counts
+    assert evaluate.vader_labels(mild) == [1, -1] and evaluate.textblob_labels(mild) == [1, -1]
+
+
+def test_a_settings_figures_are_those_of_its_continuations(ckpt, monkeypatch):
+    """evaluate_setting on continuations fixed in advance, with judges that say what they were shown:
+    each figure is the one its definition gives by hand."""
+    from sample import DGLM, SamplingConfig
+    model = DGLM(ckpt, precision="fp32")
+    texts = ["a b a b", "a b c", "x y", "x y"]  # 2 prompts x 2 samples
+    monkeypatch.setattr(model, "generate_in_batches", lambda prefixes, *rest: iter([(model.embed(texts), texts)]))
+    shown = []
+
+    class Judge:
+        def __init__(self, name, word):
+            self.name, self.word = name, word
+
+        def labels(self, batch):
+            shown.append(batch)
+            return [1 if self.word in t.split() else -1 if "x" in t.split() else 0 for t in batch]
+
+    class Scorer:  # a reference LM's total NLL and token count
+        name = "p"
+
+        def __call__(self, prefixes, batch):
+            scored.append((prefixes, batch))
+            return 8.0, 4
+
+    scored = []
+    judges = {"sentiment": [Judge("first", "one"), Judge("second", "c")], "perplexity": Scorer(),
+              "toxicity": SimpleNamespace(name="t", probs=lambda batch: [0.0] * len(batch))}
+    args = SimpleNamespace(like=None, unlike=None, seed=0, batch_size=100, match="b c$")
+    r = evaluate.evaluate_setting(model, ["p one", "p two"], 2, "none", SamplingConfig(), args, judges)
+    assert (r["positive"], r["negative"]) == (0.0, 0.5)  # the first judge on the continuations alone
+    assert r["sentiment"]["second"] == {"positive": 0.25, "negative": 0.5}
+    assert shown[2] == ["p one a b a b", "p one a b c", "p two x y", "p two x y"]  # then on prompt + continuation
+    assert (r["positive_with_prompt"], r["negative_with_prompt"]) == (0.5, 0.5)
+    assert scored == [(["p one", "p one", "p two", "p two"], texts)] and r["perplexity"] == pytest.approx(math.exp(2))
+    assert r["dist1"] == pytest.approx((3 / 7 + 2 / 4) / 2) and r["dist2"] == pytest.approx((3 / 5 + 1 / 2) / 2)
+    assert r["dist3"] == pytest.approx((3 / 3 + 0) / 2)  # within each prompt's samples, then the mean over prompts
+    assert r["dist2_pooled"] == pytest.approx(4 / 7)  # ab ba ab ab bc xy xy: over all continuations
+    assert r["match"] == 0.25  # searched anywhere in a text, not matched at its start
+    assert r["proposal_cosine"] == pytest.approx(1.0, abs=1e-5)  # the proposals here are the texts' own embeddings
+
+
+def test_the_domain_mix_and_the_probes_agreement_count_each_text():
+    zero = torch.tensor(0.0)
+    model = SimpleNamespace(probes={"movie": (torch.tensor([1.0, 0.0]), zero), "news": (torch.tensor([0.0, 1.0]), zero),
+                                    "sentiment": (torch.tensor([1.0, -1.0]), zero)})
+    texts = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0]])  # three read as movie, one as news
+    assert evaluate.domain_mix(model, texts) == {"movie": 0.75, "news": 0.25}
+    proposals = torch.tensor([[0.0, 1.0]] * 4)  # every proposal reads negative
+    agreement = evaluate.probe_agreement(model, proposals, texts)
+    assert agreement["proposal_positive"] == 0.0 and agreement["text_positive"] == 0.75
 
 
 def test_self_perplexity_is_lower_on_text_the_decoder_was_fit_on_than_on_shuffled_text():
