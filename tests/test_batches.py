@@ -14,3 +14,40 @@ def test_batches_are_deterministic_length_grouped_and_cover_the_epoch():
     spread = sum(max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in b.epoch(0)) / 8
     assert spread < 30  # random batches of 50 would span ~55
     assert b.get(8)[0] in b.epoch(1)[0]
+
+
+def test_each_epoch_has_its_own_order_and_shuffles_its_length_sorted_batches():
+    lengths = [random.Random(i).randint(1, 60) for i in range(1600)]
+    b = Batches(lengths, 50, seed=1)  # 32 batches: two blocks of 16, sorted by length within each
+    first, second = b.epoch(0), b.epoch(1)
+    assert [x.tolist() for x in first] != [x.tolist() for x in second]
+    mean_length = [sum(lengths[i] for i in batch) / 50 for batch in first]
+    assert mean_length[:16] != sorted(mean_length[:16])  # not the blocks' order: short to long, block by block
+
+
+def test_a_window_keeps_each_examples_embeddings_and_ids_together_and_sets_the_held_out_apart(monkeypatch):
+    import numpy as np
+    import torch
+    import batches
+    from decoder import encode_continuation, train_tokenizer
+    monkeypatch.setattr(batches.data_lib, "is_held_out", lambda text: text.startswith("held"))
+    texts = [f"{'held' if i % 3 == 0 else 'kept'} text number {i} goes on here" for i in range(12)]
+    examples = [{"text": t, "prefix": " ".join(t.split()[:3]), "continuation": " ".join(t.split()[3:])} for t in texts]
+    e_prefix = np.stack([np.full(4, i, dtype=np.float32) for i in range(12)])
+    e_cont = -e_prefix - 100  # row i: -(i + 100)
+    tokenizer = train_tokenizer(texts, 300)
+    window = batches.Window(examples, e_prefix, e_cont, tokenizer, room=40, batch_size=4, seed=0, start=5)
+    kept = [i for i in range(12) if i % 3]
+    assert [ex["text"] for ex in window.examples] == [texts[i] for i in kept]
+    assert [ex["text"] for ex in window.held_out] == [texts[i] for i in range(0, 12, 3)]
+    assert window.e_prefix[:, 0].tolist() == kept and window.e_cont[:, 0].tolist() == [-i - 100 for i in kept]
+    assert window.held_out_e_cont[:, 0].tolist() == [-i - 100 for i in range(0, 12, 3)]
+    e_p, e_c, prefix_ids, cont_ids = window.batch(5)  # the window's first step: its first batch
+    idx = window.batches.get(0).tolist()
+    assert e_p[:, 0].tolist() == [kept[i] for i in idx] and e_c[:, 0].tolist() == [-kept[i] - 100 for i in idx]
+    for i, p, c in zip(idx, prefix_ids, cont_ids):
+        ex = window.examples[i]
+        assert p == tokenizer(ex["prefix"], add_special_tokens=False)["input_ids"]
+        assert c == encode_continuation(tokenizer, ex["continuation"])
+    n = window.batches.per_epoch  # and the next epoch's first batch after it
+    assert torch.equal(window.batch(5 + n)[0], window.e_prefix[window.batches.get(n)])

@@ -16,7 +16,7 @@ import data
 def test_split_text_is_at_a_word_boundary_and_respects_the_prefix_fraction():
     rng = random.Random(0)
     text = "one two three four five six seven eight nine ten"
-    for frac, lengths in [(0.5, {0, 1, 2, 3, 4}), (1.0, set(range(10)))]:
+    for frac, lengths in [(0.3, {0, 1, 2}), (0.5, {0, 1, 2, 3, 4}), (1.0, set(range(10)))]:  # 0.3 x 9 = 2.7: 2
         seen = set()
         for _ in range(500):
             prefix, continuation = data.split_text(text, rng, max_prefix_frac=frac)
@@ -31,6 +31,10 @@ def test_make_examples_holds_out_by_text_hash():
     assert len(train) + len(held) == 500 and 5 <= len(held) <= 40
     assert all(data.is_held_out(ex["text"]) for ex in held)
     assert not any(data.is_held_out(ex["text"]) for ex in train)
+    rows = [{"text": f"another sentence, number {i}"} for i in range(20_000)]
+    train, held = data.make_examples(rows, seed=0, max_prefix_frac=0.0)
+    assert 720 <= len(held) <= 880  # HELD_OUT_PERCENT = 4: 800 expected, and 1000 at 5%
+    assert {ex["prefix"] for ex in train + held} == {""}  # the prefix fraction reaches the split
 
 
 def test_load_local_reads_txt_and_jsonl_and_rejects_empty(tmp_path):
