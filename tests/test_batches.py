@@ -51,3 +51,31 @@ def test_a_window_keeps_each_examples_embeddings_and_ids_together_and_sets_the_h
         assert c == encode_continuation(tokenizer, ex["continuation"])
     n = window.batches.per_epoch  # and the next epoch's first batch after it
     assert torch.equal(window.batch(5 + n)[0], window.e_prefix[window.batches.get(n)])
+
+
+def test_a_corpus_window_holds_each_examples_own_prefix_and_continuation_embeddings(corpus, monkeypatch):
+    """read_corpus: the continuation's embedding where the prior's target goes, the prefix's where its
+    condition goes; the tiny tokenizer learns from the training texts alone."""
+    from types import SimpleNamespace
+    import numpy as np
+    import batches
+    from data import is_held_out
+    seen, tokenizer_texts, train_tokenizer = [], [], batches.train_tokenizer
+
+    class Cache:  # each text's embedding is its index among the texts seen
+        def encode(self, texts):
+            seen.extend(t for t in dict.fromkeys(texts) if t not in seen)
+            return np.array([[seen.index(t)] for t in texts], dtype=np.float32)
+
+        def __len__(self):
+            return len(seen)
+
+    monkeypatch.setattr(batches, "train_tokenizer",
+                        lambda texts, n: tokenizer_texts.extend(texts) or train_tokenizer(texts, n))
+    args = SimpleNamespace(data=str(corpus), cache_dir=None, seed=0, max_prefix_frac=0.5, batch_size=8,
+                           lm=batches.TINY_LM, vocab_size=300)
+    window, _ = batches.read_corpus(args, None, Cache(), room=40, report=False)
+    assert [seen[int(i)] for i in window.e_cont[:, 0]] == [ex["continuation"] for ex in window.examples]
+    assert [seen[int(i)] for i in window.e_prefix[:, 0]] == [ex["prefix"] for ex in window.examples]
+    assert [seen[int(i)] for i in window.held_out_e_cont[:, 0]] == [ex["continuation"] for ex in window.held_out]
+    assert window.held_out and tokenizer_texts and not any(is_held_out(t) for t in tokenizer_texts)

@@ -375,3 +375,8 @@ def test_a_c4_path_that_is_not_c4_is_one_line(c4_copy, tmp_path):
     with pytest.raises(SystemExit) as err:
         list(data.C4Examples(tokenizer, path=tmp_path / "mixed"))
     assert str(err.value).startswith("error: cannot read the C4 files at") and "\n" not in str(err.value)
+
+
+def test_a_civil_comments_record_is_toxic_from_half_its_raters():
+    label = data.PROBE_SOURCES["civil_comments"][3]  # the toxicity probe's training labels
+    assert [label({"toxicity": t}) for t in (0.0, 0.3, 0.5, 0.51, 1.0)] == [0, 0, 0, 1, 1]

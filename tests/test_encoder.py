@@ -46,6 +46,10 @@ def test_standardize_round_trip_and_the_projection_onto_the_sphere():
     assert torch.allclose((mu + s * projected).norm(dim=-1), torch.ones(5), atol=1e-5)  # ... its projection is
 
 
+def test_the_embedding_cache_tells_texts_apart_by_case():
+    assert encoder_lib.text_key("Good") != encoder_lib.text_key("good")  # sentence-T5 is cased
+
+
 def test_latents_are_standardised_dimension_by_dimension():
     # unit vectors whose dimensions spread unequally: each dimension gets its own mean and std
     e = torch.nn.functional.normalize(torch.randn(2000, 8) * torch.tensor([4.0, 2, 1, 1, 1, 1, 0.5, 0.1]) + 0.3, dim=-1)

@@ -258,7 +258,7 @@ def test_toxicity_metrics_follow_the_papers_definitions():
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory):
     """Two tiny Hugging Face sequence classifiers built from configs, saved like hub models: a
-    sentiment one (NEGATIVE / POSITIVE) and a multi-label toxicity one (toxic, insult)."""
+    sentiment one (NEGATIVE / POSITIVE) and a multi-label toxicity one (non-toxic, toxic)."""
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
@@ -269,15 +269,15 @@ def classifiers(tmp_path_factory):
                                         cls_token="[CLS]", sep_token="[SEP]")
     paths = {}
     for name, labels, problem in [("sentiment", ["NEGATIVE", "POSITIVE"], "single_label_classification"),
-                                  ("toxicity", ["toxic", "insult"], "multi_label_classification")]:
+                                  ("toxicity", ["non-toxic", "toxic"], "multi_label_classification")]:
         torch.manual_seed(0)
         config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
                             label2id={l: i for i, l in enumerate(labels)}, problem_type=problem)
         model = BertForSequenceClassification(config)
-        with torch.no_grad():  # a zeroed head: every text gets equal logits
+        with torch.no_grad():  # a zeroed head: every text gets equal logits (2 for toxicity's labels)
             model.classifier.weight.zero_()
-            model.classifier.bias.zero_()
+            model.classifier.bias.fill_(2.0 if name == "toxicity" else 0.0)
         paths[name] = tmp_path_factory.mktemp(name)
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -293,8 +293,8 @@ def test_hugging_face_classifiers_as_judges(classifiers, tmp_path):
     probs = real(["the good day", "you idiot", ""])
     assert len(probs) == 3 and all(p == pytest.approx(0.5) for p in probs)  # a zeroed head: softmax of equal logits
     toxic = evaluate.ToxicityJudge(str(classifiers["toxicity"]))
-    assert toxic.classifier.index == 0 and toxic.classifier.multi_label
-    assert toxic.probs(["you idiot"]) == [pytest.approx(0.5)]  # sigmoid(0)
+    assert toxic.classifier.index == 1 and toxic.classifier.multi_label  # "toxic", not "non-toxic"
+    assert toxic.probs(["you idiot"]) == [pytest.approx(1 / (1 + math.exp(-2)))]  # sigmoid(2), not softmax's 0.5
     assert evaluate.ToxicityJudge("profanity-check").probs(["We had a lovely walk."])[0] < 0.5
     with pytest.raises(SystemExit, match=r"^error: could not load the classifier .* for --toxicity-judge .*, or an "
                                          r"offline judge \(profanity-check\)$"):
@@ -429,13 +429,16 @@ def test_nearest_sentence_judges_the_proposal_by_its_closest_training_sentence(t
     import data
     import encoder
     from conftest import NEGATIVE, POSITIVE
-    sentences = [t for t in POSITIVE + NEGATIVE if not data.is_held_out(t)]
-    rows = [{"text": t} for t in sentences]
+    held = POSITIVE[1]
+    monkeypatch.setattr(data, "is_held_out", lambda text: text == held)
+    sentences = [t for t in POSITIVE + NEGATIVE if t != held]
+    rows = [{"text": t} for t in POSITIVE + NEGATIVE]  # a held-out sentence is never a neighbour
     monkeypatch.setattr(data, "load_corpus", lambda path, cache_dir: rows if path == "mine.txt" else [])
     (tmp_path / "mine.txt").write_text("the run's own file")
     monkeypatch.chdir(tmp_path)
     model = SimpleNamespace(config={"encoder": encoder.TINY_ENCODER}, device="cpu")
     judge = evaluate.NearestSentence(model, tmp_path, "mine.txt")  # the run's corpus, not the tiny one
+    assert judge.texts == sentences
     queries = sentences[:3] + sentences[-5:]
     proposals = judge.bank[[sentences.index(q) for q in queries]]  # each proposal is a training sentence itself
     labels = evaluate.vader_labels(queries)
@@ -495,8 +498,15 @@ def test_more_held_out_prompts_than_there_are_says_how_many_it_uses(trained, mon
         evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--n-prompts", "1000", "--n", "1",
                                          "--guides", "none"]))
     assert 0 < len(prompts) == len(held) < 1000
+    assert sorted(prompts) == sorted(" ".join(t.split()[:4]) for t in held)  # their first 4 words
     from utils import Checkpoint
     assert read == [Checkpoint(trained / "out").config["train"]["data"]]  # the run's own file, not the tiny corpus
+    texts[:] = [f"a short one {n}" for n in range(200)] + texts  # under 2 x 4 words: never a prompt
+    prompts.clear()
+    with pytest.raises(InterruptedError):
+        evaluate.main(evaluate.get_args(["--ckpt", str(trained / "out"), "--n-prompts", "1000", "--n", "1",
+                                         "--guides", "none"]))
+    assert len(prompts) == len(held)
     with pytest.raises(SystemExit, match="reads the run's data file nowhere.txt .*, which is not there; put it back, "
                                          "or give prompts with --prompts FILE"):
         evaluate.heldout_prompts("nowhere.txt", "cache", 10)

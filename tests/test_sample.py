@@ -327,6 +327,11 @@ def test_a_missing_corrupt_or_mismatched_checkpoint_and_foreign_probes_are_refus
     save_file(load_file(str(bad / CHECKPOINT)), str(bad / CHECKPOINT), dict(ckpt.meta, config=json.dumps(config)))
     with pytest.raises(SystemExit, match="does not match its config"):
         sample.main(sample.get_args(["--ckpt", str(bad)]))
+    tensors = load_file(str(trained / "out" / CHECKPOINT))  # a tensor short: not random weights in its place
+    del tensors["decoder.soft.pos"]
+    save_file(tensors, str(bad / CHECKPOINT), Checkpoint(trained / "out").meta)
+    with pytest.raises(SystemExit, match=r"does not match its config \(decoder: missing \['soft.pos'\]"):
+        sample.main(sample.get_args(["--ckpt", str(bad)]))
     foreign = tmp_path / "foreign"
     shutil.copytree(trained / "out", foreign)
     probes, guides = load_probes(foreign / "probes.safetensors")
