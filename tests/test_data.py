@@ -89,6 +89,34 @@ def test_tiny_corpus_checksum_is_verified(tmp_path):
         data.prepare_tiny(tmp_path)
 
 
+def test_the_tiny_corpus_is_parsed_from_the_archive_once(tmp_path, monkeypatch):
+    """Each domain's file: id, mean rating, text (tab-separated); a line without a text is skipped."""
+    import io
+    import tarfile
+
+    def tar_of(files):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, content in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+        return buffer.getvalue()
+
+    lines = {"movie": "1_1\t2.5\tA  fine   film\n1_2\t-1.0\t \nno tabs here\n", "tweet": "2_1\t-3.1\tso sad :(\n",
+             "product": "", "news": "4_1\t0.4\tThe vote  is today.\n"}
+    inner = tar_of({f"hutto_ICWSM_2014/{f}": lines[d].encode() for f, d in data.DOMAIN_FILES.items()})
+    sdist = tar_of({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner})
+    (tmp_path / data.VADER_SDIST).write_bytes(sdist)
+    monkeypatch.setattr(data, "VADER_SHA256", data.sha256_of(tmp_path / data.VADER_SDIST))
+    expected = [{"text": "A fine film", "rating": 2.5, "domain": "movie"},  # spaces collapsed
+                {"text": "so sad :(", "rating": -3.1, "domain": "tweet"},
+                {"text": "The vote is today.", "rating": 0.4, "domain": "news"}]
+    assert data.prepare_tiny(tmp_path) == expected
+    (tmp_path / data.VADER_SDIST).unlink()  # read from corpus.jsonl from then on
+    assert data.prepare_tiny(tmp_path) == expected
+
+
 @pytest.fixture
 def pypi(monkeypatch):
     """A PyPI simple index (PEP 691 JSON) on localhost that serves vaderSentiment's archive; -> the served

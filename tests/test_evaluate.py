@@ -58,6 +58,7 @@ def test_a_settings_figures_are_those_of_its_continuations(ckpt, monkeypatch):
     judges = {"sentiment": [Judge("first", "one"), Judge("second", "c")], "perplexity": Scorer(),
               "toxicity": SimpleNamespace(name="t", probs=lambda batch: [0.0] * len(batch))}
     args = SimpleNamespace(like=None, unlike=None, seed=0, batch_size=100, match="b c$")
+    monkeypatch.setattr(evaluate, "time", SimpleNamespace(time=iter([100.0, 108.0]).__next__))  # 8 s for 4 samples
     r = evaluate.evaluate_setting(model, ["p one", "p two"], 2, "none", SamplingConfig(), args, judges)
     assert (r["positive"], r["negative"]) == (0.0, 0.5)  # the first judge on the continuations alone
     assert r["sentiment"]["second"] == {"positive": 0.25, "negative": 0.5}
@@ -69,6 +70,7 @@ def test_a_settings_figures_are_those_of_its_continuations(ckpt, monkeypatch):
     assert r["dist2_pooled"] == pytest.approx(4 / 7)  # ab ba ab ab bc xy xy: over all continuations
     assert r["match"] == 0.25  # searched anywhere in a text, not matched at its start
     assert r["proposal_cosine"] == pytest.approx(1.0, abs=1e-5)  # the proposals here are the texts' own embeddings
+    assert r["seconds_per_sample"] == 2.0
 
 
 def test_the_domain_mix_and_the_probes_agreement_count_each_text():

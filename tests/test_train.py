@@ -415,6 +415,7 @@ def test_training_writes_a_self_describing_checkpoint(trained):
         assert (out / name).exists(), name
     ckpt, tensors = Checkpoint(out), tensors_of(out)
     assert ckpt.step == 6 and ckpt.config["encoder"] == "minilm"
+    assert json.loads((out / "config.json").read_text()) == dict(ckpt.config, step=6)  # the copy for reading
     assert set(ckpt.config["decoder"]) >= {"noise_augmentation", "inference_a", "hidden_cond", "n_layer"}  # in full
     assert "decoder.lm.lm_head.weight" not in tensors  # tied to wte, stored once
     config, prior, decoder, tokenizer, mu, s = load_for_inference(out)
