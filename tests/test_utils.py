@@ -32,6 +32,10 @@ def test_bounded_checks_kind_range_and_finiteness():
                      ("-inf", "out of range"), ("x", "'x' is not a number (accepted: (0, 1])")]:
         with pytest.raises(argparse.ArgumentTypeError, match=__import__("re").escape(why)):
             unit(bad)
+    below_one = bounded(float, 0, 1, high_open=True)  # [0, 1): an EMA's decay, say
+    assert below_one("0") == 0.0 and below_one("0.999") == 0.999
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'1' is out of range \(accepted: \[0, 1\)\)"):
+        below_one("1")
     assert bounded(int, 1)("7") == 7
     assert bounded(int, 1)("1e2") == 100  # an exponent, as counts take it
     for bad in ["2.5", "1e-3", "inf"]:
