@@ -1,8 +1,15 @@
-"""batches.py: length-grouped batches. (The windows of C4, which a run moves through, are tested with the
-run in test_train.py.)"""
+"""batches.py: length-grouped batches, and windows that keep each example's embeddings and token ids
+together. (The windows of C4, which a run moves through, are tested with the run in test_train.py.)"""
 import random
+from types import SimpleNamespace
 
+import numpy as np
+import torch
+
+import batches
 from batches import Batches
+from data import is_held_out
+from decoder import encode_continuation, train_tokenizer
 
 
 def test_batches_are_deterministic_length_grouped_and_cover_the_epoch():
@@ -26,10 +33,6 @@ def test_each_epoch_has_its_own_order_and_shuffles_its_length_sorted_batches():
 
 
 def test_a_window_keeps_each_examples_embeddings_and_ids_together_and_sets_the_held_out_apart(monkeypatch):
-    import numpy as np
-    import torch
-    import batches
-    from decoder import encode_continuation, train_tokenizer
     monkeypatch.setattr(batches.data_lib, "is_held_out", lambda text: text.startswith("held"))
     texts = [f"{'held' if i % 3 == 0 else 'kept'} text number {i} goes on here" for i in range(12)]
     examples = [{"text": t, "prefix": " ".join(t.split()[:3]), "continuation": " ".join(t.split()[3:])} for t in texts]
@@ -56,11 +59,7 @@ def test_a_window_keeps_each_examples_embeddings_and_ids_together_and_sets_the_h
 def test_a_corpus_window_holds_each_examples_own_prefix_and_continuation_embeddings(corpus, monkeypatch):
     """read_corpus: the continuation's embedding where the prior's target goes, the prefix's where its
     condition goes; the tiny tokenizer learns from the training texts alone."""
-    from types import SimpleNamespace
-    import numpy as np
-    import batches
-    from data import is_held_out
-    seen, tokenizer_texts, train_tokenizer = [], [], batches.train_tokenizer
+    seen, tokenizer_texts, fit = [], [], batches.train_tokenizer
 
     class Cache:  # each text's embedding is its index among the texts seen
         def encode(self, texts):
@@ -71,7 +70,7 @@ def test_a_corpus_window_holds_each_examples_own_prefix_and_continuation_embeddi
             return len(seen)
 
     monkeypatch.setattr(batches, "train_tokenizer",
-                        lambda texts, n: tokenizer_texts.extend(texts) or train_tokenizer(texts, n))
+                        lambda texts, n: tokenizer_texts.extend(texts) or fit(texts, n))
     args = SimpleNamespace(data=str(corpus), cache_dir=None, seed=0, max_prefix_frac=0.5, batch_size=8,
                            lm=batches.TINY_LM, vocab_size=300)
     window, _ = batches.read_corpus(args, None, Cache(), room=40, report=False)
