@@ -1,10 +1,12 @@
 """data.py: the tiny corpus, local files, the prefix split, C4 prepared and streamed from a local copy."""
 import http.server
 import importlib.util
+import io
 import itertools
 import json
 import math
 import random
+import tarfile
 import threading
 from pathlib import Path
 
@@ -91,9 +93,6 @@ def test_tiny_corpus_checksum_is_verified(tmp_path):
 
 def test_the_tiny_corpus_is_parsed_from_the_archive_once(tmp_path, monkeypatch):
     """Each domain's file: id, mean rating, text (tab-separated); a line without a text is skipped."""
-    import io
-    import tarfile
-
     def tar_of(files):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
