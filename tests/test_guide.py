@@ -1,5 +1,6 @@
 """guide.py: guidance of the prior (against closed forms and on a toy prior), guides, and probes."""
 import json
+import re
 
 import pytest
 import torch
@@ -624,3 +625,139 @@ def test_a_checkpoint_folder_that_refuses_the_probes_is_said_before_the_work(ckp
     with pytest.raises(SystemExit, match=f"^error: cannot write probes into {ckpt_copy} \\(Permission denied\\); "
                                          "copy the checkpoint folder somewhere writable"):
         guide.main(["--ckpt", str(ckpt_copy), "--labels", str(labels)])
+
+
+# ----------------------------------------------------------------------------- spec parsing, probes I/O, a user's labels
+
+
+def test_parse_guides_reads_spaces_the_weight_range_and_none_alone():
+    available = {"positive": ("sentiment", 1), "news": ("news", 1)}
+    assert parse_guides(" positive , news:0.5 ", available) == [("positive", 1.0), ("news", 0.5)]
+    assert parse_guides("positive+news:0.25", available) == [("positive", 1.0), ("news", 0.25)]
+    assert parse_guides("positive:10000", available) == [("positive", 1e4)]  # the top of the range is accepted
+    with pytest.raises(SystemExit, match="none \\(no guidance\\) stands alone"):
+        parse_guides("none,positive", available)
+    assert guide.guide_names("negative:1+news:0.5, positive") == ["negative", "news", "positive"]
+
+
+def test_accuracy_reads_logits_at_zero_and_balanced_accuracy_averages_the_classes():
+    w, b = torch.tensor([1.0]), torch.tensor(-0.2)
+    e = torch.tensor([[-2.0], [0.1], [0.5], [1.0], [3.0]])  # logits -2.2, -0.1, 0.3, 0.8, 2.8
+    y = torch.tensor([0.0, 1, 1, 1, 1])  # the 0.3 logit is class 1: the boundary is at logit 0, not 0.5
+    assert accuracy(w, b, e, y) == pytest.approx(0.8)
+    assert guide.balanced_accuracy(w, b, e, y) == pytest.approx(0.5 * (1.0 + 0.75))
+    assert guide.balanced_accuracy(w, b, e, 1 - y) == pytest.approx(0.5 * (0.0 + 0.25))
+
+
+def test_probes_round_trip_with_dots_in_names_and_refuse_another_encoder(tmp_path):
+    path = tmp_path / "probes.safetensors"
+    probes = {"mood.v2": (torch.randn(8), torch.tensor(0.5)), "sentiment": (torch.randn(8), torch.tensor(-0.25))}
+    guides = {"up": ("mood.v2", 1), "down": ("mood.v2", 0)}
+    guide.save_probes(path, probes, guides, "enc")  # --name mood.v2 names the probe as given
+    loaded, loaded_guides = guide.load_probes(path, "enc")
+    assert set(loaded) == set(probes) and loaded_guides == guides
+    for n in probes:
+        assert torch.equal(loaded[n][0], probes[n][0]) and torch.equal(loaded[n][1], probes[n][1])
+    with pytest.raises(SystemExit, match="trained for encoder 'enc', but the checkpoint uses 'other'"):
+        guide.load_probes(path, "other")
+    assert guide.guides_on_disk(path, "other") == {} and guide.guides_on_disk(path, "enc") == guides
+
+
+def test_merge_probes_replaces_probes_and_guides_of_the_same_name_and_keeps_the_rest(tmp_path, capsys):
+    path = tmp_path / "probes.safetensors"
+    old = {"sentiment": (torch.randn(8), torch.tensor(0.0)), "movie": (torch.randn(8), torch.tensor(0.0))}
+    guide.save_probes(path, old, {"positive": ("sentiment", 1), "movie": ("movie", 1)}, "enc")
+    new = {"sentiment": (torch.randn(8), torch.tensor(1.0)), "mood": (torch.randn(8), torch.tensor(0.0))}
+    guide.merge_probes(path, new, {"positive": ("mood", 1), "gloomy": ("mood", 0)}, "enc")
+    assert "the guide positive is replaced by the new one of that name" in capsys.readouterr().out
+    probes, guides = guide.load_probes(path, "enc")
+    assert guides == {"positive": ("mood", 1), "movie": ("movie", 1), "gloomy": ("mood", 0)}
+    assert torch.equal(probes["sentiment"][0], new["sentiment"][0]) and torch.equal(probes["movie"][0], old["movie"][0])
+    # another encoder's probes are not kept: their guides would steer this encoder's embeddings at random
+    guide.merge_probes(path, {"x": (torch.randn(8), torch.tensor(0.0))}, {"ex": ("x", 1)}, "other")
+    assert "note: replacing" in capsys.readouterr().out
+    probes, guides = guide.load_probes(path, "other")
+    assert set(probes) == {"x"} and guides == {"ex": ("x", 1)}
+
+
+def _labelled(labels_per_text, n=15, d=6, seed=0):
+    """n different texts of each label, their embeddings about one axis per label."""
+    gen = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for k, label in enumerate(labels_per_text):
+        texts += [f"{label} text {i}" for i in range(n)]
+        labels += [label] * n
+    axis = {label: k for k, label in enumerate(labels_per_text)}
+    e = 0.3 * torch.randn(len(texts), d, generator=gen)
+    e[torch.arange(len(texts)), torch.tensor([axis[label] for label in labels])] += 1.0
+    return e, texts, labels
+
+
+def test_label_probes_are_fitted_without_the_held_out_rows_and_scored_on_them():
+    e, texts, labels = _labelled(["sad", "kind", "rude"])
+    probes, guides, acc, chance = guide.train_label_probes(e, texts, labels, "tone")
+    assert guides == {"kind": ("tone-kind", 1), "rude": ("tone-rude", 1), "sad": ("tone-sad", 1)}
+    assert chance == pytest.approx(1 / 3) and acc == 1.0  # well apart: every held-out text is named right
+    held = guide.held_out(texts, labels)
+    assert held.sum() == 9  # the 1st, 6th and 11th of each label
+    moved = e.clone()
+    moved[held] = torch.randn(int(held.sum()), e.shape[1], generator=torch.Generator().manual_seed(1))
+    again, _, acc_moved, _ = guide.train_label_probes(moved, texts, labels, "tone")
+    assert all(torch.equal(again[n][0], probes[n][0]) and torch.equal(again[n][1], probes[n][1]) for n in probes)
+    assert acc_moved < 1.0  # the held-out rows alone measure it
+    e2, texts2, labels2 = _labelled(["zeta", "alpha"])  # the second label in sorted order is class 1
+    probes2, guides2, _, chance2 = guide.train_label_probes(e2, texts2, labels2, "mood")
+    assert guides2 == {"zeta": ("mood", 1), "alpha": ("mood", 0)} and chance2 == 0.5
+    w, b = probes2["mood"]
+    assert float(e2[labels2.index("zeta")] @ w + b) > 0 > float(e2[labels2.index("alpha")] @ w + b)
+
+
+@pytest.mark.parametrize("label", ["a+b", "none", "like"])
+def test_a_label_that_cannot_name_a_guide_is_refused(ckpt_copy, tmp_path, label):
+    rows = [(t, label) for t in POSITIVE] + [(t, "plain") for t in NEGATIVE]
+    with pytest.raises(SystemExit, match=re.escape(f"label {label!r} cannot name a guide")):
+        guide.main(["--ckpt", str(ckpt_copy), "--labels", str(labels_file(tmp_path / "odd.csv", rows)),
+                    "--cache-dir", str(tmp_path / "cache")])
+
+
+def test_train_probe_fits_a_boundary_off_the_origin_and_reads_weights_as_relative():
+    x = torch.linspace(0.5, 4.0, 20)[:, None]  # every embedding on one side of the origin: only a bias separates
+    y = (x[:, 0] > 2.0).float()
+    w, b = train_probe(x, y)
+    assert accuracy(w, b, x, y) == 1.0 and float(b) < 0
+    weights = torch.rand(20, generator=torch.Generator().manual_seed(0)) + 0.5
+    for a, c in zip(train_probe(x, y, weights), train_probe(x, y, 10 * weights)):  # only their ratios matter
+        torch.testing.assert_close(a, c)
+    for a, c in zip(train_probe(x, y), train_probe(x, y, torch.ones(20))):  # no weights: every row alike
+        torch.testing.assert_close(a, c)
+
+
+def test_probe_without_a_direction_keeps_the_sample_weights():
+    gen = torch.Generator().manual_seed(0)
+    e, y = torch.randn(40, 4, generator=gen), (torch.arange(40) % 2).float()
+    e[:, 0] += 2 * y - 1
+    d = torch.nn.functional.normalize(torch.tensor([0.0, 1.0, 1.0, 0.0]), dim=0)
+    weights = (torch.arange(40) < 20).float()  # rows of weight 0 take no part in the fit
+    for a, c in zip(probe_without(e, y, weights, d), probe_without(e[:20], y[:20], None, d)):
+        torch.testing.assert_close(a, c)
+
+
+def test_a_label_with_fewer_texts_weighs_as_much_as_the_other():
+    """Classes weighted to equal mass: embeddings that show nothing give a probe that leans to neither label
+    (unweighted, the 9 / 38 training rows would set its bias near log(9 / 38))."""
+    labels = ["rare"] * 12 + ["common"] * 48
+    texts = [f"text {i}" for i in range(60)]
+    probes, guides, _, _ = guide.train_label_probes(torch.zeros(60, 4), texts, labels, "odds")
+    assert guides == {"rare": ("odds", 1), "common": ("odds", 0)} and abs(float(probes["odds"][1])) < 1e-3
+
+
+def test_labels_that_would_replace_a_probe_another_guide_reads_are_refused(ckpt_copy, tmp_path):
+    from conftest import TOXIC
+    path = ckpt_copy / "probes.safetensors"
+    probes, guides = guide.load_probes(path, "minilm")
+    guide.save_probes(path, {**probes, "tone-kind": (torch.randn(384), torch.tensor(0.0))},
+                      {**guides, "gentle": ("tone-kind", 1)}, "minilm")
+    rows = [(t, "kind") for t in POSITIVE] + [(t, "sad") for t in NEGATIVE] + [(t, "rude") for t in TOXIC]
+    with pytest.raises(SystemExit, match=r"probe named 'tone-kind', which the guide\(s\) gentle use"):
+        guide.main(["--ckpt", str(ckpt_copy), "--labels", str(labels_file(tmp_path / "tone.csv", rows)),
+                    "--cache-dir", str(tmp_path / "cache")])
