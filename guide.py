@@ -257,6 +257,8 @@ def parse_guides(spec, available, ckpt="CKPT"):
                 "adds them (their data sets come from the hub, or --probe-data DIR)")
             raise SystemExit(f"error: unknown guide {name!r} (available: {', '.join(sorted(available))}, none{paper})")
         try:
+            if "_" in weight:  # float() reads '1_0' as 10
+                raise ValueError(weight)
             value = float(weight) if colon else 1.0  # 'positive:' names no weight: an error, not 1
         except ValueError:
             plus = "; '+' joins guides, so write 1e2, not 1e+2" if weight.lower().endswith("e") else ""

@@ -138,7 +138,7 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
 
     def parse(text):
         try:
-            value = kind(text)
+            value = None if "_" in str(text) else kind(text)  # Python reads '1_0' as 10: a typo, not a number
         except ValueError:
             value = whole_number(text) if kind is int else None  # int() reads no exponent: '1e3'
         if value is None:

@@ -635,6 +635,8 @@ def test_parse_guides_reads_spaces_the_weight_range_and_none_alone():
     assert parse_guides(" positive , news:0.5 ", available) == [("positive", 1.0), ("news", 0.5)]
     assert parse_guides("positive+news:0.25", available) == [("positive", 1.0), ("news", 0.25)]
     assert parse_guides("positive:10000", available) == [("positive", 1e4)]  # the top of the range is accepted
+    with pytest.raises(SystemExit, match="guide weight '1_0' in 'positive:1_0' is not a number"):
+        parse_guides("positive:1_0", available)  # float() reads it as 10
     with pytest.raises(SystemExit, match="none \\(no guidance\\) stands alone"):
         parse_guides("none,positive", available)
     assert guide.guide_names("negative:1+news:0.5, positive") == ["negative", "news", "positive"]

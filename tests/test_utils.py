@@ -43,6 +43,9 @@ def test_bounded_checks_kind_range_and_finiteness():
             bounded(int, 1)(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="'1e9' is out of range"):
         bounded(int, 1, 1000)("1e9")  # the range is what is wrong, not the form
+    for kind in (float, int):  # Python reads '1_0' as 10
+        with pytest.raises(argparse.ArgumentTypeError, match="'1_0' is not a"):
+            bounded(kind, 0)("1_0")
     with pytest.raises(argparse.ArgumentTypeError, match="'big' is not a count"):
         bounded(count, 1, 10)("big")  # counts keep their own message
     with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
