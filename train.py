@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import glob
 import math
 import os
 import random
@@ -594,8 +595,9 @@ def train_settings(args):
 def local_path(key, value):
     """A flag's value as the checkpoint keeps it: a local file or folder as an absolute path, so that a --resume
     (or evaluate.py) from another working folder finds the same data and cache."""
-    aliases = ("tiny", "c4", TINY_ENCODER)  # --data, --lm, --encoder names that are not paths
-    if key in PATH_FLAGS and isinstance(value, str) and value not in aliases and os.path.exists(value):
+    names = {"data": ("tiny", "c4"), "lm": (TINY_LM,), "encoder": (TINY_ENCODER,)}.get(key, ())  # not paths
+    if key in PATH_FLAGS and isinstance(value, str) and value not in names and (
+            os.path.exists(value) or key == "c4_path" and glob.glob(value)):  # --c4-path may be a glob
         return os.path.abspath(value)
     return value
 

@@ -782,6 +782,17 @@ def test_train_on_c4_through_windows_resumes_exactly(c4_run, tmp_path):
     assert_same_weights(tensors_of(tmp / "resumed"), tensors_of(tmp / "straight"), ("prior.", "decoder.", "opt_"))
 
 
+def test_the_checkpoint_keeps_a_relative_c4_glob_absolute(tmp_path, monkeypatch):
+    """--c4-path 'c4/*.json.gz' was kept relative, so a --resume from another folder found no C4 files."""
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4-train.00000-of-00001.json.gz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert train.local_path("c4_path", "c4/*.json.gz") == str(tmp_path / "c4" / "*.json.gz")
+    assert train.local_path("c4_path", "c4") == str(tmp_path / "c4")
+    assert train.local_path("data", "c4") == "c4"  # --data c4 names the stream, not a folder
+    assert train.local_path("c4_path", "elsewhere/*.json.gz") == "elsewhere/*.json.gz"  # matches nothing: as given
+
+
 def test_a_window_too_small_for_a_batch_is_refused_before_it_is_embedded(c4_run, tmp_path, monkeypatch, capsys):
     """A window of 4 with 1 held out trained a batch of 3 without a word; one of 3 said the stream ran out."""
     tmp, run = c4_run
