@@ -617,6 +617,11 @@ def get_args(argv=None):
     args.sentiment_judge = [name.strip() for name in args.sentiment_judge.split(",") if name.strip()]  # "vader,": one
     if not args.sentiment_judge:
         p.error("argument --sentiment-judge: names no judge (e.g. vader,textblob)")
+    for flag in ("guides", "scales", "sentiment_judge"):  # a row or column twice, with the same seed: the same figures
+        values = getattr(args, flag)
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            p.error(f"argument --{flag.replace('_', '-')}: {twice:{'g' if flag == 'scales' else ''}} is given twice")
     return args
 
 

@@ -456,7 +456,10 @@ def test_bad_evaluation_input_is_one_line(capsys):
     for argv, message in [(["--match", "(unclosed"], "argument --match: '(unclosed' is not a regular expression"),
                           (["--match", ""], "argument --match: is empty (give a regular expression)"),  # column dropped
                           (["--scales", "10,nan"], "argument --scales: 'nan' is out of range"),
-                          (["--n", "0"], "argument --n: '0' is out of range")]:
+                          (["--n", "0"], "argument --n: '0' is out of range"),
+                          (["--scales", "0,1e2,100"], "argument --scales: 100 is given twice"),  # a row twice
+                          (["--guides", "none,positive,none"], "argument --guides: none is given twice"),
+                          (["--sentiment-judge", "vader,vader"], "argument --sentiment-judge: vader is given twice")]:
         err = cli_error(evaluate, argv, capsys)
         assert err.count("\n") == 1 and message in err, err
 
