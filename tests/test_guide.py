@@ -327,6 +327,27 @@ def test_a_text_is_read_once_with_each_label(tmp_path):
     assert [h for _, _, h in rows] == [True, True, False, False, False]  # the 1st of each class, then every 10th
 
 
+def test_paper_probes_are_fitted_on_training_rows_and_scored_on_held_out_ones(probe_data, monkeypatch):
+    """The reported accuracy is on rows the probe never saw: scored on its training rows, it would read high."""
+    class Cache:  # row i of a task's texts -> (i, noise): which rows reach the fit and the score
+        def encode(self, texts, show_progress=True):
+            noise = torch.randn(len(texts), 7, generator=torch.Generator().manual_seed(0))
+            return torch.cat([torch.arange(len(texts), dtype=torch.float32)[:, None], noise], 1).numpy()
+
+    fitted, scored = [], []
+    fit, score = guide.train_probe, guide.balanced_accuracy
+    monkeypatch.setattr(guide, "train_probe", lambda e, y, w: fitted.append(e[:, 0].int().tolist()) or fit(e, y, w))
+    monkeypatch.setattr(guide, "balanced_accuracy",
+                        lambda w, b, e, y: scored.append(e[:, 0].int().tolist()) or score(w, b, e, y))
+    probes, report = guide.train_paper_probes(Cache(), 10, str(probe_data), show_progress=False)
+    rows = [data.read_labelled("sst2", 10, str(probe_data)) + data.read_labelled("amazon_polarity", 10, str(probe_data)),
+            data.read_labelled("civil_comments", 10, str(probe_data))] + [data.read_labelled("ag_news", 10,
+                                                                                             str(probe_data))] * 4
+    assert list(report) == ["sentiment", "toxicity", "world", "sports", "business", "scitech"]
+    assert scored == [[i for i, (_, _, held) in enumerate(task) if held] for task in rows]
+    assert fitted == [[i for i, (_, _, held) in enumerate(task) if not held] for task in rows]
+
+
 def test_probe_data_offline_fails_with_one_sentence(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as err:
