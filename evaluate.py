@@ -498,7 +498,9 @@ def columns(results):
         return f"{r['dist2_pooled']:.3f}{change}"
 
     mix = lambda r: "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
-    cols = [("guide", lambda r: r["guide"]), ("scale", lambda r: f"{r['scale']:g}")]
+    by_example = lambda r: r["guide"] not in ("none", "like") and any(v is not None for v in r["example_cosine"].values())
+    cols = [("guide", lambda r: r["guide"] + ("+like" if by_example(r) else "")),  # --like steers a probe's row too
+            ("scale", lambda r: f"{r['scale']:g}")]
     for name in j["sentiment"]:
         cols += [(f"{label} ({name})", lambda r, n=name, l=label: f"{100 * r['sentiment'][n][l]:.1f}%")
                  for label in ("positive", "negative")]

@@ -201,6 +201,7 @@ def test_markdown_names_each_columns_judge_and_fills_every_column():
     assert "| toxic (alt-profanity-check) | avg max toxicity (alt-profanity-check) |" in header
     assert "| perplexity (self) | Dist-1 | Dist-2 | Dist-3 | Dist-2 pooled |" in header
     assert "| cosine to the like examples |" in header and "unlike examples" not in header
+    assert row.startswith("| positive+like | 10 |")  # --like steered the positive row as well
     assert "| 10.0% | 0.310 | 25.0% | 22.0 | 0.900 | 0.950 | 0.970 | 0.710 |" in row and "| - |" in row_without_ppl
     assert header.count(" | ") == row.count(" | ") == row_without_ppl.count(" | ")  # every column filled
     diag_header, _, diag_row = lines[5:8]
