@@ -149,3 +149,110 @@ def test_profile_goes_with_generation_alone(capsys):
     from conftest import cli_error
     for flag in ("--train", "--embed"):
         assert "--profile profiles a guided generation" in cli_error(bench, [flag, "--profile"], capsys)
+
+
+def test_the_ratio_is_the_median_of_the_rounds_ratios_not_their_mean():
+    """One slow round of one row must not move the ratio (a mean would read 4.0 here)."""
+    times = {"guided": [1.0, 1.0, 10.0], "plain": [1.0, 1.0, 1.0]}
+    assert bench.paired_ratio(times, "guided", "plain") == 1.0
+
+
+def test_each_row_of_a_batch_runs_what_it_names_and_reports_its_own_median(monkeypatch):
+    """plain decodes at a = 0 with no prior; unguided samples without guidance; guided with it and its
+    word bars; the breakdown's K = 0 row with no Monte Carlo samples; guided/plain is guided's ratio."""
+    shrink_paper_tier(monkeypatch)
+    model = bench.RandomDGLM()
+    row, seen = ["warm-up"], []
+    propose, decode = model.sample_proposals, model.decode
+    model.sample_proposals = lambda p, g, s, seed: seen.append((row[0], "prior", g)) or propose(p, g, s, seed)
+    model.decode = lambda p, e, s, seed, barred: seen.append((row[0], "decode", s.signal_level)) or \
+        decode(p, e, s, seed, barred)
+    rounds = {"plain": [1.0, 3.0, 2.0], "unguided": [2.0, 6.0, 4.0], "guided": [5.0, 9.0, 6.0]}
+
+    def timed_rounds(runs, device, repeats):  # each run once, then the times above
+        for name, fn in runs.items():
+            row[0] = name
+            fn()
+        return {name: rounds.get(name, [1.0, 1.0, 1.0]) for name in runs}
+    monkeypatch.setattr(bench, "timed_rounds", timed_rounds)
+    args = bench.get_args(["--steps", "2", "--max-tokens", "3", "--mc-samples", "2", "--repeats", "3"])
+    t = bench.bench_batch(model, 2, args)
+    assert (t["plain"], t["unguided"], t["guided"]) == (2.0, 4.0, 6.0)  # medians, not the fastest round
+    assert (t["unguided/plain"], t["guided/plain"]) == (2.0, 3.0)
+    runs = {name: [(kind, v) for r, kind, v in seen if r == name] for name in t}
+    assert runs["plain"] == [("decode", 0.0)]
+    assert [kind for kind, _ in runs["unguided"]] == ["prior", "decode"] and runs["unguided"][0][1] is None
+    assert runs["unguided"][1][1] is None and runs["guided"][0][1].n_samples == 2
+    assert runs["prior_guided"][0][1] is not None and runs["prior_guided_k0"][0][1].n_samples == 0
+
+
+def test_bench_refuses_a_guide_that_steers_nothing(monkeypatch, capsys):
+    from conftest import cli_error
+    shrink_paper_tier(monkeypatch)
+    assert "--guide none has nothing to compare" in cli_error(
+        bench, ["--config", "paper", "--device", "cpu", "--guide", "none", "--max-tokens", "3"], capsys)
+
+
+def test_the_defaults_are_those_the_help_names():
+    """The docstring's defaults: DDIM 15 steps, 32 tokens, batch 64 for the final ratio; medians of 5 rounds."""
+    args = bench.get_args([])
+    assert (args.sampler, args.steps, args.max_tokens, args.batch_sizes, args.repeats) == ("ddim", 15, 32, [1, 64], 5)
+
+
+def test_bench_train_feeds_each_step_its_micro_batches_and_counts_its_flops(monkeypatch, capsys):
+    """The decoder step got the prior's micro-batches; its FLOPs, MFU and tokens/s are of sequences of
+    bos + 88 text tokens + the slots + eos, three times the forward of the whole batch, at --peak-tflops."""
+    shrink_paper_tier(monkeypatch)
+    made, fed, random_models = [], {}, bench.random_models
+    monkeypatch.setattr(bench, "random_models", lambda *a: made.append(random_models(*a)) or made[-1])
+    for name in ("prior_step", "decoder_step"):
+        step = getattr(bench.train, name)
+        monkeypatch.setattr(bench.train, name, lambda *a, step=step, name=name: fed.setdefault(name, a) and step(*a))
+    report = bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1",
+                                        "--micro-batch", "64", "--decoder-micro-batch", "16", "--peak-tflops", "2"]))
+    out = capsys.readouterr().out
+    _, prior, decoder = made[0]
+    assert fed["prior_step"][5] == [slice(i, i + 64) for i in range(0, 256, 64)]
+    assert fed["decoder_step"][6] == [slice(i, i + 16) for i in range(0, 64, 16)]
+    assert torch.equal(fed["decoder_step"][3], fed["prior_step"][3][:64])  # the first 64 of the prior's latents
+    n = 88 + 2 + 2  # the shrunk paper tier's 2 slots
+    flops = {"prior": 3 * 256 * prior.flops_per_example(), "decoder": 3 * 64 * decoder.flops_per_sequence(n)}
+    for name in ("prior", "decoder"):
+        r = report[name]
+        assert r["mfu"] == pytest.approx(flops[name] / r["seconds"] / 2e12), name
+    assert f"decoder step: batch 64 in micro-batches of 16: {report['decoder']['seconds']:.3f} s, " \
+           f"{64 * n / report['decoder']['seconds']:.0f} tokens/s" in out
+
+
+def test_bench_embed_counts_two_flops_per_linear_weight_and_token_up_to_the_encoders_length(tmp_path, capsys):
+    """MiniLM's linear layers: 6 layers of 4 x 384^2 + 2 x 384 x 1536 weights and the 384^2 pooler, 10764288;
+    each short text is 12 tokens ([CLS] sentence number N about a film that was rather good [SEP]); a long
+    text counts the 256 the encoder reads, not all it has."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"sentence number {i} about a film that was rather good" for i in range(40)))
+    report = bench.main(bench.get_args(["--embed", "--encoder", "minilm", "--texts", str(texts), "--n-texts", "30",
+                                        "--batch-sizes", "8", "--repeats", "1", "--device", "cpu", "--peak-tflops", "1",
+                                        "--precision", "fp32"]))
+    assert "30 texts of" in (out := capsys.readouterr().out) and "12.0 tokens each on average" in out
+    r = report[8]
+    assert r["texts_per_s"] == pytest.approx(30 / r["seconds"])
+    assert r["mfu"] == pytest.approx(2 * 10_764_288 * 30 * 12 / r["seconds"] / 1e12)
+    texts.write_text("\n".join(" ".join(["word"] * 400) for _ in range(4)))
+    bench.main(bench.get_args(["--embed", "--encoder", "minilm", "--texts", str(texts), "--n-texts", "4",
+                               "--batch-sizes", "4", "--repeats", "1", "--device", "cpu", "--precision", "fp32"]))
+    assert "256.0 tokens each on average" in capsys.readouterr().out
+
+
+def test_bench_embed_loads_the_paper_tiers_encoder_at_the_precision_asked_and_refuses_c4(tmp_path, monkeypatch, capsys):
+    from conftest import cli_error
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\nanother one\n")
+    loaded = []
+    monkeypatch.setattr(bench, "load_encoder", lambda *a: loaded.append(a) or (_ for _ in ()).throw(SystemExit("stop")))
+    for precision, dtype in (("bf16", "bf16"), ("fp32", None)):
+        with pytest.raises(SystemExit, match="stop"):
+            bench.main(bench.get_args(["--embed", "--config", "paper", "--texts", str(texts), "--device", "cpu",
+                                       "--precision", precision]))
+        assert loaded.pop() == ("sentence-transformers/sentence-t5-xl", "cpu", dtype)
+    assert "error: --texts c4 is a stream, not a file to sample" in \
+        cli_error(bench, ["--embed", "--config", "paper", "--texts", "c4"], capsys)

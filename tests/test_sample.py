@@ -407,3 +407,78 @@ def test_cfg_on_a_prior_without_a_trained_null_prefix_is_refused(trained):
     with pytest.raises(SystemExit, match="--cfg-scale 2 needs the learned null prefix"):
         model.sample_proposals(["the film"], None, SamplingConfig(steps=2, cfg_scale=2.0), seed=0)
     assert model.sample_proposals(["the film"], None, SamplingConfig(steps=2), seed=0).shape[0] == 1
+
+
+def test_the_command_lines_checks_and_defaults(tmp_path):
+    """An empty --prefix is a prefix too (refused beside --prompts); --show-steps shows one sample, so --n 2
+    and --out are refused with it; --n is 2 by default."""
+    for argv in (["--prefix", "", "--prompts", "p.txt"], ["--show-steps", "--n", "2"],
+                 ["--show-steps", "--out", str(tmp_path / "s.jsonl")]):
+        with pytest.raises(SystemExit) as stop:
+            sample.get_args(argv)
+        assert stop.value.code == 2, argv
+    assert sample.get_args([]).n == 2 and sample.get_args(["--show-steps", "--n", "1"]).n == 1
+
+
+def test_an_empty_prompt_file_is_refused(trained, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    err = cli_error(sample, ["--ckpt", str(trained / "out"), "--prompts", str(tmp_path / "empty.txt")], capsys)
+    assert "is empty (expected one prompt per line)" in err
+
+
+def test_main_prints_what_it_was_asked_for_and_nothing_more(trained, tmp_path, capsys):
+    """--unlike alone steers by the example (no positive guide added); --prefix '' continues the empty
+    prompt, not the demo prompts; --guide none has no note; --show-steps and --out print no rows."""
+    ckpt = ["--ckpt", str(trained / "out"), "--n", "1", "--steps", "1", "--max-tokens", "2"]
+    sample.main(sample.get_args([*ckpt, "--prefix", "the film", "--unlike", "I love it"]))
+    out = capsys.readouterr().out
+    assert "  unlike 'I love it' | the film" in out and "positive" not in out
+    sample.main(sample.get_args([*ckpt, "--prefix", "", "--guide", "none"]))
+    printed = capsys.readouterr()
+    assert "=== ''" in printed.out and "The movie" not in printed.out and "steers nothing" not in printed.err
+    sample.main(sample.get_args([*ckpt, "--prefix", "the film", "--guide", "none", "--show-steps"]))
+    assert "unguided |" not in capsys.readouterr().out
+    sample.main(sample.get_args([*ckpt, "--prefix", "the film", "--out", str(tmp_path / "s.jsonl")]))
+    assert capsys.readouterr().out == f"wrote 1 sample to {tmp_path / 's.jsonl'}\n"
+
+
+def test_out_records_the_seed_examples_and_batch_size_that_drew_each_row(trained, tmp_path, monkeypatch):
+    """The seed, --like / --unlike and --batch-size written are those the rows were generated with."""
+    calls, generate = [], DGLM.generate
+    monkeypatch.setattr(DGLM, "generate", lambda self, p, g, s, seed, batch_size=100, *a, **k:
+                        calls.append((len(p), seed, batch_size)) or generate(self, p, g, s, seed, batch_size, *a, **k))
+    out = tmp_path / "s.jsonl"
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--prefix", "the film", "--n", "3", "--steps", "1",
+                                 "--max-tokens", "2", "--seed", "7", "--batch-size", "2", "--like", "What a great day",
+                                 "--unlike", "I hate it", "--out", str(out)]))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert calls == [(3, 7, 2)]
+    assert [(r["seed"], r["batch_size"], r["like"], r["unlike"], r["guide"]) for r in rows] == \
+        [(7, 2, ["What a great day"], ["I hate it"], "none")] * 3
+
+
+def test_each_printed_batchs_unguided_twin_has_the_batchs_own_seed(trained, monkeypatch, capsys):
+    """The unguided rows beside batch 2 (rows 2-3) are drawn with seed + 2, as generate draws the guided ones."""
+    calls, generate = [], DGLM.generate
+    monkeypatch.setattr(DGLM, "generate", lambda self, p, g, s, seed, batch_size=100, *a, **k:
+                        calls.append((len(p), g is None, seed, batch_size)) or
+                        generate(self, p, g, s, seed, batch_size, *a, **k))
+    sample.main(sample.get_args(["--ckpt", str(trained / "out"), "--prefix", "the film", "--n", "3", "--steps", "1",
+                                 "--max-tokens", "2", "--seed", "5", "--batch-size", "2", "--guide", "positive"]))
+    assert calls == [(3, False, 5, 2), (2, True, 5, 2), (1, True, 7, 1)]
+    assert capsys.readouterr().out.count("positive | the film") == 3
+
+
+def test_the_decodings_noise_is_not_the_guidances_monte_carlo_draws(trained, monkeypatch):
+    """Each kind of noise takes a seed of its own role: with one role for both, the decoding's noise was the
+    guidance's first Monte Carlo draw."""
+    model = DGLM(trained / "out", precision="fp32")
+    drawn, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: drawn.append(randn(*args, **kwargs)) or drawn[-1])
+    prompts = ["the film", "our trip", "a day", "the food"]  # 4 rows, K = 4 draws: the same shapes
+    e = model.sample_proposals(prompts, model.guidance("positive", FAST), FAST, seed=3)
+    start, *mc = drawn
+    drawn.clear()
+    model.decode(prompts, e, FAST, seed=3)
+    assert len(mc) >= 1 and drawn[0].shape == mc[0].shape and not any(torch.equal(drawn[0], m) for m in mc)
+
