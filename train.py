@@ -631,8 +631,6 @@ def setup(args):
     if dist.is_main:  # first what the run is, and whether it fits (it sets the micro-batches that do)
         budget.describe_run(args, *planned_configs(args, ckpt), dist.device, dist.world)
     args.micro_batch, args.decoder_micro_batch = dist.from_main(args.micro_batch, args.decoder_micro_batch)
-    if ckpt is None and args.overwrite and dist.is_main:
-        (out / "probes.safetensors").unlink(missing_ok=True)  # they belong to the replaced run
     data, tokenizer, cache = load_data(args, ckpt, dist)
     window = data.window
     config = ckpt.config if ckpt else new_config(args, window, tokenizer)
@@ -647,6 +645,9 @@ def setup(args):
     if dist.is_main and not ckpt:
         out.mkdir(parents=True, exist_ok=True)
         hold(out)
+        if args.overwrite:  # the replaced run goes as its tokenizer does (not before: a failed start keeps it),
+            for name in (CHECKPOINT, "config.json", "probes.safetensors"):  # so a Ctrl-C before the first
+                (out / name).unlink(missing_ok=True)  # save cannot offer to resume it with this tokenizer
         tokenizer.save_pretrained(str(out / "tokenizer"))
     run = Models(args, config, stats["mu"], stats["s"], dist.device, ckpt)
     if ckpt and dist.is_main:

@@ -200,7 +200,7 @@ def test_the_defaults_are_those_the_help_names():
 
 
 def test_bench_train_feeds_each_step_its_micro_batches_and_counts_its_flops(monkeypatch, capsys):
-    """The decoder step got the prior's micro-batches; its FLOPs, MFU and tokens/s are of sequences of
+    """The decoder step gets its own micro-batches, not the prior's; its FLOPs, MFU and tokens/s are of sequences of
     bos + 88 text tokens + the slots + eos, three times the forward of the whole batch, at --peak-tflops."""
     shrink_paper_tier(monkeypatch)
     made, fed, random_models = [], {}, bench.random_models

@@ -176,8 +176,8 @@ def test_a_cpus_measured_peak_counts_two_flops_per_multiply_add(monkeypatch):
 
 
 def test_an_encoder_is_known_by_its_name_with_a_trailing_slash_or_a_folder_without_safetensors(tmp_path):
-    """A folder whose weights are not in safetensors (pytorch_model.bin) counted an encoder of 0 parameters
-    instead of falling back to its name; a name typed with a trailing slash was not known."""
+    """A folder whose weights are not in safetensors (pytorch_model.bin) falls back to its name, not 0
+    parameters; a name typed with a trailing slash is known."""
     assert budget.encoder_shape("sentence-transformers/sentence-t5-xl/") == budget.ENCODERS["sentence-t5-xl"]
     folder = tmp_path / "sentence-t5-large"
     folder.mkdir()
@@ -188,7 +188,7 @@ def test_an_encoder_is_known_by_its_name_with_a_trailing_slash_or_a_folder_witho
 
 
 def test_throughput_counts_each_decoder_sequence_three_times_its_forward_and_starts_again_after_a_report():
-    """The decoder's MFU and samples/s, and the reset: a second report covered the first one's steps too."""
+    """The decoder's MFU and samples/s, and the reset: a second report covers only the steps since the first."""
     prior = Prior(PriorConfig(dim=48, n_tokens=6, token_dim=16, width=64, depth=4, heads=4))
     decoder = tiny_decoder(300, dim=16)
     meter = budget.Throughput(prior, decoder, peak=1e12)
@@ -239,7 +239,7 @@ def test_the_plan_takes_the_largest_divisor_that_fits_each_step_on_its_own():
 
 def test_describe_run_plans_per_process_and_sets_the_first_gpus_micro_batches(capsys):
     """Under torchrun each process takes its share of the batch; the micro-batches of the first --gpu-memory
-    size are the run's (they were left unset, or set to the last size's)."""
+    size are the run's (not unset, nor the last size's)."""
     import train
     args = train.get_args(["--data", "c4", "--sizes", "--gpu-memory", "24,80"])
     budget.describe_run(args, *train.planned_configs(args))

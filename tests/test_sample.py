@@ -470,8 +470,8 @@ def test_each_printed_batchs_unguided_twin_has_the_batchs_own_seed(trained, monk
 
 
 def test_the_decodings_noise_is_not_the_guidances_monte_carlo_draws(trained, monkeypatch):
-    """Each kind of noise takes a seed of its own role: with one role for both, the decoding's noise was the
-    guidance's first Monte Carlo draw."""
+    """Each kind of noise takes a seed of its own role: with one role for both, the decoding's noise would be
+    the guidance's first Monte Carlo draw."""
     model = DGLM(trained / "out", precision="fp32")
     drawn, randn = [], torch.randn
     monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: drawn.append(randn(*args, **kwargs)) or drawn[-1])

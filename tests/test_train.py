@@ -4,8 +4,10 @@ import gzip
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -222,6 +224,7 @@ def test_sizes_and_the_memory_plan_for_gpus_of_24_40_and_80_gb(capsys):
 def test_cosine_lr_warms_up_and_decays():
     assert cosine_lr(0, 100, 10) == pytest.approx(0.1)
     assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(10, 100, 10) == pytest.approx(1.0)  # the decay's first step is the peak, not past it
     assert cosine_lr(100, 100, 10) == pytest.approx(0.1)
     assert cosine_lr(55, 100, 10) < cosine_lr(20, 100, 10)
 
@@ -563,6 +566,7 @@ def test_a_run_ends_by_saying_where_its_wall_time_went(corpus, trained, tmp_path
     done = re.search(r"done in [\d.]+ min: (\d+) s before the first step .*, (\d+) s in 4 prior steps, (\d+) s in as "
                      r"many decoder steps, (\d+) s around them", out)
     assert done and int(done[2]) >= 2  # the prior's own seconds, not the sleep-free decoder's
+    assert not re.search(r"step 4: prior [\d.]+ \| decoder", out)  # the last step saves once, with the final report
 
 
 def test_a_cuda_run_reports_its_peak_memory(monkeypatch):
@@ -974,6 +978,8 @@ def test_a_max_len_beyond_the_context_names_the_soft_prompt_slots_beside_it(corp
     with pytest.raises(SystemExit, match=r"--max-len 200 does not fit the language model's context of 128 positions "
                                          r"beside the 8 soft-prompt slots, bos and end of text \(at most 118\)"):
         run_train(corpus, tmp_path, tmp_path / "o", "--max-len", "200", "--steps", "2")
+    with pytest.raises(SystemExit, match=r"--max-len 119 does not fit .* \(at most 118\)"):  # one past the end
+        run_train(corpus, tmp_path, tmp_path / "o", "--max-len", "119", "--steps", "2")
 
 
 def test_a_resume_whose_cache_folder_is_gone_uses_the_working_folders_and_says_so(trained, tmp_path, monkeypatch,
@@ -992,3 +998,222 @@ def test_a_resume_whose_cache_folder_is_gone_uses_the_working_folders_and_says_s
     assert get_args(["--resume", "--cache-dir", "mine"]).cache_dir == "mine"
     monkeypatch.setenv("RANK", "1")  # another process under torchrun: the same folder, no second note
     assert get_args(["--resume"]).cache_dir == "cache" and "note:" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- checks a mutation pass found untested
+
+
+def test_the_tier_of_c4_on_the_tiny_lm_and_an_unknown_tier(capsys):
+    """--data c4 --lm tiny is the tiny tier (then refused with its reason), and a misspelt --tier is argparse's one
+    line, not a KeyError from the tier table; --threads 0 and --warmup 0 are the accepted lower ends."""
+    assert get_args(["--data", "c4", "--lm", "tiny"]).tier == "tiny"
+    with pytest.raises(SystemExit):
+        get_args(["--tier", "huge"])
+    assert "argument --tier: invalid choice: 'huge'" in capsys.readouterr().err
+    args = get_args(["--threads", "0", "--warmup", "0"])
+    assert (args.threads, args.warmup) == (0, 0)
+
+
+def test_a_resume_refuses_every_flag_that_changes_what_the_run_is(trained):
+    """RUN_SETTINGS: a --resume with another --decoder-batch, --max-len, --encoder or teaching switch would train
+    the rest of the run as another run; each is refused, as --seed is."""
+    out = str(trained / "out")
+    for flag in (["--tier", "paper"], ["--encoder", "someone/st5"], ["--lm", "gpt2"], ["--max-prefix-frac", "0.25"],
+                 ["--max-len", "40"], ["--vocab-size", "4000"], ["--window", "1000"], ["--batch-size", "32"],
+                 ["--decoder-batch", "4"], ["--seed", "1"], ["--no-noise-augmentation"], ["--no-loss-weight"],
+                 ["--no-adaptive-noise"], ["--no-null-prefix"]):
+        with pytest.raises(SystemExit, match=f"these flags would change it: {flag[0]} .* \\(trained with "):
+            get_args(["--out", out, "--resume", *flag])
+    args = get_args(["--out", out, "--resume", "--steps", "12", "--decoder-lr", "1e-3", "--save-every", "4"])
+    assert (args.steps, args.decoder_lr, args.save_every, args.decoder_batch) == (12, 1e-3, 4, 8)
+
+
+def test_a_resume_on_a_local_c4_copy_needs_that_copy_as_it_was(tmp_path):
+    """check_c4_copy: without --c4-path, or with a copy of as many files whose sizes differ, the saved stream
+    position would point elsewhere; a shard added after the run's files is fine."""
+    import data as data_lib
+    root = tmp_path / "c4" / "en"
+    root.mkdir(parents=True)
+    for shard in range(2):
+        (root / f"c4-train.{shard:05d}-of-00003.json.gz").write_bytes(b"x" * (10 + shard))
+    fingerprint = data_lib.c4_fingerprint(root)
+    train.check_c4_copy(str(root), fingerprint, tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"read a local copy of C4 \(.*en\); pass it with --c4-path"):
+        train.check_c4_copy(None, fingerprint, tmp_path / "out")
+    (root / "c4-train.00002-of-00003.json.gz").write_bytes(b"x")  # downloaded since: after the run's files
+    train.check_c4_copy(str(root), fingerprint, tmp_path / "out")
+    (root / "c4-train.00001-of-00003.json.gz").write_bytes(b"x" * 99)  # the same names, another size
+    with pytest.raises(SystemExit, match="does not begin with the same files"):
+        train.check_c4_copy(str(root), fingerprint, tmp_path / "out")
+
+
+def test_ctrl_c_from_the_command_line_repeats_its_arguments_as_typed(tmp_path, monkeypatch):
+    """get_args() reads sys.argv without the script's own name, or the suggested command says train.py twice."""
+    out = str(tmp_path / "o")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out", out, "--steps", "3"])
+    args = get_args()
+    assert args.argv == ["--out", out, "--steps", "3"]
+    assert train.interrupted(args).endswith(f"python train.py --out {out} --steps 3")
+
+
+class Reached(Exception):
+    """Raised by a stand-in once setup has come as far as a test looks."""
+
+
+class Processes:
+    """train.Distributed's stand-in: `world` processes, this one the main one; stop_at_main: raise Reached where
+    setup first asks whether it is (after the checks of flags, threads and devices)."""
+
+    def __init__(self, world=1, stop_at_main=False):
+        self.world, self.rank, self.device, self.stop_at_main = world, 0, "cpu", stop_at_main
+
+    @property
+    def is_main(self):
+        if self.stop_at_main:
+            raise Reached
+        return True
+
+    def from_main(self, *values):
+        return list(values)
+
+
+def test_setup_checks_the_batches_against_the_processes_and_sets_the_threads(corpus, tmp_path, monkeypatch, capsys):
+    """Each of --batch-size and --decoder-batch must split evenly over the processes (either one
+    alone is refused); --threads sets torch's threads, and warns only past the cores there are."""
+    threads = []
+    monkeypatch.setattr(train.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    argv = ["--data", str(corpus), "--out", str(tmp_path / "o"), "--batch-size", "16"]
+    monkeypatch.setattr(train, "Distributed", lambda device: Processes(world=4, stop_at_main=True))
+    for batch, decoder_batch in (("16", "6"), ("18", "8")):
+        with pytest.raises(SystemExit, match=f"--batch-size {batch} and --decoder-batch {decoder_batch} must be "
+                                             "multiples of the 4 processes"):
+            train.setup(get_args([*argv, "--batch-size", batch, "--decoder-batch", decoder_batch]))
+    with pytest.raises(Reached):
+        train.setup(get_args([*argv, "--decoder-batch", "8"]))
+    monkeypatch.setattr(train, "Distributed", lambda device: Processes(stop_at_main=True))
+    capsys.readouterr()
+    for n in ("2", "3"):
+        with pytest.raises(Reached):
+            train.setup(get_args([*argv, "--decoder-batch", "8", "--threads", n]))
+    assert threads == [2, 3]
+    assert capsys.readouterr().err.count("warning: --threads") == 1  # 3 on 2 cores, not 2
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_writes_and_not_before(corpus, trained, tmp_path,
+                                                                                monkeypatch):
+    """--overwrite removes the old run's probes (else the new run takes them as its own) and its checkpoint as
+    the new run's tokenizer is written: kept until the first save, a Ctrl-C before it offered to resume the old
+    run with the new run's tokenizer. A start that fails before it writes keeps the old run whole."""
+    from utils import release
+    out = tmp_path / "out"
+    shutil.copytree(trained / "out", out)
+    argv = ["--data", str(corpus), "--out", str(out), "--batch-size", "16", "--decoder-batch", "8", "--overwrite"]
+
+    def start(**stand_ins):  # setup until a stand-in stops it -> which of the old run's files are left
+        with monkeypatch.context() as m:
+            m.setattr(train, "Distributed", lambda device: Processes())
+            for name, stand_in in stand_ins.items():
+                m.setattr(train, name, stand_in)
+            try:
+                with pytest.raises(Reached):
+                    train.setup(get_args(argv))
+            finally:
+                release(out)
+        return [(out / name).exists() for name in (CHECKPOINT, "config.json", "probes.safetensors")]
+
+    stop = lambda *a: (_ for _ in ()).throw(Reached())
+    assert start(load_data=stop) == [True] * 3  # a failed start
+    assert start(Models=stop) == [False] * 3  # the new run's tokenizer written, its models being built
+    assert "interrupted before the first checkpoint" in train.interrupted(get_args(argv))
+
+
+def resumed_setup(trained, tmp_path, *flags):
+    """A copy of the session's run, and the arguments of its --resume (into the copy's own cache)."""
+    shutil.copytree(trained / "out", tmp_path / "out")
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    return get_args(["--out", str(tmp_path / "out"), "--resume", "--steps", "12", "--cache-dir",
+                     str(tmp_path / "cache"), *flags])
+
+
+def test_a_resume_keeps_the_runs_probes_and_plans_the_decoders_micro_batches_apart(trained, tmp_path, monkeypatch):
+    """A --resume does not train the tier's probes again, the run's being there; --micro-batch does not split
+    the decoder's batch (its rows are --decoder-micro-batch's, by default the whole decoder batch)."""
+    def no_probes(*args):
+        raise AssertionError("the run's probes were trained again")
+
+    def progress(args, dist, run, data, prior_rows, decoder_rows, *rest):
+        raise Reached(prior_rows, decoder_rows)
+    monkeypatch.setattr(train, "train_probes", no_probes)
+    monkeypatch.setattr(train, "Progress", progress)
+    with pytest.raises(Reached) as reached:
+        train.main(resumed_setup(trained, tmp_path, "--micro-batch", "4"))
+    assert reached.value.args == ([slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)], [slice(0, 8)])
+
+
+def test_a_nan_decoder_loss_stops_the_run_as_a_nan_prior_loss_does(tmp_path, capsys):
+    from tqdm import tqdm
+    progress = train.Progress.__new__(train.Progress)  # the parts update reads before it stops
+    progress.args, progress.dist, progress.bar = SimpleNamespace(out=str(tmp_path)), SimpleNamespace(is_main=True), \
+        tqdm(disable=True)
+    with pytest.raises(SystemExit) as exit_info:
+        progress.update(4, [0.5, float("nan")], 0.0, 0.0, [], [])
+    assert exit_info.value.code == 1
+    assert "error: the loss became 0.5 (prior) / nan (decoder) at step 4; stopped" in capsys.readouterr().err
+
+
+def test_the_log_keeps_the_learning_rates_scale_of_each_step(trained):
+    """lr_scale is the schedule's factor (lr / peak), the same for every model, not the prior's lr itself."""
+    log = [json.loads(l) for l in (trained / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr_scale"] for r in log] == pytest.approx([cosine_lr(s, 6, 2) for s in range(6)], abs=1e-6)
+
+
+def test_the_checks_before_the_data_work_refuse_only_what_they_name(tmp_path):
+    """A decoder batch as large as the batch is the whole batch (fine); a --probe-data folder that is gone is
+    refused for a new run, but not for a --resume, whose probes were made (or warned about) when it began."""
+    out = tmp_path / "o"
+    train.check_args(get_args(["--batch-size", "16", "--decoder-batch", "16", "--out", str(out)]), out)
+    args = get_args(["--data", "c4", "--probe-data", str(tmp_path / "gone"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--probe-data .*gone: no such folder"):
+        train.check_args(args, out)
+    args.resume = True
+    train.check_args(args, out)
+
+
+def test_an_out_with_a_run_on_a_data_file_that_moved_is_sent_to_resume(corpus, trained, tmp_path):
+    """A run on a file, asked for again with the file at another path, is the same kind of run (a --resume with
+    --data NEW_PATH finds it by its content); a run on C4 is another one."""
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(corpus, moved)
+    message = train.existing_run(get_args(["--data", str(moved)]), trained / "out")
+    assert "already holds a run (the tiny tier on --data" in message and "--resume --steps 12" in message
+    assert "already holds another run" in train.existing_run(get_args(["--data", "c4", "--tier", "tiny"]),
+                                                             trained / "out")
+
+
+def test_an_out_whose_checkpoint_keeps_no_run_settings_is_still_one_line(trained, tmp_path):
+    """A checkpoint of an earlier release, its config without the run's flags: one line, not a KeyError."""
+    from safetensors.torch import save_file
+    ckpt = Checkpoint(trained / "out")
+    shutil.copytree(trained / "out", tmp_path / "out")
+    config = dict(ckpt.config, train={})
+    save_file(load_file(str(ckpt.path)), str(tmp_path / "out" / CHECKPOINT), dict(ckpt.meta, config=json.dumps(config)))
+    assert train.existing_run(get_args([]), tmp_path / "out").endswith(
+        "already holds a checkpoint; continue it with --resume, train into another --out, or pass --overwrite to "
+        "replace it")
+
+
+def test_a_tiny_format_corpus_with_no_held_out_text_gets_no_probes_not_a_crash(tmp_path, capsys):
+    rows = [{"text": "a", "rating": 2.0, "domain": "movie"}, {"text": "b", "rating": -1, "domain": "news"}]
+    args = SimpleNamespace(data="mine.jsonl", tier="tiny", encoder="minilm")
+    assert train.train_probes(args, SimpleNamespace(examples=rows, held_out=[]), tmp_path, cache=None) is None
+    assert "no probes:" in capsys.readouterr().out
+
+
+def test_soft_prompt_lr_is_the_peak_of_the_soft_prompt_generator_alone(trained):
+    """--soft-prompt-lr reaches the soft prompt and hidden_cond; GPT-2 trains at --decoder-lr."""
+    ckpt = Checkpoint(trained / "out")
+    stats = ckpt.tensors("stats")
+    for flags, peaks in (([], [3e-3, 3e-3]), (["--soft-prompt-lr", "1e-4"], [3e-3, 1e-4])):
+        run = train.Models(get_args(flags), ckpt.config, stats["mu"], stats["s"], "cpu")
+        assert [g["peak_lr"] for g in run.opt_decoder.param_groups] == peaks

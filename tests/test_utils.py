@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, UNREACHABLE_HUB, hub_cache, run_python
 from utils import (ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, atomic_save, bounded, comma_list, count,
                    folder, free_text, keep_freed_memory, nonempty, nonempty_text, out_flag, output_file, path_arg,
-                   pick_device, run_cache_dir, run_cli)
+                   pick_device, run_cache_dir, run_cli, use_bf16)
 
 
 def test_count_accepts_suffixes_and_rejects_junk():
@@ -394,3 +394,72 @@ def test_each_first_download_asks_the_hub_before_it_tries(first_download):
     result = run_python(script, UNREACHABLE_HUB)
     assert result.returncode == 1 and "Retrying" not in result.stderr, result.stderr[-1500:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "someone/absent" in result.stderr
+
+
+# ----------------------------------------------------------------------------- checks a mutation pass found untested
+
+
+def test_a_blank_folder_name_is_refused_as_an_empty_one():
+    with pytest.raises(argparse.ArgumentTypeError, match="^is empty"):
+        folder(" ")
+
+
+def test_auto_takes_cuda_before_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "mps"
+
+
+def test_precision_fp32_and_bf16_are_obeyed_and_auto_follows_the_hardware(monkeypatch):
+    import utils
+    for native in (False, True):
+        monkeypatch.setattr(utils, "native_bf16", lambda device: native)
+        assert (use_bf16("fp32", "cpu"), use_bf16("bf16", "cpu"), use_bf16("auto", "cpu")) == (False, True, native)
+
+
+def test_a_run_writes_its_own_process_id_over_the_last_ones(tmp_path):
+    """train.lock holds the training process's id alone, not those of every run that held the folder before."""
+    from utils import hold, release, training_in
+    (tmp_path / "train.lock").write_text("4242\n")  # a run that ended
+    hold(tmp_path)
+    try:
+        assert training_in(tmp_path) == str(os.getpid())
+    finally:
+        release(tmp_path)
+    assert training_in(tmp_path) is None
+
+
+def test_a_folder_held_by_a_relative_path_is_given_back_by_it(tmp_path, monkeypatch):
+    """release finds the folder under the key hold kept it by: an in-process run (a test, a notebook) into
+    `out` gives it back when it ends."""
+    from utils import hold, release, training_in
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    hold("out")
+    release("out")
+    assert training_in(tmp_path / "out") is None
+
+
+def test_a_log_of_no_readable_step_and_no_checkpoint_asks_for_a_first_run(tmp_path):
+    """Unreadable log lines are no logged step: a folder with no checkpoint and a log of garbage is not a run
+    that stopped before its first checkpoint."""
+    (tmp_path / "log.jsonl").write_bytes(b"garbage\n\xff\n")
+    with pytest.raises(SystemExit, match="no checkpoint at .*; train one with `python train.py"):
+        Checkpoint(tmp_path)
+
+
+def test_an_optimizer_of_other_parameters_is_refused_not_loaded(trained):
+    """The optimiser state of a checkpoint does not go into an optimiser of other parameters (the code
+    changed), its moments shaped for parameters it does not have."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(SystemExit, match="holds the opt_prior state of other parameters than the model's"):
+        Checkpoint(trained / "out").load_optimizer(opt, "opt_prior")
+
+
+def test_weights_the_model_has_no_place_for_are_refused(trained):
+    """Weights of a part the model does not have (the code's models changed) are refused as missing ones are,
+    not loaded without a word, that part's training lost."""
+    with pytest.raises(SystemExit, match=r"does not match its config \(prior: missing \[\], unexpected \['net\."):
+        Checkpoint(trained / "out").load_model(torch.nn.Module(), "prior")
