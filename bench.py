@@ -306,10 +306,10 @@ def bench_embed(args, device):
     """--embed: the sentence encoder embedding --n-texts texts as train.py embeds a corpus (encoder.embed,
     bf16 where native), at each --batch-sizes value as texts per forward pass: texts/s, and the TFLOP/s
     and MFU of its linear layers (2 FLOPs per weight per token; attention's own products left out)."""
+    if args.texts == "c4":  # before the checkpoint is read: this is what is wrong
+        raise SystemExit("error: --texts c4 is a stream, not a file to sample; pass tiny or a .txt / .jsonl file")
     name = args.encoder or (train.TIERS["paper"]["encoder"] if args.config == "paper"
                             else Checkpoint(args.ckpt).config["encoder"])
-    if args.texts == "c4":
-        raise SystemExit("error: --texts c4 is a stream, not a file to sample; pass tiny or a .txt / .jsonl file")
     rows = data_lib.load_corpus(args.texts, args.cache_dir)
     texts = random.Random(0).sample([r["text"] for r in rows], min(args.n_texts, len(rows)))
     bf16 = use_bf16(args.precision, device)

@@ -254,5 +254,6 @@ def test_bench_embed_loads_the_paper_tiers_encoder_at_the_precision_asked_and_re
             bench.main(bench.get_args(["--embed", "--config", "paper", "--texts", str(texts), "--device", "cpu",
                                        "--precision", precision]))
         assert loaded.pop() == ("sentence-transformers/sentence-t5-xl", "cpu", dtype)
-    assert "error: --texts c4 is a stream, not a file to sample" in \
-        cli_error(bench, ["--embed", "--config", "paper", "--texts", "c4"], capsys)
+    for where in (["--config", "paper"], ["--ckpt", str(tmp_path / "none")]):  # not "no checkpoint" first
+        assert "error: --texts c4 is a stream, not a file to sample" in \
+            cli_error(bench, ["--embed", *where, "--texts", "c4"], capsys)
