@@ -481,7 +481,9 @@ def train_probes(args, window, out, cache):
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
-        print(f"no probes: train.py fits them on the tiny corpus's ratings alone; add probes of your labels with "
+        why = "no held-out text to measure them on" if data_lib.tiny_format(window.examples) else \
+            "train.py fits them on the tiny corpus's ratings alone"
+        print(f"no probes: {why}; add probes of your labels with "
               f"`python guide.py --ckpt {shell(out)} --labels FILE` (a text and a label a row"
               + ("" if args.data in ("tiny", "c4") else f": {args.data} itself, if it has a label column")
               + "), or steer by example with `sample.py --like TEXT`")

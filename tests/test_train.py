@@ -1207,7 +1207,7 @@ def test_a_tiny_format_corpus_with_no_held_out_text_gets_no_probes_not_a_crash(t
     rows = [{"text": "a", "rating": 2.0, "domain": "movie"}, {"text": "b", "rating": -1, "domain": "news"}]
     args = SimpleNamespace(data="mine.jsonl", tier="tiny", encoder="minilm")
     assert train.train_probes(args, SimpleNamespace(examples=rows, held_out=[]), tmp_path, cache=None) is None
-    assert "no probes:" in capsys.readouterr().out
+    assert "no probes: no held-out text to measure them on;" in capsys.readouterr().out
 
 
 def test_soft_prompt_lr_is_the_peak_of_the_soft_prompt_generator_alone(trained):
