@@ -38,10 +38,10 @@ from decoder import TINY_LM, DecoderConfig
 from diffusion import PriorConfig, ema_update, make_ema
 from encoder import TINY_ENCODER, latent_stats, standardize
 from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_paper_probes, train_tiny_probes
-from utils import (CHECKPOINT, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, Terminated, autocast, bounded,
-                   build_models, comma_list, count, failed_downloads, folder, hold, keep_freed_memory, missing_folder,
-                   model_config, nonempty, not_a_model, out_flag, path_arg, pick_device, refusal, release, run_cli,
-                   save_checkpoint, shell, use_bf16)
+from utils import (CHECKPOINT, SAVED_FILES, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, Terminated,
+                   autocast, bounded, build_models, comma_list, count, failed_downloads, folder, hold,
+                   keep_freed_memory, missing_folder, model_config, nonempty, not_a_model, out_flag, path_arg,
+                   pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -475,13 +475,14 @@ def has_probes(path, encoder):
 def train_probes(args, window, out, cache):
     """The tier's probes, before the long loop, into out/probes.safetensors: the tiny corpus's labels
     (sentiment, domains) or the paper's data sets (sentiment, toxicity, topics). -> report or None."""
-    if data_lib.tiny_format(window.examples) and data_lib.tiny_format(window.held_out):
+    rated = data_lib.tiny_format(window.examples)
+    if rated and data_lib.tiny_format(window.held_out):
         probes, report = train_tiny_probes(window.e_cont, window.examples, window.held_out_e_cont, window.held_out,
                                            lambda texts: cache.encode(texts, show_progress=False))
         merge_probes(out / "probes.safetensors", probes, TINY_GUIDES, args.encoder)
         return report
     if args.tier != "paper":
-        why = "no held-out text to measure them on" if data_lib.tiny_format(window.examples) else \
+        why = "no held-out text to measure them on" if rated else \
             "train.py fits them on the tiny corpus's ratings alone"
         print(f"no probes: {why}; add probes of your labels with "
               f"`python guide.py --ckpt {shell(out)} --labels FILE` (a text and a label a row"
@@ -647,9 +648,9 @@ def setup(args):
     if dist.is_main and not ckpt:
         out.mkdir(parents=True, exist_ok=True)
         hold(out)
-        if args.overwrite:  # the replaced run goes as its tokenizer does (not before: a failed start keeps it),
-            for name in (CHECKPOINT, "config.json", "probes.safetensors"):  # so a Ctrl-C before the first
-                (out / name).unlink(missing_ok=True)  # save cannot offer to resume it with this tokenizer
+        if args.overwrite:  # the replaced run goes with its tokenizer: not before (a failed start keeps it), nor
+            for name in SAVED_FILES:  # after (a Ctrl-C before the first save would offer to resume it)
+                (out / name).unlink(missing_ok=True)
         tokenizer.save_pretrained(str(out / "tokenizer"))
     run = Models(args, config, stats["mu"], stats["s"], dist.device, ckpt)
     if ckpt and dist.is_main:

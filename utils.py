@@ -37,6 +37,7 @@ from decoder import Decoder, DecoderConfig
 from diffusion import Prior, PriorConfig
 
 CHECKPOINT = "checkpoint.safetensors"
+SAVED_FILES = (CHECKPOINT, "config.json", "probes.safetensors")  # written by renaming a PATH.tmp into place
 
 # ----------------------------------------------------------------------------- command line
 
@@ -475,7 +476,7 @@ def remove_partial_saves(out, idle=60):
     atomic_write_text) and the temporary file safetensors itself writes before it renames it (.tmp and six
     characters, a safetensors header at its start), untouched for `idle` seconds (a file being written, by a
     guide.py adding probes, say, is newer). Nothing else: --out may be a folder of other files. -> bytes freed"""
-    ours = {f"{name}.tmp" for name in (CHECKPOINT, "config.json", "probes.safetensors")}
+    ours = {f"{name}.tmp" for name in SAVED_FILES}
     freed = 0
     for f in Path(out).iterdir():
         if not f.is_file() or time.time() - f.stat().st_mtime <= idle:
