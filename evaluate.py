@@ -448,7 +448,8 @@ def plot_sweep(results, path, guides, ppl_name="the reference LM", match=None):
             left_out.append(guide)
             continue
         drawn = True
-        line, = ax.plot([p[1] for p in points], [100 * p[2] for p in points], "o-", label=guide)
+        label = row_label(next(r for r in results if r["guide"] == guide))
+        line, = ax.plot([p[1] for p in points], [100 * p[2] for p in points], "o-", label=label)
         for scale, x, y in points:
             if scale == 0:
                 starred = True
@@ -478,6 +479,12 @@ def short(name):
     return str(name).rstrip("/").split("/")[-1].split(" (")[0]
 
 
+def row_label(r):
+    """A row's guide as the table and --plot's legend name it: '+like' where --like / --unlike steer a probe's row too."""
+    by_example = r["guide"] not in ("none", "like") and any(v is not None for v in r["example_cosine"].values())
+    return r["guide"] + ("+like" if by_example else "")
+
+
 def columns(results):
     """(header, cell) pairs of the main table; each judged column names its judge."""
     j = results[0]["judges"]
@@ -498,9 +505,7 @@ def columns(results):
         return f"{r['dist2_pooled']:.3f}{change}"
 
     mix = lambda r: "/".join(f"{100 * r['domains'].get(d, 0):.0f}" for d in data_lib.DOMAINS) if r["domains"] else "-"
-    by_example = lambda r: r["guide"] not in ("none", "like") and any(v is not None for v in r["example_cosine"].values())
-    cols = [("guide", lambda r: r["guide"] + ("+like" if by_example(r) else "")),  # --like steers a probe's row too
-            ("scale", lambda r: f"{r['scale']:g}")]
+    cols = [("guide", row_label), ("scale", lambda r: f"{r['scale']:g}")]
     for name in j["sentiment"]:
         cols += [(f"{label} ({name})", lambda r, n=name, l=label: f"{100 * r['sentiment'][n][l]:.1f}%")
                  for label in ("positive", "negative")]
@@ -567,6 +572,22 @@ def guide_name(text):
     return text
 
 
+def same_as(flag, value):
+    """What makes two entries of --guides or --sentiment-judge one row or column: 'positive:1' is 'positive',
+    'a+b' is 'b+a:1', 'VADER' is 'vader'. A malformed weight stays as written (the guide's check names it)."""
+    if flag == "sentiment_judge":
+        return value.lower()
+    if flag != "guides":
+        return value
+    parts = [part.partition(":") for part in re.split(r"[,+]", value)]
+    try:
+        if any("_" in w for _, _, w in parts):  # float() reads '1_0' as 10
+            raise ValueError(value)
+        return sorted((name.strip(), float(w) if colon else 1.0) for name, colon, w in parts)
+    except ValueError:
+        return value
+
+
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("--ckpt", type=path_arg, default="out", help="checkpoint directory")
@@ -621,7 +642,8 @@ def get_args(argv=None):
         p.error("argument --sentiment-judge: names no judge (e.g. vader,textblob)")
     for flag in ("guides", "scales", "sentiment_judge"):  # a row or column twice, with the same seed: the same figures
         values = getattr(args, flag)
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        keys = [same_as(flag, v) for v in values]
+        twice = next((v for i, v in enumerate(values) if keys[i] in keys[:i]), None)
         if twice is not None:
             p.error(f"argument --{flag.replace('_', '-')}: {twice:{'g' if flag == 'scales' else ''}} is given twice")
     return args

@@ -125,9 +125,10 @@ def test_offensive_judge_flags_an_offensive_sentence_and_not_a_clean_one():
     assert evaluate.offensive_probs([]) == []
 
 
-def fake_result(guide, scale, positive, negative, ppl, offensive=0.1, domains=None):
+def fake_result(guide, scale, positive, negative, ppl, offensive=0.1, domains=None, like=None):
     r = {"guide": guide, "scale": scale, "positive": positive, "negative": negative, "toxic": offensive,
-         "perplexity": ppl, "domains": domains or {"movie": 0.25, "news": 0.5}}
+         "perplexity": ppl, "domains": domains or {"movie": 0.25, "news": 0.5},
+         "example_cosine": {"like": like, "unlike": None}}
     r["attribute_success"] = evaluate.attribute_success(r, guide, GUIDES)
     return r
 
@@ -167,6 +168,18 @@ def test_a_plot_of_guides_no_judge_covers_uses_the_rule_or_names_what_it_leaves_
              [("none", 0.0), ("formal", 50.0), ("formal", 100.0), ("positive", 50.0)]]
     assert evaluate.plot_sweep(sweep, tmp_path / "a.png", GUIDES) == ["formal"]
     assert evaluate.plot_sweep(sweep, tmp_path / "b.png", GUIDES, match=r"\bsir\b") == []
+
+
+def test_the_plots_legend_names_a_guide_steered_by_like_examples_as_the_table_does(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    labels, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: labels.append(k.get("label")) or plot(self, *a, **k))
+    sweep = [fake_result("none", 0.0, 0.3, 0.2, 20.0, like=0.3)] + \
+            [fake_result(g, s, 0.5, 0.1, 25.0, like=0.4 if g == "positive" else None)
+             for g in ("positive", "negative") for s in (10, 30)]
+    evaluate.plot_sweep(sweep, tmp_path / "a.png", GUIDES)
+    assert [label for label in labels if label and "unguided" not in label] == ["positive+like", "negative"]
 
 
 def test_a_plot_it_cannot_draw_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys):
@@ -460,9 +473,15 @@ def test_bad_evaluation_input_is_one_line(capsys):
                           (["--n", "0"], "argument --n: '0' is out of range"),
                           (["--scales", "0,1e2,100"], "argument --scales: 100 is given twice"),  # a row twice
                           (["--guides", "none,positive,none"], "argument --guides: none is given twice"),
-                          (["--sentiment-judge", "vader,vader"], "argument --sentiment-judge: vader is given twice")]:
+                          (["--sentiment-judge", "vader,vader"], "argument --sentiment-judge: vader is given twice"),
+                          (["--guides", "positive,positive:1"], "argument --guides: positive:1 is given twice"),
+                          (["--guides", "positive+news:0.5,news:.5+positive"], "--guides: news:.5+positive is given"),
+                          (["--sentiment-judge", "vader,VADER"], "argument --sentiment-judge: VADER is given twice")]:
         err = cli_error(evaluate, argv, capsys)
         assert err.count("\n") == 1 and message in err, err
+    # other weights, other guides: other rows; a malformed weight is left to the guide's own check
+    for guides in ("positive,positive:0.5", "positive,positive+news", "positive:1_0,positive:10"):
+        assert evaluate.get_args(["--guides", guides]).guides == guides.split(",")
 
 
 def test_every_guide_is_checked_before_any_is_evaluated(trained, tmp_path, monkeypatch):
