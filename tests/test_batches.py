@@ -4,6 +4,7 @@ import random
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 import batches
@@ -78,3 +79,33 @@ def test_a_corpus_window_holds_each_examples_own_prefix_and_continuation_embeddi
     assert [seen[int(i)] for i in window.e_prefix[:, 0]] == [ex["prefix"] for ex in window.examples]
     assert [seen[int(i)] for i in window.held_out_e_cont[:, 0]] == [ex["continuation"] for ex in window.held_out]
     assert window.held_out and tokenizer_texts and not any(is_held_out(t) for t in tokenizer_texts)
+
+
+def test_the_batches_of_each_epoch_are_those_of_its_own_order_whatever_came_before():
+    b = Batches([random.Random(i).randint(1, 60) for i in range(200)], 10, seed=2)
+    n = b.per_epoch
+    as_lists = lambda epoch: [x.tolist() for x in epoch]
+    assert [b.get(s).tolist() for s in range(n)] == as_lists(b.epoch(0))
+    assert [b.get(s).tolist() for s in range(n, 3 * n)] == as_lists(b.epoch(1)) + as_lists(b.epoch(2))
+    assert b.get(0).tolist() == b.epoch(0)[0].tolist()  # back to an earlier epoch (a resume)
+
+
+def test_a_batch_larger_than_the_training_texts_is_refused_however_many_are_held_out(corpus):
+    """The held-out texts never reach a batch: a batch that needs them would be the whole corpus, smaller than asked."""
+    from data import load_local, make_examples
+    train, held_out = make_examples(load_local(corpus), 0, 0.5)
+    assert held_out
+
+    class Cache:
+        def encode(self, texts):
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+        def __len__(self):
+            return 0
+
+    args = lambda batch_size: SimpleNamespace(data=str(corpus), cache_dir=None, seed=0, max_prefix_frac=0.5,
+                                              batch_size=batch_size, lm=batches.TINY_LM, vocab_size=300)
+    with pytest.raises(SystemExit, match=f"--batch-size {len(train) + 1} is more than the {len(train)} training texts"):
+        batches.read_corpus(args(len(train) + 1), None, Cache(), room=40, report=False)
+    window, _ = batches.read_corpus(args(len(train)), None, Cache(), room=40, report=False)
+    assert len(window.batches.get(0)) == len(train)

@@ -407,3 +407,129 @@ def test_a_c4_path_that_is_not_c4_is_one_line(c4_copy, tmp_path):
 def test_a_civil_comments_record_is_toxic_from_half_its_raters():
     label = data.PROBE_SOURCES["civil_comments"][3]  # the toxicity probe's training labels
     assert [label({"toxicity": t}) for t in (0.0, 0.3, 0.5, 0.51, 1.0)] == [0, 0, 0, 1, 1]
+
+
+def test_when_pip_reports_success_without_the_archive_it_comes_from_the_index(pypi, tmp_path, monkeypatch):
+    """pip downloading into --dest under another name (or nothing, behind a broken index setting) is no archive:
+    the simple index gives it instead of a sha256 check of a file that is not there."""
+    from types import SimpleNamespace
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "pip" else find_spec(name, *a))
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0))
+    data.fetch_sdist(tmp_path / data.VADER_SDIST)
+    assert (tmp_path / data.VADER_SDIST).read_bytes() == b"the archive's bytes"
+
+
+def test_an_empty_data_path_does_not_exist_rather_than_naming_the_working_folder():
+    with pytest.raises(SystemExit, match="^error: data file '' does not exist"):  # Path("") is "."
+        data.load_local("")
+
+
+def test_records_and_lines_without_a_text_are_skipped_not_trained_on(tmp_path):
+    """A .jsonl whose records mostly have a `text` (some none, some blank), a .txt with a line of spaces, a .csv
+    row that stops before its text column: each gives the texts there are."""
+    (tmp_path / "some.jsonl").write_text('{"text": "a fine film"}\n{"title": "no text"}\n{"text": "   "}\n'
+                                         '{"text": "a dull one"}\n')
+    assert data.load_local(tmp_path / "some.jsonl") == [{"text": "a fine film"}, {"text": "a dull one"}]
+    (tmp_path / "spaces.txt").write_text("a fine film\n   \t \na dull one\n")
+    assert data.load_local(tmp_path / "spaces.txt") == [{"text": "a fine film"}, {"text": "a dull one"}]
+    (tmp_path / "short.csv").write_text("id,text\n1,a fine film\n2\n3,a dull one\n")
+    assert data.load_local(tmp_path / "short.csv") == [{"text": "a fine film"}, {"text": "a dull one"}]
+
+
+def test_a_c4_glob_lists_its_files_sorted(tmp_path):
+    """The stream's position counts files: a glob's files in the file system's order would be another stream."""
+    names = [f"c4-train.{i:05d}-of-00012.json.gz" for i in range(12)]
+    for name in reversed(names):
+        (tmp_path / name).write_text("")
+    assert [Path(f).name for f in data.c4_files(tmp_path / "c4-train.*.json.gz")] == names
+
+
+def test_a_single_c4_files_fingerprint_holds_its_name_and_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "a.json").write_text("{}\n")
+    (tmp_path / "b.json").write_text("{}\n")  # another file of the same size
+    assert data.c4_fingerprint(tmp_path / "a.json")["sha256"] != data.c4_fingerprint(tmp_path / "b.json")["sha256"]
+    monkeypatch.chdir(tmp_path)
+    assert data.c4_fingerprint("a.json")["path"] == str(tmp_path / "a.json")  # a --resume may run elsewhere
+
+
+def test_each_chunk_of_a_c4_document_is_split_at_a_point_of_its_own(c4_copy):
+    """Chunks of one document, of about as many words each, are not all cut after the same number of words."""
+    root, _, tokenizer = c4_copy
+    stream = data.C4Examples(tokenizer, path=root, seed=0)
+    splits = {}
+    for ex in stream:
+        splits.setdefault(stream.position["doc"], []).append(len(ex["prefix"].split()))
+    assert len(splits[0]) > 3 and len(set(splits[0][:3])) > 1 and len(splits[3]) == 3 and len(set(splits[3])) > 1
+
+
+def test_a_c4_window_splits_at_the_prefix_fraction_asked(c4_copy):
+    root, _, tokenizer = c4_copy
+    examples, _ = data.c4_window(tokenizer, root, 0, None, 6, 0.0)
+    assert len(examples) == 6 and {ex["prefix"] for ex in examples} == {""}
+
+
+def test_a_c4_path_from_the_environment_is_named_when_it_is_not_c4(c4_copy, tmp_path, monkeypatch):
+    _, _, tokenizer = c4_copy
+    (tmp_path / "notes.json").write_text("# not JSON\n")
+    monkeypatch.setenv(data.C4_PATH_ENV, str(tmp_path / "notes.json"))
+    with pytest.raises(SystemExit, match=f"^error: cannot read the C4 files at {tmp_path / 'notes.json'} "):
+        list(data.C4Examples(tokenizer))
+
+
+def test_the_prefix_split_follows_the_seed():
+    rows = [{"text": f"a text of several words, number {i}"} for i in range(40)]
+    split = lambda seed: [ex["prefix"] for ex in sum(data.make_examples(rows, seed, 1.0), [])]
+    assert split(3) == split(3) and split(3) != split(4)
+
+
+def test_labelled_records_without_a_text_or_with_a_label_outside_the_classes_are_skipped(tmp_path):
+    """SST-2's test split labels its sentences -1; a record with an empty sentence trains no probe."""
+    pytest.importorskip("datasets")
+    from conftest import write_jsonl
+    write_jsonl(tmp_path / "sst2.jsonl", [{"sentence": "a fine film", "label": 1}, {"sentence": "no label", "label": -1},
+                                          {"sentence": "", "label": 0}, {"sentence": "a dull film", "label": 0},
+                                          {"sentence": "too many", "label": 2}])
+    assert data.read_labelled("sst2", 10, str(tmp_path)) == [("a fine film", 1, True), ("a dull film", 0, True)]
+    write_jsonl(tmp_path / "sst2.jsonl", [{"sentence": "a fine film", "label": 1}, {"sentence": "a good one", "label": 1}])
+    with pytest.raises(SystemExit, match=r"sst2 gave no examples of some class \(counts per class: \[0, 2\]\)"):
+        data.read_labelled("sst2", 10, str(tmp_path))
+
+
+def test_a_gzipped_local_copy_of_a_probe_data_set_is_read(tmp_path):
+    import gzip
+    pytest.importorskip("datasets")
+    with gzip.open(tmp_path / "sst2.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"sentence": "a fine film", "label": 1}\n{"sentence": "a dull film", "label": 0}\n')
+    assert [r[:2] for r in data.read_labelled("sst2", 10, str(tmp_path))] == [("a fine film", 1), ("a dull film", 0)]
+
+
+def test_a_quote_that_never_closes_in_a_large_file_names_its_line(tmp_path):
+    """Past csv's field limit (131072 characters) the open quote is named as in a small file, not as csv's error."""
+    path = tmp_path / "labels.csv"
+    path.write_text('text,label\nfine,pos\n"a great film,pos\n' + "".join(f"text number {i} here,neg\n" for i in range(8000)))
+    with pytest.raises(SystemExit, match="a quote opens a text on line 3 and does not close"):
+        data.read_labels(path)
+
+
+def test_a_table_with_blank_lines_before_its_header_rows_of_commas_and_empty_column_names(tmp_path):
+    """Blank lines above the header, a row of commas alone, trailing commas in the header (columns without a
+    name, which are no column named twice) and a row that stops before its label."""
+    path = tmp_path / "labels.csv"
+    path.write_text("\n\ntext,label,,\nfine,pos,,\n,,\ndull,neg\n")
+    assert data.read_labels(path) == [("fine", "pos"), ("dull", "neg")]
+    path.write_text("text,label\nfine,pos\ndull\n")
+    with pytest.raises(SystemExit, match="record 3 has an empty label"):
+        data.read_labels(path)
+
+
+def test_a_labels_file_is_tab_separated_by_its_extension_in_any_case_and_refused_in_another_format(tmp_path):
+    (tmp_path / "LABELS.TSV").write_text("text\tlabel\nfine, really\tpos\n")
+    assert data.read_labels(tmp_path / "LABELS.TSV") == [("fine, really", "pos")]
+    (tmp_path / "labels.txt").write_text("text,label\nfine,pos\n")
+    with pytest.raises(SystemExit, match="labels file .*labels.txt must be .csv, .tsv or .jsonl"):
+        data.read_labels(tmp_path / "labels.txt")
+    for name in ("empty.csv", "empty.jsonl"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(SystemExit, match=f"^error: labels file .*{name} holds no examples$"):
+            data.read_labels(tmp_path / name)

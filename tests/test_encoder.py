@@ -87,12 +87,12 @@ def test_encoder_cli_fills_the_windows_that_training_reads(c4_copy, tiny_t5, tmp
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     encoder_lib.main(["--data", "c4", "--c4-path", str(root), "--tokenizer", str(tmp_path / "tok"), "--window", "4",
                       "--max-texts", "8", "--cache-dir", str(tmp_path / "cache"), "--encoder", tiny_t5,
-                      "--device", "cpu"])
+                      "--device", "cpu", "--seed", "5"])  # a seed of the run's own: its prefix split
     directory = encoder_lib.cache_dir_for(tmp_path / "cache", tiny_t5)
     assert len(list(directory.glob("window-*.safetensors"))) == 2
     position = None
     for _ in range(2):  # train.py's windows of the same size find their embeddings on disk
-        examples, position = data.c4_window(tokenizer, root, 0, position, 4, 1.0)
+        examples, position = data.c4_window(tokenizer, root, 5, position, 4, 1.0)
         e_prefix, _ = encoder_lib.window_embeddings(examples, directory, lambda *a, **k: pytest.fail("re-encoded"))
         assert e_prefix.shape == (4, 24)
     for w in directory.glob("window-*.safetensors"):
@@ -251,3 +251,79 @@ def test_encoder_cli_says_when_the_stream_ends_before_its_first_window(c4_copy, 
     out = capsys.readouterr().out.splitlines()
     windows = len(list(encoder_lib.cache_dir_for(tmp_path / "cache", tiny_t5).glob("window-*")))
     assert out[-1] == f"the C4 stream ends after {windows} windows"
+
+
+def test_loading_the_encoder_leaves_the_random_number_generator_as_it_was(tiny_t5):
+    """Building the modules draws random numbers: training's draws after it are those of its seed."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    encoder_lib.load_encoder(tiny_t5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_non_finite_embeddings_name_the_first_text_that_gave_them():
+    class MeanPoolingOverNoTokens:
+        def encode(self, texts, **kwargs):
+            return np.array([[np.nan, np.nan] if not t.strip() else [0.6, 0.8] for t in texts], dtype=np.float32)
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+    with pytest.raises(SystemExit, match=r"non-finite embeddings for 2 of 4 texts \(the first: ''\)"):
+        encoder_lib.embed(MeanPoolingOverNoTokens(), ["a", "", "b", " "])
+
+
+def test_a_cache_on_the_cpu_as_a_torch_device_embeds_in_the_cpus_batch(tmp_path):
+    """evaluate.py passes the model's device, a torch.device, not a string."""
+    cache = lambda device: encoder_lib.EmbeddingCache(tmp_path, "minilm", device)
+    assert cache(torch.device("cpu")).batch_size == cache("cpu").batch_size == encoder_lib.CPU_EMBED_BATCH
+    assert cache("cuda").batch_size == encoder_lib.EMBED_BATCH
+
+
+def test_windows_whose_texts_join_alike_have_files_of_their_own(tmp_path):
+    """The same words split elsewhere (another --seed or --max-prefix-frac) are other texts to embed."""
+    one = [{"prefix": "", "continuation": "a"}, {"prefix": "b", "continuation": "c"}]   # texts "", "b", "a", "c"
+    two = [{"prefix": "b", "continuation": "a"}, {"prefix": "", "continuation": "c"}]   # texts "b", "", "a", "c"
+    assert encoder_lib.window_file(one, tmp_path)[1] != encoder_lib.window_file(two, tmp_path)[1]
+
+
+def test_a_share_is_used_only_by_a_run_of_as_many_processes_and_never_once_the_window_is_stored(tmp_path):
+    """A share stored by a stopped run of two processes holds every 2nd text: a resume on three embeds its own
+    thirds. Once the window's file is there, no process embeds anything."""
+    examples = [{"prefix": p, "continuation": c} for p, c in [("", "a b"), ("a", "b c"), ("x", "d"), ("x y", "e")]]
+    texts = list(dict.fromkeys(t for ex in examples for t in (ex["prefix"], ex["continuation"])))
+    vectors = {t: np.full(4, i, dtype=np.float32) for i, t in enumerate(texts)}
+    encode = lambda texts, show_progress=False: np.stack([vectors[t] for t in texts])
+    one = encoder_lib.window_embeddings(examples, tmp_path / "one", encode)
+    encoder_lib.embed_share(examples, tmp_path, encode, 0, 2)  # the stopped run's
+    for rank in range(3):
+        encoder_lib.embed_share(examples, tmp_path, encode, rank, 3)
+    encoder_lib.join_shares(examples, tmp_path, 3)
+    fail = lambda *a, **k: pytest.fail("embedded again")
+    for a, b in zip(one, encoder_lib.window_embeddings(examples, tmp_path, fail)):
+        np.testing.assert_array_equal(a, b)
+    for rank in range(2):
+        encoder_lib.embed_share(examples, tmp_path, fail, rank, 2)
+    assert {f.name for f in tmp_path.glob("*.share-*")} <= {encoder_lib.share_file(encoder_lib.window_file(
+        examples, tmp_path)[1], 0, 2).name}  # only the stopped run's own share, which no one reads
+
+
+def test_encoder_cli_fills_the_cache_that_training_on_a_file_reads(corpus, tiny_t5, tmp_path, monkeypatch):
+    """encoder.py --data FILE embeds every text train.py reads with the same --seed and its default prefix
+    fraction, held-out texts included: the run then loads no encoder."""
+    import train
+    encoder_lib.main(["--data", str(corpus), "--seed", "3", "--cache-dir", str(tmp_path / "cache"), "--encoder",
+                      tiny_t5, "--device", "cpu"])
+    args = train.get_args(["--data", str(corpus), "--seed", "3"])
+    examples = sum(data.make_examples(data.load_local(corpus), args.seed, args.max_prefix_frac), [])
+    monkeypatch.setattr(encoder_lib, "load_encoder", no_encoder)
+    cache = encoder_lib.EmbeddingCache(encoder_lib.cache_dir_for(tmp_path / "cache", tiny_t5), tiny_t5)
+    cache.encode([t for ex in examples for t in (ex["prefix"], ex["continuation"])], show_progress=False)
+
+
+def test_a_file_named_as_the_encoder_is_not_taken_for_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match=r"^error: could not load the sentence encoder 'notes.csv' "):
+        encoder_lib.load_encoder("notes.csv")

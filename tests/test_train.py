@@ -815,6 +815,13 @@ def test_a_window_too_small_for_a_batch_is_refused_before_it_is_embedded(c4_run,
     assert "done in " in out
 
 
+def test_a_c4_copy_that_ends_before_a_batch_is_said_to_run_out(c4_run, tmp_path):
+    """A window the stream could not fill (a small local copy) is not a window too small for its flags."""
+    _, run = c4_run
+    with pytest.raises(SystemExit, match=r"^error: the C4 stream ran out \(\d+ training examples left, a batch needs 64\)$"):
+        run(tmp_path / "out", "--window", "1000", "--batch-size", "64", "--cache-dir", str(tmp_path / "cache"))
+
+
 def test_a_cache_of_other_windows_is_named_before_the_run_embeds_its_own(c4_run, tmp_path, capsys):
     """Windows filled with other flags (encoder.py's --max-prefix-frac 1.0 for a run's 0.5, another --seed)
     were embedded again with no word: hours at paper scale."""
