@@ -310,9 +310,11 @@ def disk_usage(directory):
 
 
 def write_shard(directory, keys, emb):
-    """Add one shard (sha1 digests, (n, d) float32 embeddings) after the existing ones, atomically."""
+    """Add one shard (sha1 digests, (n, d) float32 embeddings) after the existing ones, atomically. It is
+    numbered after the highest one there: counted, a deleted (damaged) shard would have it replace the last."""
     directory = Path(directory)
-    path = directory / f"shard-{len(list(directory.glob('shard-*.safetensors'))):05d}.safetensors"
+    numbers = [int(f.name[6:-12]) for f in directory.glob("shard-*.safetensors") if f.name[6:-12].isdigit()]
+    path = directory / f"shard-{max(numbers, default=-1) + 1:05d}.safetensors"
     save_cache_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20).copy(),
                      "emb": np.ascontiguousarray(emb, dtype=np.float32)}, path)
     return path

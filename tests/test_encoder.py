@@ -327,3 +327,14 @@ def test_a_file_named_as_the_encoder_is_not_taken_for_a_folder(tmp_path, monkeyp
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match=r"^error: could not load the sentence encoder 'notes.csv' "):
         encoder_lib.load_encoder("notes.csv")
+
+
+def test_a_new_shard_never_replaces_one_on_disk_after_a_damaged_one_was_deleted(tmp_path):
+    """The damaged-file error says: delete it, and its texts are embedded again; those of the others are kept."""
+    for i in range(3):
+        encoder_lib.write_shard(tmp_path, [bytes([i]) * 20], np.full((1, 4), i, dtype=np.float32))
+    (tmp_path / "shard-00000.safetensors").unlink()
+    new = encoder_lib.write_shard(tmp_path, [b"n" * 20], np.full((1, 4), 9, dtype=np.float32))
+    assert new.name == "shard-00003.safetensors"
+    assert [encoder_lib.read_cache_file(tmp_path / f"shard-0000{i}.safetensors")["emb"][0, 0] for i in (1, 2, 3)] == \
+        [1, 2, 9]
