@@ -456,7 +456,8 @@ def unclosed_quote(text, delimiter):
 def read_table(path, text, what):
     """The rows of a .csv or .tsv file's text, as dicts by its header row (names stripped: `text, label`
     names `label`); csv.Error where it is malformed."""
-    header = text.split("\n", 1)[0]  # Excel in many European locales separates a .csv with ';'
+    # Excel in many European locales separates a .csv with ';'; blank lines above the header are no header
+    header = next((line for line in text.split("\n") if line.strip()), "")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ";" if ";" in header and "," not in header else ","
     if line := unclosed_quote(text, delimiter):
         raise SystemExit(f"error: {what} {path}: a quote opens a text on line {line} and does not close, so the "

@@ -341,6 +341,8 @@ def test_a_csv_separated_by_semicolons_as_excel_writes_it_in_many_locales(tmp_pa
     assert data.read_labels(tmp_path / "labels.csv") == [("a fine, fine film", "pos"), ("a dull one", "neg")]
     (tmp_path / "labels.csv").write_text('text,label\na fine; fine film,pos\n')  # a ';' in a text is a text's
     assert data.read_labels(tmp_path / "labels.csv") == [("a fine; fine film", "pos")]
+    (tmp_path / "labels.csv").write_text('\n\ntext;label\na fine, fine film;pos\n')  # the header after blank lines
+    assert data.read_labels(tmp_path / "labels.csv") == [("a fine, fine film", "pos")]
 
 
 def test_a_row_with_more_fields_than_its_header_is_an_error_not_a_text_cut_at_its_comma(tmp_path):
