@@ -329,6 +329,16 @@ def test_a_file_named_as_the_encoder_is_not_taken_for_a_folder(tmp_path, monkeyp
         encoder_lib.load_encoder("notes.csv")
 
 
+def test_the_windows_of_c4_beside_the_shards_never_make_a_shard_replace_another(tmp_path):
+    """A corpus's shards and C4's window files share the encoder's cache folder; --drop-windows deletes windows."""
+    encoder_lib.save_fp16(np.ones((2, 4)), tmp_path / "window-0123456789abcdef01234567.safetensors")
+    for i in range(2):
+        encoder_lib.write_shard(tmp_path, [bytes([i]) * 20], np.full((1, 4), i, dtype=np.float32))
+    (tmp_path / "window-0123456789abcdef01234567.safetensors").unlink()
+    encoder_lib.write_shard(tmp_path, [bytes([2]) * 20], np.full((1, 4), 2, dtype=np.float32))
+    cache = encoder_lib.EmbeddingCache(tmp_path, "minilm")
+    assert len(cache) == 3 and sorted(cache.shards[row][i, 0] for row, i in cache.index.values()) == [0, 1, 2]
+
 def test_a_new_shard_never_replaces_one_on_disk_after_a_damaged_one_was_deleted(tmp_path):
     """The damaged-file error says: delete it, and its texts are embedded again; those of the others are kept."""
     for i in range(3):
