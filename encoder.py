@@ -313,7 +313,8 @@ def write_shard(directory, keys, emb):
     """Add one shard (sha1 digests, (n, d) float32 embeddings) after the existing ones, atomically. It is
     numbered after the highest one there: counted, a deleted (damaged) shard would have it replace the last."""
     directory = Path(directory)
-    numbers = [int(f.name[6:-12]) for f in directory.glob("shard-*.safetensors") if f.name[6:-12].isdigit()]
+    names = [f.stem.removeprefix("shard-") for f in directory.glob("shard-*.safetensors")]
+    numbers = [int(n) for n in names if n.isdigit()]
     path = directory / f"shard-{max(numbers, default=-1) + 1:05d}.safetensors"
     save_cache_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20).copy(),
                      "emb": np.ascontiguousarray(emb, dtype=np.float32)}, path)
