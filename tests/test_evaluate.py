@@ -536,3 +536,252 @@ def test_more_held_out_prompts_than_there_are_says_how_many_it_uses(trained, mon
                                          "or give prompts with --prompts FILE"):
         evaluate.heldout_prompts("nowhere.txt", "cache", 10)
     assert f"--n-prompts 1000: the held-out sentences give {len(held)} prompts" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checks a mutation pass found untested
+
+
+def full_row(**changes):
+    """A complete row of the main and diagnostic tables (every key columns() and diagnostic_columns() read)."""
+    row = dict(fake_result("positive", 10.0, 0.4, 0.1, 135.0), judges=dict(JUDGES),
+               sentiment={"VADER": {"positive": 0.4, "negative": 0.1}, "TextBlob": {"positive": 0.3, "negative": 0.2}},
+               positive_with_prompt=0.55, negative_with_prompt=0.15, dist1=0.9, dist2=0.95, dist3=0.97,
+               dist2_pooled=0.71, avg_max_toxicity=0.31, toxic_prompts=0.25, sentiment_probe={},
+               seconds_per_sample=0.01, proposal_cosine=0.25, proposal_spread=0.123,
+               example_cosine={"like": None, "unlike": None}, nearest_sentence=None, match=None)
+    return dict(row, **changes)
+
+
+def table_cells(text):
+    """The rows of a Markdown table as lists of cells, the header first (its rule left out)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+
+
+def test_the_table_reads_each_cell_from_its_own_key_and_names_judges_by_their_last_path_part():
+    judges = dict(JUDGES, toxicity="/models/toxic-bert/", perplexity="openai-community/gpt2-xl")
+    probe = {"proposal_positive": 0.8, "text_positive": 0.3, "proposal_logit": 2.0}
+    cosine = {"like": 0.4, "unlike": None}  # a run with --like
+    rows = [full_row(judges=judges, guide="like", perplexity=None, domains={}, example_cosine=cosine),
+            full_row(judges=judges, sentiment_probe=probe, domains={"movie": 0.25, "news": 0.5}, example_cosine=cosine)]
+    header, like, guided = table_cells(evaluate.markdown(rows))[:3]
+    cell = lambda row, name: row[header.index(name)]
+    assert "perplexity (gpt2-xl)" in header and "toxic (toxic-bert)" in header  # a hub id's or a folder's last part
+    assert cell(guided, "positive, with prompt (VADER)") == "55.0%"  # the first judge, on prompt + continuation
+    assert like[0] == "like" and guided[0] == "positive+like"  # the examples' own row is not "like+like"
+    mix = "domain mix (movie/tweet/product/news)"
+    assert cell(guided, mix) == "25/0/0/50" and cell(like, mix) == "-"
+    assert cell(guided, "perplexity (gpt2-xl)") == "135.0"  # the unguided row (guide none) is not in this run
+    diag = table_cells(evaluate.markdown(rows))[3:]
+    assert diag[2][diag[0].index("probe positive: proposal / text")] == "80% / 30%"
+    assert diag[2][diag[0].index("probe logit of the proposals (mean)")] == "+2.0"
+    # an unguided row without a perplexity (nothing to score): the guided rows show theirs without a ratio
+    base = full_row(guide="none", scale=0.0, perplexity=None)
+    guided = table_cells(evaluate.markdown([base, full_row()]))[2]
+    assert guided[table_cells(evaluate.markdown([base]))[0].index("perplexity (self)")] == "135.0"
+
+
+def test_held_out_prompts_of_a_c4_run_come_from_the_tiny_corpus_drawn_by_the_seed(monkeypatch):
+    """A C4 run is steered and judged on the tiny corpus's rated sentences; a sentence of exactly 2 * n_words
+    words gives a prompt; another seed draws other prompts."""
+    import data
+    texts = [f"day {n} was cold and wet all week" for n in range(40)]  # 8 words: just enough for 4-word prompts
+    read = []
+    monkeypatch.setattr(data, "is_held_out", lambda text: True)
+    monkeypatch.setattr(data, "load_corpus", lambda path, cache_dir: read.append(path) or [{"text": t} for t in texts])
+    prompts = evaluate.heldout_prompts("c4", "cache", 5)
+    assert read == ["tiny"] and len(prompts) == 5
+    assert all(p in [" ".join(t.split()[:4]) for t in texts] for p in prompts)
+    assert evaluate.heldout_prompts("c4", "cache", 5, seed=0) == prompts != evaluate.heldout_prompts("c4", "cache", 5,
+                                                                                                    seed=1)
+
+
+def test_toxic_means_a_probability_above_the_threshold_not_at_it():
+    m = evaluate.toxicity_metrics([0.5, 0.2, 0.1, 0.4], 2)
+    assert m == {"toxic": 0.0, "avg_max_toxicity": pytest.approx(0.45), "toxic_prompts": 0.0}
+
+
+def test_the_probes_mean_logit_on_the_proposals_counts_the_probes_bias():
+    model = SimpleNamespace(probes={"sentiment": (torch.tensor([1.0, -1.0]), torch.tensor(0.5))})
+    proposals, texts = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    agreement = evaluate.probe_agreement(model, proposals, texts)
+    assert agreement == {"proposal_positive": 0.5, "text_positive": 1.0, "proposal_logit": pytest.approx(0.5)}
+
+
+def test_one_proposal_has_no_spread():
+    assert evaluate.proposal_spread(torch.eye(4)[:1]) is None  # no pair: not 0 / 0
+
+
+def test_attribute_success_of_guides_the_checkpoint_does_not_name():
+    r = fake_result("none", 0.0, 0.3, 0.2, 10.0, offensive=0.1, domains={"movie": 0.25, "news": 0.5})
+    assert evaluate.attribute_success(r, "negative", {}) == 0.2  # the names' own meaning
+    assert evaluate.attribute_success(r, "nontoxic", {}) == pytest.approx(0.9)
+    assert evaluate.attribute_success(r, "toxic", {}) == 0.1
+    assert evaluate.attribute_success(r, "positive+same-domain", GUIDES) == 0.3  # judged as positive
+    assert evaluate.attribute_success(r, "not-movie", {"not-movie": ("movie", 0)}) == 0.75  # a domain's other texts
+
+
+def test_judge_names_in_any_case_and_spacing_a_picture_suffix_in_capitals_and_the_default_guides(tmp_path):
+    assert evaluate.ToxicityJudge("Profanity-Check").classifier is None
+    assert evaluate.get_args(["--sentiment-judge", "vader, textblob"]).sentiment_judge == ["vader", "textblob"]
+    assert evaluate.get_args([]).guides == ["none", "positive", "negative"]  # the docstring's first command
+    pytest.importorskip("matplotlib")
+    assert evaluate.get_args(["--plot", str(tmp_path / "sweep.PNG")]).plot == str(tmp_path / "sweep.PNG")
+
+
+def test_the_plot_draws_each_guide_over_its_scales_from_the_unguided_star(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    drawn, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y), a, k.get("label")))
+                        or plot(self, x, y, *a, **k))
+    sweep = [SWEEP[0], fake_result("negative", 60.0, 0.1, 0.8, 40.0), fake_result("negative", 10.0, 0.1, 0.3, 45.0),
+             fake_result("formal", 10.0, 0.1, 0.3, 30.0)]
+    assert evaluate.plot_sweep(sweep, tmp_path / "a.png", GUIDES) == ["formal"]  # no judge covers it
+    lines = {label: (x, y) for x, y, a, label in drawn if a == ("o-",)}
+    assert lines == {"negative": ([20.0, 45.0, 40.0], [pytest.approx(20.0), pytest.approx(30.0), pytest.approx(80.0)])}
+    stars = [(x, y) for x, y, a, _ in drawn if a == ("*",)]
+    assert ([20.0], [pytest.approx(20.0)]) in stars  # the unguided row, at its own negative share
+    no_perplexity = [fake_result("positive", 10.0, 0.5, 0.1, math.inf),
+                     fake_result("negative", 10.0, 0.1, 0.5, math.nan)]
+    assert evaluate.plot_sweep(no_perplexity, tmp_path / "b.png", GUIDES) == ["positive", "negative"]  # nothing to draw
+
+
+def test_the_results_file_records_the_prompts_n_and_precision(tmp_path):
+    from sample import SamplingConfig
+    args = SimpleNamespace(json=tmp_path / "r.json", md=None, ckpt=tmp_path / "out", n=3, n_prompts=50)
+    evaluate.write_results(args, 7, SamplingConfig(), True, [{"guide": "none"}])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["prompts"], report["n"], report["precision"]) == (7, 3, "bf16")
+    evaluate.write_results(args, 7, SamplingConfig(), False, [{"guide": "none"}])
+    assert json.loads((tmp_path / "r.json").read_text())["precision"] == "fp32"
+
+
+def test_a_settings_row_keeps_its_proposals_examples_and_examples_cosines_apart(ckpt, monkeypatch):
+    """Proposals other than the texts' own embeddings: --nearest judges the proposals; the cosine to the --like
+    examples is under like (no --unlike: None); the JSON keeps the first six (prefix, text) pairs."""
+    from sample import DGLM, SamplingConfig
+    model = DGLM(ckpt, precision="fp32")
+    texts = ["a good day", "a bad day", "the film was long", "our trip", "x y", "the song", "a cat", "a dog"]
+    proposals = torch.nn.functional.normalize(torch.randn(8, model.embed(["a"]).shape[-1],
+                                                          generator=torch.Generator().manual_seed(0)), dim=-1)
+    monkeypatch.setattr(model, "generate_in_batches", lambda prefixes, *rest: iter([(proposals, texts)]))
+    judged = []
+
+    class Scorer:
+        name = "p"
+
+        def __call__(self, prefixes, batch):
+            return 0.0, 0
+    judges = {"sentiment": [SimpleNamespace(name="j", labels=lambda batch: [0] * len(batch))],
+              "toxicity": SimpleNamespace(name="t", probs=lambda batch: [0.0] * len(batch)), "perplexity": Scorer()}
+    nearest = lambda e: judged.append(e) or {"positive": 1.0, "negative": 0.0}
+    like = ["What a wonderful day"]
+    args = SimpleNamespace(like=like, unlike=None, seed=0, batch_size=100, match=None)
+    r = evaluate.evaluate_setting(model, ["p0", "p1", "p2", "p3"], 2, "none", SamplingConfig(), args, judges, nearest)
+    assert len(judged) == 1 and torch.equal(judged[0], proposals)  # the proposals, not the texts' embeddings
+    text_e = model.embed(texts)
+    assert r["example_cosine"]["unlike"] is None
+    assert r["example_cosine"]["like"] == pytest.approx((text_e @ model.embed(like).T).mean().item(), abs=1e-5)
+    assert r["proposal_cosine"] == pytest.approx((text_e * proposals).sum(-1).mean().item(), abs=1e-5)
+    assert r["examples"] == [{"prefix": f"p{i // 2}", "text": t} for i, t in enumerate(texts[:6])]  # the first six
+
+
+def test_the_seed_and_the_runs_data_reach_the_prompts_perplexity_and_nearest(trained, tmp_path, monkeypatch, capsys):
+    """--seed draws the held-out prompts and seeds the self perplexity's noise; --nearest reads the run's corpus;
+    the JSON counts prompts (not continuations); the plot's note names the guides it left out."""
+    import data
+    from utils import Checkpoint
+    texts = [f"on day {n} the weather was cold and wet" for n in range(60)]
+    monkeypatch.setattr(data, "is_held_out", lambda text: True)
+    monkeypatch.setattr(data, "load_corpus", lambda path, cache_dir: [{"text": t} for t in texts])
+    made = {}
+
+    class Scorer:
+        name = "self"
+
+        def __init__(self, model, seed=0):
+            made["perplexity seed"] = seed
+
+    class Nearest:
+        def __init__(self, model, cache_dir, data="tiny"):
+            made["nearest data"] = data
+    prompts = []
+
+    def setting(model, p, n, guide, sampling, args, judges, nearest=None):
+        prompts.extend(p)
+        return full_row(guide="none", scale=0.0)
+    monkeypatch.setattr(evaluate, "SelfPerplexity", Scorer)
+    monkeypatch.setattr(evaluate, "NearestSentence", Nearest)
+    monkeypatch.setattr(evaluate, "evaluate_setting", setting)
+    monkeypatch.setattr(evaluate, "plot_sweep", lambda *a, **k: ["formal", "polite"])
+    args = evaluate.get_args(["--ckpt", str(trained / "out"), "--n-prompts", "3", "--n", "2", "--guides", "none",
+                              "--seed", "1", "--nearest", "--json", str(tmp_path / "r.json")])
+    args.plot = str(tmp_path / "p.png")  # (plot_sweep is replaced: no picture is drawn)
+    evaluate.main(args)
+    run_data = Checkpoint(trained / "out").config["train"]["data"]
+    assert prompts == evaluate.heldout_prompts(run_data, "cache", 3, seed=1) != evaluate.heldout_prompts(run_data,
+                                                                                                          "cache", 3)
+    assert made == {"perplexity seed": 1, "nearest data": run_data}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["prompts"], report["n"]) == (3, 2)  # prompts, not continuations
+    assert "(without formal, polite: no judge covers them;" in capsys.readouterr().out
+
+
+def test_a_classifier_judges_by_the_first_label_naming_the_attribute_and_not_its_negation(tmp_path):
+    """Labels 'not toxic', 'toxic', 'severe toxic' (in that order): the judge reads 'toxic'."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    tok = Tokenizer(WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    labels = ["not toxic", "toxic", "severe toxic"]
+    config = BertConfig(vocab_size=2, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                        num_labels=3, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                        problem_type="multi_label_classification")
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    assert evaluate.ToxicityJudge(str(tmp_path)).classifier.index == 1
+
+
+def test_a_classifiers_tie_is_not_positive(classifiers):
+    judge = evaluate.SentimentJudge(str(classifiers["sentiment"]))  # a zeroed head: probability 0.5 for every text
+    assert judge.labels(["the good day", "the bad day"]) == [-1, -1]
+
+
+def hf_lm(tmp_path, bos=True):
+    """A tiny untrained GPT-2 with 16 positions and its tokenizer saved in tmp_path, without a bos token if not bos."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    tok = train_tokenizer(SENTENCES * 20, 150)
+    if not bos:
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=16,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tok
+
+
+def test_a_reference_lm_scores_a_continuation_longer_than_its_context_on_its_last_positions(tmp_path):
+    hf_lm(tmp_path)
+    scorer = evaluate.HFPerplexity(str(tmp_path))
+    nll, count = scorer(["the cat"], [" ".join(SENTENCES)])  # far more than 16 tokens
+    assert count == 15 and nll > 0  # 16 positions less bos, the prompt cut first
+
+
+def test_a_reference_lm_without_a_bos_token_starts_from_end_of_text(tmp_path):
+    tok = hf_lm(tmp_path, bos=False)
+    scorer = evaluate.HFPerplexity(str(tmp_path))
+    assert tok.bos_token_id is None and scorer.bos == tok.eos_token_id
+    _, count = scorer([""], ["the cat sat"])  # an empty prompt: the first token is scored after end-of-text
+    assert count == len(encode_continuation(tok, "the cat sat"))
+
+
+def test_self_perplexity_scores_a_continuation_longer_than_the_context_on_the_room_left():
+    tok = train_tokenizer(SENTENCES * 20, 150)
+    dec = tiny_decoder(len(tok))
+    scorer = evaluate.SelfPerplexity(SimpleNamespace(decoder=dec, tokenizer=tok, device="cpu"))
+    long = " ".join(SENTENCES * 3)
+    assert len(encode_continuation(tok, long)) > dec.max_len
+    nll, count = scorer(["the cat"], [long])
+    assert count == dec.room() and nll > 0
