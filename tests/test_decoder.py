@@ -345,3 +345,59 @@ def test_checking_for_the_end_every_few_tokens_changes_no_output(monkeypatch):
     for every in (3, 8):
         monkeypatch.setattr(decoder_module, "END_CHECK_EVERY", {"cpu": every})
         assert run() == every_token
+
+
+# ----------------------------------------------------------------------------- checks a mutation pass found untested
+
+
+def test_a_barred_word_is_barred_in_capitals_too():
+    tok = train_tokenizer(["I said No to it", "she said No again", "no way"] * 20, 300)
+    assert " No" in {tok.decode([i]) for i in decoder_module.barred_token_ids(tok, {"no"})}
+
+
+def test_the_signal_level_reaches_the_soft_prompt_and_defaults_to_0_95(monkeypatch):
+    dec = tiny_decoder(12)
+    levels, condition = [], dec.condition
+    monkeypatch.setattr(dec, "condition", lambda z, a: levels.append(a.tolist()) or condition(z, a))
+    x = torch.randn(2, 32)
+    dec.generate([[3], []], x, max_new_tokens=2, repetition_penalty=1.0, **GREEDY)
+    dec.generate([[3], []], x, a=0.3, max_new_tokens=2, repetition_penalty=1.0, **GREEDY)
+    assert levels == [[pytest.approx(0.95)] * 2, [pytest.approx(0.3)] * 2]
+
+
+def test_a_generation_that_fills_the_context_drops_the_whole_prompt():
+    """Room for no prompt token at all beside max_new_tokens: the prompt is left out, not kept whole."""
+    dec = tiny_decoder(12)
+    bias = torch.full((12,), -30.0)
+    bias[5] = 1.0
+    x = torch.randn(1, 32)
+    n = dec.room()  # every position after bos and the slots
+    with fixed_logits(dec, bias):
+        out = dec.generate([[3, 4, 6]], x, max_new_tokens=n, repetition_penalty=1.0, **GREEDY)
+    assert out == [[5] * n]
+
+
+def test_the_tiny_lm_has_no_dropout_and_the_paper_tier_no_hidden_cond_layer():
+    lm = DecoderConfig().lm_config(100, 0)
+    assert lm["resid_pdrop"] == lm["embd_pdrop"] == lm["attn_pdrop"] == 0.0
+    dec = small_decoder(50, hidden_cond=False)
+    assert dec.hidden_cond is None and not [name for name in dec.state_dict() if "hidden_cond" in name]
+
+
+def test_a_missing_tokenizer_of_another_option_does_not_suggest_the_tiny_tier(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as err:
+        decoder_module.load_tokenizer("someone/not-here", flag="--tokenizer")
+    assert str(err.value).endswith("pass a local GPT-2 folder with --tokenizer") and "tiny tier" not in str(err.value)
+
+
+def test_a_continuation_is_encoded_without_the_special_tokens_a_tokenizer_would_add():
+    """A reference LM's tokenizer may add its bos to every text it encodes (Llama's does): a continuation follows
+    its prompt, so it gets none."""
+    from tokenizers import processors
+    tok = train_tokenizer(SENTENCES * 20, 120)
+    eos = tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                         special_tokens=[("<|endoftext|>", eos)])
+    assert tok(" the cat")["input_ids"][0] == eos  # the tokenizer adds it by default
+    assert encode_continuation(tok, "the cat") == tok(" the cat", add_special_tokens=False)["input_ids"]
