@@ -339,6 +339,7 @@ def test_the_windows_of_c4_beside_the_shards_never_make_a_shard_replace_another(
     cache = encoder_lib.EmbeddingCache(tmp_path, "minilm")
     assert len(cache) == 3 and sorted(cache.shards[row][i, 0] for row, i in cache.index.values()) == [0, 1, 2]
 
+
 def test_a_new_shard_never_replaces_one_on_disk_after_a_damaged_one_was_deleted(tmp_path):
     """The damaged-file error says: delete it, and its texts are embedded again; those of the others are kept."""
     for i in range(3):

@@ -133,6 +133,12 @@ def fake_result(guide, scale, positive, negative, ppl, offensive=0.1, domains=No
     return r
 
 
+def table_cells(text):
+    """The rows of a Markdown table as lists of cells, the header first (its rule left out)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+
+
 GUIDES = {"positive": ("sentiment", 1), "negative": ("sentiment", 0), "news": ("news", 1), "clean": ("toxicity", 0),
           "same-domain": (["movie", "news"], "prefix")}
 
@@ -231,15 +237,14 @@ def test_guided_rows_report_perplexity_and_pooled_diversity_against_the_unguided
                 seconds_per_sample=0.01, example_cosine={"like": None, "unlike": None}, sentiment_probe={},
                 proposal_cosine=0.2, proposal_spread=0.1, nearest_sentence=None)
     guided = dict(base, guide="negative", scale=200.0, perplexity=135.0, dist2_pooled=0.72)
-    header, _, *rows = evaluate.markdown([guided, base]).splitlines()[:4]
-    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
-    ppl, pooled = cells(header).index("perplexity (self)"), cells(header).index("Dist-2 pooled")
-    assert (cells(rows[0])[ppl], cells(rows[0])[pooled]) == ("135.0 (1.35x)", "0.720 (-10%)")
-    assert (cells(rows[1])[ppl], cells(rows[1])[pooled]) == ("100.0", "0.800")  # the unguided row itself
-    without_base = evaluate.markdown([guided]).splitlines()[2]
-    assert (cells(without_base)[ppl], cells(without_base)[pooled]) == ("135.0", "0.720")
-    no_bigrams = evaluate.markdown([guided, dict(base, dist2_pooled=0.0)]).splitlines()[2]  # e.g. --max-tokens 1
-    assert cells(no_bigrams)[pooled] == "0.720"
+    header, *rows = table_cells(evaluate.markdown([guided, base]))[:3]
+    ppl, pooled = header.index("perplexity (self)"), header.index("Dist-2 pooled")
+    assert (rows[0][ppl], rows[0][pooled]) == ("135.0 (1.35x)", "0.720 (-10%)")
+    assert (rows[1][ppl], rows[1][pooled]) == ("100.0", "0.800")  # the unguided row itself
+    without_base = table_cells(evaluate.markdown([guided]))[1]
+    assert (without_base[ppl], without_base[pooled]) == ("135.0", "0.720")
+    no_bigrams = table_cells(evaluate.markdown([guided, dict(base, dist2_pooled=0.0)]))[1]  # e.g. --max-tokens 1
+    assert no_bigrams[pooled] == "0.720"
 
 
 def test_a_bar_in_a_match_rule_or_a_guide_name_stays_in_its_cell():
@@ -550,12 +555,6 @@ def full_row(**changes):
                seconds_per_sample=0.01, proposal_cosine=0.25, proposal_spread=0.123,
                example_cosine={"like": None, "unlike": None}, nearest_sentence=None, match=None)
     return dict(row, **changes)
-
-
-def table_cells(text):
-    """The rows of a Markdown table as lists of cells, the header first (its rule left out)."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
 
 
 def test_the_table_reads_each_cell_from_its_own_key_and_names_judges_by_their_last_path_part():
