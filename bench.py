@@ -5,6 +5,7 @@
     python bench.py --steps 20 --max-tokens 64 --batch-sizes 1,16,64 --profile
     python bench.py --train --config paper --device cuda         # training steps: time, memory, MFU
     python bench.py --embed --batch-sizes 32,128,512             # the sentence encoder: texts/s, MFU
+    python bench.py --train --ckpt out --profile                 # where a step's time goes, op by op
 
 --train times train.py's prior_step and decoder_step (AdamW, clipping, bf16 autocast where native) on
 random latents and token ids at the batch of train.py's paper tier (256 for the prior, 64 sequences of
@@ -185,19 +186,37 @@ def bench_batch(model, batch, args):
             "guided/plain": paired_ratio(times, "guided", "plain")}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def print_profile(fn, device, what):
+    """torch.profiler over fn(): the top ops by self time, and the share of it in matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = prof.key_averages()
+    # the share: over the operators (a kernel's GPU time is its operator's too; summing both would count it twice)
+    operators = [op for op in ops if op.device_type == torch.autograd.DeviceType.CPU]
+    time = lambda names: sum(getattr(op, key) for op in operators if names is None or op.key in names)
+    share = time(MATMUL_OPS) / max(time(None), 1)
+    print(f"\nprofile of {what} (top ops by {key}):")
+    print(ops.table(sort_by=key, row_limit=15))
+    names = ", ".join(op.removeprefix("aten::") for op in MATMUL_OPS)
+    print(f"matrix products ({names}): {share:.0%} of the self time")
+    return share
+
+
 def profile_guided(model, batch, args):
     """torch.profiler over one guided generation: where the time goes."""
-    from torch.profiler import ProfilerActivity, profile
     prefixes = [DEMO_PREFIXES[i % len(DEMO_PREFIXES)] for i in range(batch)]
     sampling = fixed_length(args)
     guided = model.guidance(args.guide, sampling, args.like, args.unlike)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(model.device).startswith("cuda") else [])
-    with profile(activities=activities) as prof:
-        model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0, guided.barred)
-        sync(model.device)
-    key = "self_device_time_total" if len(activities) > 1 else "self_cpu_time_total"
-    print(f"\nprofile of one guided generation, batch {batch} (top ops by {key}):")
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    print_profile(lambda: model.decode(prefixes, model.sample_proposals(prefixes, guided, sampling, 0), sampling, 0,
+                                       guided.barred), model.device, f"one guided generation, batch {batch}")
 
 
 # ----------------------------------------------------------------------------- training steps
@@ -296,6 +315,9 @@ def bench_train(args, device):
         unit = f"{batch * n / seconds:.0f} tokens/s" if name == "decoder" else f"{batch / seconds:.0f} samples/s"
         print(f"{name:>7} step: batch {batch} in micro-batches of {min(micro, batch)}: {seconds:.3f} s, {unit}, "
               f"{rate(flops, seconds, peak)}, peak memory {memory}")
+    if args.profile:  # after the timing, so that the profiler's overhead stays out of it
+        for name, (step, batch, _, _) in runs.items():
+            report[name]["matmul_share"] = print_profile(step, device, f"one {name} step, batch {batch}")
     return report
 
 
@@ -332,6 +354,9 @@ def bench_embed(args, device):
         report[batch] = dict(seconds=seconds, texts_per_s=len(texts) / seconds, mfu=peak and flops / seconds / peak)
         print(f"batch {batch:>5}: {seconds:.2f} s, {len(texts) / seconds:.0f} texts/s, {tokens / seconds:.0f} tokens/s, "
               f"{rate(flops, seconds, peak)}")
+    if args.profile:
+        batch = args.batch_sizes[-1]
+        print_profile(lambda: embed(model, texts, batch), device, f"embedding the {len(texts)} texts, batch {batch}")
     return report
 
 
@@ -349,7 +374,9 @@ def get_args(argv=None):
                    help="comma-separated batch sizes; the last one gives the final ratio")
     p.add_argument("--guide", default="positive", help="guide of the guided run")
     p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one guided run")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top ops of one guided run (--train: of each step; --embed: of the "
+                        "last batch size)")
     p.add_argument("--train", action="store_true", help="time the two training steps instead of generation")
     p.add_argument("--embed", action="store_true",
                    help="time the sentence encoder instead, --batch-sizes texts per forward pass (e.g. 32,128,512)")
@@ -378,8 +405,6 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.train and args.embed:
         raise SystemExit("error: --train and --embed time different things; give one")
-    if args.profile and (args.train or args.embed):
-        raise SystemExit("error: --profile profiles a guided generation; leave out --train / --embed")
     if args.train:
         return bench_train(args, device)
     if args.embed:

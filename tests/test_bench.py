@@ -13,9 +13,10 @@ SAMPLING = dict(top_p=0.9, temperature=1.0, repetition_penalty=1.2)
 def test_bench_runs_end_to_end_and_ends_with_the_ratio(trained, capsys):
     ckpt = trained / "out"
     bench.main(bench.get_args(["--ckpt", str(ckpt), "--device", "cpu", "--steps", "3", "--max-tokens", "5",
-                               "--batch-sizes", "1,3", "--repeats", "1", "--mc-samples", "4"]))
+                               "--batch-sizes", "1,3", "--repeats", "1", "--mc-samples", "4", "--profile"]))
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"ratio guided/plain = \d+\.\d\d", lines[-1]), lines[-1]
+    assert "profile of one guided generation, batch 3 (top ops by self_cpu_time_total):" in lines
     assert "batch 3" in lines[-2] and any(l.split("|")[0].strip() == "1" for l in lines)
 
 
@@ -136,19 +137,26 @@ def test_bench_embed_times_the_encoder_at_each_batch_and_counts_only_its_linear_
     texts.write_text("\n".join(f"sentence number {i} about a film that was rather good" for i in range(40)))
     report = bench.main(bench.get_args(["--embed", "--encoder", "minilm", "--texts", str(texts), "--n-texts", "30",
                                         "--batch-sizes", "4,16", "--repeats", "1", "--device", "cpu",
-                                        "--peak-tflops", "1"]))
+                                        "--peak-tflops", "1", "--profile"]))
     out = capsys.readouterr().out
     assert "30 texts of" in out and "linear layers 10.8M weights" in out
+    assert "profile of embedding the 30 texts, batch 16" in out and "aten::addmm" in out
     assert sorted(report) == [4, 16] and all(r["texts_per_s"] > 0 and 0 < r["mfu"] < 1 for r in report.values())
     with pytest.raises(SystemExit, match="^error: --train and --embed"):
         bench.main(bench.get_args(["--train", "--embed"]))
 
 
-def test_profile_goes_with_generation_alone(capsys):
-    """--profile --train timed the steps and printed no profile, without a word."""
-    from conftest import cli_error
-    for flag in ("--train", "--embed"):
-        assert "--profile profiles a guided generation" in cli_error(bench, [flag, "--profile"], capsys)
+def test_profile_of_the_training_steps_names_their_ops_and_the_share_in_matrix_products(monkeypatch, capsys):
+    """--train --profile: a profile of each step after the timing; the share counts mm / addmm / bmm alone."""
+    shrink_paper_tier(monkeypatch)
+    report = bench.main(bench.get_args(["--train", "--config", "paper", "--device", "cpu", "--repeats", "1",
+                                        "--micro-batch", "256", "--decoder-micro-batch", "64", "--profile"]))
+    out = capsys.readouterr().out
+    assert "profile of one prior step, batch 256" in out and "profile of one decoder step, batch 64" in out
+    assert "aten::addmm" in out and all(0 < report[name]["matmul_share"] < 1 for name in ("prior", "decoder"))
+    a = torch.randn(256, 256)
+    assert bench.print_profile(lambda: [a @ a for _ in range(20)], "cpu", "products") > 0.9
+    assert bench.print_profile(lambda: [a.exp() for _ in range(20)], "cpu", "exponentials") == 0
 
 
 def test_the_ratio_is_the_median_of_the_rounds_ratios_not_their_mean():
