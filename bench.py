@@ -201,8 +201,8 @@ def print_profile(fn, device, what):
     ops = prof.key_averages()
     # the share: over the operators (a kernel's GPU time is its operator's too; summing both would count it twice)
     operators = [op for op in ops if op.device_type == torch.autograd.DeviceType.CPU]
-    self_time = lambda names: sum(getattr(op, key) for op in operators if names is None or op.key in names)
-    share = self_time(MATMUL_OPS) / max(self_time(None), 1)
+    total = sum(getattr(op, key) for op in operators)
+    share = sum(getattr(op, key) for op in operators if op.key in MATMUL_OPS) / max(total, 1)
     print(f"\nprofile of {what} (top ops by {key}):")
     print(ops.table(sort_by=key, row_limit=15))
     names = ", ".join(op.removeprefix("aten::") for op in MATMUL_OPS)
