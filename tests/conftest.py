@@ -14,12 +14,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# What the libraries write as the tests run goes to a scratch folder removed when pytest exits, not into the
-# user's home or /tmp: `datasets` leaves a lock file in its cache for each local file it streams, and torchrun
-# a log folder in the temporary folder for each launch (the subprocesses inherit TMPDIR).
+# What the tests and libraries write goes to a scratch folder removed when pytest exits, not into the clone,
+# the user's home or /tmp: the tests run from it (a relative default such as out/ or cache/ lands there; a
+# cache/ left in the clone would feed a later `python train.py`), `datasets` leaves a lock file in its cache for
+# each local file it streams, and torchrun a log folder in the temporary folder (subprocesses inherit TMPDIR).
 SCRATCH = tempfile.TemporaryDirectory(prefix="dglm-tests-")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(SCRATCH.name, "datasets")
 os.environ["TMPDIR"] = SCRATCH.name
+os.chdir(SCRATCH.name)
 torch.set_num_threads(2)
 
 POSITIVE = ["I love this, it is wonderful.", "What a great and happy day!", "This is the best movie ever made.",
