@@ -1116,7 +1116,7 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_writes_and_not_before(c
     out = tmp_path / "out"
     shutil.copytree(trained / "out", out)
     argv = ["--data", str(corpus), "--out", str(out), "--batch-size", "16", "--decoder-batch", "8", "--overwrite",
-            "--cache-dir", str(tmp_path / "cache")]  # not the working folder's cache (a clone's, where CI runs)
+            "--cache-dir", str(tmp_path / "cache")]  # its own: the working folder is the whole suite's
 
     def start(**stand_ins):  # setup until a stand-in stops it -> which of the old run's files are left
         with monkeypatch.context() as m:
