@@ -59,7 +59,7 @@ import train
 from encoder import embed, load_encoder
 from sample import DEMO_PREFIXES, DGLM, add_sampling_args, sampling_config
 from utils import (ArgumentParser, Checkpoint, RawHelpFormatter, autocast, bounded, build_models, comma_list,
-                   folder, keep_freed_memory, path_arg, pick_device, run_cli, use_bf16)
+                   folder, keep_freed_memory, path_arg, pick_device, run_cli, set_threads, use_bf16)
 
 
 class RandomTokenizer:
@@ -373,7 +373,6 @@ def get_args(argv=None):
     p.add_argument("--batch-sizes", type=comma_list(bounded(int, 1, 1e5)), default="1,64",
                    help="comma-separated batch sizes; the last one gives the final ratio")
     p.add_argument("--guide", default="positive", help="guide of the guided run")
-    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top ops of one guided run (--train: of each step; --embed: of the "
                         "last batch size)")
@@ -401,8 +400,7 @@ def get_args(argv=None):
 
 def main(args):
     device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.train and args.embed:
         raise SystemExit("error: --train and --embed time different things; give one")
     if args.train:

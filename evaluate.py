@@ -54,7 +54,8 @@ from encoder import EmbeddingCache, cache_dir_for
 from guide import guide_names
 from sample import DGLM, SamplingConfig, add_sampling_args, read_prompt_file, sampling_config
 from utils import (ArgumentParser, RawHelpFormatter, atomic_write_text, bounded, comma_list, folder, hub_answers,
-                   missing_folder, nonempty, output_file, path_arg, pick_device, run_cache_dir, run_cli)
+                   missing_folder, nonempty, output_file, path_arg, pick_device, run_cache_dir, run_cli,
+                   set_threads)
 
 
 def run_corpus(data, cache_dir):
@@ -679,6 +680,7 @@ def load_judges(args, device):
 
 
 def main(args):
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else None
     device = pick_device(args.device)

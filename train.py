@@ -41,7 +41,7 @@ from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_pa
 from utils import (CHECKPOINT, SAVED_FILES, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, Terminated,
                    autocast, bounded, build_models, comma_list, count, failed_downloads, folder, hold,
                    keep_freed_memory, missing_folder, model_config, nonempty, not_a_model, out_flag, path_arg,
-                   pick_device, refusal, release, run_cli, save_checkpoint, shell, use_bf16)
+                   pick_device, refusal, release, run_cli, save_checkpoint, set_threads, shell, use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -617,11 +617,7 @@ def setup(args):
                          f"multiples of the {dist.world} processes")
     args.bf16, args.encode_device = use_bf16(args.precision, dist.device), dist.device
     keep_freed_memory()
-    if args.threads:
-        if args.threads > (os.cpu_count() or 1):  # threads that wait on each other: many times slower, not faster
-            print(f"warning: --threads {args.threads} is more than the {os.cpu_count()} CPU cores here; steps will be "
-                  "far slower than with --threads 0 (torch's default)", file=sys.stderr)
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(args.seed)  # alike in every process: the batch's noise too (dropout: Distributed.own_random_numbers)
     random.seed(args.seed)
     ckpt = Checkpoint(out) if args.resume else None

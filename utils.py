@@ -331,6 +331,18 @@ def use_bf16(precision, device):
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
+def set_threads(n):
+    """--threads: torch's CPU threads (0 keeps torch's default, a thread per core). Two runs that share the
+    cores each take a thread per core by default, and their threads then wait on each other; splitting the
+    cores between them (--threads 1 each on two cores) keeps both at full speed."""
+    if not n:
+        return
+    if n > (os.cpu_count() or 1):  # threads that wait on each other: many times slower, not faster
+        print(f"warning: --threads {n} is more than the {os.cpu_count()} CPU cores here; the work will be far slower "
+              "than with --threads 0 (torch's default)", file=sys.stderr)
+    torch.set_num_threads(n)
+
+
 def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse (Linux). By default it hands large blocks back to the
     kernel, and a training step that allocates them (the logits and their gradient) page-faults them

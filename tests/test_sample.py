@@ -482,3 +482,23 @@ def test_the_decodings_noise_is_not_the_guidances_monte_carlo_draws(trained, mon
     model.decode(prompts, e, FAST, seed=3)
     assert len(mc) >= 1 and drawn[0].shape == mc[0].shape and not any(torch.equal(drawn[0], m) for m in mc)
 
+
+
+def test_threads_sets_torchs_threads_in_sample_and_evaluate(trained, tmp_path, monkeypatch, capsys):
+    """--threads N, as train.py's: N CPU threads for the run (0, the default, leaves torch's); a second run
+    beside a training on two cores takes one each instead of both fighting for both."""
+    import evaluate
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # this process's threads stay as they are
+    ckpt = ["--ckpt", str(trained / "out")]
+    sample.main(sample.get_args([*ckpt, "--prefix", "a", "--n", "1", "--steps", "2", "--max-tokens", "2",
+                                 "--threads", "1"]))
+    sample.main(sample.get_args([*ckpt, "--prefix", "a", "--n", "1", "--steps", "2", "--max-tokens", "2"]))
+    assert threads == [1]
+    (tmp_path / "p.txt").write_text("the film\n")
+    with pytest.raises(SystemExit, match="unknown guide 'bogus'"):  # the threads are set before anything else
+        evaluate.main(evaluate.get_args([*ckpt, "--prompts", str(tmp_path / "p.txt"), "--threads", "1",
+                                         "--guides", "none,bogus"]))
+    assert threads == [1, 1]
+    for script in (sample, evaluate):
+        assert "argument --threads: '-1' is out of range" in cli_error(script, ["--threads", "-1"], capsys)

@@ -608,7 +608,7 @@ def test_more_threads_than_cores_is_a_warning(corpus, trained, tmp_path, monkeyp
     monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(train.torch, "set_num_threads", lambda n: None)  # this process's threads stay as they are
     run_train(corpus, tmp_path, tmp_path / "out", "--steps", "1", "--threads", "3")
-    assert "warning: --threads 3 is more than the 2 CPU cores here; steps will be far slower" in capsys.readouterr().err
+    assert "warning: --threads 3 is more than the 2 CPU cores here; the work will be far slower" in capsys.readouterr().err
 
 
 def test_ctrl_c_names_what_it_leaves_in_out_and_the_command_that_goes_on(corpus, trained, tmp_path, monkeypatch, capsys):
