@@ -483,7 +483,6 @@ def test_the_decodings_noise_is_not_the_guidances_monte_carlo_draws(trained, mon
     assert len(mc) >= 1 and drawn[0].shape == mc[0].shape and not any(torch.equal(drawn[0], m) for m in mc)
 
 
-
 def test_threads_sets_torchs_threads_in_sample_and_evaluate(trained, tmp_path, monkeypatch, capsys):
     """--threads N, as train.py's: N CPU threads for the run (0, the default, leaves torch's); a second run
     beside a training on two cores takes one each instead of both fighting for both."""
