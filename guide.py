@@ -183,10 +183,11 @@ def probe_terms(spec, probes, guides, outer=1.0, ckpt="CKPT"):
 # (repeated "love", "great"; README, "Why these defaults"), and its guide pulls at 0.4 of that strength.
 # The tiny tier's negative guide holds the prefix's domain at a quarter of its own pull: left alone it drifts
 # into the corpus's negative tweets ("sucks", hashtags) whatever the prefix, text the decoder finds unlikely
-# after a review's opening; held, it stays in the prefix's register, which lets it pull harder.
+# after a review's opening; held, it stays in the prefix's register. Its strength, 0.875, is where negative
+# text stays negative while its perplexity stays near unguided text's on openings it has never seen.
 # A guide may also bar words from the decoded text (WORD_BARS): the tiny tier's negative guide bars negations.
 TINY_GUIDES = {
-    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0, 1.25, "same-domain:0.25", "negation"),
+    "positive": ("sentiment", 1, 0.4), "negative": ("sentiment_no_negation", 0, 0.875, "same-domain:0.25", "negation"),
     "movie": ("movie", 1), "tweet": ("tweet", 1), "product": ("product", 1), "news": ("news", 1),
     "same-domain": (["movie", "tweet", "product", "news"], "prefix"),
 }
