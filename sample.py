@@ -30,7 +30,8 @@ from decoder import barred_token_ids
 from encoder import embed, load_encoder, standardize, unstandardize
 from guide import build_guidance, guide_names, load_probes
 from utils import (ArgumentParser, RawHelpFormatter, autocast, bounded, free_text, load_for_inference, nonempty_text,
-                   output_file, path_arg, pick_device, run_cli, set_threads, shell, use_bf16)
+                   output_file, path_arg, pick_device, run_cli, set_threads, shell, threads_flag,
+                   use_bf16)
 
 DEMO_PREFIXES = ["The movie", "I think that", "This product", "The city council"]
 GUIDANCE_NOISE, DECODING_NOISE = 1, 2  # the roles of noise_seed
@@ -101,8 +102,7 @@ def add_sampling_args(p, guidance_scale=True):
                    help="decode every word, also those a guide bars (the tiny tier's negative guide bars negations)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
-    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0,
-                   help="CPU threads (0: torch's default); --threads 1 beside another run on two cores")
+    threads_flag(p.add_argument)
 
 
 def sampling_config(args):

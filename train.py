@@ -41,7 +41,8 @@ from guide import PAPER_GUIDES, TINY_GUIDES, load_probes, merge_probes, train_pa
 from utils import (CHECKPOINT, SAVED_FILES, ArgumentParser, Checkpoint, LossLog, RawHelpFormatter, Terminated,
                    autocast, bounded, build_models, comma_list, count, failed_downloads, folder, hold,
                    keep_freed_memory, missing_folder, model_config, nonempty, not_a_model, out_flag, path_arg,
-                   pick_device, refusal, release, run_cli, save_checkpoint, set_threads, shell, use_bf16)
+                   pick_device, refusal, release, run_cli, save_checkpoint, set_threads, shell, threads_flag,
+                   use_bf16)
 
 # ----------------------------------------------------------------------------- config
 
@@ -137,7 +138,7 @@ def run_flags(add):
         help="torch.compile the denoiser and the language model (for a GPU: on 2 CPU cores compiling costs what it saves)")
     add("--sizes", action="store_true", help="print the run's model sizes and memory plan (no download) and exit")
     add("--seed", type=bounded(int, 0, 2 ** 62), default=0, help="seed for data split, batches and initialisation")
-    add("--threads", type=bounded(int, 0, 1024), default=0, help="CPU threads (0: torch's default)")
+    threads_flag(add)
 
 
 def teaching_flags(add):

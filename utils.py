@@ -331,6 +331,13 @@ def use_bf16(precision, device):
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
+def threads_flag(add):
+    """The --threads flag of train.py, sample.py, evaluate.py and bench.py (`add`: a parser's add_argument),
+    read by set_threads."""
+    add("--threads", type=bounded(int, 0, 1024), default=0,
+        help="CPU threads (0: torch's default); --threads 1 beside another run on two cores")
+
+
 def set_threads(n):
     """--threads: torch's CPU threads (0 keeps torch's default, a thread per core). Two runs that share the
     cores each take a thread per core by default, and their threads then wait on each other; splitting the
